@@ -1,0 +1,19 @@
+"""qloc: knowledge localization in language models.
+
+Model + facts -> attributions -> KN sets -> analyses -> store -> tables/figures.
+"""
+
+from .architectures import ARCHITECTURES, ArchitectureSpec, architecture_for
+from .cloze import ClozeScore, score_cloze
+from .errors import DataError, QlocError, RunDirectoryError, UnsupportedArchitectureError
+from .interventions import activation_hooks, record_activations, scale_neurons
+from .models import BUILTIN_MODELS, LoadedModel, load_model, wrap_model
+from .pararel import Fact, ParaRel, load_pararel, sample_facts
+from .store import RunStore
+
+__all__ = [
+    "ARCHITECTURES", "ArchitectureSpec", "architecture_for", "ClozeScore", "score_cloze", "DataError",
+    "QlocError", "RunDirectoryError", "UnsupportedArchitectureError", "activation_hooks",
+    "record_activations", "scale_neurons", "BUILTIN_MODELS", "LoadedModel", "load_model", "wrap_model",
+    "Fact", "ParaRel", "load_pararel", "sample_facts", "RunStore",
+]

@@ -1,0 +1,99 @@
+"""Where each model family keeps its knowledge neurons, value vectors and attention.
+
+Architectures are data: one :class:`ArchitectureSpec` per family, looked up by the Hugging Face
+``config.model_type``. Everything that hooks or edits a model goes through this table, so adding
+a family is one entry here (and one tiny-config test).
+
+A *neuron* is a coordinate of the input of the MLP output projection (METHODS.md section 2):
+after the activation function for GPT-2 style MLPs, ``act(gate(x)) * up(x)`` for gated MLPs.
+Its *value vector* is the matching column of the output projection (a row of GPT-2's Conv1D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    family: str
+    model_types: tuple[str, ...]
+    layers: str
+    """Dotted path from the ``*ForCausalLM`` model to the ``ModuleList`` of decoder layers."""
+    mlp_out_proj: str
+    """Dotted path inside a decoder layer to the MLP output projection; its input is hooked."""
+    value_vector_axis: Literal["column", "row"]
+    """``column``: nn.Linear weight [d_model, d_ff]; ``row``: GPT-2 Conv1D weight [d_ff, d_model]."""
+    attention: str
+    """Dotted path inside a decoder layer to the attention module (probabilities are computed
+    by transformers' attention interface inside it)."""
+    mlp_output_normalized: bool = False
+    """True where the MLP output is normalised before the residual add (Gemma 2/3
+    post-feedforward norm): F is then flat in a uniform scaling of the activation, so plain IG
+    with a zero baseline sums to about 0."""
+
+
+ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
+    ArchitectureSpec(
+        family="gpt2",
+        model_types=("gpt2",),
+        layers="transformer.h",
+        mlp_out_proj="mlp.c_proj",
+        value_vector_axis="row",
+        attention="attn",
+    ),
+    ArchitectureSpec(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        layers="gpt_neox.layers",
+        mlp_out_proj="mlp.dense_4h_to_h",
+        value_vector_axis="column",
+        attention="attention",
+    ),
+    ArchitectureSpec(
+        family="llama",
+        model_types=("llama", "mistral", "qwen2"),
+        layers="model.layers",
+        mlp_out_proj="mlp.down_proj",
+        value_vector_axis="column",
+        attention="self_attn",
+    ),
+    ArchitectureSpec(
+        family="gemma",
+        model_types=("gemma",),
+        layers="model.layers",
+        mlp_out_proj="mlp.down_proj",
+        value_vector_axis="column",
+        attention="self_attn",
+    ),
+    ArchitectureSpec(
+        family="gemma_postnorm",
+        model_types=("gemma2", "gemma3_text"),
+        layers="model.layers",
+        mlp_out_proj="mlp.down_proj",
+        value_vector_axis="column",
+        attention="self_attn",
+        mlp_output_normalized=True,
+    ),
+)
+
+_BY_MODEL_TYPE = {mt: spec for spec in ARCHITECTURES for mt in spec.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def architecture_for(model_type: str) -> ArchitectureSpec:
+    """The table entry for a Hugging Face ``model_type``, or a clear error naming it."""
+    try:
+        return _BY_MODEL_TYPE[model_type]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"model family {model_type!r} is not supported: qloc knows {', '.join(supported_model_types())}. "
+            "Add an ArchitectureSpec entry for it to qloc.architectures.ARCHITECTURES "
+            "(where the MLP output projection, the decoder layers and the attention live)."
+        ) from None

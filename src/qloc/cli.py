@@ -1,0 +1,248 @@
+"""The ``qloc`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import QlocError
+
+app = typer.Typer(
+    help="Knowledge localization in language models: knowledge neurons, KN consistency, query localization.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+# -- options shared by every command that loads a model or reads facts -------------------
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name (see `qloc models`), .gguf file, local directory or Hugging Face id.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+DtypeOpt = Annotated[str, typer.Option(help="Model weights: float32, bfloat16 or float16 (softmax and attribution arithmetic stay fp32).")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="A data_all_allbags.json(.gz) file; default: the ParaRel copy shipped with qloc.")]
+RelationsOpt = Annotated[Optional[str], typer.Option(help="Comma-separated relation ids, e.g. P19,P36.")]
+PerRelationOpt = Annotated[Optional[int], typer.Option("--facts-per-relation", help="Seeded sample of at most N facts per relation.")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="Seeded sample of at most N facts in all (after --facts-per-relation).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for every sampling step.")]
+QueryFilterOpt = Annotated[str, typer.Option(help="mask_final: [MASK] ends the query (METHODS.md); mask_period: the query ends with '[MASK].'.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Store results here (resumable).")]
+BatchOpt = Annotated[int, typer.Option(help="Queries per forward pass.")]
+
+
+def main() -> None:
+    """Console entry point: user errors print one clear line and exit 2, never a bare traceback."""
+    try:
+        app()
+    except QlocError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; finished facts are stored and the same command resumes")
+        sys.exit(130)
+
+
+def _load(model: str, device: str, dtype: str, quiet: bool):
+    from .models import load_model
+
+    if not quiet:
+        err.print(f"loading {model} ...", highlight=False)
+    return load_model(model, device=device, dtype=dtype)
+
+
+def _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet):
+    from .pararel import load_pararel, sample_facts
+
+    if query_filter not in ("mask_final", "mask_period"):
+        raise QlocError(f"--query-filter {query_filter!r}: choose mask_final or mask_period")
+    dataset = load_pararel(data, query_filter=query_filter)
+    for warning in dataset.warnings[:20]:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if len(dataset.warnings) > 20:
+        err.print(f"[yellow]warning:[/] ... and {len(dataset.warnings) - 20} more malformed rows", highlight=False)
+    rel_list = [r.strip() for r in relations.split(",") if r.strip()] if relations else None
+    facts = sample_facts(dataset.facts, rel_list, facts_per_relation, limit, seed)
+    if not quiet:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in dataset.skipped.items()) or "none"
+        err.print(f"{len(facts)} facts selected of {len(dataset.facts)} usable (skipped: {skipped})", highlight=False)
+    return dataset, facts
+
+
+def _sampling_params(data, relations, facts_per_relation, limit, seed, query_filter) -> dict:
+    return {
+        "data": str(data) if data else "bundled",
+        "relations": relations,
+        "facts_per_relation": facts_per_relation,
+        "limit": limit,
+        "seed": seed,
+        "query_filter": query_filter,
+    }
+
+
+@app.command()
+def models(json_out: JsonOpt = False) -> None:
+    """List the built-in models and whether they are installed."""
+    from .models import BUILTIN_MODELS, DEFAULT_MODEL
+
+    rows = [
+        {"name": m.name, "installed": m.installed(), "default": m.name == DEFAULT_MODEL, "description": m.description,
+         "install": m.install_command()}
+        for m in BUILTIN_MODELS.values()
+    ]
+    if json_out:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("name", "installed", "description", "install with")
+    for r in rows:
+        table.add_row(r["name"] + (" (default)" if r["default"] else ""), "yes" if r["installed"] else "no", r["description"], r["install"])
+    out.print(table)
+    out.print("Any Hugging Face id, local model directory or .gguf file also works as --model.")
+
+
+@app.command()
+def facts(
+    data: DataOpt = None,
+    relations: RelationsOpt = None,
+    facts_per_relation: PerRelationOpt = None,
+    limit: LimitOpt = None,
+    seed: SeedOpt = 0,
+    query_filter: QueryFilterOpt = "mask_final",
+    show: Annotated[int, typer.Option(help="Print the queries of the first N selected facts.")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Browse and count the ParaRel facts (usable facts, queries per relation)."""
+    dataset, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet=json_out)
+    per_relation: dict[str, dict] = {}
+    for fact in selected:
+        row = per_relation.setdefault(fact.relation, {"relation": fact.relation, "label": fact.relation_label, "facts": 0, "queries": 0})
+        row["facts"] += 1
+        row["queries"] += len(fact.queries)
+    if json_out:
+        payload = {
+            "usable_facts": len(dataset.facts),
+            "selected_facts": len(selected),
+            "skipped": dict(dataset.skipped),
+            "relations": list(per_relation.values()),
+            "facts": [{"id": f.id, "subject": f.subject, "object": f.object, "queries": list(f.queries)} for f in selected[:show]],
+        }
+        out.print_json(json.dumps(payload))
+        return
+    table = Table("relation", "label", "facts", "queries", "queries/fact")
+    for r in per_relation.values():
+        table.add_row(r["relation"], r["label"], str(r["facts"]), str(r["queries"]), f"{r['queries'] / r['facts']:.1f}")
+    table.add_row("all", "", str(len(selected)), str(sum(r["queries"] for r in per_relation.values())), "", style="bold")
+    out.print(table)
+    for fact in selected[:show]:
+        out.print(f"\n[bold]{fact.id}[/] {fact.subject!r} -> {fact.object!r}", highlight=False)
+        for q in fact.queries:
+            out.print(f"  {q} ___", highlight=False)
+
+
+@app.command()
+def cloze(
+    model: ModelOpt = "smollm2-135m",
+    prompt: Annotated[Optional[str], typer.Option(help="Score this prompt (needs --answer) instead of ParaRel queries.")] = None,
+    answer: Annotated[Optional[str], typer.Option(help="The answer to score after --prompt (a leading space is added).")] = None,
+    run_dir: RunDirOpt = None,
+    data: DataOpt = None,
+    relations: RelationsOpt = None,
+    facts_per_relation: PerRelationOpt = None,
+    limit: LimitOpt = 5,
+    seed: SeedOpt = 0,
+    query_filter: QueryFilterOpt = "mask_final",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 16,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score answers after cloze prompts: probability and rank of the first answer token and the
+    teacher-forced log-probability of the whole answer."""
+    from .cloze import cloze_sweep_work, score_cloze
+    from .store import RunStore
+
+    if (prompt is None) != (answer is None):
+        raise QlocError("--prompt and --answer go together")
+    if prompt is not None:
+        lm = _load(model, device, dtype, quiet or json_out)
+        score = score_cloze(lm, [prompt], [answer])[0]
+        if json_out:
+            out.print_json(json.dumps(score.to_dict()))
+        else:
+            out.print(f"P({answer!r} | {prompt!r}) = {score.prob:.4f}, rank {score.rank}, log P(answer) = {score.logprob:.4f}, top token {score.top_token!r}", highlight=False)
+        return
+
+    _, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet or json_out)
+    lm = _load(model, device, dtype, quiet or json_out)
+    params = {"model": model, "dtype": dtype, **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter)}
+    with RunStore.open_stage(run_dir or _scratch_run_dir(), "cloze", params, _env(lm)) as store:
+        from .sweep import run_sweep
+
+        summary = run_sweep(store, "cloze", selected, cloze_sweep_work(lm, batch_size), quiet=quiet or json_out)
+        frame = store.frame("cloze") if "cloze" in store.tables() else None
+        chosen = {f.id for f in selected}
+        if frame is not None:
+            frame = frame[frame["fact_id"].isin(chosen)]
+    if json_out:
+        for record in ([] if frame is None else frame.drop(columns=["stage", "unit_id"]).to_dict("records")):
+            out.print(json.dumps(record, ensure_ascii=False), highlight=False, soft_wrap=True)
+        return
+    _print_cloze_summary(frame, summary)
+
+
+def _env(lm) -> dict:
+    from .store import environment
+
+    return {**environment(), "model": lm.describe()}
+
+
+def _scratch_run_dir() -> Path:
+    """Without --run-dir, results go to a fresh temporary run (nothing to resume)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="qloc-cloze-"))
+
+
+def _print_cloze_summary(frame, summary) -> None:
+    if frame is None or frame.empty:
+        out.print("no queries scored")
+    else:
+        table = Table("fact", "prompt", "answer", "prob", "rank", "top token")
+        for r in frame.head(40).itertuples():
+            table.add_row(r.fact_id, r.prompt, r.answer, f"{r.prob:.4f}", str(r.rank), repr(r.top_token))
+        out.print(table)
+        out.print(
+            f"{len(frame)} queries of {frame['fact_id'].nunique()} facts: top-1 {100 * (frame['rank'] == 0).mean():.1f}%, "
+            f"mean P(answer) {frame['prob'].mean():.4f}",
+            highlight=False,
+        )
+    reasons = ", ".join(f"{n} {k}" for k, n in summary.skip_reasons.items())
+    out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped" + (f" ({reasons})" if reasons else ""), highlight=False)
+
+
+@app.command()
+def demo(
+    model: ModelOpt = "smollm2-135m",
+    run_dir: Annotated[Path, typer.Option("--run-dir")] = Path("qloc-demo"),
+    facts_per_relation: PerRelationOpt = 1,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """The main job on the default model: sample ParaRel facts and score every query (resumable)."""
+    cloze(model=model, run_dir=run_dir, facts_per_relation=facts_per_relation, limit=None, seed=seed,
+          device=device, quiet=quiet, data=None, relations=None, prompt=None, answer=None,
+          query_filter="mask_final", dtype="float32", batch_size=16, json_out=False)
+    out.print(f"results: {run_dir}/qloc.sqlite (load with qloc.RunStore.open_existing({str(run_dir)!r}).frame('cloze'))", highlight=False)
+
+
+if __name__ == "__main__":
+    main()
