@@ -1,0 +1,113 @@
+"""The run store: per-fact transactions, resume, refusal of other parameters, and a real kill."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qloc.errors import RunDirectoryError
+from qloc.pararel import Fact
+from qloc.store import RunStore
+from qloc.sweep import SkipFact, run_sweep
+
+PARAMS = {"model": "tiny", "seed": 0, "limit": 3}
+FACTS = [Fact(id=f"P1/{i}", relation="P1", relation_label="P1(x)", subject=f"s{i}", object=f"o{i}", queries=("a", "b"))
+         for i in range(5)]
+
+
+def write_rows(fact, writer):
+    if fact.id == "P1/3":
+        raise SkipFact("answer not tokenizable", f"fact {fact.id}: answer 'o3'")
+    writer.add("scores", [{"fact_id": fact.id, "query": q, "value": float(i), "tokens": [1, 2]} for i, q in enumerate(fact.queries)])
+
+
+def test_sweep_stores_resumes_and_counts_skips(tmp_path):
+    with RunStore.open_stage(tmp_path / "run", "demo", PARAMS) as store:
+        first = run_sweep(store, "demo", FACTS[:3], write_rows, quiet=True)
+    assert (first.done, first.skipped, first.resumed) == (3, 0, 0)
+    with RunStore.open_stage(tmp_path / "run", "demo", PARAMS) as store:
+        second = run_sweep(store, "demo", FACTS, write_rows, quiet=True)
+        frame = store.frame("scores")
+        units = store.units("demo")
+    assert (second.done, second.skipped, second.resumed) == (1, 1, 3)
+    assert second.skip_reasons == {"answer not tokenizable": 1}
+    assert len(frame) == 8 and frame["fact_id"].nunique() == 4
+    assert frame["tokens"].iloc[0] == "[1, 2]" and frame["value"].dtype.kind == "f"
+    assert units.set_index("unit_id").loc["P1/3", "status"] == "skipped"
+    assert "answer 'o3'" in units.set_index("unit_id").loc["P1/3", "reason"]
+    stored = json.loads((tmp_path / "run" / "params.json").read_text())
+    assert stored == {"demo": PARAMS}
+    assert "torch" in json.loads((tmp_path / "run" / "environment.json").read_text())["demo"]["versions"]
+
+
+def test_failed_unit_writes_nothing(tmp_path):
+    def fails_after_adding(fact, writer):
+        writer.add("scores", {"fact_id": fact.id})
+        raise RuntimeError("crash mid-fact")
+
+    with RunStore.open_stage(tmp_path, "demo", PARAMS) as store:
+        run_sweep(store, "demo", FACTS[:1], write_rows, quiet=True)
+        with pytest.raises(RuntimeError):
+            run_sweep(store, "demo", FACTS[1:2], fails_after_adding, quiet=True)
+        assert store.finished_units("demo") == {"P1/0"}
+        assert len(store.frame("scores")) == 2
+
+
+def test_other_parameters_are_refused_by_name(tmp_path):
+    RunStore.open_stage(tmp_path, "demo", PARAMS).close()
+    with pytest.raises(RunDirectoryError, match=r"model: stored 'tiny', given 'other'"):
+        RunStore.open_stage(tmp_path, "demo", {**PARAMS, "model": "other"})
+    with pytest.raises(RunDirectoryError, match=r"extra: stored None, given 1"):
+        RunStore.open_stage(tmp_path, "demo", {**PARAMS, "extra": 1})
+    # Another stage in the same run directory has its own parameters.
+    RunStore.open_stage(tmp_path, "other-stage", {"x": 1}).close()
+    assert set(json.loads((tmp_path / "params.json").read_text())) == {"demo", "other-stage"}
+
+
+def test_foreign_directories_are_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("my thesis")
+    with pytest.raises(RunDirectoryError, match="not a qloc run directory"):
+        RunStore.open_stage(tmp_path, "demo", PARAMS)
+    with pytest.raises(RunDirectoryError, match="no qloc.sqlite"):
+        RunStore.open_existing(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "my thesis"
+
+
+def _cloze_command(model_dir, run_dir):
+    return [sys.executable, "-m", "qloc.cli", "cloze", "--model", str(model_dir), "--run-dir", str(run_dir),
+            "--limit", "1500", "--seed", "1", "--device", "cpu", "--quiet"]
+
+
+def _done_units(run_dir) -> int:
+    try:
+        with sqlite3.connect(run_dir / "qloc.sqlite", timeout=5) as db:
+            return db.execute("SELECT count(*) FROM units").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_kill_9_midway_then_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen(_cloze_command(tiny_model_dir, killed_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _done_units(killed_dir) < 20 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"sweep ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    at_kill = _done_units(killed_dir)
+    assert 20 <= at_kill < 1500
+
+    subprocess.run(_cloze_command(tiny_model_dir, killed_dir), check=True, capture_output=True)
+    subprocess.run(_cloze_command(tiny_model_dir, clean_dir), check=True, capture_output=True)
+    with RunStore.open_existing(killed_dir) as killed, RunStore.open_existing(clean_dir) as clean:
+        resumed_units, clean_units = killed.units("cloze"), clean.units("cloze")
+        assert resumed_units["unit_id"].is_unique and len(resumed_units) == len(clean_units) == 1500
+        columns = ["fact_id", "query_index", "prompt", "answer", "prob", "rank", "logprob"]
+        resumed = killed.frame("cloze")[columns].sort_values(["fact_id", "query_index"]).reset_index(drop=True)
+        uninterrupted = clean.frame("cloze")[columns].sort_values(["fact_id", "query_index"]).reset_index(drop=True)
+    assert resumed.equals(uninterrupted)
