@@ -43,7 +43,7 @@ def main() -> None:
     try:
         app()
     except QlocError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; finished facts are stored and the same command resumes")
@@ -51,8 +51,11 @@ def main() -> None:
 
 
 def _load(model: str, device: str, dtype: str, quiet: bool):
+    import transformers
+
     from .models import load_model
 
+    transformers.utils.logging.disable_progress_bar()  # qloc shows its own progress
     if not quiet:
         err.print(f"loading {model} ...", highlight=False)
     return load_model(model, device=device, dtype=dtype)
