@@ -52,6 +52,10 @@ def make_tiny_model(model_type: str, tokenizer=None, seed: int = 0) -> qloc.Load
 
 @pytest.fixture(scope="session")
 def word_tokenizer():
+    return build_word_tokenizer()
+
+
+def build_word_tokenizer():
     """Word-level tokenizer whose vocabulary covers the bundled ParaRel's most common words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 

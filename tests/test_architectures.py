@@ -95,3 +95,14 @@ def test_unsupported_family_names_family_and_table():
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(qloc.UnsupportedArchitectureError, match=r"'opt'.*ARCHITECTURES"):
         qloc.wrap_model(model)
+
+
+def test_output_head_from_the_table_reproduces_the_logits(tiny):
+    """final norm + unembedding (+ soft-capping) applied to the last decoder layer's output gives
+    the model's own logits: the attribution engine relies on it."""
+    captured = {}
+    handle = tiny.layers[-1].register_forward_hook(lambda m, a, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    stock = logits(tiny)
+    handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.logits_from_final_hidden(captured["h"]), stock, rtol=0, atol=1e-6)

@@ -30,6 +30,8 @@ class ArchitectureSpec:
     attention: str
     """Dotted path inside a decoder layer to the attention module (probabilities are computed
     by transformers' attention interface inside it)."""
+    final_norm: str
+    """Dotted path from the model to the norm between the last decoder layer and the output head."""
     mlp_output_normalized: bool = False
     """True where the MLP output is normalised before the residual add (Gemma 2/3
     post-feedforward norm): F is then flat in a uniform scaling of the activation, so plain IG
@@ -44,6 +46,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         mlp_out_proj="mlp.c_proj",
         value_vector_axis="row",
         attention="attn",
+        final_norm="transformer.ln_f",
     ),
     ArchitectureSpec(
         family="gpt_neox",
@@ -52,6 +55,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         mlp_out_proj="mlp.dense_4h_to_h",
         value_vector_axis="column",
         attention="attention",
+        final_norm="gpt_neox.final_layer_norm",
     ),
     ArchitectureSpec(
         family="llama",
@@ -60,6 +64,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         mlp_out_proj="mlp.down_proj",
         value_vector_axis="column",
         attention="self_attn",
+        final_norm="model.norm",
     ),
     ArchitectureSpec(
         family="gemma",
@@ -68,6 +73,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         mlp_out_proj="mlp.down_proj",
         value_vector_axis="column",
         attention="self_attn",
+        final_norm="model.norm",
     ),
     ArchitectureSpec(
         family="gemma_postnorm",
@@ -76,6 +82,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         mlp_out_proj="mlp.down_proj",
         value_vector_axis="column",
         attention="self_attn",
+        final_norm="model.norm",
         mlp_output_normalized=True,
     ),
 )

@@ -232,6 +232,74 @@ def _print_cloze_summary(frame, summary) -> None:
 
 
 @app.command()
+def attribute(
+    prompt: Annotated[str, typer.Option(help="The cloze prompt (text before the answer).")],
+    answer: Annotated[str, typer.Option(help="The answer (a leading space is added).")],
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="ig, amig or sig (METHODS.md section 3).")] = "ig",
+    steps: Annotated[int, typer.Option(help="Integration steps m.")] = 20,
+    rule: Annotated[str, typer.Option(help="right (the paper's eq. 8), midpoint or gauss (Gauss-Legendre).")] = "right",
+    answer_tokens: Annotated[str, typer.Option(help="all: average over teacher-forced answer tokens; first: token 0 only.")] = "all",
+    threshold: Annotated[float, typer.Option(help="KN set: score >= threshold * max score.")] = 0.2,
+    top_k: Annotated[Optional[int], typer.Option(help="KN set: the k best neurons instead of the threshold.")] = None,
+    top: Annotated[int, typer.Option(help="How many top neurons to print.")] = 10,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the float32 [num_layers, d_ff] scores as .npy.")] = None,
+    max_batch_rows: Annotated[Optional[int], typer.Option(help="Rows per forward/backward chunk (default: automatic).")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Attribution scores of every knowledge neuron for one query: top neurons, KN set and the
+    per-layer completeness residuals."""
+    import warnings
+
+    import numpy as np
+
+    from .attribution import attribute as attribute_scores
+
+    lm = _load(model, device, dtype, quiet or json_out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = attribute_scores(lm, prompt, answer, method, steps=steps, rule=rule, answer_tokens=answer_tokens,
+                                  max_batch_rows=max_batch_rows)
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            err.print(f"[yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
+    if out_file is not None:
+        np.save(out_file, result.scores.numpy().astype(np.float32))
+    kn = result.kn_set(threshold, top_k)
+    residual = result.completeness_residual.max(0).values
+    if json_out:
+        payload = {
+            "model": model, "prompt": prompt, "answer": answer, **result.params,
+            "answer_tokens": result.answer_tokens, "shape": list(result.scores.shape),
+            "f_input": result.f_input.tolist(), "f_baseline": result.f_baseline.tolist(),
+            "completeness_residual": result.completeness_residual.tolist(),
+            "top": [{"layer": l, "neuron": i, "score": v} for l, i, v in result.top(top)],
+            "kn_set": [list(u) for u in kn], "out": str(out_file) if out_file else None,
+        }
+        out.print_json(json.dumps(payload))
+        return
+    table = Table("rank", "layer", "neuron", "score", title=f"top {top} neurons ({method}, {steps} steps, {rule} rule)")
+    for rank, (layer, neuron, value) in enumerate(result.top(top)):
+        table.add_row(str(rank), str(layer), str(neuron), f"{value:.4g}")
+    out.print(table)
+    out.print(f"KN set ({'top ' + str(top_k) if top_k else f'score >= {threshold} x max'}): {len(kn)} neurons "
+              + ", ".join(f"L{l}.{i}" for l, i in kn[:30]) + (" ..." if len(kn) > 30 else ""), highlight=False)
+    layers = Table("layer", "sum of scores", "F(input) - F(baseline)", "residual",
+                   title="completeness per layer (mean over answer tokens; residual: worst token)")
+    sums = result.scores.sum(1)
+    deltas = (result.f_input[:, None] - result.f_baseline).mean(0)
+    for layer in range(result.scores.shape[0]):
+        delta = float(deltas[layer])
+        layers.add_row(str(layer), f"{float(sums[layer]):.4g}", f"{delta:.4g}", f"{float(residual[layer]):.3g}")
+    out.print(layers)
+    out.print(f"F(input) = {', '.join(f'{v:.4f}' for v in result.f_input.tolist())} for answer tokens {result.answer_tokens}"
+              + (f"; scores written to {out_file}" if out_file else ""), highlight=False)
+
+
+@app.command()
 def demo(
     model: ModelOpt = "smollm2-135m",
     run_dir: Annotated[Path, typer.Option("--run-dir")] = Path("qloc-demo"),

@@ -162,6 +162,13 @@ class LoadedModel:
     def attention(self, layer: int) -> nn.Module:
         return _get_path(self.layers[layer], self.arch.attention)
 
+    def logits_from_final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head applied to the last decoder layer's output: final norm, unembedding,
+        and the final logit soft-capping of models that have one (Gemma 2)."""
+        logits = self.model.get_output_embeddings()(_get_path(self.model, self.arch.final_norm)(hidden))
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
     def value_vectors(self, layer: int) -> torch.Tensor:
         """View [d_ff, d_model] of layer's value vectors; writing to it edits the model."""
         weight = self.mlp_out_proj(layer).weight

@@ -16,6 +16,8 @@ class EncodedQuery:
     answer: str
     prompt_ids: tuple[int, ...]
     answer_ids: tuple[int, ...]
+    prompt_special: tuple[bool, ...]
+    """Per prompt token: added by the tokenizer itself (BOS), not part of the prompt's words."""
 
     @property
     def input_ids(self) -> tuple[int, ...]:
@@ -33,13 +35,15 @@ def encode_query(lm: LoadedModel, prompt: str, answer: str) -> EncodedQuery:
     """Prompt with the tokenizer's own special tokens; answer with a leading space and none."""
     if lm.tokenizer is None:
         raise DataError(f"model {lm.name!r} has no tokenizer")
-    prompt_ids = tuple(lm.tokenizer(prompt).input_ids)
+    encoded = lm.tokenizer(prompt, return_special_tokens_mask=True)
+    prompt_ids = tuple(encoded["input_ids"])
     answer_ids = tuple(lm.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids)
     if not answer.strip() or not answer_ids:
         raise DataError(f"answer {answer!r} tokenizes to no tokens with {lm.name!r}'s tokenizer")
     if not prompt_ids:
         raise DataError(f"prompt {prompt!r} tokenizes to no tokens with {lm.name!r}'s tokenizer")
-    return EncodedQuery(prompt, answer, prompt_ids, answer_ids)
+    special = tuple(bool(x) for x in encoded.get("special_tokens_mask", [0] * len(prompt_ids)))
+    return EncodedQuery(prompt, answer, prompt_ids, answer_ids, special)
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""The attribution engine against the plain per-layer reference of METHODS.md section 3."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import qloc
+from qloc.attribution import attribute, integration_points, kn_set, top_k
+from qloc.errors import QlocError
+from conftest import FAMILY_MODEL_TYPES, make_tiny_model
+from reference_attribution import reference_scores, reference_token_scores
+
+PROMPT, ANSWER = "Paris is the capital of", "France"
+
+
+def assert_equivalent(engine: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-3):
+    scale = float(reference.abs().max())
+    assert scale > 0
+    assert float((engine - reference).abs().max()) <= tolerance * scale
+    assert kn_set(engine) == kn_set(reference)
+
+
+@pytest.fixture(scope="module", params=FAMILY_MODEL_TYPES)
+def tiny(request, word_tokenizer):
+    return make_tiny_model(request.param, word_tokenizer)
+
+
+@pytest.mark.parametrize("method", ["ig", "amig", "sig"])
+def test_engine_equals_reference_on_every_family(tiny, method):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Small chunks, so that passes start at several layers and one layer is split across passes.
+        result = attribute(tiny, PROMPT, ANSWER, method, steps=7, max_batch_rows=10)
+    assert result.scores.shape == (tiny.num_layers, tiny.d_ff) and result.scores.dtype == torch.float32
+    assert_equivalent(result.scores, reference_scores(tiny, PROMPT, ANSWER, method, steps=7))
+
+
+@pytest.mark.parametrize("rule", ["midpoint", "gauss"])
+def test_rules_equal_reference(word_tokenizer, rule):
+    lm = make_tiny_model("llama", word_tokenizer)
+    result = attribute(lm, PROMPT, ANSWER, "amig", steps=5, rule=rule)
+    assert_equivalent(result.scores, reference_scores(lm, PROMPT, ANSWER, "amig", steps=5, rule=rule))
+
+
+def test_multi_token_answers_average_teacher_forced_tokens(word_tokenizer):
+    lm = make_tiny_model("qwen2", word_tokenizer)
+    answer = "Italian language"
+    assert len(lm.tokenizer(" " + answer, add_special_tokens=False).input_ids) == 2
+    every = attribute(lm, "The official language of Italy is", answer, "ig", steps=6)
+    first = attribute(lm, "The official language of Italy is", answer, "ig", steps=6, answer_tokens="first")
+    per_token = [reference_token_scores(lm, "The official language of Italy is", answer, "ig", t, steps=6) for t in range(2)]
+    assert_equivalent(every.scores, (per_token[0] + per_token[1]) / 2)
+    assert_equivalent(first.scores, per_token[0])
+    assert len(every.answer_tokens) == 2 and len(first.answer_tokens) == 1
+    assert every.completeness_residual.shape == (2, lm.num_layers)
+
+
+@pytest.mark.parametrize("rule", ["midpoint", "gauss"])
+def test_completeness_converges(word_tokenizer, rule):
+    """At 200 steps the midpoint and Gauss-Legendre sums of a layer are within 1 % of
+    F(input) - F(baseline); a 5-step right Riemann sum is visibly further off."""
+    lm = make_tiny_model("gpt2", word_tokenizer)
+    layer = 1
+    with torch.no_grad():  # a confident prediction and large activations: a curved path
+        lm.model.get_output_embeddings().weight.mul_(30)
+        lm.mlp_out_proj(layer).weight.mul_(40)
+        top = int(lm.model(word_tokenizer(PROMPT, return_tensors="pt").input_ids).logits[0, -1].argmax())
+    answer = word_tokenizer.decode([top])
+    fine = attribute(lm, PROMPT, answer, "ig", steps=200, rule=rule)
+    coarse = attribute(lm, PROMPT, answer, "ig", steps=5, rule="right")
+    delta = float(fine.f_input[0] - fine.f_baseline[0, layer])
+    assert abs(delta) > 0.1
+    assert abs(float(fine.scores[layer].sum()) - delta) <= 0.01 * abs(delta)
+    assert float(coarse.completeness_residual[0, layer]) > 0.02 * abs(delta) > float(fine.completeness_residual[0, layer])
+
+
+def test_integration_points():
+    alphas, weights = integration_points(4, "right")
+    assert alphas.tolist() == [0.25, 0.5, 0.75, 1.0] and weights.sum() == pytest.approx(1)
+    alphas, _ = integration_points(4, "midpoint")
+    assert alphas.tolist() == [0.125, 0.375, 0.625, 0.875]
+    alphas, weights = integration_points(5, "gauss")
+    assert float((weights * alphas**4).sum()) == pytest.approx(1 / 5, rel=1e-6)  # exact for polynomials
+    with pytest.raises(QlocError, match="simpson"):
+        integration_points(4, "simpson")
+
+
+def test_kn_set_thresholds_and_top_k():
+    scores = torch.zeros(3, 4)
+    scores[0, 1], scores[2, 3], scores[1, 0], scores[1, 2] = 1.0, 0.2, 0.19, -5.0
+    assert kn_set(scores) == [(0, 1), (2, 3)]
+    assert kn_set(scores, threshold=0.1) == [(0, 1), (1, 0), (2, 3)]
+    assert kn_set(scores, top_k_neurons=3) == [(0, 1), (2, 3), (1, 0)]
+    assert top_k(scores, 1) == [(0, 1)]
+    assert kn_set(-scores.abs()) == []  # no positive score: nothing to localize
+
+
+def test_model_is_left_exactly_as_before(word_tokenizer):
+    lm = make_tiny_model("llama", word_tokenizer)
+    lm.model.lm_head.weight.requires_grad_(True)
+    ids = torch.tensor([[5, 8, 13, 21]])
+    with torch.no_grad():
+        before = lm.model(ids).logits
+    for method in ("ig", "amig", "sig"):
+        attribute(lm, PROMPT, ANSWER, method, steps=3)
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, before)
+    assert all(not lm.mlp_out_proj(l)._forward_pre_hooks for l in range(lm.num_layers))
+    assert all(not layer._forward_pre_hooks for layer in lm.layers)
+    assert lm.model.lm_head.weight.requires_grad and not any(p.grad is not None for p in lm.model.parameters())
+
+
+def test_post_norm_models_warn_for_ig(word_tokenizer):
+    lm = make_tiny_model("gemma3_text", word_tokenizer)
+    with pytest.warns(UserWarning, match="AMIG and SIG"):
+        attribute(lm, PROMPT, ANSWER, "ig", steps=3)
+
+
+def test_bad_method_is_named(word_tokenizer):
+    lm = make_tiny_model("llama", word_tokenizer)
+    with pytest.raises(QlocError, match="'lrp'"):
+        attribute(lm, PROMPT, ANSWER, "lrp")
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", ["ig", "amig"])
+def test_engine_equals_reference_on_smollm2(smollm2, method):
+    prompt, answer = "The capital of France is", "Paris"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = attribute(smollm2, prompt, answer, method, steps=8)
+    assert_equivalent(result.scores, reference_scores(smollm2, prompt, answer, method, steps=8))
+
+
+@pytest.mark.real_model
+def test_sig_equals_reference_on_smollm2(smollm2):
+    prompt, answer = "Rome is the capital of", "Italy"
+    result = attribute(smollm2, prompt, answer, "sig", steps=4)
+    assert_equivalent(result.scores, reference_scores(smollm2, prompt, answer, "sig", steps=4))
+
+
+@pytest.mark.real_model
+def test_smollm2_eiffel_layer0_shows_right_rule_incompleteness(smollm2):
+    """The issue's example: at 20 steps the right Riemann sum of layer 0 overshoots F(input) -
+    F(baseline) (1.16 against 0.70) because of SmolLM2's massive activations; qloc reports it."""
+    with pytest.warns(UserWarning, match="raise --steps"):
+        result = attribute(smollm2, "The Eiffel Tower is located in the city of", "Paris", "ig", steps=20)
+    assert float(result.f_input[0]) == pytest.approx(0.70, abs=0.01)
+    assert float(result.scores[0].sum()) == pytest.approx(1.16, abs=0.03)
+    assert float(result.completeness_residual[0, 0]) > 0.3
+
+
+def test_cli_attribute_writes_scores_and_json(tmp_path, tiny_model_dir):
+    out = tmp_path / "scores.npy"
+    result = subprocess.run(
+        [sys.executable, "-m", "qloc.cli", "attribute", "--model", str(tiny_model_dir), "--prompt", PROMPT,
+         "--answer", ANSWER, "--method", "amig", "--steps", "5", "--out", str(out), "--json", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    scores = np.load(out)
+    assert scores.dtype == np.float32 and scores.shape == (3, 64) and payload["shape"] == [3, 64]
+    lm = qloc.load_model(str(tiny_model_dir), device="cpu")
+    assert np.allclose(scores, attribute(lm, PROMPT, ANSWER, "amig", steps=5).scores.numpy(), rtol=0, atol=1e-6)
+    assert payload["kn_set"] == [list(u) for u in kn_set(torch.from_numpy(scores))]
+    assert payload["top"][0]["score"] == pytest.approx(float(scores.max()), rel=1e-6)
+    assert len(payload["completeness_residual"][0]) == 3
