@@ -3,6 +3,7 @@
 Model + facts -> attributions -> KN sets -> analyses -> store -> tables/figures.
 """
 
+from .attribution import AMIG, SIG, Attribution, IntegratedGradients, attribute, attribute_many, kn_set, top_k
 from .architectures import ARCHITECTURES, ArchitectureSpec, architecture_for
 from .cloze import ClozeScore, score_cloze
 from .errors import DataError, QlocError, RunDirectoryError, UnsupportedArchitectureError
@@ -12,6 +13,7 @@ from .pararel import Fact, ParaRel, load_pararel, sample_facts
 from .store import RunStore
 
 __all__ = [
+    "AMIG", "SIG", "Attribution", "IntegratedGradients", "attribute", "attribute_many", "kn_set", "top_k",
     "ARCHITECTURES", "ArchitectureSpec", "architecture_for", "ClozeScore", "score_cloze", "DataError",
     "QlocError", "RunDirectoryError", "UnsupportedArchitectureError", "activation_hooks",
     "record_activations", "scale_neurons", "BUILTIN_MODELS", "LoadedModel", "load_model", "wrap_model",

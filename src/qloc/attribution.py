@@ -377,7 +377,7 @@ def word_baselines(lm: LoadedModel, query: EncodedQuery, target_index: int, repl
     ids[torch.arange(len(words)), torch.tensor(words)] = replacement
     rows = torch.arange(len(words))
     with record_activations(lm, positions=torch.full_like(rows, target)) as acts:
-        lm.model(input_ids=ids)
+        lm.model(input_ids=ids, logits_to_keep=1)  # only the activations are needed
     return torch.stack([acts[l] for l in range(lm.num_layers)], dim=1).float().cpu()
 
 

@@ -300,19 +300,82 @@ def attribute(
 
 
 @app.command()
+def localize(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory (created, or resumed).")],
+    model: ModelOpt = "smollm2-135m",
+    methods: Annotated[str, typer.Option(help="Comma-separated attribution methods: ig, amig, sig.")] = "ig,amig,sig",
+    steps: Annotated[int, typer.Option(help="Integration steps m.")] = 20,
+    rule: Annotated[str, typer.Option(help="right, midpoint or gauss.")] = "right",
+    answer_tokens: Annotated[str, typer.Option(help="all or first.")] = "all",
+    threshold: Annotated[float, typer.Option(help="KN set: score >= threshold * max score.")] = 0.2,
+    top_k: Annotated[Optional[int], typer.Option(help="KN set: the k best neurons instead of the threshold.")] = None,
+    save_scores: Annotated[bool, typer.Option("--save-scores", help="Also store dense scores (fp16, compressed).")] = False,
+    data: DataOpt = None,
+    relations: RelationsOpt = None,
+    facts_per_relation: PerRelationOpt = 1,
+    limit: LimitOpt = None,
+    seed: SeedOpt = 0,
+    query_filter: QueryFilterOpt = "mask_final",
+    max_batch_rows: Annotated[Optional[int], typer.Option(help="Rows per forward/backward chunk (default: automatic).")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    quiet: QuietOpt = False,
+) -> None:
+    """The localization sweep: KN sets of every usable query of every sampled fact, with each
+    method (resumable; one transaction per fact). The default samples 1 fact per relation."""
+    from .localize import STAGE, LocalizeConfig, localize_work
+    from .store import RunStore
+    from .sweep import run_sweep
+
+    config = LocalizeConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()), steps=steps, rule=rule,
+                            answer_tokens=answer_tokens, threshold=threshold, top_k=top_k, save_scores=save_scores)
+    _, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet)
+    params = {"model": model, "dtype": dtype, **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter),
+              **config.params()}
+    lm = _load(model, device, dtype, quiet)
+    with RunStore.open_stage(run_dir, STAGE, params, _env(lm)) as store:
+        summary = run_sweep(store, STAGE, selected, localize_work(lm, config, max_batch_rows), quiet=quiet,
+                            description=f"localize {model}")
+    reasons = ", ".join(f"{n} {k}" for k, n in summary.skip_reasons.items())
+    out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped"
+              + (f" ({reasons})" if reasons else "") + f"; results in {run_dir}", highlight=False)
+
+
+@app.command()
+def consistency(
+    run_dirs: Annotated[list[Path], typer.Option("--run-dir", help="A localize run; repeat for several models.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where tables/ and figures/ go (default: the first run).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Classify by strict CS (intersection / union).")] = False,
+) -> None:
+    """KN-consistency scores, KC/KI classes (static 0.1 and Otsu), Welch's t-test, Table 1 and
+    Figures 3/7/8/9 from one or more localize runs."""
+    from .consistency import write_consistency_report
+
+    written = write_consistency_report(run_dirs, out_dir or run_dirs[0], "cs_strict" if strict else "cs_relaxed")
+    table = (written["table1"].with_suffix(".md")).read_text()
+    out.print(table, highlight=False, soft_wrap=True)
+    for name, path in written.items():
+        out.print(f"{name}: {path}", highlight=False)
+
+
+@app.command()
 def demo(
     model: ModelOpt = "smollm2-135m",
     run_dir: Annotated[Path, typer.Option("--run-dir")] = Path("qloc-demo"),
-    facts_per_relation: PerRelationOpt = 1,
+    facts: Annotated[int, typer.Option("--facts", help="How many facts (sampled 1 per relation).")] = 8,
+    methods: Annotated[str, typer.Option(help="Attribution methods.")] = "ig,amig",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
-    """The main job on the default model: sample ParaRel facts and score every query (resumable)."""
-    cloze(model=model, run_dir=run_dir, facts_per_relation=facts_per_relation, limit=None, seed=seed,
-          device=device, quiet=quiet, data=None, relations=None, prompt=None, answer=None,
-          query_filter="mask_final", dtype="float32", batch_size=16, json_out=False)
-    out.print(f"results: {run_dir}/qloc.sqlite (load with qloc.RunStore.open_existing({str(run_dir)!r}).frame('cloze'))", highlight=False)
+    """The main job, small: localize knowledge neurons of a few sampled ParaRel facts on the
+    default model and report their KN consistency (Table 1 and figures). Resumable."""
+    localize(run_dir=run_dir, model=model, methods=methods, steps=20, rule="right", answer_tokens="all", threshold=0.2,
+             top_k=None, save_scores=False, data=None, relations=None, facts_per_relation=1, limit=facts, seed=seed,
+             query_filter="mask_final", max_batch_rows=None, device=device, dtype="float32", quiet=quiet)
+    consistency(run_dirs=[run_dir], out_dir=None, strict=False)
+    out.print(f"KN sets: qloc.RunStore.open_existing({str(run_dir)!r}).frame('kn_sets'); full study: qloc localize --help",
+              highlight=False)
 
 
 if __name__ == "__main__":
