@@ -171,3 +171,15 @@ def test_cli_attribute_writes_scores_and_json(tmp_path, tiny_model_dir):
     assert payload["kn_set"] == [list(u) for u in kn_set(torch.from_numpy(scores))]
     assert payload["top"][0]["score"] == pytest.approx(float(scores.max()), rel=1e-6)
     assert len(payload["completeness_residual"][0]) == 3
+
+
+def test_half_precision_models_attribute_in_fp32(word_tokenizer):
+    """bf16 weights: the path points, softmax and scores stay fp32; the result tracks fp32's."""
+    lm32 = make_tiny_model("llama", word_tokenizer)
+    lm16 = make_tiny_model("llama", word_tokenizer)
+    lm16.model.to(torch.bfloat16)
+    reference = attribute(lm32, PROMPT, ANSWER, "amig", steps=5)
+    half = attribute(lm16, PROMPT, ANSWER, "amig", steps=5)
+    assert half.scores.dtype == torch.float32 and torch.isfinite(half.scores).all()
+    correlation = torch.corrcoef(torch.stack([half.scores.flatten(), reference.scores.flatten()]))[0, 1]
+    assert correlation > 0.9

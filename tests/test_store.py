@@ -8,8 +8,9 @@ import sys
 import time
 
 import pytest
+import torch
 
-from qloc.errors import RunDirectoryError
+from qloc.errors import QlocError, RunDirectoryError
 from qloc.pararel import Fact
 from qloc.store import RunStore
 from qloc.sweep import SkipFact, run_sweep
@@ -111,3 +112,15 @@ def test_kill_9_midway_then_resume_equals_uninterrupted_run(tmp_path, tiny_model
         resumed = killed.frame("cloze")[columns].sort_values(["fact_id", "query_index"]).reset_index(drop=True)
         uninterrupted = clean.frame("cloze")[columns].sort_values(["fact_id", "query_index"]).reset_index(drop=True)
     assert resumed.equals(uninterrupted)
+
+
+def test_out_of_memory_names_the_fact_and_keeps_finished_ones(tmp_path):
+    def runs_out_on_the_third(fact, writer):
+        if fact.id == "P1/2":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        write_rows(fact, writer)
+
+    with RunStore.open_stage(tmp_path, "demo", PARAMS) as store:
+        with pytest.raises(QlocError, match=r"out of memory on fact P1/2 .*'s2'.*2 facts finished.*--batch-size"):
+            run_sweep(store, "demo", FACTS, runs_out_on_the_third, quiet=True)
+        assert store.finished_units("demo") == {"P1/0", "P1/1"}
