@@ -183,3 +183,10 @@ def test_half_precision_models_attribute_in_fp32(word_tokenizer):
     assert half.scores.dtype == torch.float32 and torch.isfinite(half.scores).all()
     correlation = torch.corrcoef(torch.stack([half.scores.flatten(), reference.scores.flatten()]))[0, 1]
     assert correlation > 0.9
+
+
+@pytest.mark.real_model
+def test_same_query_gives_identical_scores_twice(smollm2):
+    first = attribute(smollm2, "The capital of France is", "Paris", "amig", steps=6)
+    second = attribute(smollm2, "The capital of France is", "Paris", "amig", steps=6)
+    assert torch.equal(first.scores, second.scores)

@@ -116,3 +116,15 @@ def test_killed_sweep_resumes_to_the_same_tables(tmp_path, tiny_model_dir):
         pd.testing.assert_frame_equal(resumed.reset_index(drop=True), uninterrupted.reset_index(drop=True))
     assert (killed / "figures" / "violin_ig.png").stat().st_size > 10_000
     assert (killed / "figures" / "fig9_threshold.svg").exists()
+
+
+def test_demo_runs_the_main_job(tmp_path, tiny_model_dir):
+    run = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "qloc.cli", "demo", "--model", str(tiny_model_dir), "--facts", "3",
+                             "--methods", "ig", "--run-dir", str(run), "--device", "cpu", "--quiet"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| model | method | threshold |" in result.stdout
+    table = pd.read_csv(run / "tables" / "table1.csv")
+    assert set(table.threshold) == {"static", "otsu"} and (table.facts == 3).all()
+    assert (run / "figures" / "violin_ig.svg").exists()

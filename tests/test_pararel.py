@@ -110,3 +110,15 @@ def test_unreadable_file_is_named(tmp_path):
         load_pararel(path)
     with pytest.raises(DataError, match="missing.json"):
         load_pararel(tmp_path / "missing.json")
+
+
+def test_bundled_wikitext():
+    from qloc.wikitext import load_wikitext_test, wikitext_passages
+
+    raw = gzip.decompress(bundled_path("wikitext2_test.raw.gz").read_bytes())
+    assert hashlib.sha256(raw).hexdigest() == "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+    text = load_wikitext_test()
+    assert text.startswith(" = Robert Boulter = ") and "\r" not in text
+    passages = wikitext_passages(5, seed=1)
+    assert passages == wikitext_passages(5, seed=1) != wikitext_passages(5, seed=2)
+    assert all(len(p) >= 1200 and p in text for p in passages)

@@ -156,8 +156,11 @@ def violin_figure(cs_frame: pd.DataFrame, method: str, score: str = "cs_relaxed"
     relations = relation_order(data["relation"])
     fig, axes = plt.subplots(len(models), 1, figsize=(max(8, 0.45 * len(relations)), 3.2 * len(models)), squeeze=False)
     for ax, model in zip(axes[:, 0], models):
-        sns.violinplot(data=data[data["model"] == model], x="relation", y=score, order=relations, ax=ax,
-                       cut=0, density_norm="width", inner="point", color="#8fb8de", linewidth=0.8)
+        panel = data[data["model"] == model]
+        sns.violinplot(data=panel, x="relation", y=score, order=relations, ax=ax,
+                       cut=0, density_norm="width", inner=None, color="#8fb8de", linewidth=0.8)
+        # Facts as dots too: a sampled run has few facts per relation, where a violin alone says little.
+        sns.stripplot(data=panel, x="relation", y=score, order=relations, ax=ax, color="#1f3b57", size=3, jitter=0.15)
         ax.axhline(STATIC_THRESHOLD, color="#c0392b", linestyle="--", linewidth=1, label=f"static threshold {STATIC_THRESHOLD}")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{model}: KN consistency per relation ({method.upper()})")
@@ -195,7 +198,7 @@ def load_kn_sets(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     for run_dir in run_dirs:
         with RunStore.open_existing(run_dir) as store:
             model = store.params("localize")["model"]
-            model = Path(model).name if Path(model).exists() else model  # paths: their last part
+            model = Path(model).name if "/" in model or model.endswith(".gguf") else model  # paths: their last part
             frames.append(store.frame("kn_sets").assign(model=model, run_dir=str(run_dir)))
     return pd.concat(frames, ignore_index=True)
 
