@@ -33,6 +33,10 @@ class ClozeScore:
     """Teacher-forced log P(all answer tokens | prompt)."""
     top_token: str
     """The model's top-1 next token after the prompt."""
+    argmax_tokens: list[int]
+    """The model's argmax token at each answer token's target position (teacher forced)."""
+    accuracy: float
+    """Share of answer tokens that are the argmax: METHODS.md section 5's acc(x, y)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +66,7 @@ def _score_batch(lm: LoadedModel, queries: list[EncodedQuery]) -> list[ClozeScor
         answer = torch.tensor(query.answer_ids, device=logits.device)
         answer_logprobs = logprobs.gather(1, answer[:, None])[:, 0]
         first = logprobs[0]
+        argmax = logprobs.argmax(-1)
         results.append(
             ClozeScore(
                 prompt=query.prompt,
@@ -71,6 +76,8 @@ def _score_batch(lm: LoadedModel, queries: list[EncodedQuery]) -> list[ClozeScor
                 rank=int((first > first[answer[0]]).sum()),
                 logprob=float(answer_logprobs.sum()),
                 top_token=lm.tokenizer.decode([int(first.argmax())]),
+                argmax_tokens=argmax.tolist(),
+                accuracy=float((argmax == answer).float().mean()),
             )
         )
     return results

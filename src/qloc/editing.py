@@ -1,0 +1,84 @@
+"""Knowledge modification through knowledge neurons (METHODS.md section 5; the paper's eq. 2).
+
+For each KN (l, i) of a set, its value vector v = W_out[:, i] is moved away from the answer's
+embedding (erasure) and, for an update, towards the new answer's (Dai et al.'s scaling):
+
+    erase:  v <- v - lambda1 * (||v|| / ||e(o)||) * e(o)
+    update: v <- v - lambda1 * (||v|| / ||e(o)||) * e(o) + lambda2 * (||v|| / ||e(o')||) * e(o')
+
+with e(x) the mean input embedding of x's answer tokens. The change is computed in fp32 whatever
+the model dtype. :func:`edit_knowledge` is a context manager that restores every edited weight
+bit-exactly on exit, also on exceptions; ``restore=False`` keeps the edit (sequential editing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .errors import DataError
+from .models import LoadedModel
+from .tokens import pad_batch, pad_token_id
+
+LAMBDA_ERASE = 1.0
+LAMBDA_UPDATE = 8.0
+
+
+def answer_embedding(lm: LoadedModel, text: str) -> torch.Tensor:
+    """e(text): the mean input-embedding row of ``" " + text``'s tokens, fp32 [d_model]."""
+    ids = lm.tokenizer(" " + text.strip(), add_special_tokens=False).input_ids
+    if not ids:
+        raise DataError(f"answer {text!r} tokenizes to no tokens with {lm.name!r}'s tokenizer")
+    weight = lm.model.get_input_embeddings().weight
+    return weight[torch.tensor(ids, device=weight.device)].float().mean(0)
+
+
+@contextlib.contextmanager
+def edit_knowledge(
+    lm: LoadedModel,
+    neurons: Sequence[tuple[int, int]],
+    erase: str,
+    new: str | None = None,
+    lambda1: float = LAMBDA_ERASE,
+    lambda2: float = LAMBDA_UPDATE,
+    restore: bool = True,
+) -> Iterator[None]:
+    """Erase ``erase`` (and write ``new`` where given) through the value vectors of ``neurons``."""
+    e_old = answer_embedding(lm, erase)
+    e_new = answer_embedding(lm, new) if new is not None else None
+    by_layer: dict[int, list[int]] = {}
+    for layer, index in neurons:
+        by_layer.setdefault(int(layer), []).append(int(index))
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        with torch.no_grad():
+            for layer, indices in by_layer.items():
+                vectors = lm.value_vectors(layer)
+                rows = torch.tensor(sorted(set(indices)), device=vectors.device)
+                saved[layer] = (rows, vectors[rows].clone())
+                v = vectors[rows].float()
+                norms = v.norm(dim=1, keepdim=True)
+                change = -lambda1 * norms / e_old.norm() * e_old.to(v.device)
+                if e_new is not None:
+                    change = change + lambda2 * norms / e_new.norm() * e_new.to(v.device)
+                vectors[rows] = (v + change).to(vectors.dtype)
+        yield
+    finally:
+        if restore:
+            with torch.no_grad():
+                for layer, (rows, original) in saved.items():
+                    lm.value_vectors(layer)[rows] = original
+
+
+@torch.no_grad()
+def perplexity(lm: LoadedModel, passages: Sequence[str], max_tokens: int = 256) -> float:
+    """Perplexity over passages, each cut to its first ``max_tokens`` tokens (one batch)."""
+    sequences = [tuple(lm.tokenizer(p).input_ids[:max_tokens]) for p in passages]
+    batch = pad_batch(sequences, pad_token_id(lm), lm.device)
+    logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], -1).gather(2, batch.input_ids[:, 1:, None])[..., 0]
+    mask = batch.attention_mask[:, 1:].bool()
+    return math.exp(-float(logprobs[mask].mean()))

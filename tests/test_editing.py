@@ -1,0 +1,88 @@
+"""KN editing: restore is bit-exact, one neuron touches one value vector, updates move the answer."""
+
+import pytest
+import torch
+
+import qloc
+from qloc.editing import answer_embedding, edit_knowledge, perplexity
+from conftest import make_tiny_model
+
+PROMPT = "Paris is the capital of"
+
+
+def weights(lm):
+    return {name: p.detach().clone() for name, p in lm.model.named_parameters()}
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_edit_then_restore_is_bit_identical(word_tokenizer, model_type):
+    lm = make_tiny_model(model_type, word_tokenizer)
+    before = weights(lm)
+    with edit_knowledge(lm, [(0, 1), (2, 5), (2, 7)], "France", "Italy"):
+        assert not torch.equal(lm.value_vectors(2)[5], before_vector(before, lm, 2, 5))
+    with pytest.raises(RuntimeError):
+        with edit_knowledge(lm, [(1, 3)], "France"):
+            raise RuntimeError("crash inside the edit")
+    assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
+
+
+def before_vector(saved, lm, layer, index):
+    name = next(n for n, p in lm.model.named_parameters() if p is lm.mlp_out_proj(layer).weight)
+    weight = saved[name]
+    return weight[index] if lm.arch.value_vector_axis == "row" else weight[:, index]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma3_text"])
+def test_one_neuron_changes_exactly_one_value_vector(word_tokenizer, model_type):
+    lm = make_tiny_model(model_type, word_tokenizer)
+    before = weights(lm)
+    with edit_knowledge(lm, [(1, 4)], "France"):
+        changed = {name for name, p in lm.model.named_parameters() if not torch.equal(p, before[name])}
+        weight = lm.mlp_out_proj(1).weight
+        assert changed == {next(n for n, p in lm.model.named_parameters() if p is weight)}
+        diff = (weight != before_vector_matrix(before, lm, 1)).nonzero()
+        axis = 0 if lm.arch.value_vector_axis == "row" else 1
+        assert set(diff[:, axis].tolist()) == {4}
+        # Erasure by Dai et al.'s scaling: v - ||v|| e / ||e||
+        original = before_vector(before, lm, 1, 4).float()
+        e = answer_embedding(lm, "France")
+        torch.testing.assert_close(lm.value_vectors(1)[4], original - original.norm() / e.norm() * e)
+
+
+def before_vector_matrix(saved, lm, layer):
+    return saved[next(n for n, p in lm.model.named_parameters() if p is lm.mlp_out_proj(layer).weight)]
+
+
+def test_update_moves_the_answer_towards_the_new_object(word_tokenizer):
+    """Tied embeddings (GPT-2): adding e(o') to value vectors raises o''s logit by construction."""
+    lm = make_tiny_model("gpt2", word_tokenizer)
+    neurons = [(l, i) for l in range(lm.num_layers) for i in range(0, lm.d_ff, 4)]
+    before = qloc.score_cloze(lm, [PROMPT, PROMPT], ["France", "Italy"])
+    with edit_knowledge(lm, neurons, "France", "Italy"):
+        after = qloc.score_cloze(lm, [PROMPT, PROMPT], ["France", "Italy"])
+    assert before[1].rank > 100 and after[1].rank == 0 and after[1].accuracy == 1.0
+    assert after[1].prob > 2 * before[1].prob
+    assert after[1].logprob - after[0].logprob > before[1].logprob - before[0].logprob
+    assert qloc.score_cloze(lm, [PROMPT], ["Italy"])[0].prob == pytest.approx(before[1].prob, rel=1e-6)
+
+
+def test_half_precision_edit_computes_in_fp32_and_restores(word_tokenizer):
+    lm = make_tiny_model("llama", word_tokenizer)
+    lm.model.to(torch.bfloat16)
+    before = weights(lm)
+    with edit_knowledge(lm, [(0, 2)], "France", "Italy"):
+        assert lm.value_vectors(0).dtype == torch.bfloat16
+    assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
+
+
+def test_perplexity_matches_a_direct_computation(word_tokenizer):
+    lm = make_tiny_model("llama", word_tokenizer)
+    passages = ["Paris is the capital of France", "The official language of Italy is Italian language"]
+    total, count = 0.0, 0
+    for text in passages:
+        ids = torch.tensor([word_tokenizer(text).input_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(lm.model(ids).logits[0, :-1], -1)
+        total += float(logprobs.gather(1, ids[0, 1:, None]).sum())
+        count += ids.shape[1] - 1
+    assert perplexity(lm, passages) == pytest.approx(torch.exp(torch.tensor(-total / count)).item(), rel=1e-5)
