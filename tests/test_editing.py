@@ -86,3 +86,37 @@ def test_perplexity_matches_a_direct_computation(word_tokenizer):
         total += float(logprobs.gather(1, ids[0, 1:, None]).sum())
         count += ids.shape[1] - 1
     assert perplexity(lm, passages) == pytest.approx(torch.exp(torch.tensor(-total / count)).item(), rel=1e-5)
+
+
+def test_edit_metrics_on_hand_made_predictions():
+    from qloc.edit_study import edit_metrics
+
+    update = edit_metrics("update", 1.0, [0.5, 0.0, 1.0], [[1, 2], [3], [4]], [[1, 2], [9], [4]])
+    assert update == {"rel": 1.0, "gen": 0.5, "loc": pytest.approx(2 / 3), "avg": pytest.approx((1 + 0.5 + 2 / 3) / 3)}
+    erase = edit_metrics("erase", 1.0, [1.0, 0.0], [[1]], [[1]])
+    assert (erase["rel"], erase["gen"], erase["loc"]) == (0.0, 0.5, 1.0)
+
+
+def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "qloc.cli"]
+    subprocess.run(base + ["localize", "--model", str(tiny_model_dir), "--run-dir", str(run), "--relations", "P19,P36,P101",
+                           "--methods", "amig", "--steps", "3", "--device", "cpu", "--quiet"], check=True, capture_output=True)
+    for mode in ("erase", "update"):
+        result = subprocess.run(base + ["edit", "--run-dir", str(run), "--mode", mode, "--device", "cpu", "--quiet"],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    with qloc.RunStore.open_existing(run) as store:
+        edits = store.frame("edits")
+    assert len(edits) == 2 * 3 * 3 and set(edits["kn_set"]) == {"self", "union", "cas"}
+    assert edits[edits["mode"] == "update"]["new_object"].notna().all()
+    assert ((edits["rel"] >= 0) & (edits["rel"] <= 1) & (edits["loc"] >= 0) & (edits["loc"] <= 1)).all()
+    table3 = pd.read_csv(run / "tables" / "table3.csv")
+    assert set(table3["mode"]) == {"erase", "update"} and set(table3["kn_set"]) == {"self", "union", "cas"}
+    assert set(pd.read_csv(run / "tables" / "table2.csv")["kn_set"]) == {"self", "union"}
+    assert table3["facts"].sum() == 2 * 3 * 3

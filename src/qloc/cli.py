@@ -359,6 +359,53 @@ def consistency(
 
 
 @app.command()
+def edit(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")],
+    mode: Annotated[str, typer.Option(help="erase or update (METHODS.md section 5).")] = "erase",
+    sets: Annotated[str, typer.Option(help="KN sets to edit through: self, union, cas.")] = "self,union,cas",
+    method: Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Knowledge erasure or update through KN sets: Rel, Gen, Loc, Avg and perplexity change per
+    fact (resumable), then Table 2 (Self, Union) and Table 3 (with CAS) for KC and KI facts."""
+    from .consistency import markdown_table
+    from .edit_study import EditConfig, edit_table, edit_work, knowledge_from_store
+    from .localize import STAGE
+    from .pararel import load_pararel
+    from .store import RunStore
+    from .sweep import run_sweep
+    from .wikitext import wikitext_passages
+
+    with RunStore.open_existing(run_dir) as store:
+        localized = store.params(STAGE)
+        kn_frame, cas_frame = store.frame("kn_sets"), store.frame("cas_sets")
+    config = EditConfig(mode=mode, sets=tuple(s.strip() for s in sets.split(",") if s.strip()),
+                        method=method or localized["methods"][0], seed=seed)
+    knowledge = knowledge_from_store(kn_frame, cas_frame, config.method)
+    data = None if localized["data"] == "bundled" else localized["data"]
+    dataset = load_pararel(data, query_filter=localized["query_filter"]).facts
+    facts = [f for f in dataset if f.id in knowledge]
+    lm = _load(localized["model"], device, localized["dtype"], quiet)
+    passages = wikitext_passages(config.ppl_passages, seed=seed)
+    params = {"model": localized["model"], "dtype": localized["dtype"], **config.params()}
+    with RunStore.open_stage(run_dir, config.stage, params, _env(lm)) as store:
+        summary = run_sweep(store, config.stage, facts, edit_work(lm, config, knowledge, dataset, passages),
+                            quiet=quiet, description=f"{mode} via {','.join(config.sets)}")
+        edits = store.frame("edits")
+    tables = run_dir / "tables"
+    tables.mkdir(exist_ok=True)
+    for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
+        table = edit_table(edits, chosen)
+        table.to_csv(tables / f"{name}.csv", index=False)
+        (tables / f"{name}.md").write_text(markdown_table(table) + "\n")
+    out.print(markdown_table(edit_table(edits, config.sets)), highlight=False, soft_wrap=True)
+    out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped; "
+              f"tables in {tables}", highlight=False)
+
+
+@app.command()
 def demo(
     model: ModelOpt = "smollm2-135m",
     run_dir: Annotated[Path, typer.Option("--run-dir")] = Path("qloc-demo"),

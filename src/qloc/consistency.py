@@ -217,7 +217,7 @@ def write_consistency_report(run_dirs: Sequence[str | Path], out_dir: str | Path
     written["consistency"] = tables / "consistency.csv"
     summary = table1(classified, score)
     summary.to_csv(tables / "table1.csv", index=False)
-    (tables / "table1.md").write_text(_markdown(summary) + "\n")
+    (tables / "table1.md").write_text(markdown_table(summary) + "\n")
     written["table1"] = tables / "table1.csv"
     curve = ki_share_curve(classified, score=score)
     curve.to_csv(tables / "fig9_ki_share.csv", index=False)
@@ -238,7 +238,7 @@ def write_consistency_report(run_dirs: Sequence[str | Path], out_dir: str | Path
     return written
 
 
-def _markdown(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     """A Markdown table without the optional tabulate dependency."""
     def cell(value) -> str:
         if isinstance(value, float):

@@ -1,0 +1,162 @@
+"""The knowledge-modification study (``qloc edit``; METHODS.md section 5, the paper's Tables 2 and 3).
+
+Per fact of a localize run: edit through each KN set (Self = the first query's KN set, Union of
+all queries' sets, CAS), measure Rel, Gen, Loc, Avg and the relative perplexity change, restore
+the model bit-exactly, and store one row per (fact, set). KC/KI classes come from the run's KN
+consistency under the static threshold, so Table 2/3 rows are split by class.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from .cloze import score_cloze
+from .consistency import STATIC_THRESHOLD, consistency_score
+from .editing import LAMBDA_ERASE, LAMBDA_UPDATE, edit_knowledge, perplexity
+from .errors import DataError, QlocError
+from .models import LoadedModel
+from .pararel import Fact
+from .store import UnitWriter
+from .sweep import SkipFact
+
+KN_SETS = ("self", "union", "cas")
+METRICS = ["rel", "gen", "loc", "avg", "dppl"]
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    mode: str = "erase"
+    sets: tuple[str, ...] = KN_SETS
+    method: str = "ig"
+    lambda1: float = LAMBDA_ERASE
+    lambda2: float = LAMBDA_UPDATE
+    unrelated_queries: int = 10
+    ppl_passages: int = 5
+    ppl_tokens: int = 256
+    static_threshold: float = STATIC_THRESHOLD
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("erase", "update"):
+            raise QlocError(f"--mode {self.mode!r}: choose erase or update")
+        unknown = [s for s in self.sets if s not in KN_SETS]
+        if unknown or not self.sets:
+            raise QlocError(f"--sets {','.join(self.sets)}: choose from {', '.join(KN_SETS)}")
+
+    @property
+    def stage(self) -> str:
+        return f"edit-{self.mode}-{self.method}"
+
+    def params(self) -> dict:
+        return {**asdict(self), "sets": list(self.sets)}
+
+
+@dataclass
+class FactKnowledge:
+    """What the localize run knows of one fact for one method."""
+
+    query_sets: list[list[tuple[int, int]]]  # per query index
+    cas: list[tuple[int, int]]
+
+    def kn_set(self, name: str) -> list[tuple[int, int]]:
+        if name == "self":
+            return self.query_sets[0]
+        if name == "union":
+            return sorted(set().union(*map(set, self.query_sets)))
+        return self.cas
+
+    @property
+    def consistency(self) -> float:
+        return consistency_score(self.query_sets)
+
+
+def knowledge_from_store(kn_frame: pd.DataFrame, cas_frame: pd.DataFrame, method: str) -> dict[str, FactKnowledge]:
+    """Per fact id, the KN sets the localize run stored for ``method``."""
+    kn_frame = kn_frame[kn_frame["method"] == method]
+    if kn_frame.empty:
+        raise QlocError(f"the localize run has no KN sets for method {method!r}")
+    cas = {row.fact_id: [tuple(u) for u in json.loads(row.kn)] for row in cas_frame[cas_frame["method"] == method].itertuples()}
+    result = {}
+    for fact_id, group in kn_frame.groupby("fact_id", sort=False):
+        sets = [[tuple(u) for u in json.loads(k)] for k in group.sort_values("query_index")["kn"]]
+        result[fact_id] = FactKnowledge(sets, cas.get(fact_id, []))
+    return result
+
+
+def edit_work(lm: LoadedModel, config: EditConfig, knowledge: dict[str, FactKnowledge], dataset: list[Fact], passages: list[str]):
+    """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
+    by_relation: dict[str, list[Fact]] = {}
+    for fact in dataset:
+        by_relation.setdefault(fact.relation, []).append(fact)
+    ppl_before = perplexity(lm, passages, config.ppl_tokens)
+
+    def work(fact: Fact, writer: UnitWriter) -> None:
+        known = knowledge[fact.id]
+        rng = random.Random(f"{config.seed}:{fact.id}")
+        candidates = sorted({f.object for f in by_relation[fact.relation]} - {fact.object})
+        if config.mode == "update" and not candidates:
+            raise SkipFact("no other object in the relation", f"fact {fact.id}: relation {fact.relation}")
+        new_object = rng.choice(candidates) if config.mode == "update" else None
+        others = [f for f in dataset if f.id != fact.id]
+        unrelated = [(f.queries[0], f.object) for f in rng.sample(others, min(config.unrelated_queries, len(others)))]
+        query, neighbours = fact.queries[0], list(fact.queries[1:])
+        target = new_object if config.mode == "update" else fact.object
+
+        def measure():
+            scores = score_cloze(lm, [query, *neighbours, *(p for p, _ in unrelated)],
+                                 [target] * (1 + len(neighbours)) + [o for _, o in unrelated])
+            return scores[0], scores[1 : 1 + len(neighbours)], scores[1 + len(neighbours) :]
+
+        try:
+            _, _, unrelated_before = measure()
+        except DataError as exc:
+            raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
+        kind = "KC" if known.consistency >= config.static_threshold else "KI"
+        for set_name in config.sets:
+            neurons = known.kn_set(set_name)
+            with edit_knowledge(lm, neurons, fact.object, new_object, config.lambda1, config.lambda2):
+                rel_score, gen_scores, unrelated_after = measure()
+                ppl = perplexity(lm, passages, config.ppl_tokens)
+            metrics = edit_metrics(config.mode, rel_score.accuracy, [s.accuracy for s in gen_scores],
+                                   [s.argmax_tokens for s in unrelated_before], [s.argmax_tokens for s in unrelated_after])
+            writer.add("edits", {
+                "fact_id": fact.id, "relation": fact.relation, "method": config.method, "mode": config.mode,
+                "kn_set": set_name, "class": kind, "cs": known.consistency, "kn_size": len(neurons),
+                "object": fact.object, "new_object": new_object, **metrics,
+                "ppl_before": ppl_before, "ppl_after": ppl, "dppl": (ppl - ppl_before) / ppl_before,
+            })
+
+    return work
+
+
+def edit_metrics(
+    mode: str,
+    query_accuracy: float,
+    neighbour_accuracies: list[float],
+    unrelated_before: list[list[int]],
+    unrelated_after: list[list[int]],
+) -> dict[str, float]:
+    """Rel, Gen, Loc and Avg of one edit (METHODS.md section 5). Accuracies are acc(x, target):
+    of o' for an update (success = predicted), of o for an erasure (success = no longer predicted).
+    Loc = share of unrelated queries whose argmax answer tokens did not change."""
+    success = (lambda acc: acc) if mode == "update" else (lambda acc: 1 - acc)
+    rel = success(query_accuracy)
+    gen = success(float(np.mean(neighbour_accuracies))) if neighbour_accuracies else float("nan")
+    loc = float(np.mean([a == b for a, b in zip(unrelated_before, unrelated_after)])) if unrelated_before else float("nan")
+    return {"rel": rel, "gen": gen, "loc": loc, "avg": float(np.nanmean([rel, gen, loc]))}
+
+
+def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
+    """Mean Rel, Gen, Loc, Avg, dPPL per (method, mode, KN set, class), with fact counts."""
+    frame = edits[edits["kn_set"].isin(sets)]
+    table = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)[METRICS].mean()
+    table["facts"] = frame.groupby(["method", "mode", "kn_set", "class"], sort=False).size()
+    order = {name: i for i, name in enumerate(KN_SETS)}
+    table = table.reset_index()
+    table["order"] = table["kn_set"].map(order)
+    return table.sort_values(["method", "mode", "class", "order"]).drop(columns="order").reset_index(drop=True)
