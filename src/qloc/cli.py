@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -358,6 +358,73 @@ def consistency(
         out.print(f"{name}: {path}", highlight=False)
 
 
+@dataclass
+class LocalizedRun:
+    params: dict
+    method: str
+    knowledge: dict
+    dataset: list
+    facts: list
+    lm: object
+
+
+def _localized_run(run_dir: Path, method: Optional[str], device: str, quiet: bool) -> LocalizedRun:
+    """What the experiments on a localize run need: its KN sets for ``method`` (default: the
+    run's first), its facts within the full dataset, and its model loaded."""
+    from .knsets import knowledge_from_store
+    from .localize import STAGE
+    from .pararel import load_pararel
+    from .store import RunStore
+
+    with RunStore.open_existing(run_dir) as store:
+        localized = store.params(STAGE)
+        kn_frame, cas_frame = store.frame("kn_sets"), store.frame("cas_sets")
+    method = method or localized["methods"][0]
+    knowledge = knowledge_from_store(kn_frame, cas_frame, method)
+    data = None if localized["data"] == "bundled" else localized["data"]
+    dataset = load_pararel(data, query_filter=localized["query_filter"]).facts
+    facts = [f for f in dataset if f.id in knowledge]
+    return LocalizedRun(localized, method, knowledge, dataset, facts, _load(localized["model"], device, localized["dtype"], quiet))
+
+
+@app.command()
+def mapping(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")],
+    method: Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """The query-KN mapping experiment (Figure 4): suppress (x0) and enhance (x2) the Self, Union,
+    Intersection, Refine and Unrelated sets of every query; mean dProb per set and class."""
+    import matplotlib.pyplot as plt
+
+    from .consistency import markdown_table
+    from .mapping import MappingConfig, mapping_figure, mapping_table, mapping_work
+    from .store import RunStore
+    from .sweep import run_sweep
+
+    run = _localized_run(run_dir, method, device, quiet)
+    config = MappingConfig(method=run.method, seed=seed)
+    params = {"model": run.params["model"], "dtype": run.params["dtype"], **config.params()}
+    with RunStore.open_stage(run_dir, config.stage, params, _env(run.lm)) as store:
+        summary = run_sweep(store, config.stage, run.facts, mapping_work(run.lm, config, run.knowledge), quiet=quiet,
+                            description=f"mapping {run.method}")
+        table = mapping_table(store.frame("mapping"))
+    tables, figures = run_dir / "tables", run_dir / "figures"
+    tables.mkdir(exist_ok=True)
+    figures.mkdir(exist_ok=True)
+    table.to_csv(tables / "fig4_mapping.csv", index=False)
+    (tables / "fig4_mapping.md").write_text(markdown_table(table) + "\n")
+    fig = mapping_figure(table)
+    for suffix in ("png", "svg"):
+        fig.savefig(figures / f"fig4_mapping.{suffix}", dpi=150)
+    plt.close(fig)
+    out.print(markdown_table(table), highlight=False, soft_wrap=True)
+    out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped; "
+              f"{tables / 'fig4_mapping.csv'}, {figures / 'fig4_mapping.png'}", highlight=False)
+
+
 @app.command()
 def edit(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")],
@@ -371,23 +438,14 @@ def edit(
     """Knowledge erasure or update through KN sets: Rel, Gen, Loc, Avg and perplexity change per
     fact (resumable), then Table 2 (Self, Union) and Table 3 (with CAS) for KC and KI facts."""
     from .consistency import markdown_table
-    from .edit_study import EditConfig, edit_table, edit_work, knowledge_from_store
-    from .localize import STAGE
-    from .pararel import load_pararel
+    from .edit_study import EditConfig, edit_table, edit_work
     from .store import RunStore
     from .sweep import run_sweep
     from .wikitext import wikitext_passages
 
-    with RunStore.open_existing(run_dir) as store:
-        localized = store.params(STAGE)
-        kn_frame, cas_frame = store.frame("kn_sets"), store.frame("cas_sets")
-    config = EditConfig(mode=mode, sets=tuple(s.strip() for s in sets.split(",") if s.strip()),
-                        method=method or localized["methods"][0], seed=seed)
-    knowledge = knowledge_from_store(kn_frame, cas_frame, config.method)
-    data = None if localized["data"] == "bundled" else localized["data"]
-    dataset = load_pararel(data, query_filter=localized["query_filter"]).facts
-    facts = [f for f in dataset if f.id in knowledge]
-    lm = _load(localized["model"], device, localized["dtype"], quiet)
+    run = _localized_run(run_dir, method, device, quiet)
+    config = EditConfig(mode=mode, sets=tuple(s.strip() for s in sets.split(",") if s.strip()), method=run.method, seed=seed)
+    localized, knowledge, dataset, facts, lm = run.params, run.knowledge, run.dataset, run.facts, run.lm
     passages = wikitext_passages(config.ppl_passages, seed=seed)
     params = {"model": localized["model"], "dtype": localized["dtype"], **config.params()}
     with RunStore.open_stage(run_dir, config.stage, params, _env(lm)) as store:

@@ -8,7 +8,6 @@ consistency under the static threshold, so Table 2/3 rows are split by class.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass
 
@@ -16,9 +15,10 @@ import numpy as np
 import pandas as pd
 
 from .cloze import score_cloze
-from .consistency import STATIC_THRESHOLD, consistency_score
+from .consistency import STATIC_THRESHOLD
 from .editing import LAMBDA_ERASE, LAMBDA_UPDATE, edit_knowledge, perplexity
 from .errors import DataError, QlocError
+from .knsets import FactKnowledge
 from .models import LoadedModel
 from .pararel import Fact
 from .store import UnitWriter
@@ -54,38 +54,6 @@ class EditConfig:
 
     def params(self) -> dict:
         return {**asdict(self), "sets": list(self.sets)}
-
-
-@dataclass
-class FactKnowledge:
-    """What the localize run knows of one fact for one method."""
-
-    query_sets: list[list[tuple[int, int]]]  # per query index
-    cas: list[tuple[int, int]]
-
-    def kn_set(self, name: str) -> list[tuple[int, int]]:
-        if name == "self":
-            return self.query_sets[0]
-        if name == "union":
-            return sorted(set().union(*map(set, self.query_sets)))
-        return self.cas
-
-    @property
-    def consistency(self) -> float:
-        return consistency_score(self.query_sets)
-
-
-def knowledge_from_store(kn_frame: pd.DataFrame, cas_frame: pd.DataFrame, method: str) -> dict[str, FactKnowledge]:
-    """Per fact id, the KN sets the localize run stored for ``method``."""
-    kn_frame = kn_frame[kn_frame["method"] == method]
-    if kn_frame.empty:
-        raise QlocError(f"the localize run has no KN sets for method {method!r}")
-    cas = {row.fact_id: [tuple(u) for u in json.loads(row.kn)] for row in cas_frame[cas_frame["method"] == method].itertuples()}
-    result = {}
-    for fact_id, group in kn_frame.groupby("fact_id", sort=False):
-        sets = [[tuple(u) for u in json.loads(k)] for k in group.sort_values("query_index")["kn"]]
-        result[fact_id] = FactKnowledge(sets, cas.get(fact_id, []))
-    return result
 
 
 def edit_work(lm: LoadedModel, config: EditConfig, knowledge: dict[str, FactKnowledge], dataset: list[Fact], passages: list[str]):

@@ -1,0 +1,133 @@
+"""The query-KN mapping experiment (``qloc mapping``; METHODS.md section 6, the paper's Figure 4).
+
+For each query q of a fact, five neuron sets are suppressed (activation x 0) or enhanced (x 2) at
+q's target position, and the relative change of the answer's probability is recorded:
+Self = K_q; Union, Intersection and Refine (in >= 2 sets) of the other queries' KN sets; and
+Unrelated = |K_q| random neurons in none of the fact's KN sets (seeded). Under Query Localization
+Self moves the answer most, and for KI facts the other queries' Intersection least.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+
+from .cloze import score_cloze
+from .knsets import FactKnowledge
+from .errors import DataError
+from .interventions import scale_neurons
+from .models import LoadedModel
+from .pararel import Fact
+from .store import UnitWriter
+from .sweep import SkipFact
+from .tokens import encode_query
+
+SETS = ("self", "union", "intersection", "refine", "unrelated")
+Neuron = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class MappingConfig:
+    method: str = "ig"
+    suppress: float = 0.0
+    enhance: float = 2.0
+    static_threshold: float = 0.1
+    seed: int = 0
+
+    @property
+    def stage(self) -> str:
+        return f"mapping-{self.method}"
+
+    def params(self) -> dict:
+        return asdict(self)
+
+
+def mapping_sets(kn_sets: list[list[Neuron]], query: int, shape: tuple[int, int], rng: random.Random) -> dict[str, list[Neuron]]:
+    """The five sets for query index ``query`` of a fact whose per-query KN sets are ``kn_sets``;
+    ``shape`` = (num_layers, d_ff) for drawing Unrelated neurons."""
+    own = sorted(set(kn_sets[query]))
+    others = [set(s) for i, s in enumerate(kn_sets) if i != query]
+    counts = Counter(u for s in others for u in s)
+    everything = set().union(*map(set, kn_sets))
+    unrelated: set[Neuron] = set()
+    free = shape[0] * shape[1] - len(everything)
+    while len(unrelated) < min(len(own), free):
+        candidate = (rng.randrange(shape[0]), rng.randrange(shape[1]))
+        if candidate not in everything:
+            unrelated.add(candidate)
+    return {
+        "self": own,
+        "union": sorted(set().union(*others)) if others else [],
+        "intersection": sorted(set.intersection(*others)) if others else [],
+        "refine": sorted(u for u, c in counts.items() if c >= 2),
+        "unrelated": sorted(unrelated),
+    }
+
+
+def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, FactKnowledge]):
+    """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
+    shape = (lm.num_layers, lm.d_ff)
+
+    def work(fact: Fact, writer: UnitWriter) -> None:
+        known = knowledge[fact.id]
+        kind = "KC" if known.consistency >= config.static_threshold else "KI"
+        rng = random.Random(f"{config.seed}:{fact.id}")
+        try:
+            before = score_cloze(lm, fact.queries, [fact.object] * len(fact.queries))
+        except DataError as exc:
+            raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
+        for index, prompt in enumerate(fact.queries):
+            position = torch.tensor([len(encode_query(lm, prompt, fact.object).prompt_ids) - 1])
+            for set_name, neurons in mapping_sets(known.query_sets, index, shape, rng).items():
+                for operation, factor in (("suppress", config.suppress), ("enhance", config.enhance)):
+                    with scale_neurons(lm, neurons, factor, positions=position):
+                        after = score_cloze(lm, [prompt], [fact.object])[0].prob
+                    writer.add("mapping", {
+                        "fact_id": fact.id, "relation": fact.relation, "method": config.method, "class": kind,
+                        "query_index": index, "kn_set": set_name, "operation": operation, "set_size": len(neurons),
+                        "prob_before": before[index].prob, "prob_after": after,
+                        "dprob": (after - before[index].prob) / before[index].prob if before[index].prob > 0 else float("nan"),
+                    })
+
+    return work
+
+
+def mapping_table(mapping: pd.DataFrame) -> pd.DataFrame:
+    """Mean dProb per (method, operation, set, class), and "Avg" over all facts' queries."""
+    by_class = mapping.groupby(["method", "operation", "kn_set", "class"], sort=False)["dprob"].agg(["mean", "size"])
+    overall = mapping.groupby(["method", "operation", "kn_set"], sort=False)["dprob"].agg(["mean", "size"])
+    overall = overall.assign(**{"class": "Avg"}).set_index("class", append=True)
+    table = pd.concat([by_class, overall]).reset_index().rename(columns={"mean": "dprob", "size": "queries"})
+    table["set_order"] = table["kn_set"].map({s: i for i, s in enumerate(SETS)})
+    table["class_order"] = table["class"].map({"KC": 0, "KI": 1, "Avg": 2})
+    table = table.sort_values(["method", "operation", "class_order", "set_order"])
+    return table.drop(columns=["set_order", "class_order"]).reset_index(drop=True)
+
+
+def mapping_figure(table: pd.DataFrame):
+    """Figure 4: bars of mean dProb per set, grouped by class, one panel per operation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    operations = list(dict.fromkeys(table["operation"]))
+    classes = [c for c in ("KC", "KI", "Avg") if c in set(table["class"])]
+    fig, axes = plt.subplots(1, len(operations), figsize=(5.5 * len(operations), 3.8), squeeze=False)
+    width = 0.8 / len(SETS)
+    for ax, operation in zip(axes[0], operations):
+        part = table[table["operation"] == operation]
+        for k, set_name in enumerate(SETS):
+            values = [part[(part["class"] == c) & (part["kn_set"] == set_name)]["dprob"].mean() for c in classes]
+            ax.bar([i + (k - 2) * width for i in range(len(classes))], values, width, label=set_name.capitalize())
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_ylabel("dProb (relative)")
+        ax.set_title(f"{operation.capitalize()} KN sets ({', '.join(sorted(set(part['method'])))})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
