@@ -120,3 +120,24 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
     assert set(table3["mode"]) == {"erase", "update"} and set(table3["kn_set"]) == {"self", "union", "cas"}
     assert set(pd.read_csv(run / "tables" / "table2.csv")["kn_set"]) == {"self", "union"}
     assert table3["facts"].sum() == 2 * 3 * 3
+
+
+def test_sequential_editing_restores_the_model(word_tokenizer):
+    from qloc.edit_study import EditConfig, sequential_edit, sequential_table
+    from qloc.knsets import FactKnowledge
+    import pandas as pd
+
+    lm = make_tiny_model("llama", word_tokenizer)
+    facts = [qloc.Fact(f"P1/{i}", "P1", "P1(x)", s, o, (f"{s} is the capital of", f"The capital {s} belongs to"))
+             for i, (s, o) in enumerate([("Paris", "France"), ("Rome", "Italy"), ("Berlin", "Germany")])]
+    knowledge = {f.id: FactKnowledge([[(0, i), (1, i + 1)], [(0, i)]], [(0, i)]) for i, f in enumerate(facts)}
+    before = weights(lm)
+    rows = []
+    for repeat in range(2):
+        result = sequential_edit(lm, EditConfig(mode="update", unrelated_queries=2), knowledge, facts, facts, "union",
+                                 2, repeat, ["Paris is the capital of France"])
+        assert result["facts"] == 2 and 0 <= result["loc"] <= 1
+        rows.append({"method": "ig", "mode": "update", "kn_set": "union", "seed": repeat, **result})
+    assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
+    table = sequential_table(pd.DataFrame(rows))
+    assert table.loc[0, "seeds"] == 2 and "rel_std" in table

@@ -121,6 +121,6 @@ def test_out_of_memory_names_the_fact_and_keeps_finished_ones(tmp_path):
         write_rows(fact, writer)
 
     with RunStore.open_stage(tmp_path, "demo", PARAMS) as store:
-        with pytest.raises(QlocError, match=r"out of memory on fact P1/2 .*'s2'.*2 facts finished.*--batch-size"):
+        with pytest.raises(QlocError, match=r"out of memory on fact P1/2 \('s2' -> 'o2'\).*2 units finished.*--max-batch-rows"):
             run_sweep(store, "demo", FACTS, runs_out_on_the_third, quiet=True)
         assert store.finished_units("demo") == {"P1/0", "P1/1"}

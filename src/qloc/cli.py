@@ -431,14 +431,17 @@ def edit(
     mode: Annotated[str, typer.Option(help="erase or update (METHODS.md section 5).")] = "erase",
     sets: Annotated[str, typer.Option(help="KN sets to edit through: self, union, cas.")] = "self,union,cas",
     method: Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")] = None,
+    sequential: Annotated[int, typer.Option(help="Edit N sampled facts one after another (Table 7); 0: one at a time.")] = 0,
+    seeds: Annotated[int, typer.Option(help="Sequential editing: repeats with different samples.")] = 5,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Knowledge erasure or update through KN sets: Rel, Gen, Loc, Avg and perplexity change per
-    fact (resumable), then Table 2 (Self, Union) and Table 3 (with CAS) for KC and KI facts."""
+    fact (resumable), then Table 2 (Self, Union) and Table 3 (with CAS) for KC and KI facts.
+    With --sequential N: N facts edited without restoring in between, --seeds times (Table 7)."""
     from .consistency import markdown_table
-    from .edit_study import EditConfig, edit_table, edit_work
+    from .edit_study import EditConfig, SequentialUnit, edit_table, edit_work, sequential_table, sequential_work
     from .store import RunStore
     from .sweep import run_sweep
     from .wikitext import wikitext_passages
@@ -448,12 +451,23 @@ def edit(
     localized, knowledge, dataset, facts, lm = run.params, run.knowledge, run.dataset, run.facts, run.lm
     passages = wikitext_passages(config.ppl_passages, seed=seed)
     params = {"model": localized["model"], "dtype": localized["dtype"], **config.params()}
+    tables = run_dir / "tables"
+    tables.mkdir(exist_ok=True)
+    if sequential > 0:
+        stage = f"sequential-{config.mode}-{config.method}"
+        units = [SequentialUnit(name, repeat) for name in config.sets for repeat in range(seeds)]
+        with RunStore.open_stage(run_dir, stage, {**params, "sequential": sequential, "seeds": seeds}, _env(lm)) as store:
+            run_sweep(store, stage, units, sequential_work(lm, config, knowledge, dataset, facts, sequential, passages),
+                      quiet=quiet, description=f"sequential {mode}")
+            table = sequential_table(store.frame("sequential"))
+        table.to_csv(tables / "table7.csv", index=False)
+        (tables / "table7.md").write_text(markdown_table(table) + "\n")
+        out.print(markdown_table(table), highlight=False, soft_wrap=True)
+        return
     with RunStore.open_stage(run_dir, config.stage, params, _env(lm)) as store:
         summary = run_sweep(store, config.stage, facts, edit_work(lm, config, knowledge, dataset, passages),
                             quiet=quiet, description=f"{mode} via {','.join(config.sets)}")
         edits = store.frame("edits")
-    tables = run_dir / "tables"
-    tables.mkdir(exist_ok=True)
     for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
         table = edit_table(edits, chosen)
         table.to_csv(tables / f"{name}.csv", index=False)

@@ -8,6 +8,7 @@ consistency under the static threshold, so Table 2/3 rows are split by class.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import asdict, dataclass
 
@@ -56,39 +57,63 @@ class EditConfig:
         return {**asdict(self), "sets": list(self.sets)}
 
 
-def edit_work(lm: LoadedModel, config: EditConfig, knowledge: dict[str, FactKnowledge], dataset: list[Fact], passages: list[str]):
-    """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
+@dataclass
+class EditCase:
+    """One fact's edit: the new object (updates) and the unrelated queries for Loc, drawn with a
+    seed per fact so that single and sequential editing use the same ones."""
+
+    fact: Fact
+    mode: str
+    new_object: str | None
+    unrelated: list[tuple[str, str]]
+
+    @classmethod
+    def draw(cls, fact: Fact, config: "EditConfig", by_relation: dict[str, list[Fact]], dataset: list[Fact]) -> "EditCase":
+        rng = random.Random(f"{config.seed}:{fact.id}")
+        new_object = None
+        if config.mode == "update":
+            candidates = sorted({f.object for f in by_relation[fact.relation]} - {fact.object})
+            if not candidates:
+                raise SkipFact("no other object in the relation", f"fact {fact.id}: relation {fact.relation}")
+            new_object = rng.choice(candidates)
+        others = [f for f in dataset if f.id != fact.id]
+        unrelated = [(f.queries[0], f.object) for f in rng.sample(others, min(config.unrelated_queries, len(others)))]
+        return cls(fact, config.mode, new_object, unrelated)
+
+    def measure(self, lm: LoadedModel):
+        """Cloze scores of the query and its neighbours for the edit's target (o' for updates, o
+        for erasures), and of the unrelated queries for their own answers."""
+        target = self.new_object if self.mode == "update" else self.fact.object
+        queries = list(self.fact.queries)
+        scores = score_cloze(lm, queries + [p for p, _ in self.unrelated], [target] * len(queries) + [o for _, o in self.unrelated])
+        return scores[0], scores[1 : len(queries)], scores[len(queries) :]
+
+
+def _by_relation(dataset: list[Fact]) -> dict[str, list[Fact]]:
     by_relation: dict[str, list[Fact]] = {}
     for fact in dataset:
         by_relation.setdefault(fact.relation, []).append(fact)
+    return by_relation
+
+
+def edit_work(lm: LoadedModel, config: EditConfig, knowledge: dict[str, FactKnowledge], dataset: list[Fact], passages: list[str]):
+    """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
+    by_relation = _by_relation(dataset)
     ppl_before = perplexity(lm, passages, config.ppl_tokens)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
         known = knowledge[fact.id]
-        rng = random.Random(f"{config.seed}:{fact.id}")
-        candidates = sorted({f.object for f in by_relation[fact.relation]} - {fact.object})
-        if config.mode == "update" and not candidates:
-            raise SkipFact("no other object in the relation", f"fact {fact.id}: relation {fact.relation}")
-        new_object = rng.choice(candidates) if config.mode == "update" else None
-        others = [f for f in dataset if f.id != fact.id]
-        unrelated = [(f.queries[0], f.object) for f in rng.sample(others, min(config.unrelated_queries, len(others)))]
-        query, neighbours = fact.queries[0], list(fact.queries[1:])
-        target = new_object if config.mode == "update" else fact.object
-
-        def measure():
-            scores = score_cloze(lm, [query, *neighbours, *(p for p, _ in unrelated)],
-                                 [target] * (1 + len(neighbours)) + [o for _, o in unrelated])
-            return scores[0], scores[1 : 1 + len(neighbours)], scores[1 + len(neighbours) :]
-
+        case = EditCase.draw(fact, config, by_relation, dataset)
         try:
-            _, _, unrelated_before = measure()
+            _, _, unrelated_before = case.measure(lm)
         except DataError as exc:
             raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
         kind = "KC" if known.consistency >= config.static_threshold else "KI"
+        new_object = case.new_object
         for set_name in config.sets:
             neurons = known.kn_set(set_name)
             with edit_knowledge(lm, neurons, fact.object, new_object, config.lambda1, config.lambda2):
-                rel_score, gen_scores, unrelated_after = measure()
+                rel_score, gen_scores, unrelated_after = case.measure(lm)
                 ppl = perplexity(lm, passages, config.ppl_tokens)
             metrics = edit_metrics(config.mode, rel_score.accuracy, [s.accuracy for s in gen_scores],
                                    [s.argmax_tokens for s in unrelated_before], [s.argmax_tokens for s in unrelated_after])
@@ -100,6 +125,82 @@ def edit_work(lm: LoadedModel, config: EditConfig, knowledge: dict[str, FactKnow
             })
 
     return work
+
+
+def sequential_edit(
+    lm: LoadedModel,
+    config: EditConfig,
+    knowledge: dict[str, FactKnowledge],
+    dataset: list[Fact],
+    facts: list[Fact],
+    set_name: str,
+    count: int,
+    repeat: int,
+    passages: list[str],
+) -> dict[str, float]:
+    """Table 7: ``count`` facts (sampled with seed ``repeat``) edited one after another through
+    their ``set_name`` KN sets without restoring in between; every metric measured after the
+    last edit and averaged over the edited facts. The model is restored bit-exactly afterwards."""
+    by_relation = _by_relation(dataset)
+    chosen = random.Random(f"{config.seed}:sequential:{repeat}").sample(facts, min(count, len(facts)))
+    cases = []
+    for fact in chosen:
+        try:
+            cases.append(EditCase.draw(fact, config, by_relation, dataset))
+        except SkipFact:
+            continue
+    ppl_before = perplexity(lm, passages, config.ppl_tokens)
+    before = [case.measure(lm)[2] for case in cases]
+    with contextlib.ExitStack() as edits:  # unwinding restores the edits in reverse order
+        for case in cases:
+            edits.enter_context(edit_knowledge(lm, knowledge[case.fact.id].kn_set(set_name), case.fact.object,
+                                               case.new_object, config.lambda1, config.lambda2))
+        per_fact = []
+        for case, unrelated_before in zip(cases, before):
+            rel_score, gen_scores, unrelated_after = case.measure(lm)
+            per_fact.append(edit_metrics(config.mode, rel_score.accuracy, [s.accuracy for s in gen_scores],
+                                         [s.argmax_tokens for s in unrelated_before],
+                                         [s.argmax_tokens for s in unrelated_after]))
+        ppl_after = perplexity(lm, passages, config.ppl_tokens)
+    means = {key: float(np.nanmean([m[key] for m in per_fact])) for key in ("rel", "gen", "loc", "avg")}
+    return {**means, "facts": len(cases), "dppl": (ppl_after - ppl_before) / ppl_before}
+
+
+@dataclass(frozen=True)
+class SequentialUnit:
+    """One sequential-editing unit of work: a KN set and a sampling seed."""
+
+    set_name: str
+    repeat: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.set_name}/seed-{self.repeat}"
+
+    @property
+    def label(self) -> str:
+        return f"sequential editing through {self.set_name} sets, seed {self.repeat}"
+
+
+def sequential_work(lm, config, knowledge, dataset, facts, count: int, passages):
+    """Work function for :func:`qloc.sweep.run_sweep` over :class:`SequentialUnit` s."""
+
+    def work(unit: SequentialUnit, writer: UnitWriter) -> None:
+        result = sequential_edit(lm, config, knowledge, dataset, facts, unit.set_name, count, unit.repeat, passages)
+        writer.add("sequential", {"method": config.method, "mode": config.mode, "kn_set": unit.set_name,
+                                  "seed": unit.repeat, "requested": count, **result})
+
+    return work
+
+
+def sequential_table(sequential: pd.DataFrame) -> pd.DataFrame:
+    """Table 7: mean and standard deviation over seeds per (method, mode, KN set)."""
+    grouped = sequential.groupby(["method", "mode", "kn_set"], sort=False)
+    table = grouped[METRICS].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table["seeds"] = grouped.size()
+    table["facts"] = grouped["facts"].mean()
+    return table.reset_index()
 
 
 def edit_metrics(

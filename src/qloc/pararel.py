@@ -36,6 +36,10 @@ class Fact:
     dropped_queries: int = 0
     """Paraphrases skipped because ``[MASK]`` does not end them."""
 
+    @property
+    def label(self) -> str:
+        return f"fact {self.id} ({self.subject!r} -> {self.object!r})"
+
 
 @dataclass
 class ParaRel:

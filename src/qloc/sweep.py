@@ -1,4 +1,4 @@
-"""Running a unit of work per fact against the run store, with progress and resume.
+"""Running a unit of work (usually a fact) against the run store, with progress and resume.
 
 Every sweep command (cloze, localize, edit, ...) is ``run_sweep(store, stage, facts, work)``:
 facts already finished in the store are skipped, each finished fact is committed in its own
@@ -11,14 +11,26 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .errors import QlocError
-from .pararel import Fact
 from .store import RunStore, UnitWriter
+
+
+class Unit(Protocol):
+    """A unit of work: a fact, or a (KN set, seed) of sequential editing."""
+
+    id: str
+
+    @property
+    def label(self) -> str: ...
+
+
+U = TypeVar("U", bound=Unit)
 
 
 class SkipFact(Exception):
@@ -57,31 +69,31 @@ def make_progress(quiet: bool, console: Console | None = None) -> Progress:
 def run_sweep(
     store: RunStore,
     stage: str,
-    facts: Sequence[Fact],
-    work: Callable[[Fact, UnitWriter], None],
+    units: Sequence[U],
+    work: Callable[[U, UnitWriter], None],
     quiet: bool = False,
     description: str | None = None,
 ) -> SweepSummary:
     summary = SweepSummary()
     finished = store.finished_units(stage)
-    pending = [f for f in facts if f.id not in finished]
-    summary.resumed = len(facts) - len(pending)
+    pending = [u for u in units if u.id not in finished]
+    summary.resumed = len(units) - len(pending)
     with make_progress(quiet) as progress:
         task = progress.add_task(description or stage, total=len(pending), status="")
-        for fact in pending:
+        for unit in pending:
             try:
-                with store.unit(stage, fact.id) as writer:
-                    work(fact, writer)
+                with store.unit(stage, unit.id) as writer:
+                    work(unit, writer)
                 summary.done += 1
             except SkipFact as exc:
-                store.skip(stage, fact.id, str(exc))
+                store.skip(stage, unit.id, str(exc))
                 summary.skipped += 1
                 summary.skip_reasons[exc.kind] += 1
             except torch.OutOfMemoryError:
                 raise QlocError(
-                    f"out of memory on fact {fact.id} ({fact.subject!r} / {fact.object!r}); the "
-                    f"{summary.done} facts finished in this session are stored in {str(store.run_dir)!r}. "
-                    "Rerun the same command with a smaller --batch-size to resume."
+                    f"out of memory on {unit.label}; the {summary.done} units finished in this session are "
+                    f"stored in {str(store.run_dir)!r}. Rerun the same command with a smaller --max-batch-rows "
+                    "(or --batch-size) to resume."
                 ) from None
             progress.update(task, advance=1, status=f"done {summary.done} skipped {summary.skipped}")
     return summary
