@@ -141,3 +141,15 @@ def test_sequential_editing_restores_the_model(word_tokenizer):
     assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
     table = sequential_table(pd.DataFrame(rows))
     assert table.loc[0, "seeds"] == 2 and "rel_std" in table
+
+
+def test_case_study_table_and_restore(word_tokenizer):
+    from qloc.edit_study import case_study, greedy_continuation
+
+    lm = make_tiny_model("gpt2", word_tokenizer)
+    before = weights(lm)
+    queries = ["Paris is the capital of", "Paris, that is the capital city of"]
+    table = case_study(lm, queries, "France", "Italy", method="ig", set_name="union", steps=3, max_new_tokens=4)
+    assert list(table.role) == ["query", "neighbour"] and table.kn_size[0] > 0
+    assert table.before[0] == greedy_continuation(lm, queries[0], 4)
+    assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())

@@ -427,12 +427,16 @@ def mapping(
 
 @app.command()
 def edit(
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")],
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")] = None,
     mode: Annotated[str, typer.Option(help="erase or update (METHODS.md section 5).")] = "erase",
     sets: Annotated[str, typer.Option(help="KN sets to edit through: self, union, cas.")] = "self,union,cas",
     method: Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")] = None,
     sequential: Annotated[int, typer.Option(help="Edit N sampled facts one after another (Table 7); 0: one at a time.")] = 0,
     seeds: Annotated[int, typer.Option(help="Sequential editing: repeats with different samples.")] = 5,
+    case: Annotated[Optional[str], typer.Option(help="Case study (Table 8): edit the fact this query asks, print greedy continuations.")] = None,
+    new: Annotated[Optional[str], typer.Option(help="Case study: the new object (omit to erase).")] = None,
+    answer: Annotated[Optional[str], typer.Option(help="Case study: the current object (default: ParaRel's, if the query is in it).")] = None,
+    model: ModelOpt = "smollm2-135m",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -446,6 +450,11 @@ def edit(
     from .sweep import run_sweep
     from .wikitext import wikitext_passages
 
+    if case is not None:
+        _case_study(case, answer, new, model, method or "ig", sets.split(",")[0], run_dir, device, quiet)
+        return
+    if run_dir is None:
+        raise QlocError("--run-dir (a localize run) is needed, except for a --case study")
     run = _localized_run(run_dir, method, device, quiet)
     config = EditConfig(mode=mode, sets=tuple(s.strip() for s in sets.split(",") if s.strip()), method=run.method, seed=seed)
     localized, knowledge, dataset, facts, lm = run.params, run.knowledge, run.dataset, run.facts, run.lm
@@ -475,6 +484,30 @@ def edit(
     out.print(markdown_table(edit_table(edits, config.sets)), highlight=False, soft_wrap=True)
     out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped; "
               f"tables in {tables}", highlight=False)
+
+
+def _case_study(query: str, answer: Optional[str], new: Optional[str], model: str, method: str, set_name: str,
+                run_dir: Optional[Path], device: str, quiet: bool) -> None:
+    from .consistency import markdown_table
+    from .edit_study import case_study
+    from .pararel import causal_prompt, load_pararel
+
+    prompt = causal_prompt(query) or query.strip()
+    fact = next((f for f in load_pararel().facts if prompt in f.queries), None)
+    if answer is None and fact is None:
+        raise QlocError(f"--case {query!r} is not a ParaRel query: give its current object with --answer")
+    answer = answer or fact.object
+    queries = [prompt] + ([q for q in fact.queries if q != prompt] if fact else [])
+    lm = _load(model, device, "float32", quiet)
+    table = case_study(lm, queries, answer, new, method, set_name)
+    if run_dir is not None:
+        (run_dir / "tables").mkdir(parents=True, exist_ok=True)
+        table.to_csv(run_dir / "tables" / "table8.csv", index=False)
+        (run_dir / "tables" / "table8.md").write_text(markdown_table(table) + "\n")
+    view = Table("", "prompt", "before", "after", title=f"{answer!r} -> {new!r} via {set_name} ({method}, {table.kn_size[0]} KNs)")
+    for row in table.itertuples():
+        view.add_row(row.role, row.prompt, row.before, row.after)
+    out.print(view)
 
 
 @app.command()

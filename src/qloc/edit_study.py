@@ -14,7 +14,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
+from .attribution import attribute, kn_set
+from .cas import cas_set
 from .cloze import score_cloze
 from .consistency import STATIC_THRESHOLD
 from .editing import LAMBDA_ERASE, LAMBDA_UPDATE, edit_knowledge, perplexity
@@ -24,6 +27,7 @@ from .models import LoadedModel
 from .pararel import Fact
 from .store import UnitWriter
 from .sweep import SkipFact
+from .tokens import pad_token_id
 
 KN_SETS = ("self", "union", "cas")
 METRICS = ["rel", "gen", "loc", "avg", "dppl"]
@@ -201,6 +205,38 @@ def sequential_table(sequential: pd.DataFrame) -> pd.DataFrame:
     table["seeds"] = grouped.size()
     table["facts"] = grouped["facts"].mean()
     return table.reset_index()
+
+
+@torch.no_grad()
+def greedy_continuation(lm: LoadedModel, prompt: str, max_new_tokens: int = 8) -> str:
+    ids = torch.tensor([lm.tokenizer(prompt).input_ids], device=lm.device)
+    output = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=pad_token_id(lm))
+    return lm.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def case_study(
+    lm: LoadedModel,
+    queries: list[str],
+    answer: str,
+    new: str | None,
+    method: str = "ig",
+    set_name: str = "self",
+    steps: int = 20,
+    max_new_tokens: int = 8,
+) -> pd.DataFrame:
+    """Table 8: greedy continuations of a query (``queries[0]``) and its paraphrases before and
+    after editing ``answer`` (to ``new``, or erasing it) through the query's KN set."""
+    scores = [attribute(lm, q, answer, method, steps=steps).scores for q in queries]
+    query_sets = [kn_set(s) for s in scores]
+    neurons = FactKnowledge(query_sets, cas_set(scores)).kn_set(set_name)
+    before = [greedy_continuation(lm, q, max_new_tokens) for q in queries]
+    with edit_knowledge(lm, neurons, answer, new):
+        after = [greedy_continuation(lm, q, max_new_tokens) for q in queries]
+    return pd.DataFrame({
+        "role": ["query"] + ["neighbour"] * (len(queries) - 1), "prompt": queries, "before": before, "after": after,
+        "answer": answer, "new": new, "kn_set": set_name, "kn_size": len(neurons), "method": method,
+    })
 
 
 def edit_metrics(
