@@ -63,7 +63,7 @@ def hand_made_cs():
     for method, cs in values.items():
         for i, v in enumerate(cs):
             rows.append({"model": "m", "fact_id": f"P{i % 2 + 1}/{i}", "relation": f"P{i % 2 + 1}", "method": method,
-                         "cs_relaxed": v, "cs_strict": v / 2})
+                         "cs_relaxed": v, "cs_strict": v / 2, "union_size": 0 if v == 0 else 3})
     return pd.DataFrame(rows)
 
 
@@ -75,6 +75,7 @@ def test_table1_shares_means_and_u_ki():
     assert ig.t == pytest.approx(stats.ttest_ind([0.5, 0.6], [0.0, 0.05], equal_var=False).statistic)
     # Facts 0..3 static classes: ig KI,KI,KC,KC; amig KI,KC,KI,KC; sig KI,KI,KI,KC -> only fact 0 all KI.
     assert ig.U_KI == pytest.approx(0.25)
+    assert ig.empty_union == 1 and (table[table.method == "amig"].empty_union == 0).all()
     assert set(table.threshold) == {"static", "otsu"} and len(table) == 6
 
 
@@ -128,3 +129,13 @@ def test_demo_runs_the_main_job(tmp_path, tiny_model_dir):
     table = pd.read_csv(run / "tables" / "table1.csv")
     assert set(table.threshold) == {"static", "otsu"} and (table.facts == 3).all()
     assert (run / "figures" / "violin_ig.svg").exists()
+
+
+@pytest.mark.parametrize("option", [["--rule", "simpson"], ["--answer-tokens", "last"], ["--steps", "0"], ["--top-k", "0"],
+                                    ["--methods", "ig,lrp"]])
+def test_bad_localize_options_are_refused_before_anything_is_stored(tmp_path, option):
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "qloc.cli", "localize", "--model", "no-model-needed", "--run-dir", str(run),
+                             *option], capture_output=True, text=True)
+    assert result.returncode == 2 and option[1] in result.stderr and "Traceback" not in result.stderr
+    assert not (run / "qloc.sqlite").exists()

@@ -185,7 +185,9 @@ class PathEngine:
         handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
         try:
             with torch.no_grad():
-                prefix_cache = lm.model(input_ids=ids_t[:, :target], use_cache=True).cache if target > 0 else None
+                prefix_cache = (
+                    lm.model(input_ids=ids_t[:, :target], use_cache=True, logits_to_keep=1).cache if target > 0 else None
+                )
                 with record_activations(lm, positions=torch.tensor([0])) as acts:
                     out = lm.model(input_ids=ids_t[:, target:], cache=copy.deepcopy(prefix_cache), use_cache=True)
         finally:
@@ -369,8 +371,10 @@ METHODS: dict[str, type[NeuronAttributionMethod]] = {m.name: m for m in (Integra
 
 @torch.no_grad()
 def word_baselines(lm: LoadedModel, query: EncodedQuery, target_index: int, replacement: int) -> torch.Tensor:
-    """[words, L, d_ff]: activations at the target position when prompt word j (each token the
-    tokenizer did not add itself, e.g. not BOS) is replaced by ``replacement``, one row per j."""
+    """[positions, L, d_ff]: activations at the target position when prompt token j is replaced
+    by ``replacement``, one row per j. Choice: j runs over the prompt's own tokens, not the ones
+    the tokenizer adds (BOS): METHODS.md's "each prompt position" is read as each position of the
+    query text, since replacing BOS by EOS takes the model off its training distribution."""
     words = [j for j, special in enumerate(query.prompt_special) if not special]
     target = query.target_positions[target_index]
     ids = torch.tensor(query.input_ids[: target + 1], device=lm.device).repeat(len(words), 1)
@@ -436,7 +440,8 @@ def attribute(
         completeness_residual=torch.stack(residuals),
         steps=steps,
         rule=rule,
-        params={"method": method, "steps": steps, "rule": rule, "answer_tokens": answer_tokens},
+        params={"method": method, "steps": steps, "rule": rule, "answer_tokens": answer_tokens,
+                "baselines": len(per_baseline)},
     )
     _warn_if_incomplete(result)
     return result
@@ -444,7 +449,8 @@ def attribute(
 
 def _warn_if_incomplete(result: Attribution) -> None:
     worst = result.completeness_residual.max(dim=0).values
-    limit = RESIDUAL_WARNING * float(result.f_input.max())
+    # SIG's residual sums one path per prompt token, so its tolerance does too.
+    limit = RESIDUAL_WARNING * float(result.f_input.max()) * result.params["baselines"]
     if float(worst.max()) > limit and math.isfinite(limit):
         layer = int(worst.argmax())
         warnings.warn(

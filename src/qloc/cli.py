@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -171,6 +173,7 @@ def cloze(
     teacher-forced log-probability of the whole answer."""
     from .cloze import cloze_sweep_work, score_cloze
     from .store import RunStore
+    from .sweep import run_sweep
 
     if (prompt is None) != (answer is None):
         raise QlocError("--prompt and --answer go together")
@@ -186,14 +189,14 @@ def cloze(
     _, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet or json_out)
     lm = _load(model, device, dtype, quiet or json_out)
     params = {"model": model, "dtype": dtype, **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter)}
-    with RunStore.open_stage(run_dir or _scratch_run_dir(), "cloze", params, _env(lm)) as store:
-        from .sweep import run_sweep
-
-        summary = run_sweep(store, "cloze", selected, cloze_sweep_work(lm, batch_size), quiet=quiet or json_out)
-        frame = store.frame("cloze") if "cloze" in store.tables() else None
-        chosen = {f.id for f in selected}
-        if frame is not None:
-            frame = frame[frame["fact_id"].isin(chosen)]
+    with contextlib.ExitStack() as scratch:
+        # Without --run-dir, results go to a temporary run that is removed afterwards.
+        directory = run_dir or Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="qloc-cloze-")))
+        with RunStore.open_stage(directory, "cloze", params, _env(lm)) as store:
+            summary = run_sweep(store, "cloze", selected, cloze_sweep_work(lm, batch_size), quiet=quiet or json_out)
+            frame = store.frame("cloze") if "cloze" in store.tables() else None
+    if frame is not None:
+        frame = frame[frame["fact_id"].isin({f.id for f in selected})]
     if json_out:
         for record in ([] if frame is None else frame.drop(columns=["stage", "unit_id"]).to_dict("records")):
             out.print(json.dumps(record, ensure_ascii=False), highlight=False, soft_wrap=True)
@@ -205,13 +208,6 @@ def _env(lm) -> dict:
     from .store import environment
 
     return {**environment(), "model": lm.describe()}
-
-
-def _scratch_run_dir() -> Path:
-    """Without --run-dir, results go to a fresh temporary run (nothing to resume)."""
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix="qloc-cloze-"))
 
 
 def _print_cloze_summary(frame, summary) -> None:
@@ -287,8 +283,10 @@ def attribute(
     out.print(table)
     out.print(f"KN set ({'top ' + str(top_k) if top_k else f'score >= {threshold} x max'}): {len(kn)} neurons "
               + ", ".join(f"L{l}.{i}" for l, i in kn[:30]) + (" ..." if len(kn) > 30 else ""), highlight=False)
-    layers = Table("layer", "sum of scores", "F(input) - F(baseline)", "residual",
-                   title="completeness per layer (mean over answer tokens; residual: worst token)")
+    title = "completeness per layer (mean over answer tokens; residual: worst token)"
+    if method == "sig":
+        title += "; SIG scores are normalised per token path, the residual is of the raw per-path integrals summed"
+    layers = Table("layer", "sum of scores", "F(input) - F(baseline)", "residual", title=title)
     sums = result.scores.sum(1)
     deltas = (result.f_input[:, None] - result.f_baseline).mean(0)
     for layer in range(result.scores.shape[0]):
@@ -428,7 +426,7 @@ def mapping(
 @app.command()
 def edit(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")] = None,
-    mode: Annotated[str, typer.Option(help="erase or update (METHODS.md section 5).")] = "erase",
+    mode: Annotated[Optional[str], typer.Option(help="erase or update (METHODS.md section 5); default erase, or update with --new.")] = None,
     sets: Annotated[str, typer.Option(help="KN sets to edit through: self, union, cas.")] = "self,union,cas",
     method: Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")] = None,
     sequential: Annotated[int, typer.Option(help="Edit N sampled facts one after another (Table 7); 0: one at a time.")] = 0,
@@ -450,11 +448,18 @@ def edit(
     from .sweep import run_sweep
     from .wikitext import wikitext_passages
 
+    mode = mode or ("update" if new is not None else "erase")
     if case is not None:
+        if (mode == "update") != (new is not None):
+            raise QlocError("a --case update needs --new (the object to write); an erasure takes none")
+        if sequential:
+            raise QlocError("--case edits one fact; it does not combine with --sequential")
         _case_study(case, answer, new, model, method or "ig", sets.split(",")[0], run_dir, device, quiet)
         return
     if run_dir is None:
         raise QlocError("--run-dir (a localize run) is needed, except for a --case study")
+    if answer is not None or new is not None:
+        raise QlocError("--answer and --new are for --case studies; a run's updates draw o' from the relation")
     run = _localized_run(run_dir, method, device, quiet)
     config = EditConfig(mode=mode, sets=tuple(s.strip() for s in sets.split(",") if s.strip()), method=run.method, seed=seed)
     localized, knowledge, dataset, facts, lm = run.params, run.knowledge, run.dataset, run.facts, run.lm
@@ -492,13 +497,21 @@ def _case_study(query: str, answer: Optional[str], new: Optional[str], model: st
     from .edit_study import case_study
     from .pararel import causal_prompt, load_pararel
 
+    dtype = "float32"
+    if run_dir is not None and (run_dir / "qloc.sqlite").exists():
+        from .localize import STAGE
+        from .store import RunStore
+
+        with RunStore.open_existing(run_dir) as store:  # the case is about the run's model
+            localized = store.params(STAGE)
+        model, dtype = localized["model"], localized["dtype"]
     prompt = causal_prompt(query) or query.strip()
     fact = next((f for f in load_pararel().facts if prompt in f.queries), None)
     if answer is None and fact is None:
         raise QlocError(f"--case {query!r} is not a ParaRel query: give its current object with --answer")
     answer = answer or fact.object
     queries = [prompt] + ([q for q in fact.queries if q != prompt] if fact else [])
-    lm = _load(model, device, "float32", quiet)
+    lm = _load(model, device, dtype, quiet)
     table = case_study(lm, queries, answer, new, method, set_name)
     if run_dir is not None:
         (run_dir / "tables").mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .errors import QlocError
 from .store import RunStore
 
 STATIC_THRESHOLD = 0.1
@@ -95,7 +96,8 @@ def welch(kc: Sequence[float], ki: Sequence[float]) -> tuple[float, float]:
 
 def table1(classified: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
     """Table 1: per (model, method, threshold kind) the KI/KC shares, mean CS per class, Welch's
-    t and p, and U_KI (share of the model's facts that every method classes as KI)."""
+    t and p, U_KI (share of the model's facts that every method present classes as KI; the paper
+    uses all three), and how many facts had no KN at all (empty union, CS 0, counted as KI)."""
     rows = []
     for kind in ("static", "otsu"):
         column = f"class_{kind}"
@@ -112,7 +114,7 @@ def table1(classified: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
                     "facts": len(group), "R_KI": len(ki) / len(group), "R_KC": len(kc) / len(group),
                     "CS_KI": float(ki.mean()) if len(ki) else float("nan"),
                     "CS_KC": float(kc.mean()) if len(kc) else float("nan"),
-                    "t": t, "p": p, "U_KI": u_ki,
+                    "t": t, "p": p, "U_KI": u_ki, "empty_union": int((group["union_size"] == 0).sum()),
                 })
     return pd.DataFrame(rows)
 
@@ -200,7 +202,13 @@ def load_kn_sets(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
             model = store.params("localize")["model"]
             model = Path(model).name if "/" in model or model.endswith(".gguf") else model  # paths: their last part
             frames.append(store.frame("kn_sets").assign(model=model, run_dir=str(run_dir)))
-    return pd.concat(frames, ignore_index=True)
+    combined = pd.concat(frames, ignore_index=True)
+    duplicated = combined.duplicated(["model", "method", "fact_id", "query_index"])
+    if duplicated.any():
+        row = combined[duplicated].iloc[0]
+        raise QlocError(f"runs {sorted(set(combined.run_dir))} both hold {row.method} KN sets of {row.model} fact "
+                        f"{row.fact_id}; give each (model, method) once")
+    return combined
 
 
 def write_consistency_report(run_dirs: Sequence[str | Path], out_dir: str | Path, score: str = "cs_relaxed") -> dict[str, Path]:

@@ -20,7 +20,7 @@ from .attribution import attribute, kn_set
 from .cas import cas_set
 from .cloze import score_cloze
 from .consistency import STATIC_THRESHOLD
-from .editing import LAMBDA_ERASE, LAMBDA_UPDATE, edit_knowledge, perplexity
+from .editing import LAMBDA1, LAMBDA2, edit_knowledge, perplexity
 from .errors import DataError, QlocError
 from .knsets import FactKnowledge
 from .models import LoadedModel
@@ -38,8 +38,8 @@ class EditConfig:
     mode: str = "erase"
     sets: tuple[str, ...] = KN_SETS
     method: str = "ig"
-    lambda1: float = LAMBDA_ERASE
-    lambda2: float = LAMBDA_UPDATE
+    lambda1: float = LAMBDA1
+    lambda2: float = LAMBDA2
     unrelated_queries: int = 10
     ppl_passages: int = 5
     ppl_tokens: int = 256
@@ -76,7 +76,7 @@ class EditCase:
         rng = random.Random(f"{config.seed}:{fact.id}")
         new_object = None
         if config.mode == "update":
-            candidates = sorted({f.object for f in by_relation[fact.relation]} - {fact.object})
+            candidates = [f.object for f in by_relation[fact.relation] if f.object != fact.object]
             if not candidates:
                 raise SkipFact("no other object in the relation", f"fact {fact.id}: relation {fact.relation}")
             new_object = rng.choice(candidates)
@@ -112,7 +112,7 @@ def edit_work(lm: LoadedModel, config: EditConfig, knowledge: dict[str, FactKnow
             _, _, unrelated_before = case.measure(lm)
         except DataError as exc:
             raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
-        kind = "KC" if known.consistency >= config.static_threshold else "KI"
+        kind = known.knowledge_class(config.static_threshold)
         new_object = case.new_object
         for set_name in config.sets:
             neurons = known.kn_set(set_name)

@@ -8,7 +8,7 @@ embedding (erasure) and, for an update, towards the new answer's (Dai et al.'s s
 
 with e(x) the mean input embedding of x's answer tokens. The change is computed in fp32 whatever
 the model dtype. :func:`edit_knowledge` is a context manager that restores every edited weight
-bit-exactly on exit, also on exceptions; ``restore=False`` keeps the edit (sequential editing).
+bit-exactly on exit, also on exceptions; sequential editing nests them.
 """
 
 from __future__ import annotations
@@ -19,19 +19,16 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .errors import DataError
 from .models import LoadedModel
-from .tokens import pad_batch, pad_token_id
+from .tokens import answer_token_ids, pad_batch, pad_token_id
 
-LAMBDA_ERASE = 1.0
-LAMBDA_UPDATE = 8.0
+LAMBDA1 = 1.0
+LAMBDA2 = 8.0
 
 
 def answer_embedding(lm: LoadedModel, text: str) -> torch.Tensor:
     """e(text): the mean input-embedding row of ``" " + text``'s tokens, fp32 [d_model]."""
-    ids = lm.tokenizer(" " + text.strip(), add_special_tokens=False).input_ids
-    if not ids:
-        raise DataError(f"answer {text!r} tokenizes to no tokens with {lm.name!r}'s tokenizer")
+    ids = answer_token_ids(lm, text)
     weight = lm.model.get_input_embeddings().weight
     return weight[torch.tensor(ids, device=weight.device)].float().mean(0)
 
@@ -42,9 +39,8 @@ def edit_knowledge(
     neurons: Sequence[tuple[int, int]],
     erase: str,
     new: str | None = None,
-    lambda1: float = LAMBDA_ERASE,
-    lambda2: float = LAMBDA_UPDATE,
-    restore: bool = True,
+    lambda1: float = LAMBDA1,
+    lambda2: float = LAMBDA2,
 ) -> Iterator[None]:
     """Erase ``erase`` (and write ``new`` where given) through the value vectors of ``neurons``."""
     e_old = answer_embedding(lm, erase)
@@ -67,10 +63,9 @@ def edit_knowledge(
                 vectors[rows] = (v + change).to(vectors.dtype)
         yield
     finally:
-        if restore:
-            with torch.no_grad():
-                for layer, (rows, original) in saved.items():
-                    lm.value_vectors(layer)[rows] = original
+        with torch.no_grad():
+            for layer, (rows, original) in saved.items():
+                lm.value_vectors(layer)[rows] = original
 
 
 @torch.no_grad()

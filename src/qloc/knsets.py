@@ -23,7 +23,13 @@ class FactKnowledge:
             return self.query_sets[0]
         if name == "union":
             return sorted(set().union(*map(set, self.query_sets)))
-        return self.cas
+        if name == "cas":
+            return self.cas
+        raise QlocError(f"unknown KN set {name!r}: choose self, union or cas")
+
+    def knowledge_class(self, threshold: float) -> str:
+        """KC where the fact's relaxed CS reaches ``threshold``, else KI (METHODS.md section 4)."""
+        return "KC" if self.consistency >= threshold else "KI"
 
     @property
     def consistency(self) -> float:

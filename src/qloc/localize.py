@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .attribution import METHODS, attribute
+from .attribution import METHODS, attribute, integration_points
 from .cas import cas_set
 from .cloze import score_cloze
 from .errors import DataError, QlocError
@@ -46,9 +46,17 @@ class LocalizeConfig:
     save_scores: bool = False
 
     def __post_init__(self) -> None:
+        """Reject bad options before they are stored as the run's parameters."""
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise QlocError(f"--methods {','.join(self.methods)}: choose from {', '.join(METHODS)}")
+        integration_points(self.steps, self.rule)  # raises on a bad --steps or --rule
+        if self.answer_tokens not in ("all", "first"):
+            raise QlocError(f"--answer-tokens {self.answer_tokens!r}: choose all or first")
+        if not 0 < self.threshold <= 1:
+            raise QlocError(f"--threshold {self.threshold}: must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise QlocError(f"--top-k {self.top_k}: must be at least 1")
 
     def params(self) -> dict:
         return {**asdict(self), "methods": list(self.methods)}

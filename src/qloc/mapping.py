@@ -74,14 +74,16 @@ def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, Fa
 
     def work(fact: Fact, writer: UnitWriter) -> None:
         known = knowledge[fact.id]
-        kind = "KC" if known.consistency >= config.static_threshold else "KI"
+        kind = known.knowledge_class(config.static_threshold)
         rng = random.Random(f"{config.seed}:{fact.id}")
-        try:
-            before = score_cloze(lm, fact.queries, [fact.object] * len(fact.queries))
-        except DataError as exc:
-            raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
         for index, prompt in enumerate(fact.queries):
-            position = torch.tensor([len(encode_query(lm, prompt, fact.object).prompt_ids) - 1])
+            try:
+                query = encode_query(lm, prompt, fact.object)
+            except DataError as exc:
+                raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
+            # P before and after from the same unbatched call, so an empty set gives dProb 0 exactly.
+            prob_before = score_cloze(lm, [prompt], [fact.object])[0].prob
+            position = torch.tensor([query.target_positions[0]])
             for set_name, neurons in mapping_sets(known.query_sets, index, shape, rng).items():
                 for operation, factor in (("suppress", config.suppress), ("enhance", config.enhance)):
                     with scale_neurons(lm, neurons, factor, positions=position):
@@ -89,8 +91,8 @@ def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, Fa
                     writer.add("mapping", {
                         "fact_id": fact.id, "relation": fact.relation, "method": config.method, "class": kind,
                         "query_index": index, "kn_set": set_name, "operation": operation, "set_size": len(neurons),
-                        "prob_before": before[index].prob, "prob_after": after,
-                        "dprob": (after - before[index].prob) / before[index].prob if before[index].prob > 0 else float("nan"),
+                        "prob_before": prob_before, "prob_after": after,
+                        "dprob": (after - prob_before) / prob_before if prob_before > 0 else float("nan"),
                     })
 
     return work

@@ -235,6 +235,8 @@ class RunStore:
         if not rows:
             return
         columns = ["stage", "unit_id"] + [_check_identifier(c) for c in rows[0]]
+        if any(row.keys() != rows[0].keys() for row in rows):
+            raise ValueError(f"rows for table {table!r} do not all have the columns {list(rows[0])}")
         existing = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]
         if not existing:
             types = ["TEXT", "TEXT"] + [_sql_type(v) for v in rows[0].values()]

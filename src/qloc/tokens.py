@@ -37,13 +37,20 @@ def encode_query(lm: LoadedModel, prompt: str, answer: str) -> EncodedQuery:
         raise DataError(f"model {lm.name!r} has no tokenizer")
     encoded = lm.tokenizer(prompt, return_special_tokens_mask=True)
     prompt_ids = tuple(encoded["input_ids"])
-    answer_ids = tuple(lm.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids)
-    if not answer.strip() or not answer_ids:
-        raise DataError(f"answer {answer!r} tokenizes to no tokens with {lm.name!r}'s tokenizer")
+    answer_ids = answer_token_ids(lm, answer)
     if not prompt_ids:
         raise DataError(f"prompt {prompt!r} tokenizes to no tokens with {lm.name!r}'s tokenizer")
     special = tuple(bool(x) for x in encoded.get("special_tokens_mask", [0] * len(prompt_ids)))
     return EncodedQuery(prompt, answer, prompt_ids, answer_ids, special)
+
+
+def answer_token_ids(lm: LoadedModel, answer: str) -> tuple[int, ...]:
+    """``tokenizer(" " + answer)`` without special tokens: the leading space makes the answer a
+    continuation word, as it is after a prompt."""
+    ids = tuple(lm.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids) if answer.strip() else ()
+    if not ids:
+        raise DataError(f"answer {answer!r} tokenizes to no tokens with {lm.name!r}'s tokenizer")
+    return ids
 
 
 @dataclass
