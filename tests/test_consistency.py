@@ -2,10 +2,8 @@
 sweep killed midway that resumes to the same tables."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -16,7 +14,7 @@ from qloc.consistency import (
     classify, consistency_score, fact_consistency, ki_share_curve, otsu_threshold, relation_summary, table1,
     violin_figure, welch,
 )
-from test_store import _done_units
+from test_store import kill_midway
 
 
 def test_consistency_score_relaxed_and_strict():
@@ -100,14 +98,7 @@ def _localize(model_dir, run_dir):
 
 def test_killed_sweep_resumes_to_the_same_tables(tmp_path, tiny_model_dir):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen(_localize(tiny_model_dir, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while _done_units(killed) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 3 <= _done_units(killed) < 31
+    assert 3 <= kill_midway(_localize(tiny_model_dir, killed), killed, 3) < 31
     for run in (killed, clean):
         subprocess.run(_localize(tiny_model_dir, run), check=True, capture_output=True)
         subprocess.run([sys.executable, "-m", "qloc.cli", "consistency", "--run-dir", str(run)], check=True, capture_output=True)

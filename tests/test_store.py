@@ -91,16 +91,21 @@ def _done_units(run_dir) -> int:
         return 0
 
 
-def test_kill_9_midway_then_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
-    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen(_cloze_command(tiny_model_dir, killed_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while _done_units(killed_dir) < 20 and time.time() < deadline and proc.poll() is None:
+def kill_midway(command: list[str], run_dir, units: int, timeout: float = 300) -> int:
+    """Start a sweep, ``kill -9`` it once ``units`` units are stored; the units stored then."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while _done_units(run_dir) < units and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, f"sweep ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    at_kill = _done_units(killed_dir)
+    return _done_units(run_dir)
+
+
+def test_kill_9_midway_then_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    at_kill = kill_midway(_cloze_command(tiny_model_dir, killed_dir), killed_dir, 20)
     assert 20 <= at_kill < 1500
 
     subprocess.run(_cloze_command(tiny_model_dir, killed_dir), check=True, capture_output=True)

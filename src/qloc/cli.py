@@ -38,6 +38,13 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Store results here (resumable).")]
 BatchOpt = Annotated[int, typer.Option(help="Queries per forward pass.")]
+# -- attribution options, shared by `attribute` and `localize` -------------------------------
+StepsOpt = Annotated[int, typer.Option(help="Integration steps m.")]
+RuleOpt = Annotated[str, typer.Option(help="right (the paper's eq. 8), midpoint or gauss (Gauss-Legendre).")]
+AnswerTokensOpt = Annotated[str, typer.Option(help="all: average over teacher-forced answer tokens; first: token 0 only.")]
+ThresholdOpt = Annotated[float, typer.Option(help="KN set: score >= threshold * max score.")]
+TopKOpt = Annotated[Optional[int], typer.Option(help="KN set: the k best neurons instead of the threshold.")]
+MaxRowsOpt = Annotated[Optional[int], typer.Option(help="Rows per forward/backward chunk (default: automatic).")]
 
 
 def main() -> None:
@@ -233,14 +240,14 @@ def attribute(
     answer: Annotated[str, typer.Option(help="The answer (a leading space is added).")],
     model: ModelOpt = "smollm2-135m",
     method: Annotated[str, typer.Option(help="ig, amig or sig (METHODS.md section 3).")] = "ig",
-    steps: Annotated[int, typer.Option(help="Integration steps m.")] = 20,
-    rule: Annotated[str, typer.Option(help="right (the paper's eq. 8), midpoint or gauss (Gauss-Legendre).")] = "right",
-    answer_tokens: Annotated[str, typer.Option(help="all: average over teacher-forced answer tokens; first: token 0 only.")] = "all",
-    threshold: Annotated[float, typer.Option(help="KN set: score >= threshold * max score.")] = 0.2,
-    top_k: Annotated[Optional[int], typer.Option(help="KN set: the k best neurons instead of the threshold.")] = None,
+    steps: StepsOpt = 20,
+    rule: RuleOpt = "right",
+    answer_tokens: AnswerTokensOpt = "all",
+    threshold: ThresholdOpt = 0.2,
+    top_k: TopKOpt = None,
     top: Annotated[int, typer.Option(help="How many top neurons to print.")] = 10,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the float32 [num_layers, d_ff] scores as .npy.")] = None,
-    max_batch_rows: Annotated[Optional[int], typer.Option(help="Rows per forward/backward chunk (default: automatic).")] = None,
+    max_batch_rows: MaxRowsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     quiet: QuietOpt = False,
@@ -302,11 +309,11 @@ def localize(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory (created, or resumed).")],
     model: ModelOpt = "smollm2-135m",
     methods: Annotated[str, typer.Option(help="Comma-separated attribution methods: ig, amig, sig.")] = "ig,amig,sig",
-    steps: Annotated[int, typer.Option(help="Integration steps m.")] = 20,
-    rule: Annotated[str, typer.Option(help="right, midpoint or gauss.")] = "right",
-    answer_tokens: Annotated[str, typer.Option(help="all or first.")] = "all",
-    threshold: Annotated[float, typer.Option(help="KN set: score >= threshold * max score.")] = 0.2,
-    top_k: Annotated[Optional[int], typer.Option(help="KN set: the k best neurons instead of the threshold.")] = None,
+    steps: StepsOpt = 20,
+    rule: RuleOpt = "right",
+    answer_tokens: AnswerTokensOpt = "all",
+    threshold: ThresholdOpt = 0.2,
+    top_k: TopKOpt = None,
     save_scores: Annotated[bool, typer.Option("--save-scores", help="Also store dense scores (fp16, compressed).")] = False,
     data: DataOpt = None,
     relations: RelationsOpt = None,
@@ -314,7 +321,7 @@ def localize(
     limit: LimitOpt = None,
     seed: SeedOpt = 0,
     query_filter: QueryFilterOpt = "mask_final",
-    max_batch_rows: Annotated[Optional[int], typer.Option(help="Rows per forward/backward chunk (default: automatic).")] = None,
+    max_batch_rows: MaxRowsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     quiet: QuietOpt = False,
