@@ -257,10 +257,13 @@ def edit_metrics(
 
 
 def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
-    """Mean Rel, Gen, Loc, Avg, dPPL per (method, mode, KN set, class), with fact counts."""
+    """Mean Rel, Gen, Loc, Avg, dPPL per (method, mode, KN set, class), the median dPPL, and fact counts."""
     frame = edits[edits["kn_set"].isin(sets)]
-    table = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)[METRICS].mean()
-    table["facts"] = frame.groupby(["method", "mode", "kn_set", "class"], sort=False).size()
+    grouped = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)
+    table = grouped[METRICS].mean()
+    # One broken edit can raise perplexity by orders of magnitude and swamp the mean.
+    table["dppl_median"] = grouped["dppl"].median()
+    table["facts"] = grouped.size()
     order = {name: i for i, name in enumerate(KN_SETS)}
     table = table.reset_index()
     table["order"] = table["kn_set"].map(order)
