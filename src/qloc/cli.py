@@ -436,6 +436,8 @@ def edit(
     mode: Annotated[Optional[str], typer.Option(help="erase or update (METHODS.md section 5); default erase, or update with --new.")] = None,
     sets: Annotated[str, typer.Option(help="KN sets to edit through: self, union, cas.")] = "self,union,cas",
     method: Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")] = None,
+    lambda1: Annotated[float, typer.Option(help="Weight of the old answer's removal (Dai et al.: 1).")] = 1.0,
+    lambda2: Annotated[float, typer.Option(help="Weight of the new answer's addition (Dai et al.: 8).")] = 8.0,
     sequential: Annotated[int, typer.Option(help="Edit N sampled facts one after another (Table 7); 0: one at a time.")] = 0,
     seeds: Annotated[int, typer.Option(help="Sequential editing: repeats with different samples.")] = 5,
     case: Annotated[Optional[str], typer.Option(help="Case study (Table 8): edit the fact this query asks, print greedy continuations.")] = None,
@@ -468,7 +470,8 @@ def edit(
     if answer is not None or new is not None:
         raise QlocError("--answer and --new are for --case studies; a run's updates draw o' from the relation")
     run = _localized_run(run_dir, method, device, quiet)
-    config = EditConfig(mode=mode, sets=tuple(s.strip() for s in sets.split(",") if s.strip()), method=run.method, seed=seed)
+    config = EditConfig(mode=mode, sets=tuple(s.strip() for s in sets.split(",") if s.strip()), method=run.method,
+                        lambda1=lambda1, lambda2=lambda2, seed=seed)
     localized, knowledge, dataset, facts, lm = run.params, run.knowledge, run.dataset, run.facts, run.lm
     passages = wikitext_passages(config.ppl_passages, seed=seed)
     params = {"model": localized["model"], "dtype": localized["dtype"], **config.params()}
