@@ -479,7 +479,8 @@ def edit(
     tables.mkdir(exist_ok=True)
     if sequential > 0:
         stage = f"sequential-{config.mode}-{config.method}"
-        units = [SequentialUnit(name, repeat) for name in config.sets for repeat in range(seeds)]
+        # Seed-major, so that an interrupted run has every KN set for the seeds it finished.
+        units = [SequentialUnit(name, repeat) for repeat in range(seeds) for name in config.sets]
         with RunStore.open_stage(run_dir, stage, {**params, "sequential": sequential, "seeds": seeds}, _env(lm)) as store:
             run_sweep(store, stage, units, sequential_work(lm, config, knowledge, dataset, facts, sequential, passages),
                       quiet=quiet, description=f"sequential {mode}")
