@@ -69,11 +69,23 @@ def edit_knowledge(
 
 
 @torch.no_grad()
-def perplexity(lm: LoadedModel, passages: Sequence[str], max_tokens: int = 256) -> float:
-    """Perplexity over passages, each cut to its first ``max_tokens`` tokens (one batch)."""
+def perplexity(lm: LoadedModel, passages: Sequence[str], max_tokens: int = 256, positions_per_chunk: int = 32) -> float:
+    """Perplexity over passages, each cut to its first ``max_tokens`` tokens (one batch).
+
+    The output head runs on ``positions_per_chunk`` positions at a time: the full
+    [passages, tokens, vocabulary] logits of a 262k-vocabulary model would take over a GB."""
     sequences = [tuple(lm.tokenizer(p).input_ids[:max_tokens]) for p in passages]
     batch = pad_batch(sequences, pad_token_id(lm), lm.device)
-    logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-    logprobs = torch.log_softmax(logits[:, :-1], -1).gather(2, batch.input_ids[:, 1:, None])[..., 0]
-    mask = batch.attention_mask[:, 1:].bool()
-    return math.exp(-float(logprobs[mask].mean()))
+    captured = {}
+    handle = lm.final_norm.register_forward_pre_hook(lambda module, args: captured.setdefault("hidden", args[0]))
+    try:
+        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1)
+    finally:
+        handle.remove()
+    hidden, targets, mask = captured["hidden"][:, :-1], batch.input_ids[:, 1:], batch.attention_mask[:, 1:].bool()
+    total = 0.0
+    for start in range(0, hidden.shape[1], positions_per_chunk):
+        part = slice(start, start + positions_per_chunk)
+        logprobs = torch.log_softmax(lm.logits_from_final_hidden(hidden[:, part]).float(), -1)
+        total += float(logprobs.gather(2, targets[:, part, None])[..., 0][mask[:, part]].sum())
+    return math.exp(-total / int(mask.sum()))

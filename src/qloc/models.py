@@ -162,10 +162,14 @@ class LoadedModel:
     def attention(self, layer: int) -> nn.Module:
         return _get_path(self.layers[layer], self.arch.attention)
 
+    @property
+    def final_norm(self) -> nn.Module:
+        return _get_path(self.model, self.arch.final_norm)
+
     def logits_from_final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head applied to the last decoder layer's output: final norm, unembedding,
         and the final logit soft-capping of models that have one (Gemma 2)."""
-        logits = self.model.get_output_embeddings()(_get_path(self.model, self.arch.final_norm)(hidden))
+        logits = self.model.get_output_embeddings()(self.final_norm(hidden))
         softcap = getattr(self.config, "final_logit_softcapping", None)
         return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
