@@ -127,9 +127,12 @@ def mapping_figure(table: pd.DataFrame):
             values = [part[(part["class"] == c) & (part["kn_set"] == set_name)]["dprob"].mean() for c in classes]
             ax.bar([i + (k - 2) * width for i in range(len(classes))], values, width, label=set_name.capitalize())
         ax.axhline(0, color="black", linewidth=0.6)
+        if part["dprob"].abs().max() > 10:  # enhancing can multiply a tiny probability many times
+            ax.set_yscale("symlog", linthresh=1)
         ax.set_xticks(range(len(classes)), classes)
         ax.set_ylabel("dProb (relative)")
         ax.set_title(f"{operation.capitalize()} KN sets ({', '.join(sorted(set(part['method'])))})")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(SETS), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
