@@ -402,9 +402,7 @@ def mapping(
 ) -> None:
     """The query-KN mapping experiment (Figure 4): suppress (x0) and enhance (x2) the Self, Union,
     Intersection, Refine and Unrelated sets of every query; mean dProb per set and class."""
-    import matplotlib.pyplot as plt
-
-    from .consistency import markdown_table
+    from .outputs import markdown_table, save_figure, write_table
     from .mapping import MappingConfig, mapping_figure, mapping_table, mapping_work
     from .store import RunStore
     from .sweep import run_sweep
@@ -416,18 +414,11 @@ def mapping(
         summary = run_sweep(store, config.stage, run.facts, mapping_work(run.lm, config, run.knowledge), quiet=quiet,
                             description=f"mapping {run.method}")
         table = mapping_table(store.frame("mapping"))
-    tables, figures = run_dir / "tables", run_dir / "figures"
-    tables.mkdir(exist_ok=True)
-    figures.mkdir(exist_ok=True)
-    table.to_csv(tables / "fig4_mapping.csv", index=False)
-    (tables / "fig4_mapping.md").write_text(markdown_table(table) + "\n")
-    fig = mapping_figure(table)
-    for suffix in ("png", "svg"):
-        fig.savefig(figures / f"fig4_mapping.{suffix}", dpi=150)
-    plt.close(fig)
+    csv = write_table(table, run_dir / "tables", "fig4_mapping")
+    png = save_figure(mapping_figure(table), run_dir / "figures", "fig4_mapping")
     out.print(markdown_table(table), highlight=False, soft_wrap=True)
     out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped; "
-              f"{tables / 'fig4_mapping.csv'}, {figures / 'fig4_mapping.png'}", highlight=False)
+              f"{csv}, {png}", highlight=False)
 
 
 @app.command()
@@ -451,7 +442,7 @@ def edit(
     """Knowledge erasure or update through KN sets: Rel, Gen, Loc, Avg and perplexity change per
     fact (resumable), then Table 2 (Self, Union) and Table 3 (with CAS) for KC and KI facts.
     With --sequential N: N facts edited without restoring in between, --seeds times (Table 7)."""
-    from .consistency import markdown_table
+    from .outputs import markdown_table, write_table
     from .edit_study import EditConfig, SequentialUnit, edit_table, edit_work, sequential_table, sequential_work
     from .store import RunStore
     from .sweep import run_sweep
@@ -476,7 +467,6 @@ def edit(
     passages = wikitext_passages(config.ppl_passages, seed=seed)
     params = {"model": localized["model"], "dtype": localized["dtype"], **config.params()}
     tables = run_dir / "tables"
-    tables.mkdir(exist_ok=True)
     if sequential > 0:
         stage = f"sequential-{config.mode}-{config.method}"
         # Seed-major, so that an interrupted run has every KN set for the seeds it finished.
@@ -485,8 +475,7 @@ def edit(
             run_sweep(store, stage, units, sequential_work(lm, config, knowledge, dataset, facts, sequential, passages),
                       quiet=quiet, description=f"sequential {mode}")
             table = sequential_table(store.frame("sequential"))
-        table.to_csv(tables / "table7.csv", index=False)
-        (tables / "table7.md").write_text(markdown_table(table) + "\n")
+        write_table(table, tables, "table7")
         out.print(markdown_table(table), highlight=False, soft_wrap=True)
         return
     with RunStore.open_stage(run_dir, config.stage, params, _env(lm)) as store:
@@ -494,9 +483,7 @@ def edit(
                             quiet=quiet, description=f"{mode} via {','.join(config.sets)}")
         edits = store.frame("edits")
     for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
-        table = edit_table(edits, chosen)
-        table.to_csv(tables / f"{name}.csv", index=False)
-        (tables / f"{name}.md").write_text(markdown_table(table) + "\n")
+        write_table(edit_table(edits, chosen), tables, name)
     out.print(markdown_table(edit_table(edits, config.sets)), highlight=False, soft_wrap=True)
     out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped; "
               f"tables in {tables}", highlight=False)
@@ -504,7 +491,7 @@ def edit(
 
 def _case_study(query: str, answer: Optional[str], new: Optional[str], model: str, method: str, set_name: str,
                 run_dir: Optional[Path], device: str, quiet: bool) -> None:
-    from .consistency import markdown_table
+    from .outputs import write_table
     from .edit_study import case_study
     from .pararel import causal_prompt, load_pararel
 
@@ -525,9 +512,7 @@ def _case_study(query: str, answer: Optional[str], new: Optional[str], model: st
     lm = _load(model, device, dtype, quiet)
     table = case_study(lm, queries, answer, new, method, set_name)
     if run_dir is not None:
-        (run_dir / "tables").mkdir(parents=True, exist_ok=True)
-        table.to_csv(run_dir / "tables" / "table8.csv", index=False)
-        (run_dir / "tables" / "table8.md").write_text(markdown_table(table) + "\n")
+        write_table(table, run_dir / "tables", "table8")
     view = Table("", "prompt", "before", "after", title=f"{answer!r} -> {new!r} via {set_name} ({method}, {table.kn_size[0]} KNs)")
     for row in table.itertuples():
         view.add_row(row.role, row.prompt, row.before, row.after)

@@ -17,6 +17,7 @@ import pandas as pd
 from scipy import stats
 
 from .errors import QlocError
+from .outputs import save_figure, write_table
 from .store import RunStore
 
 STATIC_THRESHOLD = 0.1
@@ -216,43 +217,17 @@ def write_consistency_report(run_dirs: Sequence[str | Path], out_dir: str | Path
     out_dir = Path(out_dir)
     tables, figures = out_dir / "tables", out_dir / "figures"
     tables.mkdir(parents=True, exist_ok=True)
-    figures.mkdir(parents=True, exist_ok=True)
     classified = classify(fact_consistency(load_kn_sets(run_dirs)), score=score)
     written: dict[str, Path] = {}
     columns = ["model", "fact_id", "relation", "method", "queries", "union_size", "cs_relaxed", "cs_strict",
                "otsu_threshold", "class_static", "class_otsu"]
     classified[columns].to_csv(tables / "consistency.csv", index=False)
     written["consistency"] = tables / "consistency.csv"
-    summary = table1(classified, score)
-    summary.to_csv(tables / "table1.csv", index=False)
-    (tables / "table1.md").write_text(markdown_table(summary) + "\n")
-    written["table1"] = tables / "table1.csv"
+    written["table1"] = write_table(table1(classified, score), tables, "table1")
     curve = ki_share_curve(classified, score=score)
     curve.to_csv(tables / "fig9_ki_share.csv", index=False)
-    import matplotlib.pyplot as plt
-
     for method in classified["method"].unique():
         relation_summary(classified, method, score).to_csv(tables / f"relations_{method}.csv", index=False)
-        fig = violin_figure(classified, method, score)
-        for suffix in ("png", "svg"):
-            fig.savefig(figures / f"violin_{method}.{suffix}", dpi=150)
-        plt.close(fig)
-        written[f"violin_{method}"] = figures / f"violin_{method}.png"
-    fig = threshold_figure(curve)
-    for suffix in ("png", "svg"):
-        fig.savefig(figures / f"fig9_threshold.{suffix}", dpi=150)
-    plt.close(fig)
-    written["fig9"] = figures / "fig9_threshold.png"
+        written[f"violin_{method}"] = save_figure(violin_figure(classified, method, score), figures, f"violin_{method}")
+    written["fig9"] = save_figure(threshold_figure(curve), figures, "fig9_threshold")
     return written
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A Markdown table without the optional tabulate dependency."""
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return "nan" if np.isnan(value) else (f"{value:.3g}" if abs(value) < 1e-3 and value else f"{value:.3f}")
-        return str(value)
-
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)

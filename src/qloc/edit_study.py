@@ -27,7 +27,7 @@ from .models import LoadedModel
 from .pararel import Fact
 from .store import UnitWriter
 from .sweep import SkipFact
-from .tokens import pad_token_id
+from .tokens import answer_token_ids, pad_token_id
 
 KN_SETS = ("self", "union", "cas")
 METRICS = ["rel", "gen", "loc", "avg", "dppl"]
@@ -84,6 +84,10 @@ class EditCase:
         unrelated = [(f.queries[0], f.object) for f in rng.sample(others, min(config.unrelated_queries, len(others)))]
         return cls(fact, config.mode, new_object, unrelated)
 
+    def unrelated_scores(self, lm: LoadedModel):
+        """Cloze scores of the unrelated queries for their own answers (Loc's reference)."""
+        return score_cloze(lm, [p for p, _ in self.unrelated], [o for _, o in self.unrelated])
+
     def measure(self, lm: LoadedModel):
         """Cloze scores of the query and its neighbours for the edit's target (o' for updates, o
         for erasures), and of the unrelated queries for their own answers."""
@@ -109,7 +113,9 @@ def edit_work(lm: LoadedModel, config: EditConfig, knowledge: dict[str, FactKnow
         known = knowledge[fact.id]
         case = EditCase.draw(fact, config, by_relation, dataset)
         try:
-            _, _, unrelated_before = case.measure(lm)
+            for answer in filter(None, (fact.object, case.new_object)):
+                answer_token_ids(lm, answer)  # fail here, before any edit, if an answer has no tokens
+            unrelated_before = case.unrelated_scores(lm)
         except DataError as exc:
             raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
         kind = known.knowledge_class(config.static_threshold)
@@ -154,7 +160,7 @@ def sequential_edit(
         except SkipFact:
             continue
     ppl_before = perplexity(lm, passages, config.ppl_tokens)
-    before = [case.measure(lm)[2] for case in cases]
+    before = [case.unrelated_scores(lm) for case in cases]
     with contextlib.ExitStack() as edits:  # unwinding restores the edits in reverse order
         for case in cases:
             edits.enter_context(edit_knowledge(lm, knowledge[case.fact.id].kn_set(set_name), case.fact.object,
