@@ -24,7 +24,7 @@ import copy
 import itertools
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -133,6 +133,57 @@ class LayerCall:
     kwargs: dict
 
 
+@contextlib.contextmanager
+def capture_layer_calls(lm: LoadedModel) -> Iterator[list[LayerCall]]:
+    """Record how the stock forward calls each decoder layer (input hidden state, mask, position
+    embeddings, cache); the yielded list is filled once the model has run (the last call wins)."""
+    calls: dict[int, LayerCall] = {}
+
+    def capture(layer: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            calls[layer] = LayerCall(hidden.detach(), args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        return hook
+
+    ordered: list[LayerCall] = []
+    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
+    try:
+        yield ordered
+    finally:
+        for handle in handles:
+            handle.remove()
+    ordered.extend(calls[layer] for layer in range(lm.num_layers))
+
+
+def replay_layers(
+    lm: LoadedModel,
+    layer_calls: Sequence[LayerCall],
+    row_layers: torch.Tensor,
+    intervene: Callable[[int, slice], contextlib.AbstractContextManager],
+    cache: Any = None,
+) -> torch.Tensor:
+    """Push rows through the stock decoder layers as recorded in ``layer_calls``, each row joining
+    at its own intervention layer (``row_layers``, sorted) from the clean input of that layer;
+    ``intervene(layer, rows)`` is entered around the layer where the batch rows ``rows`` join.
+    Returns the last layer's output hidden states [rows, seq, d_model]."""
+    joining = torch.bincount(row_layers, minlength=lm.num_layers).tolist()
+    active = list(itertools.accumulate(joining))  # rows running at each layer
+    hidden = None
+    for layer in range(int(row_layers[0]), lm.num_layers):
+        call = layer_calls[layer]
+        if joining[layer]:
+            new_rows = call.hidden.expand(joining[layer], *call.hidden.shape[1:])
+            hidden = new_rows if hidden is None else torch.cat([hidden, new_rows])
+        args = tuple(cache if isinstance(a, Cache) else a for a in call.args)
+        kwargs = {k: cache if isinstance(v, Cache) else v for k, v in call.kwargs.items()}
+        rows = slice(active[layer] - joining[layer], active[layer])
+        with intervene(layer, rows) if joining[layer] else contextlib.nullcontext():
+            hidden = lm.layers[layer](hidden, *args, **kwargs)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden
+
+
 @dataclass
 class CleanPass:
     """The unintervened run of one answer token: the prefix cache shared by every row, the
@@ -173,53 +224,31 @@ class PathEngine:
         activations and F(input)."""
         lm, device = self.lm, self.lm.device
         ids_t = torch.tensor([list(ids[: target + 1])], device=device)
-        calls: dict[int, LayerCall] = {}
-
-        def capture(layer: int):
-            def hook(module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                calls[layer] = LayerCall(hidden.detach(), args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
-
-            return hook
-
-        handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
-        try:
-            with torch.no_grad():
-                prefix_cache = (
-                    lm.model(input_ids=ids_t[:, :target], use_cache=True, logits_to_keep=1).cache if target > 0 else None
-                )
-                with record_activations(lm, positions=torch.tensor([0])) as acts:
-                    out = lm.model(input_ids=ids_t[:, target:], cache=copy.deepcopy(prefix_cache), use_cache=True)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with capture_layer_calls(lm) as calls, torch.no_grad():
+            prefix_cache = (
+                lm.model(input_ids=ids_t[:, :target], use_cache=True, logits_to_keep=1).cache if target > 0 else None
+            )
+            with record_activations(lm, positions=torch.tensor([0])) as acts:
+                out = lm.model(input_ids=ids_t[:, target:], cache=copy.deepcopy(prefix_cache), use_cache=True)
         f_input = float(torch.softmax(out.logits[0, -1].float(), -1)[answer_token])
         activations = torch.stack([acts[l][0] for l in range(lm.num_layers)]).float()
-        return CleanPass(prefix_cache, [calls[l] for l in range(lm.num_layers)], answer_token, activations, f_input)
+        return CleanPass(prefix_cache, calls, answer_token, activations, f_input)
 
     def replay(self, clean: CleanPass, row_layers: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Logits at the target position [rows, vocab] for rows sorted by intervention layer
         (``row_layers``), row r's activation at its layer replaced by ``points[r]``."""
         num_layers = self.lm.num_layers
-        joining = torch.bincount(row_layers, minlength=num_layers).tolist()
-        active = list(itertools.accumulate(joining))  # rows running at each layer
+        active = list(itertools.accumulate(torch.bincount(row_layers, minlength=num_layers).tolist()))
         cache = copy.deepcopy(clean.prefix_cache)
         if cache is not None:
             for layer in range(num_layers):
                 if active[layer]:
                     cache.layers[layer].batch_repeat_interleave(active[layer])
-        hidden = None
-        for layer in range(int(row_layers[0]), num_layers):
-            if joining[layer]:
-                new_rows = clean.layer_calls[layer].hidden.expand(joining[layer], -1, -1)
-                hidden = new_rows if hidden is None else torch.cat([hidden, new_rows])
-            call = clean.layer_calls[layer]
-            args = tuple(cache if isinstance(a, Cache) else a for a in call.args)
-            kwargs = {k: cache if isinstance(v, Cache) else v for k, v in call.kwargs.items()}
-            replace = {layer: _replace_rows(slice(active[layer] - joining[layer], active[layer]), points)} if joining[layer] else {}
-            with activation_hooks(self.lm, replace):
-                hidden = self.lm.layers[layer](hidden, *args, **kwargs)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+
+        def intervene(layer: int, rows: slice):
+            return activation_hooks(self.lm, {layer: _replace_rows(rows, points)})
+
+        hidden = replay_layers(self.lm, clean.layer_calls, row_layers, intervene, cache)
         return self.lm.logits_from_final_hidden(hidden[:, -1])
 
     def integrate(

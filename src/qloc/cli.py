@@ -422,6 +422,52 @@ def mapping(
 
 
 @app.command()
+def synapses(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")],
+    method: Annotated[Optional[str], typer.Option(help="Whose KN sets are the query's KNs (default: the run's first method).")] = None,
+    steps: StepsOpt = 20,
+    rule: RuleOpt = "right",
+    answer_tokens: AnswerTokensOpt = "all",
+    threshold: Annotated[float, typer.Option(help="Knowledge synapses: score >= threshold * max score.")] = 0.3,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N of the run's facts in a seeded order (raise it later to extend the run).")] = None,
+    heatmaps: Annotated[int, typer.Option(help="Facts drawn as KN-activation heatmaps (Figures 5, 10).")] = 3,
+    seed: SeedOpt = 0,
+    max_batch_rows: MaxRowsOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Knowledge synapses: attribute every attention probability of every query (integrated
+    gradients), take those above threshold x max, suppress (x0) and enhance (x2) them, and measure
+    the change of the query's KN activations, of neighbour KNs, of random non-KNs and of the
+    answer's probability (Figures 5, 6, 10, 11; Table 6). Resumable per fact."""
+    import random
+
+    from .outputs import markdown_table
+    from .store import RunStore
+    from .sweep import run_sweep
+    from .synapses import SynapseConfig, cost_table, effects_table, synapse_work, write_synapse_report
+
+    run = _localized_run(run_dir, method, device, quiet)
+    config = SynapseConfig(method=run.method, steps=steps, rule=rule, answer_tokens=answer_tokens, threshold=threshold, seed=seed)
+    facts = list(run.facts)
+    random.Random(seed).shuffle(facts)  # a prefix of one fixed order, so that a larger --limit extends a run
+    facts = facts[:limit] if limit is not None else facts
+    params = {"model": run.params["model"], "dtype": run.params["dtype"], **config.params()}
+    with RunStore.open_stage(run_dir, config.stage, params, _env(run.lm)) as store:
+        summary = run_sweep(store, config.stage, facts, synapse_work(run.lm, config, run.knowledge, max_batch_rows),
+                            quiet=quiet, description=f"synapses {run.method}")
+        if "synapse_effects" not in store.tables():
+            raise QlocError(f"no fact of {str(run_dir)!r} could be processed ({dict(summary.skip_reasons)})")
+        found, effects = store.frame("synapses"), store.frame("synapse_effects")
+    written = write_synapse_report(found, effects, run_dir, heatmaps)
+    out.print(markdown_table(effects_table(effects)), highlight=False, soft_wrap=True)
+    out.print(markdown_table(cost_table(effects)), highlight=False, soft_wrap=True)
+    for name, path in written.items():
+        out.print(f"{name}: {path}", highlight=False)
+    out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped", highlight=False)
+
+
+@app.command()
 def edit(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")] = None,
     mode: Annotated[Optional[str], typer.Option(help="erase or update (METHODS.md section 5); default erase, or update with --new.")] = None,

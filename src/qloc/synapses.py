@@ -1,0 +1,508 @@
+"""Knowledge synapses (``qloc synapses``; METHODS.md section 7, the paper's section 3.2).
+
+Attribution of attention probabilities. For each layer l on its own, all its heads' post-softmax
+probabilities A^(l) are scaled by alpha_k (no renormalisation) and
+S^(l,h)_{i,j} = A_{i,j} * sum_k w_k dF(alpha_k A^(l)) / dA_{i,j}; the knowledge synapses of a query
+are the entries with S >= tau * max S (tau = 0.3). Scaling layer l's attention changes every
+position from layer l up, so, unlike the neuron engine, a row carries the whole prompt; it still
+joins at its own layer (the layers below are the clean run's) and all (layer, step) rows of a
+query share one batched forward and backward per chunk.
+
+The experiment, per query q of a fact: suppress (x0) or enhance (x2) q's synapses and measure, at
+q's target position, the relative change of the mean activation of q's KNs, of the neighbour KNs
+(other queries' KNs not in K_q) and of |K_q| random neurons in no KN set of the fact (seeded),
+and the relative change of the answer's probability. Under Query Localization, suppressing the
+synapses lowers q's KN activations much more than the others', and the answer's probability.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .attention import Synapse, attention_hooks, attention_probe, record_attention, scale_attention
+from .attribution import AnswerProbability, capture_layer_calls, frozen_parameters, integration_points, replay_layers
+from .errors import DataError, QlocError
+from .interventions import record_activations
+from .knsets import FactKnowledge
+from .models import LoadedModel
+from .pararel import Fact
+from .store import UnitWriter
+from .sweep import SkipFact
+from .tokens import encode_query
+
+OPERATIONS = ("none", "suppress", "enhance")
+NEURON_CLASSES = ("kn", "neighbour", "random")
+Neuron = tuple[int, int]
+
+
+@dataclass
+class AttentionAttribution:
+    """Scores of one (prompt, answer) query; ``scores`` is float32 [L, heads, T, T] on the CPU,
+    T = prompt tokens (plus teacher-forced answer tokens where the answer has several)."""
+
+    prompt: str
+    answer: str
+    answer_tokens: list[int]
+    scores: torch.Tensor
+    f_input: torch.Tensor
+    """F at the input, per answer token used: [tokens]."""
+    f_zero: torch.Tensor
+    """F with layer l's attention probabilities all 0, per token and layer: [tokens, L]."""
+    completeness_residual: torch.Tensor
+    """|sum of layer l's scores - (F(input) - F(zero))| per token and layer: [tokens, L]."""
+    steps: int
+    rule: str
+
+    def synapses(self, threshold: float = 0.3) -> list[tuple[Synapse, float]]:
+        return knowledge_synapses(self.scores, threshold)
+
+
+def knowledge_synapses(scores: torch.Tensor, threshold: float = 0.3) -> list[tuple[Synapse, float]]:
+    """KS = {(l, h, i, j) : S >= tau * max S} with their scores, best first; empty where no score
+    is positive."""
+    peak = float(scores.max())
+    if peak <= 0:
+        return []
+    index = torch.nonzero(scores >= threshold * peak)
+    found = [(tuple(int(v) for v in row), float(scores[tuple(row)])) for row in index]
+    return sorted(found, key=lambda item: -item[1])
+
+
+def _default_rows(lm: LoadedModel, tokens: int) -> int:
+    """Rows per chunk: about 1024 token positions on the CPU; on a GPU, half of the free memory by
+    a per-token estimate of what the backward keeps for every layer."""
+    if lm.device.type != "cuda":
+        return max(1, 1024 // tokens)
+    element = torch.finfo(lm.dtype).bits // 8
+    per_token = lm.num_layers * (10 * lm.config.hidden_size + 4 * lm.d_ff) * element
+    per_row = tokens * per_token + 3 * lm.config.vocab_size * 4
+    free, _ = torch.cuda.mem_get_info(lm.device)
+    return max(1, int(0.5 * free / per_row))
+
+
+def _replace_probabilities(rows: slice, points: torch.Tensor):
+    def fn(probs: torch.Tensor) -> torch.Tensor:
+        replaced = probs.clone()
+        replaced[rows] = points[rows].to(probs.dtype)
+        return replaced
+
+    return fn
+
+
+def _integrate_attention(
+    lm: LoadedModel, ids: Sequence[int], answer_token: int, alphas: torch.Tensor, weights: torch.Tensor, max_rows: int | None
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(scores [L, H, T, T], F(input), F with each layer's attention zeroed [L]) for one answer
+    token predicted after ``ids``."""
+    device, num_layers = lm.device, lm.num_layers
+    ids_t = torch.tensor([list(ids)], device=device)
+    with attention_probe(lm):
+        with capture_layer_calls(lm) as calls, record_attention(lm) as probs, torch.no_grad():
+            out = lm.model(input_ids=ids_t, use_cache=False)
+        f_input = float(torch.softmax(out.logits[0, -1].float(), -1)[answer_token])
+        clean = torch.stack([probs[l][0] for l in range(num_layers)]).float()  # [L, H, T, T]
+        path_alphas = torch.cat([torch.zeros(1), alphas]).to(device)
+        path_weights = torch.cat([torch.zeros(1), weights]).to(device)
+        steps = len(path_alphas)
+        grad_sums = torch.zeros_like(clean)
+        f_zero = torch.zeros(num_layers, device=device)
+        total = num_layers * steps
+        chunk = max_rows or _default_rows(lm, len(ids))
+        for start in range(0, total, chunk):
+            rows = torch.arange(start, min(start + chunk, total), device=device)
+            row_l, row_k = rows // steps, rows % steps
+            points = (path_alphas[row_k, None, None, None] * clean[row_l]).requires_grad_(True)
+
+            def intervene(layer: int, joining: slice):
+                return attention_hooks(lm, {layer: _replace_probabilities(joining, points)})
+
+            hidden = replay_layers(lm, calls, row_l, intervene)
+            f = AnswerProbability.apply(lm.logits_from_final_hidden(hidden[:, -1]), answer_token)
+            (grad,) = torch.autograd.grad(f[row_k > 0].sum(), points)
+            grad_sums.index_add_(0, row_l, grad.float() * path_weights[row_k, None, None, None])
+            starts = row_k == 0
+            f_zero[row_l[starts]] = f[starts].detach()
+    return (clean * grad_sums).cpu(), f_input, f_zero.cpu()
+
+
+def attribute_attention(
+    lm: LoadedModel,
+    prompt: str,
+    answer: str,
+    steps: int = 20,
+    rule: str = "right",
+    answer_tokens: str = "all",
+    max_batch_rows: int | None = None,
+) -> AttentionAttribution:
+    """Integrated-gradient scores of every attention probability for ``answer`` after ``prompt``.
+
+    Multi-token answers are teacher forced; the per-token scores (over the token's own prefix)
+    are averaged, entries beyond a token's prefix counting as 0."""
+    if answer_tokens not in ("all", "first"):
+        raise QlocError(f"answer_tokens={answer_tokens!r}: choose all or first")
+    query = encode_query(lm, prompt, answer)
+    alphas, weights = integration_points(steps, rule)
+    token_indices = range(1 if answer_tokens == "first" else len(query.answer_ids))
+    size = query.target_positions[token_indices[-1]] + 1
+    total = torch.zeros(lm.num_layers, lm.config.num_attention_heads, size, size)
+    f_inputs, f_zeros, residuals = [], [], []
+    with frozen_parameters(lm):
+        for t in token_indices:
+            target = query.target_positions[t]
+            scores, f_input, f_zero = _integrate_attention(
+                lm, query.input_ids[: target + 1], query.answer_ids[t], alphas, weights, max_batch_rows
+            )
+            total[:, :, : target + 1, : target + 1] += scores
+            f_inputs.append(f_input)
+            f_zeros.append(f_zero)
+            residuals.append((scores.sum((1, 2, 3)) - (f_input - f_zero)).abs())
+    return AttentionAttribution(
+        prompt=prompt,
+        answer=answer,
+        answer_tokens=list(query.answer_ids[: len(token_indices)]),
+        scores=total / len(token_indices),
+        f_input=torch.tensor(f_inputs),
+        f_zero=torch.stack(f_zeros),
+        completeness_residual=torch.stack(residuals),
+        steps=steps,
+        rule=rule,
+    )
+
+
+# -- the experiment ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SynapseConfig:
+    method: str = "ig"
+    """Whose KN sets (from the localize run) are the query's KNs."""
+    steps: int = 20
+    rule: str = "right"
+    answer_tokens: str = "all"
+    threshold: float = 0.3
+    """KS: S >= threshold * max S (METHODS.md section 7)."""
+    suppress: float = 0.0
+    enhance: float = 2.0
+    static_threshold: float = 0.1
+    """KC/KI split of the fact (relaxed CS), as in the consistency study."""
+    seed: int = 0
+
+    @property
+    def stage(self) -> str:
+        return f"synapses-{self.method}"
+
+    def params(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """Yields a dict that holds, after the block, ``peak_mb``: the peak memory above the level at
+    entry (CUDA: allocated by torch; CPU on Linux: resident set, via /proc's resettable peak), or
+    NaN where neither can be measured."""
+    result = {"peak_mb": float("nan")}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
+        return
+    status = Path("/proc/self/status")
+    try:
+        _release_freed_memory()  # so that reused heap does not hide what the block allocates
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        start = _status_kb(status, "VmRSS")
+    except OSError:
+        yield result
+        return
+    yield result
+    result["peak_mb"] = (_status_kb(status, "VmHWM") - start) / 1024
+
+
+def _release_freed_memory() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _status_kb(status: Path, field: str) -> int:
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in {status}")
+
+
+def _relative_change(before: float, after: float) -> float:
+    return (after - before) / abs(before) if before != 0 else float("nan")
+
+
+def _neuron_classes(known: FactKnowledge, query: int, shape: tuple[int, int], rng: random.Random) -> dict[str, list[Neuron]]:
+    own = sorted(set(known.query_sets[query]))
+    everything = set().union(*map(set, known.query_sets))
+    free = shape[0] * shape[1] - len(everything)
+    chosen: set[Neuron] = set()
+    while len(chosen) < min(len(own), free):
+        candidate = (rng.randrange(shape[0]), rng.randrange(shape[1]))
+        if candidate not in everything:
+            chosen.add(candidate)
+    return {"kn": own, "neighbour": sorted(everything - set(own)), "random": sorted(chosen)}
+
+
+def heatmap_neurons(known: FactKnowledge, limit: int = 64) -> list[Neuron]:
+    """Columns of a fact's heatmap (Figures 5, 10): the KNs of its queries, those in the most
+    queries' sets first, at most ``limit``, then ordered by (layer, neuron)."""
+    counts = Counter(u for s in known.query_sets for u in set(s))
+    chosen = sorted(counts, key=lambda u: (-counts[u], u))[:limit]
+    return sorted(chosen)
+
+
+def synapse_work(lm: LoadedModel, config: SynapseConfig, knowledge: dict[str, FactKnowledge], max_batch_rows: int | None = None):
+    """Per-fact work function for :func:`qloc.sweep.run_sweep`: KS of every query, then for each
+    operation (none / suppress / enhance) the KN activation changes, dProb, time and memory."""
+    shape = (lm.num_layers, lm.d_ff)
+    factors = {"none": None, "suppress": config.suppress, "enhance": config.enhance}
+
+    def work(fact: Fact, writer: UnitWriter) -> None:
+        known = knowledge[fact.id]
+        kind = known.knowledge_class(config.static_threshold)
+        rng = random.Random(f"{config.seed}:{fact.id}")
+        columns = heatmap_neurons(known)
+        for index, prompt in enumerate(fact.queries):
+            try:
+                query = encode_query(lm, prompt, fact.object)
+                scores = attribute_attention(lm, prompt, fact.object, config.steps, config.rule, config.answer_tokens,
+                                             max_batch_rows)
+            except DataError as exc:
+                raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
+            synapses = scores.synapses(config.threshold)
+            writer.add("synapses", {
+                "fact_id": fact.id, "relation": fact.relation, "method": config.method, "class": kind,
+                "query_index": index, "prompt": prompt, "answer": fact.object, "n_synapses": len(synapses),
+                "synapses": [list(s) + [v] for s, v in synapses],
+                "f_input": float(scores.f_input[0]),
+                "max_residual": float(scores.completeness_residual.max()),
+                "heatmap_neurons": [list(u) for u in columns],
+            })
+            classes = _neuron_classes(known, index, shape, rng)
+            ids = torch.tensor([list(query.input_ids[: query.target_positions[0] + 1])], device=lm.device)
+            position = torch.tensor([query.target_positions[0]])
+            measured = {}
+            for operation, factor in factors.items():
+                chosen = [s for s, _ in synapses] if factor is not None else []
+                intervention = scale_attention(lm, chosen, factor) if chosen else attention_probe(lm)
+                with torch.no_grad(), intervention, record_activations(lm, positions=position) as acts, \
+                        peak_memory(lm.device) as memory:
+                    started = time.perf_counter()
+                    logits = lm.model(input_ids=ids, logits_to_keep=1).logits
+                    if lm.device.type == "cuda":
+                        torch.cuda.synchronize(lm.device)
+                    seconds = time.perf_counter() - started
+                activations = torch.stack([acts[l][0] for l in range(lm.num_layers)]).float().cpu()
+                prob = float(torch.softmax(logits[0, -1].float(), -1)[query.answer_ids[0]])
+                measured[operation] = (activations, prob)
+                before, prob_before = measured["none"]
+                row = {
+                    "fact_id": fact.id, "relation": fact.relation, "method": config.method, "class": kind,
+                    "query_index": index, "operation": operation, "n_synapses": len(chosen),
+                    "seconds": seconds, "peak_mb": memory["peak_mb"], "memory_measure": _memory_measure(lm.device),
+                    "prob": prob, "dprob": _relative_change(prob_before, prob) if operation != "none" else 0.0,
+                    "heatmap": [float(activations[l, i]) for l, i in columns],
+                }
+                for name, neurons in classes.items():
+                    row[f"n_{name}"] = len(neurons)
+                    if neurons:
+                        layers, cols = map(list, zip(*neurons))
+                        mean_before, mean_after = float(before[layers, cols].mean()), float(activations[layers, cols].mean())
+                        row[f"dkn_{name}"] = _relative_change(mean_before, mean_after)
+                    else:
+                        row[f"dkn_{name}"] = float("nan")
+                writer.add("synapse_effects", row)
+
+    return work
+
+
+def _memory_measure(device: torch.device) -> str:
+    return "cuda allocated" if device.type == "cuda" else "cpu rss"
+
+
+# -- tables and figures -----------------------------------------------------------------------
+
+EFFECT_COLUMNS = ["dkn_kn", "dkn_neighbour", "dkn_random", "dprob"]
+
+
+def effects_table(effects: pd.DataFrame) -> pd.DataFrame:
+    """Figure 6's data: mean and median relative change per operation and fact class (and Avg),
+    for the query's KNs, neighbour KNs, random non-KNs and the answer's probability."""
+    manipulated = effects[effects["operation"] != "none"]
+    parts = []
+    for class_name, part in [*manipulated.groupby("class", sort=True), ("Avg", manipulated)]:
+        grouped = part.groupby(["method", "operation"], sort=False)
+        table = grouped[EFFECT_COLUMNS].agg(["mean", "median"])
+        table.columns = [f"{column}_{stat}" for column, stat in table.columns]
+        table["queries"] = grouped.size()
+        table["synapses_mean"] = grouped["n_synapses"].mean()
+        parts.append(table.assign(**{"class": class_name}).reset_index())
+    table = pd.concat(parts, ignore_index=True)
+    order = {"suppress": 0, "enhance": 1}
+    table = table.sort_values(["method", "operation"], key=lambda c: c.map(order) if c.name == "operation" else c, kind="stable")
+    front = ["method", "operation", "class", "queries", "synapses_mean"]
+    return table[front + [c for c in table.columns if c not in front]].reset_index(drop=True)
+
+
+def cost_table(effects: pd.DataFrame) -> pd.DataFrame:
+    """Table 6: time and peak memory of one forward pass with none / suppressed / enhanced KS."""
+    grouped = effects.groupby(["method", "operation", "memory_measure"], sort=False)
+    table = grouped.agg(seconds_mean=("seconds", "mean"), seconds_median=("seconds", "median"),
+                        peak_mb_mean=("peak_mb", "mean"), peak_mb_max=("peak_mb", "max"),
+                        passes=("seconds", "size")).reset_index()
+    table["operation"] = pd.Categorical(table["operation"], OPERATIONS, ordered=True)
+    return table.sort_values(["method", "operation"]).reset_index(drop=True).assign(operation=lambda t: t["operation"].astype(str))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+LABELS = {"dkn_kn": "query's KNs", "dkn_neighbour": "neighbour KNs", "dkn_random": "random non-KNs", "dprob": "answer prob."}
+
+
+def effects_figure(effects: pd.DataFrame):
+    """Figure 6: mean relative change of KN activations (three neuron classes) and of the answer's
+    probability when the query's synapses are suppressed or enhanced, per fact class."""
+    plt = _pyplot()
+    manipulated = effects[effects["operation"] != "none"]
+    operations = [o for o in ("suppress", "enhance") if o in set(manipulated["operation"])]
+    classes = sorted(set(manipulated["class"])) + ["Avg"]
+    fig, axes = plt.subplots(1, len(operations), figsize=(5.5 * len(operations), 3.8), squeeze=False)
+    width = 0.8 / len(EFFECT_COLUMNS)
+    for ax, operation in zip(axes[0], operations):
+        part = manipulated[manipulated["operation"] == operation]
+        for k, column in enumerate(EFFECT_COLUMNS):
+            values = [(part if c == "Avg" else part[part["class"] == c])[column].mean() for c in classes]
+            ax.bar([i + (k - 1.5) * width for i in range(len(classes))], values, width, label=LABELS[column])
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_ylabel("relative change (mean)")
+        ax.set_title(f"{operation.capitalize()} knowledge synapses ({', '.join(sorted(set(part['method'])))} KNs)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(EFFECT_COLUMNS), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def distributions_figure(effects: pd.DataFrame):
+    """Figure 11: distributions over queries of the relative activation change of each neuron
+    class, per operation (box plots; the 1st-99th percentile range is shown)."""
+    plt = _pyplot()
+    manipulated = effects[effects["operation"] != "none"]
+    operations = [o for o in ("suppress", "enhance") if o in set(manipulated["operation"])]
+    fig, axes = plt.subplots(1, len(operations), figsize=(5 * len(operations), 3.8), squeeze=False)
+    columns = EFFECT_COLUMNS[:3]
+    for ax, operation in zip(axes[0], operations):
+        part = manipulated[manipulated["operation"] == operation]
+        data = [part[c].replace([np.inf, -np.inf], np.nan).dropna().to_numpy() for c in columns]
+        ax.boxplot([d if len(d) else [np.nan] for d in data], whis=(1, 99), showfliers=False)
+        ax.set_xticks(range(1, len(columns) + 1), [LABELS[c] for c in columns])
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_ylabel("relative change of mean activation")
+        ax.set_title(f"{operation.capitalize()} KS: dKN per query")
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_figure(synapses: pd.DataFrame, effects: pd.DataFrame, fact_id: str):
+    """Figures 5 / 10: activations of the fact's KNs (columns, grouped by layer) at each neighbour
+    query's target position (rows), without manipulation, with the query's KS suppressed, and
+    with them enhanced."""
+    plt = _pyplot()
+    neurons = synapses[synapses["fact_id"] == fact_id]["heatmap_neurons"].iloc[0]
+    fact_effects = effects[effects["fact_id"] == fact_id].sort_values("query_index")
+    matrices = {op: np.array(fact_effects[fact_effects["operation"] == op]["heatmap"].tolist(), dtype=float)
+                for op in OPERATIONS}
+    if not len(neurons) or matrices["none"].size == 0:
+        raise QlocError(f"fact {fact_id} has no KNs to draw")
+    limit = float(np.nanmax(np.abs(np.concatenate([m.ravel() for m in matrices.values()])))) or 1.0
+    rows = matrices["none"].shape[0]
+    fig, axes = plt.subplots(1, 3, figsize=(min(24, max(9, 0.07 * len(neurons) * 3 + 3)), 1.2 + 0.3 * rows), squeeze=False, sharey=True)
+    image = None
+    for ax, operation in zip(axes[0], OPERATIONS):
+        image = ax.imshow(matrices[operation], aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        layers = [l for l, _ in neurons]
+        starts = [k for k in range(len(layers)) if k == 0 or layers[k] != layers[k - 1]]
+        ax.set_xticks(starts, [f"L{layers[k]}" for k in starts], fontsize=6, rotation=90)
+        for k in starts[1:]:
+            ax.axvline(k - 0.5, color="grey", linewidth=0.4)
+        ax.set_title({"none": "no manipulation", "suppress": "KS suppressed", "enhance": "KS enhanced"}[operation], fontsize=9)
+        ax.set_xlabel("knowledge neuron (by layer)")
+    axes[0, 0].set_yticks(range(rows), [f"q{i}" for i in range(rows)], fontsize=7)
+    axes[0, 0].set_ylabel("neighbour query")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="activation")
+    relation = fact_effects["relation"].iloc[0]
+    fig.suptitle(f"KN activations of fact {fact_id} ({relation}, {fact_effects['class'].iloc[0]})", fontsize=10)
+    return fig
+
+
+def heatmap_facts(effects: pd.DataFrame, count: int) -> list[str]:
+    """Facts to draw: alternately the first KI and KC facts (in run order) with >= 2 queries, so
+    that both classes appear; no selection by outcome."""
+    queries = effects[effects["operation"] == "none"].groupby("fact_id", sort=False)
+    eligible = [(fid, g["class"].iloc[0]) for fid, g in queries if len(g) >= 2]
+    by_class = {c: [fid for fid, k in eligible if k == c] for c in ("KI", "KC")}
+    chosen = []
+    while len(chosen) < count and any(by_class.values()):
+        for c in ("KI", "KC"):
+            if by_class[c] and len(chosen) < count:
+                chosen.append(by_class[c].pop(0))
+    return chosen
+
+
+def decode_json_columns(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """The store keeps lists as JSON text; figures need them as lists."""
+    import json
+
+    frame = frame.copy()
+    for column in columns:
+        frame[column] = [json.loads(v) if isinstance(v, str) else v for v in frame[column]]
+    return frame
+
+
+def write_synapse_report(synapses: pd.DataFrame, effects: pd.DataFrame, directory: Path, heatmaps: int = 3) -> dict[str, Path]:
+    """Figure 6 and Table 6 (CSV + Markdown under ``directory/tables``), Figures 6, 11 and the
+    heatmaps of Figures 5/10 (PNG + SVG under ``directory/figures``) from the stored rows."""
+    from .outputs import save_figure, write_table
+
+    if effects.empty:
+        raise QlocError("the synapses run has no stored queries yet")
+    synapses = decode_json_columns(synapses, ["heatmap_neurons"])
+    effects = decode_json_columns(effects, ["heatmap"])
+    tables, figures = directory / "tables", directory / "figures"
+    written = {
+        "fig6_synapses": write_table(effects_table(effects), tables, "fig6_synapses"),
+        "table6_cost": write_table(cost_table(effects), tables, "table6_cost"),
+        "fig6": save_figure(effects_figure(effects), figures, "fig6_synapses"),
+        "fig11": save_figure(distributions_figure(effects), figures, "fig11_dkn_distributions"),
+    }
+    for k, fact_id in enumerate(heatmap_facts(effects, heatmaps)):
+        name = "fig5_heatmap" if k == 0 else f"fig10_heatmap_{k}"
+        written[name] = save_figure(heatmap_figure(synapses, effects, fact_id), figures, name)
+    return written
