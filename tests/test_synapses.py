@@ -208,3 +208,23 @@ def test_suppressing_smollm2_synapses_lowers_the_answer(smollm2):
             after = torch.softmax(smollm2.model(input_ids=ids).logits[0, -1], -1)[token]
     torch.testing.assert_close(before, result.f_input[0], rtol=1e-4, atol=1e-6)
     assert after < 0.5 * before
+
+
+def test_multi_token_answers_manipulate_only_synapses_of_the_first_tokens_prefix(word_tokenizer):
+    from qloc.knsets import FactKnowledge
+    from qloc.pararel import Fact
+    from qloc.store import UnitWriter
+    from qloc.synapses import SynapseConfig, synapse_work
+
+    lm = make_tiny_model("llama", word_tokenizer)
+    fact = Fact("P1/0", "P1", "test", "France", "New York", ("The capital of France is", "France has its capital in"))
+    knowledge = {fact.id: FactKnowledge([[(0, 1), (1, 2)], [(1, 2), (2, 3)]], [])}
+    writer = UnitWriter()
+    synapse_work(lm, SynapseConfig(steps=3, threshold=0.0001), knowledge)(fact, writer)
+    found, effects = pd.DataFrame(writer.rows["synapses"]), pd.DataFrame(writer.rows["synapse_effects"])
+    prompt_length = encode_query(lm, fact.queries[0], fact.object).target_positions[0] + 1
+    stored = found.synapses[0]
+    assert any(s[2] >= prompt_length for s in stored)  # KS at the teacher-forced answer position exist ...
+    applied = effects[(effects.query_index == 0) & (effects.operation == "suppress")].n_synapses.item()
+    assert applied == sum(s[2] < prompt_length for s in stored) < len(stored)  # ... and are not applied
+    assert set(effects.operation) == {"none", "suppress", "enhance"} and effects.dkn_kn.notna().all()

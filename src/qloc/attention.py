@@ -163,8 +163,9 @@ def scale_attention(lm: LoadedModel, synapses: Sequence[Synapse], factor: float)
                     f"synapse positions up to ({int(rows.max())}, {int(cols.max())}) lie outside the "
                     f"{probs.shape[2]} x {probs.shape[3]} attention of this input"
                 )
+            h, i, j = heads.to(probs.device), rows.to(probs.device), cols.to(probs.device)
             scaled = probs.clone()
-            scaled[:, heads, rows, cols] = probs[:, heads, rows, cols] * factor
+            scaled[:, h, i, j] = probs[:, h, i, j] * factor
             return scaled
 
         return fn

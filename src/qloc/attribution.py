@@ -231,7 +231,7 @@ class PathEngine:
             with record_activations(lm, positions=torch.tensor([0])) as acts:
                 out = lm.model(input_ids=ids_t[:, target:], cache=copy.deepcopy(prefix_cache), use_cache=True)
         f_input = float(torch.softmax(out.logits[0, -1].float(), -1)[answer_token])
-        activations = torch.stack([acts[l][0] for l in range(lm.num_layers)]).float()
+        activations = torch.stack([acts[l][0].to(device) for l in range(lm.num_layers)]).float()
         return CleanPass(prefix_cache, calls, answer_token, activations, f_input)
 
     def replay(self, clean: CleanPass, row_layers: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -315,7 +315,7 @@ def _replace_rows(rows: slice, points: torch.Tensor):
 
     def fn(hidden: torch.Tensor) -> torch.Tensor:
         replaced = hidden.clone()
-        replaced[rows, -1] = points[rows].to(hidden.dtype)
+        replaced[rows, -1] = points[rows].to(hidden.device, hidden.dtype)  # layers may sit on several devices
         return replaced
 
     return fn
@@ -411,7 +411,7 @@ def word_baselines(lm: LoadedModel, query: EncodedQuery, target_index: int, repl
     rows = torch.arange(len(words))
     with record_activations(lm, positions=torch.full_like(rows, target)) as acts:
         lm.model(input_ids=ids, logits_to_keep=1)  # only the activations are needed
-    return torch.stack([acts[l] for l in range(lm.num_layers)], dim=1).float().cpu()
+    return torch.stack([acts[l].cpu() for l in range(lm.num_layers)], dim=1).float()
 
 
 def attribute(

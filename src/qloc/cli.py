@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from functools import partial
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ err = Console(stderr=True)
 
 # -- options shared by every command that loads a model or reads facts -------------------
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name (see `qloc models`), .gguf file, local directory or Hugging Face id.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, auto, or map (one model over several GPUs, accelerate's device_map=auto).")]
 DtypeOpt = Annotated[str, typer.Option(help="Model weights: float32, bfloat16 or float16 (softmax and attribution arithmetic stay fp32).")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="A data_all_allbags.json(.gz) file; default: the ParaRel copy shipped with qloc.")]
 RelationsOpt = Annotated[Optional[str], typer.Option(help="Comma-separated relation ids, e.g. P19,P36.")]
@@ -45,6 +46,10 @@ AnswerTokensOpt = Annotated[str, typer.Option(help="all: average over teacher-fo
 ThresholdOpt = Annotated[float, typer.Option(help="KN set: score >= threshold * max score.")]
 TopKOpt = Annotated[Optional[int], typer.Option(help="KN set: the k best neurons instead of the threshold.")]
 MaxRowsOpt = Annotated[Optional[int], typer.Option(help="Rows per forward/backward chunk (default: automatic).")]
+# -- where a sweep runs, shared by every sweep command ------------------------------------------
+ExecutorOpt = Annotated[str, typer.Option(help="local (this process) or ray (one model replica per GPU, or per CPU core with --workers).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster: auto, HOST:PORT (default: start a local one).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Ray: model replicas (default: one per GPU, else one per CPU core).")]
 
 
 def main() -> None:
@@ -212,9 +217,21 @@ def cloze(
 
 
 def _env(lm) -> dict:
-    from .store import environment
+    from .executors import model_environment
 
-    return {**environment(), "model": lm.describe()}
+    return model_environment(lm)
+
+
+def _execute(plan, executor: str, ray_address: Optional[str], workers: Optional[int], quiet: bool, lm=None):
+    """Run a sweep plan locally or on Ray; the store and resume work the same either way."""
+    import transformers
+
+    from .executors import execute
+
+    transformers.utils.logging.disable_progress_bar()  # qloc shows its own progress
+    if executor == "local" and lm is None and not quiet:
+        err.print(f"loading {plan.model.name} ...", highlight=False)
+    return execute(plan, executor, lm=lm, ray_address=ray_address, workers=workers, quiet=quiet)
 
 
 def _print_cloze_summary(frame, summary) -> None:
@@ -230,8 +247,7 @@ def _print_cloze_summary(frame, summary) -> None:
             f"mean P(answer) {frame['prob'].mean():.4f}",
             highlight=False,
         )
-    reasons = ", ".join(f"{n} {k}" for k, n in summary.skip_reasons.items())
-    out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped" + (f" ({reasons})" if reasons else ""), highlight=False)
+    out.print(f"facts: {summary.describe()}", highlight=False)
 
 
 @app.command()
@@ -324,26 +340,25 @@ def localize(
     max_batch_rows: MaxRowsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """The localization sweep: KN sets of every usable query of every sampled fact, with each
     method (resumable; one transaction per fact). The default samples 1 fact per relation."""
+    from .executors import ModelSpec, SweepPlan
     from .localize import STAGE, LocalizeConfig, localize_work
-    from .store import RunStore
-    from .sweep import run_sweep
 
     config = LocalizeConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()), steps=steps, rule=rule,
                             answer_tokens=answer_tokens, threshold=threshold, top_k=top_k, save_scores=save_scores)
     _, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet)
     params = {"model": model, "dtype": dtype, **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter),
               **config.params()}
-    lm = _load(model, device, dtype, quiet)
-    with RunStore.open_stage(run_dir, STAGE, params, _env(lm)) as store:
-        summary = run_sweep(store, STAGE, selected, localize_work(lm, config, max_batch_rows), quiet=quiet,
-                            description=f"localize {model}")
-    reasons = ", ".join(f"{n} {k}" for k, n in summary.skip_reasons.items())
-    out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped"
-              + (f" ({reasons})" if reasons else "") + f"; results in {run_dir}", highlight=False)
+    plan = SweepPlan(run_dir, STAGE, params, selected, partial(localize_work, config=config, max_batch_rows=max_batch_rows),
+                     ModelSpec(model, device, dtype), f"localize {model}")
+    summary = _execute(plan, executor, ray_address, workers, quiet)
+    out.print(f"facts: {summary.describe()}; results in {run_dir}", highlight=False)
 
 
 @app.command()
@@ -370,12 +385,18 @@ class LocalizedRun:
     knowledge: dict
     dataset: list
     facts: list
-    lm: object
+    device: str
+
+    @property
+    def model(self):
+        from .executors import ModelSpec
+
+        return ModelSpec(self.params["model"], self.device, self.params["dtype"])
 
 
 def _localized_run(run_dir: Path, method: Optional[str], device: str, quiet: bool) -> LocalizedRun:
     """What the experiments on a localize run need: its KN sets for ``method`` (default: the
-    run's first), its facts within the full dataset, and its model loaded."""
+    run's first), its facts within the full dataset, and which model to load."""
     from .knsets import knowledge_from_store
     from .localize import STAGE
     from .pararel import load_pararel
@@ -389,7 +410,7 @@ def _localized_run(run_dir: Path, method: Optional[str], device: str, quiet: boo
     data = None if localized["data"] == "bundled" else localized["data"]
     dataset = load_pararel(data, query_filter=localized["query_filter"]).facts
     facts = [f for f in dataset if f.id in knowledge]
-    return LocalizedRun(localized, method, knowledge, dataset, facts, _load(localized["model"], device, localized["dtype"], quiet))
+    return LocalizedRun(localized, method, knowledge, dataset, facts, device)
 
 
 @app.command()
@@ -398,26 +419,30 @@ def mapping(
     method: Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """The query-KN mapping experiment (Figure 4): suppress (x0) and enhance (x2) the Self, Union,
     Intersection, Refine and Unrelated sets of every query; mean dProb per set and class."""
     from .outputs import markdown_table, save_figure, write_table
+    from .executors import SweepPlan
     from .mapping import MappingConfig, mapping_figure, mapping_table, mapping_work
     from .store import RunStore
-    from .sweep import run_sweep
 
     run = _localized_run(run_dir, method, device, quiet)
     config = MappingConfig(method=run.method, seed=seed)
     params = {"model": run.params["model"], "dtype": run.params["dtype"], **config.params()}
-    with RunStore.open_stage(run_dir, config.stage, params, _env(run.lm)) as store:
-        summary = run_sweep(store, config.stage, run.facts, mapping_work(run.lm, config, run.knowledge), quiet=quiet,
-                            description=f"mapping {run.method}")
+    plan = SweepPlan(run_dir, config.stage, params, run.facts, partial(mapping_work, config=config, knowledge=run.knowledge),
+                     run.model, f"mapping {run.method}")
+    summary = _execute(plan, executor, ray_address, workers, quiet)
+    with RunStore.open_existing(run_dir) as store:
         table = mapping_table(store.frame("mapping"))
     csv = write_table(table, run_dir / "tables", "fig4_mapping")
     png = save_figure(mapping_figure(table), run_dir / "figures", "fig4_mapping")
     out.print(markdown_table(table), highlight=False, soft_wrap=True)
-    out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped; "
+    out.print(f"facts: {summary.describe()}; "
               f"{csv}, {png}", highlight=False)
 
 
@@ -434,6 +459,9 @@ def synapses(
     seed: SeedOpt = 0,
     max_batch_rows: MaxRowsOpt = None,
     device: DeviceOpt = "auto",
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Knowledge synapses: attribute every attention probability of every query (integrated
@@ -442,9 +470,9 @@ def synapses(
     answer's probability (Figures 5, 6, 10, 11; Table 6). Resumable per fact."""
     import random
 
+    from .executors import SweepPlan
     from .outputs import markdown_table
     from .store import RunStore
-    from .sweep import run_sweep
     from .synapses import SynapseConfig, cost_table, effects_table, synapse_work, write_synapse_report
 
     run = _localized_run(run_dir, method, device, quiet)
@@ -453,9 +481,10 @@ def synapses(
     random.Random(seed).shuffle(facts)  # a prefix of one fixed order, so that a larger --limit extends a run
     facts = facts[:limit] if limit is not None else facts
     params = {"model": run.params["model"], "dtype": run.params["dtype"], **config.params()}
-    with RunStore.open_stage(run_dir, config.stage, params, _env(run.lm)) as store:
-        summary = run_sweep(store, config.stage, facts, synapse_work(run.lm, config, run.knowledge, max_batch_rows),
-                            quiet=quiet, description=f"synapses {run.method}")
+    build = partial(synapse_work, config=config, knowledge=run.knowledge, max_batch_rows=max_batch_rows)
+    summary = _execute(SweepPlan(run_dir, config.stage, params, facts, build, run.model, f"synapses {run.method}"),
+                       executor, ray_address, workers, quiet)
+    with RunStore.open_existing(run_dir) as store:
         if "synapse_effects" not in store.tables():
             raise QlocError(f"no fact of {str(run_dir)!r} could be processed ({dict(summary.skip_reasons)})")
         found, effects = store.frame("synapses"), store.frame("synapse_effects")
@@ -464,7 +493,7 @@ def synapses(
     out.print(markdown_table(cost_table(effects)), highlight=False, soft_wrap=True)
     for name, path in written.items():
         out.print(f"{name}: {path}", highlight=False)
-    out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped", highlight=False)
+    out.print(f"facts: {summary.describe()}", highlight=False)
 
 
 @app.command()
@@ -483,6 +512,9 @@ def edit(
     model: ModelOpt = "smollm2-135m",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Knowledge erasure or update through KN sets: Rel, Gen, Loc, Avg and perplexity change per
@@ -490,8 +522,8 @@ def edit(
     With --sequential N: N facts edited without restoring in between, --seeds times (Table 7)."""
     from .outputs import markdown_table, write_table
     from .edit_study import EditConfig, SequentialUnit, edit_table, edit_work, sequential_table, sequential_work
+    from .executors import SweepPlan
     from .store import RunStore
-    from .sweep import run_sweep
     from .wikitext import wikitext_passages
 
     mode = mode or ("update" if new is not None else "erase")
@@ -509,7 +541,7 @@ def edit(
     run = _localized_run(run_dir, method, device, quiet)
     config = EditConfig(mode=mode, sets=tuple(s.strip() for s in sets.split(",") if s.strip()), method=run.method,
                         lambda1=lambda1, lambda2=lambda2, seed=seed)
-    localized, knowledge, dataset, facts, lm = run.params, run.knowledge, run.dataset, run.facts, run.lm
+    localized, knowledge, dataset, facts = run.params, run.knowledge, run.dataset, run.facts
     passages = wikitext_passages(config.ppl_passages, seed=seed)
     params = {"model": localized["model"], "dtype": localized["dtype"], **config.params()}
     tables = run_dir / "tables"
@@ -517,21 +549,25 @@ def edit(
         stage = f"sequential-{config.mode}-{config.method}"
         # Seed-major, so that an interrupted run has every KN set for the seeds it finished.
         units = [SequentialUnit(name, repeat) for repeat in range(seeds) for name in config.sets]
-        with RunStore.open_stage(run_dir, stage, {**params, "sequential": sequential, "seeds": seeds}, _env(lm)) as store:
-            run_sweep(store, stage, units, sequential_work(lm, config, knowledge, dataset, facts, sequential, passages),
-                      quiet=quiet, description=f"sequential {mode}")
+        build = partial(sequential_work, config=config, knowledge=knowledge, dataset=dataset, facts=facts, count=sequential,
+                        passages=passages)
+        plan = SweepPlan(run_dir, stage, {**params, "sequential": sequential, "seeds": seeds}, units, build, run.model,
+                         f"sequential {mode}")
+        _execute(plan, executor, ray_address, workers, quiet)
+        with RunStore.open_existing(run_dir) as store:
             table = sequential_table(store.frame("sequential"))
         write_table(table, tables, "table7")
         out.print(markdown_table(table), highlight=False, soft_wrap=True)
         return
-    with RunStore.open_stage(run_dir, config.stage, params, _env(lm)) as store:
-        summary = run_sweep(store, config.stage, facts, edit_work(lm, config, knowledge, dataset, passages),
-                            quiet=quiet, description=f"{mode} via {','.join(config.sets)}")
+    build = partial(edit_work, config=config, knowledge=knowledge, dataset=dataset, passages=passages)
+    summary = _execute(SweepPlan(run_dir, config.stage, params, facts, build, run.model, f"{mode} via {','.join(config.sets)}"),
+                       executor, ray_address, workers, quiet)
+    with RunStore.open_existing(run_dir) as store:
         edits = store.frame("edits")
     for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
         write_table(edit_table(edits, chosen), tables, name)
     out.print(markdown_table(edit_table(edits, config.sets)), highlight=False, soft_wrap=True)
-    out.print(f"facts: {summary.done} done, {summary.resumed} already stored, {summary.skipped} skipped; "
+    out.print(f"facts: {summary.describe()}; "
               f"tables in {tables}", highlight=False)
 
 
@@ -563,6 +599,76 @@ def _case_study(query: str, answer: Optional[str], new: Optional[str], model: st
     for row in table.itertuples():
         view.add_row(row.role, row.prompt, row.before, row.after)
     out.print(view)
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Option("--run-dir", help="A run directory, or a directory with tables/ and figures/; repeat for several.")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="The HTML file (default: report.html in the first directory); the Markdown goes beside it.")] = None,
+) -> None:
+    """One self-contained HTML report (figures embedded; opens from disk) of every table and figure
+    of the given runs, with each run's parameters, environment and skip counts; plus Markdown."""
+    from .report import write_report
+
+    written = write_report(run_dirs, out_file or run_dirs[0] / "report.html")
+    for name, path in written.items():
+        out.print(f"{name}: {path}", highlight=False)
+
+
+SCALES = {
+    # sample: a few facts, every stage, on one CPU in well under an hour for a 135M model.
+    "sample": {"facts_per_relation": 1, "limit": 6, "sequential": 5, "seeds": 2, "synapse_facts": 3},
+    # full: every fact of ParaRel with >= 2 usable queries, the paper's sequential setting.
+    "full": {"facts_per_relation": None, "limit": None, "sequential": 20, "seeds": 5, "synapse_facts": None},
+}
+
+
+@app.command()
+def reproduce(
+    model: ModelOpt = "smollm2-135m",
+    scale: Annotated[str, typer.Option(help="sample (6 facts, minutes to an hour on a CPU) or full (all of ParaRel).")] = "sample",
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Default: runs/<model>-<scale>.")] = None,
+    facts: Annotated[Optional[int], typer.Option("--facts", help="Override the scale's number of facts.")] = None,
+    method: Annotated[str, typer.Option(help="Whose KN sets the editing, mapping and synapse experiments use.")] = "amig",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """The whole study with the paper's settings: localize (IG, AMIG, SIG), KN consistency, erasure
+    and update through Self/Union/CAS sets, sequential editing, query-KN mapping, knowledge synapses,
+    and one report. Every stage is resumable: rerun the same command after an interruption."""
+    if scale not in SCALES:
+        raise QlocError(f"--scale {scale!r}: choose {' or '.join(SCALES)}")
+    settings = dict(SCALES[scale], **({"limit": facts} if facts is not None else {}))
+    run_dir = run_dir or Path("runs") / f"{Path(model).name.removesuffix('.gguf')}-{scale}"
+    sweep = {"device": device, "executor": executor, "ray_address": ray_address, "workers": workers, "quiet": quiet}
+    steps = [
+        ("localize (IG, AMIG, SIG)", lambda: localize(
+            run_dir=run_dir, model=model, methods="ig,amig,sig", steps=20, rule="right", answer_tokens="all", threshold=0.2,
+            top_k=None, save_scores=False, data=None, relations=None, facts_per_relation=settings["facts_per_relation"],
+            limit=settings["limit"], seed=seed, query_filter="mask_final", max_batch_rows=None, dtype=dtype, **sweep)),
+        ("KN consistency", lambda: consistency(run_dirs=[run_dir], out_dir=run_dir, strict=False)),
+        ("erasure", lambda: edit(run_dir=run_dir, mode="erase", method=method, seed=seed, **_EDIT_DEFAULTS, **sweep)),
+        ("update", lambda: edit(run_dir=run_dir, mode="update", method=method, seed=seed, **_EDIT_DEFAULTS, **sweep)),
+        ("sequential update", lambda: edit(run_dir=run_dir, mode="update", method=method, seed=seed,
+                                           **dict(_EDIT_DEFAULTS, sequential=settings["sequential"], seeds=settings["seeds"]), **sweep)),
+        ("query-KN mapping", lambda: mapping(run_dir=run_dir, method=method, seed=seed, **sweep)),
+        ("knowledge synapses", lambda: synapses(
+            run_dir=run_dir, method=method, steps=20, rule="right", answer_tokens="all", threshold=0.3,
+            limit=settings["synapse_facts"], heatmaps=3, seed=seed, max_batch_rows=None, **sweep)),
+        ("report", lambda: report(run_dirs=[run_dir], out_file=None)),
+    ]
+    for number, (name, run_step) in enumerate(steps, 1):
+        err.rule(f"[{number}/{len(steps)}] {name}")
+        run_step()
+
+
+_EDIT_DEFAULTS = {"sets": "self,union,cas", "lambda1": 1.0, "lambda2": 8.0, "sequential": 0, "seeds": 5, "case": None,
+                  "new": None, "answer": None, "model": "smollm2-135m"}
 
 
 @app.command()

@@ -221,8 +221,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load a model by built-in name, ``.gguf`` file, local directory or Hugging Face id."""
-    torch_device = resolve_device(device)
+    """Load a model by built-in name, ``.gguf`` file, local directory or Hugging Face id, on
+    ``device`` (cpu, cuda, cuda:N, auto, or map: spread over the GPUs by accelerate)."""
+    # "map": accelerate spreads the layers over every visible GPU (and the CPU where they are
+    # full), for models too large for one GPU; inputs go to the device of the embedding.
+    torch_device = None if device == "map" else resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     if name in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[name]
@@ -244,7 +247,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
     return _load_pretrained(name, str(directory) if directory else name, torch_device, torch_dtype)
 
 
-def _load_pretrained(name: str, source: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def _load_pretrained(name: str, source: str, device: torch.device | None, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -255,7 +258,10 @@ def _load_pretrained(name: str, source: str, device: torch.device, dtype: torch.
             f"directory, or a Hugging Face id that can be downloaded or found in the local cache ({exc.__class__.__name__})"
         ) from None
     architecture_for(config.model_type)  # fail before loading weights of an unsupported family
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    if device is None:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map="auto")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return wrap_model(model, tokenizer, name=name, source=source)
 

@@ -136,14 +136,27 @@ class RunStore:
         db.executescript(_SCHEMA)
         return db
 
+    @classmethod
+    def check_stage(cls, run_dir: str | Path, stage: str, params: Mapping[str, Any]) -> None:
+        """Refuse, before any work (such as loading a model), parameters that :meth:`open_stage`
+        would refuse; a directory without a store passes."""
+        if (Path(run_dir) / STORE_FILE).is_file():
+            with cls.open_existing(run_dir) as store:
+                store._refuse_other_params(stage, json.loads(json.dumps(dict(params))))
+
     def _register_stage(self, stage: str, params: dict[str, Any], env: dict[str, Any]) -> None:
-        row = self._db.execute("SELECT params FROM stages WHERE stage = ?", (stage,)).fetchone()
-        if row is None:
+        if self._db.execute("SELECT 1 FROM stages WHERE stage = ?", (stage,)).fetchone() is None:
             with self._transaction():
                 self._db.execute(
                     "INSERT INTO stages VALUES (?, ?, ?, ?)", (stage, json.dumps(params), json.dumps(env), time.time())
                 )
             self._write_sidecars()
+            return
+        self._refuse_other_params(stage, params)
+
+    def _refuse_other_params(self, stage: str, params: dict[str, Any]) -> None:
+        row = self._db.execute("SELECT params FROM stages WHERE stage = ?", (stage,)).fetchone()
+        if row is None:
             return
         stored = json.loads(row[0])
         differing = sorted(k for k in stored.keys() | params.keys() if stored.get(k) != params.get(k))
@@ -178,6 +191,11 @@ class RunStore:
         if row is None:
             raise RunDirectoryError(f"run directory {str(self.run_dir)!r} has no {stage!r} stage")
         return json.loads(row[0])
+
+    def stages(self) -> list[dict[str, Any]]:
+        """Every stage run in this directory, oldest first: name, parameters, environment, start time."""
+        rows = self._db.execute("SELECT stage, params, environment, created FROM stages ORDER BY created").fetchall()
+        return [{"stage": s, "params": json.loads(p), "environment": json.loads(e), "created": c} for s, p, e, c in rows]
 
     def finished_units(self, stage: str) -> set[str]:
         """Units that are done or were skipped (both are not redone on resume)."""
@@ -217,10 +235,15 @@ class RunStore:
         writer = UnitWriter()
         started = time.perf_counter()
         yield writer
+        self.commit_unit(stage, unit_id, writer.rows, time.perf_counter() - started)
+
+    def commit_unit(self, stage: str, unit_id: str, rows: Mapping[str, Sequence[Mapping[str, Any]]], seconds: float | None) -> None:
+        """Write a finished unit's rows (table -> rows) and mark it done, in one transaction.
+        A unit already marked is refused by the units table's key, so it is never written twice."""
         with self._transaction():
-            for table, rows in writer.rows.items():
-                self._insert(table, stage, unit_id, rows)
-            self._mark(stage, unit_id, "done", None, time.perf_counter() - started)
+            for table, table_rows in rows.items():
+                self._insert(_check_identifier(table), stage, unit_id, [dict(r) for r in table_rows])
+            self._mark(stage, unit_id, "done", None, seconds)
 
     def skip(self, stage: str, unit_id: str, reason: str) -> None:
         with self._transaction():

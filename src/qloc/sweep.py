@@ -50,6 +50,13 @@ class SweepSummary:
     resumed: int = 0
     """Facts found finished in the store and not redone."""
     skip_reasons: Counter = field(default_factory=Counter)
+    retried: int = 0
+    """Units sent to another worker after theirs died (Ray)."""
+
+    def describe(self) -> str:
+        reasons = ", ".join(f"{n} {k}" for k, n in self.skip_reasons.items())
+        return (f"{self.done} done, {self.resumed} already stored, {self.skipped} skipped" + (f" ({reasons})" if reasons else "")
+                + (f", {self.retried} retried after a worker died" if self.retried else ""))
 
 
 def make_progress(quiet: bool, console: Console | None = None) -> Progress:

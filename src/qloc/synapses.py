@@ -93,7 +93,7 @@ def _default_rows(lm: LoadedModel, tokens: int) -> int:
 def _replace_probabilities(rows: slice, points: torch.Tensor):
     def fn(probs: torch.Tensor) -> torch.Tensor:
         replaced = probs.clone()
-        replaced[rows] = points[rows].to(probs.dtype)
+        replaced[rows] = points[rows].to(probs.device, probs.dtype)  # layers may sit on several devices
         return replaced
 
     return fn
@@ -110,7 +110,7 @@ def _integrate_attention(
         with capture_layer_calls(lm) as calls, record_attention(lm) as probs, torch.no_grad():
             out = lm.model(input_ids=ids_t, use_cache=False)
         f_input = float(torch.softmax(out.logits[0, -1].float(), -1)[answer_token])
-        clean = torch.stack([probs[l][0] for l in range(num_layers)]).float()  # [L, H, T, T]
+        clean = torch.stack([probs[l][0].to(device) for l in range(num_layers)]).float()  # [L, H, T, T]
         path_alphas = torch.cat([torch.zeros(1), alphas]).to(device)
         path_weights = torch.cat([torch.zeros(1), weights]).to(device)
         steps = len(path_alphas)
@@ -299,11 +299,15 @@ def synapse_work(lm: LoadedModel, config: SynapseConfig, knowledge: dict[str, Fa
                 "heatmap_neurons": [list(u) for u in columns],
             })
             classes = _neuron_classes(known, index, shape, rng)
-            ids = torch.tensor([list(query.input_ids[: query.target_positions[0] + 1])], device=lm.device)
-            position = torch.tensor([query.target_positions[0]])
+            target = query.target_positions[0]
+            ids = torch.tensor([list(query.input_ids[: target + 1])], device=lm.device)
+            position = torch.tensor([target])
+            # The measurements are of the first answer token's prediction; synapses at later
+            # (teacher-forced answer) positions of a multi-token answer cannot act on it.
+            in_prefix = [s for s, _ in synapses if s[2] <= target]
             measured = {}
             for operation, factor in factors.items():
-                chosen = [s for s, _ in synapses] if factor is not None else []
+                chosen = in_prefix if factor is not None else []
                 intervention = scale_attention(lm, chosen, factor) if chosen else attention_probe(lm)
                 with torch.no_grad(), intervention, record_activations(lm, positions=position) as acts, \
                         peak_memory(lm.device) as memory:
@@ -312,7 +316,7 @@ def synapse_work(lm: LoadedModel, config: SynapseConfig, knowledge: dict[str, Fa
                     if lm.device.type == "cuda":
                         torch.cuda.synchronize(lm.device)
                     seconds = time.perf_counter() - started
-                activations = torch.stack([acts[l][0] for l in range(lm.num_layers)]).float().cpu()
+                activations = torch.stack([acts[l][0].cpu() for l in range(lm.num_layers)]).float()
                 prob = float(torch.softmax(logits[0, -1].float(), -1)[query.answer_ids[0]])
                 measured[operation] = (activations, prob)
                 before, prob_before = measured["none"]
