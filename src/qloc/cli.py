@@ -489,7 +489,9 @@ def synapses(
             raise QlocError(f"no fact of {str(run_dir)!r} could be processed ({dict(summary.skip_reasons)})")
         found, effects = store.frame("synapses"), store.frame("synapse_effects")
     written = write_synapse_report(found, effects, run_dir, heatmaps)
-    out.print(markdown_table(effects_table(effects)), highlight=False, soft_wrap=True)
+    for measure in ("signed", "magnitude"):
+        out.print(f"dKN measure: {measure}", highlight=False)
+        out.print(markdown_table(effects_table(effects, measure)), highlight=False, soft_wrap=True)
     out.print(markdown_table(cost_table(effects)), highlight=False, soft_wrap=True)
     for name, path in written.items():
         out.print(f"{name}: {path}", highlight=False)
@@ -616,8 +618,8 @@ def report(
 
 
 SCALES = {
-    # sample: a few facts, every stage, on one CPU in well under an hour for a 135M model.
-    "sample": {"facts_per_relation": 1, "limit": 6, "sequential": 5, "seeds": 2, "synapse_facts": 3},
+    # sample: a few facts through every stage, within an hour on 2 CPU cores for a 135M model.
+    "sample": {"facts_per_relation": 1, "limit": 4, "sequential": 4, "seeds": 2, "synapse_facts": 2},
     # full: every fact of ParaRel with >= 2 usable queries, the paper's sequential setting.
     "full": {"facts_per_relation": None, "limit": None, "sequential": 20, "seeds": 5, "synapse_facts": None},
 }
@@ -626,7 +628,7 @@ SCALES = {
 @app.command()
 def reproduce(
     model: ModelOpt = "smollm2-135m",
-    scale: Annotated[str, typer.Option(help="sample (6 facts, minutes to an hour on a CPU) or full (all of ParaRel).")] = "sample",
+    scale: Annotated[str, typer.Option(help="sample (4 facts, within an hour on 2 CPU cores for a 135M model) or full (all of ParaRel).")] = "sample",
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Default: runs/<model>-<scale>.")] = None,
     facts: Annotated[Optional[int], typer.Option("--facts", help="Override the scale's number of facts.")] = None,
     method: Annotated[str, typer.Option(help="Whose KN sets the editing, mapping and synapse experiments use.")] = "amig",

@@ -125,6 +125,9 @@ class RayPool:
         self.ray = ray
         self._started_here = not ray.is_initialized()
         if self._started_here:
+            # Ray lowers its workers' priority (nice 15) by default; here they are the sweep's main
+            # compute, and must not starve behind other work on a shared machine.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
             except ConnectionError as exc:

@@ -43,6 +43,9 @@ TITLES = {
     "fig6_synapses_fig": "Figure 6: knowledge synapses and KN activations",
     "fig9_threshold": "Figure 9: KI share as the threshold varies",
     "fig11_dkn_distributions": "Figure 11: distributions of the KN activation change",
+    "fig6_synapses_magnitude": "Figure 6 data, dKN of mean |activation|",
+    "fig6_synapses_magnitude_fig": "Figure 6 with dKN of mean |activation|",
+    "fig11_dkn_distributions_magnitude": "Figure 11 with dKN of mean |activation|",
 }
 PREFIX_TITLES = {
     "relations_": "CS per relation ({})",

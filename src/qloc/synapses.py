@@ -331,10 +331,11 @@ def synapse_work(lm: LoadedModel, config: SynapseConfig, knowledge: dict[str, Fa
                     row[f"n_{name}"] = len(neurons)
                     if neurons:
                         layers, cols = map(list, zip(*neurons))
-                        mean_before, mean_after = float(before[layers, cols].mean()), float(activations[layers, cols].mean())
-                        row[f"dkn_{name}"] = _relative_change(mean_before, mean_after)
+                        old, new = before[layers, cols], activations[layers, cols]
+                        row[f"dkn_{name}"] = _relative_change(float(old.mean()), float(new.mean()))
+                        row[f"dkn_{name}_abs"] = _relative_change(float(old.abs().mean()), float(new.abs().mean()))
                     else:
-                        row[f"dkn_{name}"] = float("nan")
+                        row[f"dkn_{name}"] = row[f"dkn_{name}_abs"] = float("nan")
                 writer.add("synapse_effects", row)
 
     return work
@@ -346,17 +347,30 @@ def _memory_measure(device: torch.device) -> str:
 
 # -- tables and figures -----------------------------------------------------------------------
 
-EFFECT_COLUMNS = ["dkn_kn", "dkn_neighbour", "dkn_random", "dprob"]
+MEASURES = ("signed", "magnitude")
+"""How dKN compares activations. ``signed`` (METHODS.md section 7): relative change of the mean
+activation. Gated MLPs (Llama, Gemma) have signed activations whose mean over a set of neurons
+can be near 0, which makes that ratio explode; ``magnitude`` compares the mean |activation|
+instead (the same for GELU neurons that are positive)."""
 
 
-def effects_table(effects: pd.DataFrame) -> pd.DataFrame:
+def effect_columns(measure: str = "signed") -> list[str]:
+    if measure not in MEASURES:
+        raise QlocError(f"dKN measure {measure!r}: choose {' or '.join(MEASURES)}")
+    suffix = "_abs" if measure == "magnitude" else ""
+    return [f"dkn_{name}{suffix}" for name in NEURON_CLASSES] + ["dprob"]
+
+
+def effects_table(effects: pd.DataFrame, measure: str = "signed") -> pd.DataFrame:
     """Figure 6's data: mean and median relative change per operation and fact class (and Avg),
-    for the query's KNs, neighbour KNs, random non-KNs and the answer's probability."""
+    for the query's KNs, neighbour KNs, random non-KNs (dKN by ``measure``) and the answer's
+    probability."""
+    columns = effect_columns(measure)
     manipulated = effects[effects["operation"] != "none"]
     parts = []
     for class_name, part in [*manipulated.groupby("class", sort=True), ("Avg", manipulated)]:
         grouped = part.groupby(["method", "operation"], sort=False)
-        table = grouped[EFFECT_COLUMNS].agg(["mean", "median"])
+        table = grouped[columns].agg(["mean", "median"])
         table.columns = [f"{column}_{stat}" for column, stat in table.columns]
         table["queries"] = grouped.size()
         table["synapses_mean"] = grouped["n_synapses"].mean()
@@ -388,9 +402,10 @@ def _pyplot():
 
 
 LABELS = {"dkn_kn": "query's KNs", "dkn_neighbour": "neighbour KNs", "dkn_random": "random non-KNs", "dprob": "answer prob."}
+LABELS.update({f"{k}_abs": f"{v} |a|" for k, v in LABELS.items() if k.startswith("dkn")})
 
 
-def effects_figure(effects: pd.DataFrame):
+def effects_figure(effects: pd.DataFrame, measure: str = "signed"):
     """Figure 6: mean relative change of KN activations (three neuron classes) and of the answer's
     probability when the query's synapses are suppressed or enhanced, per fact class."""
     plt = _pyplot()
@@ -398,10 +413,11 @@ def effects_figure(effects: pd.DataFrame):
     operations = [o for o in ("suppress", "enhance") if o in set(manipulated["operation"])]
     classes = sorted(set(manipulated["class"])) + ["Avg"]
     fig, axes = plt.subplots(1, len(operations), figsize=(5.5 * len(operations), 3.8), squeeze=False)
-    width = 0.8 / len(EFFECT_COLUMNS)
+    columns = effect_columns(measure)
+    width = 0.8 / len(columns)
     for ax, operation in zip(axes[0], operations):
         part = manipulated[manipulated["operation"] == operation]
-        for k, column in enumerate(EFFECT_COLUMNS):
+        for k, column in enumerate(columns):
             values = [(part if c == "Avg" else part[part["class"] == c])[column].mean() for c in classes]
             ax.bar([i + (k - 1.5) * width for i in range(len(classes))], values, width, label=LABELS[column])
         ax.axhline(0, color="black", linewidth=0.6)
@@ -409,19 +425,19 @@ def effects_figure(effects: pd.DataFrame):
         ax.set_ylabel("relative change (mean)")
         ax.set_title(f"{operation.capitalize()} knowledge synapses ({', '.join(sorted(set(part['method'])))} KNs)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(EFFECT_COLUMNS), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=len(columns), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
 
-def distributions_figure(effects: pd.DataFrame):
+def distributions_figure(effects: pd.DataFrame, measure: str = "signed"):
     """Figure 11: distributions over queries of the relative activation change of each neuron
     class, per operation (box plots; the 1st-99th percentile range is shown)."""
     plt = _pyplot()
     manipulated = effects[effects["operation"] != "none"]
     operations = [o for o in ("suppress", "enhance") if o in set(manipulated["operation"])]
     fig, axes = plt.subplots(1, len(operations), figsize=(5 * len(operations), 3.8), squeeze=False)
-    columns = EFFECT_COLUMNS[:3]
+    columns = effect_columns(measure)[:3]
     for ax, operation in zip(axes[0], operations):
         part = manipulated[manipulated["operation"] == operation]
         data = [part[c].replace([np.inf, -np.inf], np.nan).dropna().to_numpy() for c in columns]
@@ -491,8 +507,9 @@ def decode_json_columns(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataF
 
 
 def write_synapse_report(synapses: pd.DataFrame, effects: pd.DataFrame, directory: Path, heatmaps: int = 3) -> dict[str, Path]:
-    """Figure 6 and Table 6 (CSV + Markdown under ``directory/tables``), Figures 6, 11 and the
-    heatmaps of Figures 5/10 (PNG + SVG under ``directory/figures``) from the stored rows."""
+    """Figure 6's data (for each dKN measure) and Table 6 (CSV + Markdown under ``directory/tables``),
+    Figures 6, 11 (each measure) and the heatmaps of Figures 5/10 (PNG + SVG under
+    ``directory/figures``) from the stored rows."""
     from .outputs import save_figure, write_table
 
     if effects.empty:
@@ -500,12 +517,12 @@ def write_synapse_report(synapses: pd.DataFrame, effects: pd.DataFrame, director
     synapses = decode_json_columns(synapses, ["heatmap_neurons"])
     effects = decode_json_columns(effects, ["heatmap"])
     tables, figures = directory / "tables", directory / "figures"
-    written = {
-        "fig6_synapses": write_table(effects_table(effects), tables, "fig6_synapses"),
-        "table6_cost": write_table(cost_table(effects), tables, "table6_cost"),
-        "fig6": save_figure(effects_figure(effects), figures, "fig6_synapses"),
-        "fig11": save_figure(distributions_figure(effects), figures, "fig11_dkn_distributions"),
-    }
+    written = {"table6_cost": write_table(cost_table(effects), tables, "table6_cost")}
+    for measure in MEASURES:  # METHODS.md's signed means, and the magnitude variant beside them
+        suffix = "" if measure == "signed" else f"_{measure}"
+        written[f"fig6_synapses{suffix}"] = write_table(effects_table(effects, measure), tables, f"fig6_synapses{suffix}")
+        written[f"fig6{suffix}"] = save_figure(effects_figure(effects, measure), figures, f"fig6_synapses{suffix}")
+        written[f"fig11{suffix}"] = save_figure(distributions_figure(effects, measure), figures, f"fig11_dkn_distributions{suffix}")
     for k, fact_id in enumerate(heatmap_facts(effects, heatmaps)):
         name = "fig5_heatmap" if k == 0 else f"fig10_heatmap_{k}"
         written[name] = save_figure(heatmap_figure(synapses, effects, fact_id), figures, name)
