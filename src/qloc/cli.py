@@ -46,6 +46,9 @@ AnswerTokensOpt = Annotated[str, typer.Option(help="all: average over teacher-fo
 ThresholdOpt = Annotated[float, typer.Option(help="KN set: score >= threshold * max score.")]
 TopKOpt = Annotated[Optional[int], typer.Option(help="KN set: the k best neurons instead of the threshold.")]
 MaxRowsOpt = Annotated[Optional[int], typer.Option(help="Rows per forward/backward chunk (default: automatic).")]
+# -- the experiments that read a localize run ---------------------------------------------------
+LocalizedRunOpt = Annotated[Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")]
+KnMethodOpt = Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")]
 # -- where a sweep runs, shared by every sweep command ------------------------------------------
 ExecutorOpt = Annotated[str, typer.Option(help="local (this process) or ray (one model replica per GPU, or per CPU core with --workers).")]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster: auto, HOST:PORT (default: start a local one).")]
@@ -415,8 +418,8 @@ def _localized_run(run_dir: Path, method: Optional[str], device: str, quiet: boo
 
 @app.command()
 def mapping(
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")],
-    method: Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")] = None,
+    run_dir: LocalizedRunOpt,
+    method: KnMethodOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     executor: ExecutorOpt = "local",
@@ -448,8 +451,8 @@ def mapping(
 
 @app.command()
 def synapses(
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")],
-    method: Annotated[Optional[str], typer.Option(help="Whose KN sets are the query's KNs (default: the run's first method).")] = None,
+    run_dir: LocalizedRunOpt,
+    method: KnMethodOpt = None,
     steps: StepsOpt = 20,
     rule: RuleOpt = "right",
     answer_tokens: AnswerTokensOpt = "all",
@@ -503,7 +506,7 @@ def edit(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")] = None,
     mode: Annotated[Optional[str], typer.Option(help="erase or update (METHODS.md section 5); default erase, or update with --new.")] = None,
     sets: Annotated[str, typer.Option(help="KN sets to edit through: self, union, cas.")] = "self,union,cas",
-    method: Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")] = None,
+    method: KnMethodOpt = None,
     lambda1: Annotated[float, typer.Option(help="Weight of the old answer's removal (Dai et al.: 1).")] = 1.0,
     lambda2: Annotated[float, typer.Option(help="Weight of the new answer's addition (Dai et al.: 8).")] = 8.0,
     sequential: Annotated[int, typer.Option(help="Edit N sampled facts one after another (Table 7); 0: one at a time.")] = 0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -197,6 +198,7 @@ def write_report(run_dirs: list[Path], out: Path) -> dict[str, Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
+    md = out.with_suffix(".md")
     markdown = [f"# qloc report\n\nMade {made}.\n"]
     for section in sections:
         markdown.append(f"## {section.directory}\n")
@@ -206,7 +208,6 @@ def write_report(run_dirs: list[Path], out: Path) -> dict[str, Path]:
             suffix = f"\n\n(first {ROWS_SHOWN} of {len(frame)} rows: {csv})" if len(frame) > ROWS_SHOWN else ""
             markdown.append(f"### {title_for(csv.stem, 'table')}\n\n{markdown_table(frame.head(ROWS_SHOWN))}{suffix}\n")
         for png in section.figures:
-            markdown.append(f"![{title_for(png.stem, 'figure')}]({png.resolve()})\n")
-    md = out.with_suffix(".md")
+            markdown.append(f"![{title_for(png.stem, 'figure')}]({Path(os.path.relpath(png.resolve(), md.parent.resolve())).as_posix()})\n")
     md.write_text("\n".join(markdown), encoding="utf-8")
     return {"html": out, "markdown": md}

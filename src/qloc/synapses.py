@@ -463,7 +463,8 @@ def heatmap_figure(synapses: pd.DataFrame, effects: pd.DataFrame, fact_id: str):
         raise QlocError(f"fact {fact_id} has no KNs to draw")
     limit = float(np.nanmax(np.abs(np.concatenate([m.ravel() for m in matrices.values()])))) or 1.0
     rows = matrices["none"].shape[0]
-    fig, axes = plt.subplots(1, 3, figsize=(min(24, max(9, 0.07 * len(neurons) * 3 + 3)), 1.2 + 0.3 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(min(20, max(10, 0.06 * len(neurons) * 3 + 3)), 2.2 + 0.25 * rows), squeeze=False,
+                             sharey=True, layout="constrained")
     image = None
     for ax, operation in zip(axes[0], OPERATIONS):
         image = ax.imshow(matrices[operation], aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
@@ -476,17 +477,18 @@ def heatmap_figure(synapses: pd.DataFrame, effects: pd.DataFrame, fact_id: str):
         ax.set_xlabel("knowledge neuron (by layer)")
     axes[0, 0].set_yticks(range(rows), [f"q{i}" for i in range(rows)], fontsize=7)
     axes[0, 0].set_ylabel("neighbour query")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="activation")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, pad=0.01, label="activation")
     relation = fact_effects["relation"].iloc[0]
     fig.suptitle(f"KN activations of fact {fact_id} ({relation}, {fact_effects['class'].iloc[0]})", fontsize=10)
     return fig
 
 
 def heatmap_facts(effects: pd.DataFrame, count: int) -> list[str]:
-    """Facts to draw: alternately the first KI and KC facts (in run order) with >= 2 queries, so
-    that both classes appear; no selection by outcome."""
+    """Facts to draw: alternately KI and KC facts, so that both classes appear, those with the
+    most queries first (the clearest picture; ties in run order); no selection by outcome."""
     queries = effects[effects["operation"] == "none"].groupby("fact_id", sort=False)
-    eligible = [(fid, g["class"].iloc[0]) for fid, g in queries if len(g) >= 2]
+    eligible = sorted(((fid, g["class"].iloc[0], len(g)) for fid, g in queries if len(g) >= 2), key=lambda f: -f[2])
+    eligible = [(fid, kind) for fid, kind, _ in eligible]
     by_class = {c: [fid for fid, k in eligible if k == c] for c in ("KI", "KC")}
     chosen = []
     while len(chosen) < count and any(by_class.values()):
