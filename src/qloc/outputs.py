@@ -13,7 +13,9 @@ def markdown_table(frame: pd.DataFrame) -> str:
     """A Markdown table without the optional tabulate dependency."""
     def cell(value) -> str:
         if isinstance(value, float):
-            return "nan" if np.isnan(value) else (f"{value:.3g}" if abs(value) < 1e-3 and value else f"{value:.3f}")
+            if np.isnan(value):
+                return "nan"
+            return f"{value:.3g}" if (abs(value) < 1e-3 and value) or abs(value) >= 1e5 else f"{value:.3f}"
         return str(value)
 
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
