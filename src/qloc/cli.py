@@ -225,16 +225,16 @@ def _env(lm) -> dict:
     return model_environment(lm)
 
 
-def _execute(plan, executor: str, ray_address: Optional[str], workers: Optional[int], quiet: bool, lm=None):
+def _execute(plan, executor: str, ray_address: Optional[str], workers: Optional[int], quiet: bool):
     """Run a sweep plan locally or on Ray; the store and resume work the same either way."""
     import transformers
 
     from .executors import execute
 
     transformers.utils.logging.disable_progress_bar()  # qloc shows its own progress
-    if executor == "local" and lm is None and not quiet:
+    if executor == "local" and not quiet:
         err.print(f"loading {plan.model.name} ...", highlight=False)
-    return execute(plan, executor, lm=lm, ray_address=ray_address, workers=workers, quiet=quiet)
+    return execute(plan, executor, ray_address=ray_address, workers=workers, quiet=quiet)
 
 
 def _print_cloze_summary(frame, summary) -> None:
