@@ -74,8 +74,9 @@ def reference_token_scores(lm, prompt, answer, method, t, steps=20, rule="right"
             per_baseline[b, layer] = (end - start) * (weights[:, None] * grad).sum(0)
     if method != "sig":
         return per_baseline[0]
-    unit = torch.stack([p / p.norm() for p in per_baseline]).sum(0)
-    return unit * per_baseline.sum() / unit.sum()
+    norms = [p.norm() for p in per_baseline]
+    unit = torch.stack([p / n for p, n in zip(per_baseline, norms) if n > 0]).sum(0)
+    return unit * torch.stack([n for n in norms if n > 0]).mean()
 
 
 def reference_scores(lm, prompt, answer, method="ig", steps=20, rule="right", answer_tokens="all"):

@@ -18,11 +18,15 @@ from reference_attribution import reference_scores, reference_token_scores
 PROMPT, ANSWER = "Paris is the capital of", "France"
 
 
-def assert_equivalent(engine: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-3):
+def assert_equivalent(engine: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-3, threshold: float = 0.2):
     scale = float(reference.abs().max())
     assert scale > 0
     assert float((engine - reference).abs().max()) <= tolerance * scale
-    assert kn_set(engine) == kn_set(reference)
+    # The sets may differ only by neurons sitting on the threshold, where float summation order
+    # (e.g. the number of BLAS threads) decides: 0.2000018 vs 0.1999991 x max.
+    cut = threshold * float(reference.max())
+    differing = set(kn_set(engine, threshold)) ^ set(kn_set(reference, threshold))
+    assert all(abs(float(reference[u]) - cut) <= 1e-4 * scale for u in differing), differing
 
 
 @pytest.fixture(scope="module", params=FAMILY_MODEL_TYPES)
@@ -51,8 +55,8 @@ def test_multi_token_answers_average_teacher_forced_tokens(word_tokenizer):
     lm = make_tiny_model("qwen2", word_tokenizer)
     answer = "Italian language"
     assert len(lm.tokenizer(" " + answer, add_special_tokens=False).input_ids) == 2
-    every = attribute(lm, "The official language of Italy is", answer, "ig", steps=6)
-    first = attribute(lm, "The official language of Italy is", answer, "ig", steps=6, answer_tokens="first")
+    every = attribute(lm, "The official language of Italy is", answer, "ig", steps=6, answer_tokens="all")
+    first = attribute(lm, "The official language of Italy is", answer, "ig", steps=6)
     per_token = [reference_token_scores(lm, "The official language of Italy is", answer, "ig", t, steps=6) for t in range(2)]
     assert_equivalent(every.scores, (per_token[0] + per_token[1]) / 2)
     assert_equivalent(first.scores, per_token[0])
@@ -190,3 +194,33 @@ def test_same_query_gives_identical_scores_twice(smollm2):
     first = attribute(smollm2, "The capital of France is", "Paris", "amig", steps=6)
     second = attribute(smollm2, "The capital of France is", "Paris", "amig", steps=6)
     assert torch.equal(first.scores, second.scores)
+
+
+def test_sig_combination_never_flips_a_sign():
+    """The synthetic case: per-word attributions [1, 0, 0] and [0, -4, 2]. The literal rescale to the
+    raw total (-1) over the normalised total (+0.553) gave [-1.81, 1.62, -0.81]; the combination
+    keeps each neuron's sign of sum_j IG_j / ||IG_j||."""
+    from qloc.attribution import SIG
+
+    per_word = torch.tensor([[1.0, 0.0, 0.0], [0.0, -4.0, 2.0]])[:, None, :]  # [words, L=1, d_ff=3]
+    combined = SIG().combine(per_word)[0]
+    unit = per_word[0, 0] / 1.0 + per_word[1, 0] / 20 ** 0.5
+    torch.testing.assert_close(combined, unit * (1 + 20 ** 0.5) / 2)
+    assert combined.tolist()[0] > 0 and combined.tolist()[1] < 0 < combined.tolist()[2]
+    # The literal rescale's KN set was {(0, 1)}: the neuron whose only contribution is negative.
+    assert kn_set(combined[None]) == [(0, 0), (0, 2)]
+    # A word whose attribution is all zero is left out rather than dividing by zero.
+    with_silent = torch.cat([per_word, torch.zeros(1, 1, 3)])
+    torch.testing.assert_close(SIG().combine(with_silent), SIG().combine(per_word))
+    assert torch.equal(SIG().combine(torch.zeros(2, 1, 3)), torch.zeros(1, 3))
+
+
+def test_random_sig_combinations_keep_signs():
+    generator = torch.Generator().manual_seed(0)
+    from qloc.attribution import SIG
+
+    for _ in range(50):
+        per_word = torch.randn(4, 2, 5, generator=generator) * torch.rand(4, 1, 1, generator=generator) * 10
+        combined = SIG().combine(per_word)
+        unit = (per_word / per_word.flatten(1).norm(dim=1)[:, None, None]).sum(0)
+        assert torch.equal(torch.sign(combined), torch.sign(unit))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
+from .architectures import ArchitectureSpec
 from .errors import DataError, QlocError
 from .interventions import activation_hooks, record_activations
 from .models import LoadedModel
@@ -340,6 +341,13 @@ class NeuronAttributionMethod:
     """Base of IG, AMIG and SIG: which baselines to integrate from and how to combine them."""
 
     name = ""
+    zero_baseline = False
+    """Integrates from all-zero activations. Where the MLP output is normalised before the residual
+    add (Gemma 2/3), F is flat along that path and the scores are degenerate (they sum to ~0)."""
+
+    @classmethod
+    def degenerate_on(cls, arch: ArchitectureSpec) -> bool:
+        return cls.zero_baseline and arch.mlp_output_normalized
 
     def baselines(self, lm: LoadedModel, query: EncodedQuery, target_index: int) -> torch.Tensor | None:
         """[B, L, d_ff] fp32 baseline activations at the target position, or None for zeros."""
@@ -354,6 +362,7 @@ class IntegratedGradients(NeuronAttributionMethod):
     """IG (Dai et al. 2022): zero baseline."""
 
     name = "ig"
+    zero_baseline = True
 
     def baselines(self, lm, query, target_index):
         return None
@@ -375,7 +384,7 @@ class AMIG(NeuronAttributionMethod):
 class SIG(NeuronAttributionMethod):
     """Sequential IG (Enguehard 2023) on neurons: one path per prompt word j from the activations
     with word j replaced by the mask (or pad, or EOS) token; each word's attribution is L2
-    normalised, the sum is rescaled to the sum of the raw attributions."""
+    normalised, and the sum is scaled by the mean per-word norm (see :meth:`combine`)."""
 
     name = "sig"
 
@@ -387,12 +396,16 @@ class SIG(NeuronAttributionMethod):
         return word_baselines(lm, query, target_index, replacement)
 
     def combine(self, per_baseline):
-        norms = per_baseline.flatten(1).norm(dim=1).clamp_min(1e-30)
-        normalised = (per_baseline / norms[:, None, None]).sum(0)
-        total, normalised_total = per_baseline.sum(), normalised.sum()
-        if normalised_total.abs() < 1e-30:
-            return normalised
-        return normalised * (total / normalised_total)
+        """sum_j IG_j / ||IG_j||, times the mean ||IG_j||: every word weighs the same, and the scores
+        keep the raw attributions' units. The factor is positive, so no neuron changes sign. (The
+        BERT-era rescale to sum_j sum(IG_j) / sum(normalised) flips every score where those two
+        totals differ in sign, and the KN set becomes the most negative neurons.)"""
+        norms = per_baseline.flatten(1).norm(dim=1)
+        words = norms > 0  # a word whose replacement changes nothing carries no direction
+        if not bool(words.any()):
+            return torch.zeros_like(per_baseline[0])
+        normalised = (per_baseline[words] / norms[words, None, None]).sum(0)
+        return normalised * norms[words].mean()
 
 
 METHODS: dict[str, type[NeuronAttributionMethod]] = {m.name: m for m in (IntegratedGradients, AMIG, SIG)}
@@ -421,18 +434,19 @@ def attribute(
     method: str = "ig",
     steps: int = 20,
     rule: Rule = "right",
-    answer_tokens: AnswerTokens = "all",
+    answer_tokens: AnswerTokens = "first",
     max_batch_rows: int | None = None,
 ) -> Attribution:
     """Attribution scores of every neuron for ``answer`` after ``prompt`` (METHODS.md section 3).
 
-    Multi-token answers are teacher forced and their per-token scores averaged
-    (``answer_tokens="first"`` uses token 0 only)."""
+    F is the probability of the answer's first token (a causal LM's probability of the answer
+    being started); ``answer_tokens="all"`` teacher-forces a multi-token answer and averages the
+    per-token scores."""
     if method not in METHODS:
         raise QlocError(f"unknown attribution method {method!r}: choose {', '.join(METHODS)}")
     if answer_tokens not in ("all", "first"):
         raise QlocError(f"answer_tokens={answer_tokens!r}: choose all or first")
-    if method == "ig" and lm.arch.mlp_output_normalized:
+    if METHODS[method].degenerate_on(lm.arch):
         warnings.warn(
             f"{lm.name!r} ({lm.arch.family}) normalises the MLP output before the residual add, so F is flat "
             "in a uniform scaling of the activations and IG scores with a zero baseline sum to about 0. "

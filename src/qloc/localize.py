@@ -33,7 +33,7 @@ class LocalizeConfig:
     methods: tuple[str, ...] = ("ig", "amig", "sig")
     steps: int = 20
     rule: str = "right"
-    answer_tokens: str = "all"
+    answer_tokens: str = "first"
     threshold: float = 0.2
     """KN set: score >= threshold * max score (Dai et al.)."""
     top_k: int | None = None
