@@ -11,8 +11,8 @@ import pytest
 from scipy import stats
 
 from qloc.consistency import (
-    classify, consistency_score, fact_consistency, ki_share_curve, otsu_threshold, relation_summary, table1,
-    violin_figure, welch,
+    classify, consistency_score, fact_consistency, ki_share_curve, null_consistency, otsu_threshold, relation_summary,
+    table1, threshold_sensitivity, violin_figure, welch,
 )
 from test_store import kill_midway
 
@@ -130,3 +130,91 @@ def test_bad_localize_options_are_refused_before_anything_is_stored(tmp_path, op
                              *option], capture_output=True, text=True)
     assert result.returncode == 2 and option[1] in result.stderr and "Traceback" not in result.stderr
     assert not (run / "qloc.sqlite").exists()
+
+
+def fact_rows(fact_sets, method="amig", model="m"):
+    """kn_sets rows for facts given as lists of query KN sets."""
+    return pd.DataFrame([
+        {"model": model, "fact_id": f"P1/{f}", "relation": "P1", "method": method, "query_index": q, "kn": json.dumps(kn)}
+        for f, sets in enumerate(fact_sets) for q, kn in enumerate(sets)
+    ])
+
+
+def test_null_groups_queries_of_different_facts():
+    # Every fact's queries share its own neuron and a format neuron (0, 0) that every query holds.
+    facts = [[[[0, 0], [1, f]], [[0, 0], [1, f]], [[0, 0], [2, f]]] for f in range(6)]
+    frame = fact_rows(facts)
+    null = null_consistency(frame, groups=60, seed=3)
+    assert len(null) == 60 and set(null["size"]) == {3}
+    # A group of queries from 3 different facts shares only (0, 0): CS = 1 / (1 + 3 own neurons) ...
+    # unless two drawn queries have their (2, f) / (1, f) neuron from the same fact, which they cannot.
+    assert (null["cs"] == 0.25).all()
+    cs = fact_consistency(frame)
+    assert (cs["cs_relaxed"] == 2 / 3).all()  # (0, 0) and (1, f) are in more than one set of the fact
+    classified = classify(cs, null=null)
+    assert classified["above_null"].all() and (classified["cs_null_mean"] == 0.25).all()
+    pd.testing.assert_frame_equal(null, null_consistency(frame, groups=60, seed=3))
+    assert not null_consistency(frame, groups=60, seed=4)["cs"].isna().any()
+
+
+def test_null_group_size_is_capped_by_the_number_of_facts():
+    facts = [[[[0, 0]]] * 5, [[[1, 1]], [[1, 2]]]]
+    null = null_consistency(fact_rows(facts), groups=10)
+    assert set(null["size"]) == {2}
+    assert null_consistency(fact_rows(facts[:1]), groups=10).empty  # one fact: no chance groups
+
+
+def test_table1_reports_the_null_and_keeps_degenerate_methods_out_of_u_ki():
+    cs = hand_made_cs()
+    cs["degenerate"] = cs["method"] == "ig"
+    null = pd.DataFrame({"model": "m", "method": ["ig", "amig", "sig"] * 10, "size": 2,
+                         "cs": [0.04] * 15 + [0.06] * 15})
+    table = table1(classify(cs, null=null))
+    static = table[table.threshold == "static"].set_index("method")
+    assert static.loc["ig", "degenerate"] and not static.loc["amig", "degenerate"]
+    # amig KI,KC,KI,KC and sig KI,KI,KI,KC: facts 0 and 2 are KI under both (ig left out).
+    assert static.loc["amig", "U_KI"] == pytest.approx(0.5)
+    assert {"cs_null_mean", "cs_null_p95", "R_above_null"} <= set(table)
+    p95 = np.quantile(null[null.method == "sig"]["cs"], 0.95)
+    sig = cs[cs.method == "sig"]["cs_relaxed"]
+    assert static.loc["sig", "R_above_null"] == pytest.approx(float((sig > p95).mean()))
+
+
+def test_threshold_sensitivity_recomputes_sets_per_rule():
+    import torch
+
+    from qloc.attribution import kn_set
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for f in range(5):
+        shared = torch.rand(2, 8, generator=generator)
+        for q in range(3):
+            scores = shared + 0.5 * torch.rand(2, 8, generator=generator)
+            for rule, kn in (("t=0.2", kn_set(scores, 0.2)), ("t=0.5", kn_set(scores, 0.5)), ("top10", kn_set(scores, top_k_neurons=10))):
+                rows.append({"model": "m", "fact_id": f"P1/{f}", "relation": "P1", "method": "amig", "query_index": q,
+                             "kn": kn, "kn_size": len(kn), "kn_rule": rule, "degenerate": False})
+    table = threshold_sensitivity(pd.DataFrame(rows)).set_index("kn_rule")
+    assert list(table.index) == ["t=0.2", "t=0.5", "top10"]
+    assert table.loc["top10", "mean_kn_size"] == 10
+    assert table.loc["t=0.2", "mean_kn_size"] > table.loc["t=0.5", "mean_kn_size"]
+    assert table["R_KI_static"].between(0, 1).all() and table["cs_null_mean"].notna().all()
+
+
+def test_cli_consistency_writes_the_null_and_the_sensitivity_table(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    subprocess.run(_localize(tiny_model_dir, run)[:-1] + ["--relations", "P19,P36,P101", "--save-scores", "--quiet"],
+                   check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "qloc.cli", "consistency", "--run-dir", str(run)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(run / "tables" / "table1.csv")
+    assert table["cs_null_mean"].between(0, 1).all() and not table["degenerate"].any()  # a Llama: IG is sound
+    sensitivity = pd.read_csv(run / "tables" / "threshold_sensitivity.csv")
+    assert set(sensitivity["kn_rule"]) == {"t=0.1", "t=0.2", "t=0.3", "t=0.5", "top10", "top50"}
+    assert set(sensitivity["method"]) == {"ig", "amig"} and (sensitivity["facts"] == 3).all()
+    static = table[table.threshold == "static"].set_index("method")
+    at_default = sensitivity[sensitivity.kn_rule == "t=0.2"].set_index("method")
+    # The fp16 dense scores give the stored fp32 KN sets' KI share, up to neurons on the cut.
+    assert (at_default["R_KI_static"] - static["R_KI"]).abs().max() <= 1 / 3
+    assert (run / "figures" / "threshold_sensitivity.png").exists() and (run / "tables" / "cs_null.csv").exists()
