@@ -107,19 +107,33 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
     base = [sys.executable, "-m", "qloc.cli"]
     subprocess.run(base + ["localize", "--model", str(tiny_model_dir), "--run-dir", str(run), "--relations", "P19,P36,P101",
                            "--methods", "amig", "--steps", "3", "--device", "cpu", "--quiet"], check=True, capture_output=True)
-    for mode in ("erase", "update"):
-        result = subprocess.run(base + ["edit", "--run-dir", str(run), "--mode", mode, "--device", "cpu", "--quiet"],
-                                capture_output=True, text=True)
+    for mode, options in (("erase", []), ("update", ["--shared-filter", "off", "--edit-sign", "none"])):
+        result = subprocess.run(base + ["edit", "--run-dir", str(run), "--mode", mode, "--device", "cpu", "--quiet"]
+                                + options, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
     with qloc.RunStore.open_existing(run) as store:
         edits = store.frame("edits")
+        params = store.params("edit-update-amig")
+    assert params["shared_filter"] is None and params["edit_sign"] == "none"
     assert len(edits) == 2 * 3 * 3 and set(edits["kn_set"]) == {"self", "union", "cas"}
     assert edits[edits["mode"] == "update"]["new_object"].notna().all()
-    assert ((edits["rel"] >= 0) & (edits["rel"] <= 1) & (edits["loc"] >= 0) & (edits["loc"] <= 1)).all()
+    # The tiny model's 192 neurons are shared by every fact: the default filter empties some sets,
+    # which are recorded but not edited; with the filter off every set is edited.
+    erase = edits[edits["mode"] == "erase"]
+    assert (erase["kn_dropped"] > 0).any() and (erase[erase["kn_size"] == 0]["rel"].isna()).all()
+    update = edits[edits["mode"] == "update"]
+    assert (update["kn_dropped"] == 0).all() and (update["kn_size"] > 0).all()
+    edited = edits[edits["kn_size"] > 0]
+    assert ((edited["rel"] >= 0) & (edited["rel"] <= 1) & (edited["loc"] >= 0) & (edited["loc"] <= 1)).all()
+    assert edited["prob_before"].between(0, 1).all() and edited["prob_after"].between(0, 1).all()
+    assert update["new_prob_after"].notna().all() and erase["new_prob_after"].isna().all()
+    assert (edited["neighbours_moved"] <= edited["neighbours"]).all()
     table3 = pd.read_csv(run / "tables" / "table3.csv")
     assert set(table3["mode"]) == {"erase", "update"} and set(table3["kn_set"]) == {"self", "union", "cas"}
     assert set(pd.read_csv(run / "tables" / "table2.csv")["kn_set"]) == {"self", "union"}
     assert table3["facts"].sum() == 2 * 3 * 3 and (table3["dppl_median"] <= table3["dppl"].abs().max() + 1e-12).all()
+    assert table3["empty_sets"].sum() == int((edits["kn_size"] == 0).sum())
+    assert {"catastrophic", "moved_right", "prob_before_median", "prob_after_median", "kn_dropped"} <= set(table3)
 
 
 def test_sequential_editing_restores_the_model(word_tokenizer):
@@ -153,3 +167,115 @@ def test_case_study_table_and_restore(word_tokenizer):
     assert list(table.role) == ["query", "neighbour"] and table.kn_size[0] > 0
     assert table.before[0] == greedy_continuation(lm, queries[0], 4)
     assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
+
+
+def tied_gated_model(word_tokenizer, seed: int = 0):
+    """A tiny Llama whose output head is its input embedding, as in SmolLM2 and Gemma: moving the
+    residual stream along e(o) moves o's logit."""
+    import transformers
+
+    from conftest import tiny_config
+
+    torch.manual_seed(seed)
+    config = tiny_config("llama", len(word_tokenizer))
+    config.tie_word_embeddings = True
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return qloc.wrap_model(model, word_tokenizer, name="tiny-tied-llama")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sign_aware_erasure_lowers_the_answer_on_a_gated_model(word_tokenizer, seed):
+    """Gated activations are signed. Eq. (2) applied literally to neurons with a < 0 adds
+    |a| ||v|| e(o) / ||e(o)|| to the residual stream and raises the answer; following each
+    activation's sign lowers it."""
+    from qloc.editing import activation_signs, target_activations
+
+    lm = tied_gated_model(word_tokenizer, seed)
+    answer = "France"
+    activations = target_activations(lm, [PROMPT], answer)
+    last = lm.num_layers - 1
+    ranked = activations[0, last].abs().argsort(descending=True)[:16].tolist()
+    neurons = [(last, i) for i in ranked]
+    signs = activation_signs(activations, neurons)
+    negative = [u for u, sign in zip(neurons, signs) if sign < 0]
+    assert 0 < len(negative) < len(neurons)  # both signs present: the case the rule is for
+    before = qloc.score_cloze(lm, [PROMPT], [answer])[0].prob
+    with edit_knowledge(lm, neurons, answer, signs=signs):
+        aware = qloc.score_cloze(lm, [PROMPT], [answer])[0].prob
+    with edit_knowledge(lm, negative, answer):  # the literal equation on the negative ones
+        literal = qloc.score_cloze(lm, [PROMPT], [answer])[0].prob
+    assert aware < before < literal
+
+
+def test_sign_zero_leaves_a_neuron_unedited(word_tokenizer):
+    lm = make_tiny_model("llama", word_tokenizer)
+    before = weights(lm)
+    with edit_knowledge(lm, [(0, 1), (1, 2)], "France", signs=[0, -1]):
+        assert torch.equal(lm.value_vectors(0)[1], before_vector(before, lm, 0, 1))
+        original = before_vector(before, lm, 1, 2).float()
+        e = answer_embedding(lm, "France")
+        torch.testing.assert_close(lm.value_vectors(1)[2], original + original.norm() / e.norm() * e)
+    with pytest.raises(qloc.QlocError, match="2 signs for 1 neurons"):
+        with edit_knowledge(lm, [(0, 1)], "France", signs=[1, 1]):
+            pass
+
+
+def test_signs_follow_the_mean_activation():
+    from qloc.editing import activation_signs
+
+    activations = torch.zeros(3, 2, 4)
+    activations[:, 0, 1] = torch.tensor([2.0, -1.0, -0.5])  # mean +0.17
+    activations[:, 1, 3] = torch.tensor([-2.0, 1.0, 0.5])   # mean -0.17
+    assert activation_signs(activations, [(0, 1), (1, 3), (1, 0)]) == [1, -1, 0]
+    assert activation_signs(activations[1:2], [(0, 1), (1, 3)]) == [-1, 1]  # Self: the edited query alone
+
+
+def test_shared_filter_drops_neurons_many_facts_hold():
+    from qloc.knsets import FactKnowledge, filtered_knowledge, shared_neurons
+
+    common, relation_only = (9, 9), (8, 8)
+    knowledge = {}
+    for i in range(12):  # relation P1 has 12 facts: shares are counted within it
+        sets = [[(0, i), common], [(1, i)] + ([relation_only] if i < 2 else [])]
+        knowledge[f"P1/{i}"] = FactKnowledge(sets, [(0, i), common], "P1")
+    for i in range(3):  # P2 has 3 facts (< 10): counted over all 15 facts of the run
+        knowledge[f"P2/{i}"] = FactKnowledge([[(2, i), common], [(2, i)]], [common], "P2")
+    removed = shared_neurons(knowledge, 0.10)
+    # common: 15 facts (> 1.2 of P1's 12, > 1.5 of all 15); relation_only: 2 of P1's 12 facts (> 1.2).
+    assert removed["P1/0"] == {common, relation_only} and removed["P1/5"] == {common}
+    assert removed["P2/1"] == {common}
+    assert shared_neurons(knowledge, 0.2)["P1/0"] == {common}  # 2 of 12 is not above 20 %
+    filtered = filtered_knowledge(knowledge, 0.10)
+    assert filtered["P1/0"].kn_set("self") == [(0, 0)] and filtered["P2/0"].kn_set("cas") == []
+    assert filtered["P1/0"].query_sets[1] == [(1, 0)]
+    assert filtered_knowledge(knowledge, None)["P1/0"].kn_set("self") == [(0, 0), common]
+    # A neuron of one fact is never shared, however few facts the run has.
+    pair = {"P3/0": FactKnowledge([[(0, 0)], [(0, 0)]], [], "P3"), "P4/0": FactKnowledge([[(1, 1)], [(1, 1)]], [], "P4")}
+    assert shared_neurons(pair, 0.1) == {"P3/0": frozenset(), "P4/0": frozenset()}
+    with pytest.raises(qloc.QlocError, match="share 1.5"):
+        shared_neurons(knowledge, 1.5)
+
+
+@pytest.mark.real_model
+def test_sign_aware_erasure_on_smollm2_lowers_a_known_answer(smollm2):
+    """SmolLM2 ranks Paris first here (P = 0.70). Erasing through the query's own AMIG KN set with
+    the signs of its activations lowers P(Paris); about half of the set has negative activations,
+    and the literal equation through those alone raises it."""
+    from qloc.attribution import attribute
+    from qloc.editing import activation_signs, target_activations
+
+    prompt, answer = "The Eiffel Tower is located in the city of", "Paris"
+    before = qloc.score_cloze(smollm2, [prompt], [answer])[0]
+    assert before.rank == 0
+    neurons = attribute(smollm2, prompt, answer, "amig", steps=10).kn_set()
+    signs = activation_signs(target_activations(smollm2, [prompt], answer), neurons)
+    negative = [u for u, sign in zip(neurons, signs) if sign < 0]
+    assert len(negative) > 0.2 * len(neurons)
+    with edit_knowledge(smollm2, neurons, answer, signs=signs):
+        aware = qloc.score_cloze(smollm2, [prompt], [answer])[0].prob
+    with edit_knowledge(smollm2, negative, answer):
+        literal = qloc.score_cloze(smollm2, [prompt], [answer])[0].prob
+    assert aware < 0.5 * before.prob and literal > before.prob

@@ -29,12 +29,16 @@ def test_unrelated_never_exceeds_the_free_neurons():
     assert len(mapping_sets(crowded, 0, (1, 4), random.Random(0))["unrelated"]) == 1
 
 
-def test_table_means_per_class_and_overall():
-    rows = [{"method": "ig", "operation": "suppress", "kn_set": "self", "class": c, "dprob": d}
-            for c, d in (("KC", -0.5), ("KC", -0.3), ("KI", -0.1))]
+def test_table_means_medians_and_intervals_per_class_and_overall():
+    rows = [{"method": "ig", "operation": "suppress", "kn_set": "self", "class": c, "dprob": d, "set_size": n}
+            for c, d, n in (("KC", -0.5, 3), ("KC", -0.3, 2), ("KC", 40.0, 1), ("KI", -0.1, 4), ("KI", 0.0, 0))]
     table = mapping_table(pd.DataFrame(rows)).set_index("class")
-    assert table.loc["KC", "dprob"] == -0.4 and table.loc["KI", "dprob"] == -0.1
-    assert abs(table.loc["Avg", "dprob"] - (-0.9 / 3)) < 1e-12 and table.loc["Avg", "queries"] == 3
+    assert abs(table.loc["KC", "dprob"] - 39.2 / 3) < 1e-12 and table.loc["KC", "dprob_median"] == -0.3
+    assert table.loc["KI", "dprob"] == -0.05 and table.loc["KI", "empty_sets"] == 1
+    assert table.loc["Avg", "queries"] == 5 and table.loc["Avg", "empty_sets"] == 1
+    # One outlier decides the KC mean; its interval says so, the median does not move.
+    assert table.loc["KC", "ci_low"] <= -0.3 and table.loc["KC", "ci_high"] >= 39.0 / 3
+    assert (table["ci_low"] <= table["dprob"]).all() and (table["dprob"] <= table["ci_high"]).all()
 
 
 def test_cli_mapping(tmp_path, tiny_model_dir):
@@ -51,4 +55,7 @@ def test_cli_mapping(tmp_path, tiny_model_dir):
     self_sets = mapping[mapping.kn_set == "self"]
     assert (mapping[mapping.kn_set == "unrelated"].set_size.to_numpy() == self_sets.set_size.to_numpy()).all()
     assert (run / "figures" / "fig4_mapping.svg").exists()
-    assert set(pd.read_csv(run / "tables" / "fig4_mapping.csv")["class"]) >= {"Avg"}
+    table = pd.read_csv(run / "tables" / "fig4_mapping.csv")
+    assert set(table["class"]) >= {"Avg"} and {"dprob_median", "ci_low", "ci_high", "empty_sets"} <= set(table)
+    # The tiny model's KNs are shared by every fact: the default shared filter removes some.
+    assert (mapping[mapping.kn_set == "self"].self_dropped > 0).any()

@@ -136,7 +136,7 @@ def test_attention_attribution_is_complete_at_200_steps(word_tokenizer, model_ty
 
 def test_multi_token_answers_average_their_prefixes(word_tokenizer):
     lm = make_tiny_model("llama", word_tokenizer)
-    both = attribute_attention(lm, "The capital of", "France is", steps=3)
+    both = attribute_attention(lm, "The capital of", "France is", steps=3, answer_tokens="all")
     first = attribute_attention(lm, "The capital of", "France is", steps=3, answer_tokens="first")
     assert both.scores.shape[-1] == first.scores.shape[-1] + 1 and len(both.answer_tokens) == 2
     assert both.f_input.shape == (2,) and first.f_input.shape == (1,)
@@ -220,7 +220,7 @@ def test_multi_token_answers_manipulate_only_synapses_of_the_first_tokens_prefix
     fact = Fact("P1/0", "P1", "test", "France", "New York", ("The capital of France is", "France has its capital in"))
     knowledge = {fact.id: FactKnowledge([[(0, 1), (1, 2)], [(1, 2), (2, 3)]], [])}
     writer = UnitWriter()
-    synapse_work(lm, SynapseConfig(steps=3, threshold=0.0001), knowledge)(fact, writer)
+    synapse_work(lm, SynapseConfig(steps=3, threshold=0.0001, answer_tokens="all"), knowledge)(fact, writer)
     found, effects = pd.DataFrame(writer.rows["synapses"]), pd.DataFrame(writer.rows["synapse_effects"])
     prompt_length = encode_query(lm, fact.queries[0], fact.object).target_positions[0] + 1
     stored = found.synapses[0]

@@ -42,13 +42,16 @@ BatchOpt = Annotated[int, typer.Option(help="Queries per forward pass.")]
 # -- attribution options, shared by `attribute` and `localize` -------------------------------
 StepsOpt = Annotated[int, typer.Option(help="Integration steps m.")]
 RuleOpt = Annotated[str, typer.Option(help="right (the paper's eq. 8), midpoint or gauss (Gauss-Legendre).")]
-AnswerTokensOpt = Annotated[str, typer.Option(help="all: average over teacher-forced answer tokens; first: token 0 only.")]
+AnswerTokensOpt = Annotated[str, typer.Option(help="first: F = P(first answer token), the default; all: average over teacher-forced answer tokens.")]
 ThresholdOpt = Annotated[float, typer.Option(help="KN set: score >= threshold * max score.")]
 TopKOpt = Annotated[Optional[int], typer.Option(help="KN set: the k best neurons instead of the threshold.")]
 MaxRowsOpt = Annotated[Optional[int], typer.Option(help="Rows per forward/backward chunk (default: automatic).")]
 # -- the experiments that read a localize run ---------------------------------------------------
 LocalizedRunOpt = Annotated[Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")]
 KnMethodOpt = Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")]
+SharedFilterOpt = Annotated[str, typer.Option(
+    "--shared-filter", help="Drop KNs held by more than this share of the relation's facts before the experiment "
+    "(Dai et al.: 0.1; relations with under 10 facts in the run count over all its facts), or off.")]
 # -- where a sweep runs, shared by every sweep command ------------------------------------------
 ExecutorOpt = Annotated[str, typer.Option(help="local (this process) or ray (one model replica per GPU, or per CPU core with --workers).")]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster: auto, HOST:PORT (default: start a local one).")]
@@ -219,6 +222,15 @@ def cloze(
     _print_cloze_summary(frame, summary)
 
 
+def _shared_filter(value: str) -> float | None:
+    if value.strip().lower() == "off":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise QlocError(f"--shared-filter {value!r}: a share such as 0.1, or off") from None
+
+
 def _env(lm) -> dict:
     from .executors import model_environment
 
@@ -261,7 +273,7 @@ def attribute(
     method: Annotated[str, typer.Option(help="ig, amig or sig (METHODS.md section 3).")] = "ig",
     steps: StepsOpt = 20,
     rule: RuleOpt = "right",
-    answer_tokens: AnswerTokensOpt = "all",
+    answer_tokens: AnswerTokensOpt = "first",
     threshold: ThresholdOpt = 0.2,
     top_k: TopKOpt = None,
     top: Annotated[int, typer.Option(help="How many top neurons to print.")] = 10,
@@ -330,7 +342,7 @@ def localize(
     methods: Annotated[str, typer.Option(help="Comma-separated attribution methods: ig, amig, sig.")] = "ig,amig,sig",
     steps: StepsOpt = 20,
     rule: RuleOpt = "right",
-    answer_tokens: AnswerTokensOpt = "all",
+    answer_tokens: AnswerTokensOpt = "first",
     threshold: ThresholdOpt = 0.2,
     top_k: TopKOpt = None,
     save_scores: Annotated[bool, typer.Option("--save-scores", help="Also store dense scores (fp16, compressed).")] = False,
@@ -420,6 +432,7 @@ def _localized_run(run_dir: Path, method: Optional[str], device: str, quiet: boo
 def mapping(
     run_dir: LocalizedRunOpt,
     method: KnMethodOpt = None,
+    shared_filter: SharedFilterOpt = "0.1",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     executor: ExecutorOpt = "local",
@@ -428,14 +441,15 @@ def mapping(
     quiet: QuietOpt = False,
 ) -> None:
     """The query-KN mapping experiment (Figure 4): suppress (x0) and enhance (x2) the Self, Union,
-    Intersection, Refine and Unrelated sets of every query; mean dProb per set and class."""
+    Intersection, Refine and Unrelated sets of every query; dProb per set and class (mean, median,
+    bootstrap 95 % interval)."""
     from .outputs import markdown_table, save_figure, write_table
     from .executors import SweepPlan
     from .mapping import MappingConfig, mapping_figure, mapping_table, mapping_work
     from .store import RunStore
 
     run = _localized_run(run_dir, method, device, quiet)
-    config = MappingConfig(method=run.method, seed=seed)
+    config = MappingConfig(method=run.method, seed=seed, shared_filter=_shared_filter(shared_filter))
     params = {"model": run.params["model"], "dtype": run.params["dtype"], **config.params()}
     plan = SweepPlan(run_dir, config.stage, params, run.facts, partial(mapping_work, config=config, knowledge=run.knowledge),
                      run.model, f"mapping {run.method}")
@@ -455,7 +469,7 @@ def synapses(
     method: KnMethodOpt = None,
     steps: StepsOpt = 20,
     rule: RuleOpt = "right",
-    answer_tokens: AnswerTokensOpt = "all",
+    answer_tokens: AnswerTokensOpt = "first",
     threshold: Annotated[float, typer.Option(help="Knowledge synapses: score >= threshold * max score.")] = 0.3,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N of the run's facts in a seeded order (raise it later to extend the run).")] = None,
     heatmaps: Annotated[int, typer.Option(help="Facts drawn as KN-activation heatmaps (Figures 5, 10).")] = 3,
@@ -509,6 +523,10 @@ def edit(
     method: KnMethodOpt = None,
     lambda1: Annotated[float, typer.Option(help="Weight of the old answer's removal (Dai et al.: 1).")] = 1.0,
     lambda2: Annotated[float, typer.Option(help="Weight of the new answer's addition (Dai et al.: 8).")] = 8.0,
+    edit_sign: Annotated[str, typer.Option(
+        help="activation: each KN's change times the sign of its activation (gated MLPs have negative ones); "
+        "none: the literal equation.")] = "activation",
+    shared_filter: SharedFilterOpt = "0.1",
     sequential: Annotated[int, typer.Option(help="Edit N sampled facts one after another (Table 7); 0: one at a time.")] = 0,
     seeds: Annotated[int, typer.Option(help="Sequential editing: repeats with different samples.")] = 5,
     case: Annotated[Optional[str], typer.Option(help="Case study (Table 8): edit the fact this query asks, print greedy continuations.")] = None,
@@ -537,7 +555,7 @@ def edit(
             raise QlocError("a --case update needs --new (the object to write); an erasure takes none")
         if sequential:
             raise QlocError("--case edits one fact; it does not combine with --sequential")
-        _case_study(case, answer, new, model, method or "ig", sets.split(",")[0], run_dir, device, quiet)
+        _case_study(case, answer, new, model, method or "ig", sets.split(",")[0], edit_sign, run_dir, device, quiet)
         return
     if run_dir is None:
         raise QlocError("--run-dir (a localize run) is needed, except for a --case study")
@@ -545,7 +563,8 @@ def edit(
         raise QlocError("--answer and --new are for --case studies; a run's updates draw o' from the relation")
     run = _localized_run(run_dir, method, device, quiet)
     config = EditConfig(mode=mode, sets=tuple(s.strip() for s in sets.split(",") if s.strip()), method=run.method,
-                        lambda1=lambda1, lambda2=lambda2, seed=seed)
+                        lambda1=lambda1, lambda2=lambda2, seed=seed, edit_sign=edit_sign,
+                        shared_filter=_shared_filter(shared_filter))
     localized, knowledge, dataset, facts = run.params, run.knowledge, run.dataset, run.facts
     passages = wikitext_passages(config.ppl_passages, seed=seed)
     params = {"model": localized["model"], "dtype": localized["dtype"], **config.params()}
@@ -577,7 +596,7 @@ def edit(
 
 
 def _case_study(query: str, answer: Optional[str], new: Optional[str], model: str, method: str, set_name: str,
-                run_dir: Optional[Path], device: str, quiet: bool) -> None:
+                edit_sign: str, run_dir: Optional[Path], device: str, quiet: bool) -> None:
     from .outputs import write_table
     from .edit_study import case_study
     from .pararel import causal_prompt, load_pararel
@@ -597,7 +616,7 @@ def _case_study(query: str, answer: Optional[str], new: Optional[str], model: st
     answer = answer or fact.object
     queries = [prompt] + ([q for q in fact.queries if q != prompt] if fact else [])
     lm = _load(model, device, dtype, quiet)
-    table = case_study(lm, queries, answer, new, method, set_name)
+    table = case_study(lm, queries, answer, new, method, set_name, edit_sign=edit_sign)
     if run_dir is not None:
         write_table(table, run_dir / "tables", "table8")
     view = Table("", "prompt", "before", "after", title=f"{answer!r} -> {new!r} via {set_name} ({method}, {table.kn_size[0]} KNs)")
@@ -653,7 +672,7 @@ def reproduce(
     sweep = {"device": device, "executor": executor, "ray_address": ray_address, "workers": workers, "quiet": quiet}
     steps = [
         ("localize (IG, AMIG, SIG)", lambda: localize(
-            run_dir=run_dir, model=model, methods="ig,amig,sig", steps=20, rule="right", answer_tokens="all", threshold=0.2,
+            run_dir=run_dir, model=model, methods="ig,amig,sig", steps=20, rule="right", answer_tokens="first", threshold=0.2,
             top_k=None, save_scores=False, data=None, relations=None, facts_per_relation=settings["facts_per_relation"],
             limit=settings["limit"], seed=seed, query_filter="mask_final", max_batch_rows=None, dtype=dtype, **sweep)),
         ("KN consistency", lambda: consistency(run_dirs=[run_dir], out_dir=run_dir, strict=False)),
@@ -661,9 +680,9 @@ def reproduce(
         ("update", lambda: edit(run_dir=run_dir, mode="update", method=method, seed=seed, **_EDIT_DEFAULTS, **sweep)),
         ("sequential update", lambda: edit(run_dir=run_dir, mode="update", method=method, seed=seed,
                                            **dict(_EDIT_DEFAULTS, sequential=settings["sequential"], seeds=settings["seeds"]), **sweep)),
-        ("query-KN mapping", lambda: mapping(run_dir=run_dir, method=method, seed=seed, **sweep)),
+        ("query-KN mapping", lambda: mapping(run_dir=run_dir, method=method, shared_filter="0.1", seed=seed, **sweep)),
         ("knowledge synapses", lambda: synapses(
-            run_dir=run_dir, method=method, steps=20, rule="right", answer_tokens="all", threshold=0.3,
+            run_dir=run_dir, method=method, steps=20, rule="right", answer_tokens="first", threshold=0.3,
             limit=settings["synapse_facts"], heatmaps=3, seed=seed, max_batch_rows=None, **sweep)),
         ("report", lambda: report(run_dirs=[run_dir], out_file=None)),
     ]
@@ -672,8 +691,8 @@ def reproduce(
         run_step()
 
 
-_EDIT_DEFAULTS = {"sets": "self,union,cas", "lambda1": 1.0, "lambda2": 8.0, "sequential": 0, "seeds": 5, "case": None,
-                  "new": None, "answer": None, "model": "smollm2-135m"}
+_EDIT_DEFAULTS = {"sets": "self,union,cas", "lambda1": 1.0, "lambda2": 8.0, "edit_sign": "activation", "shared_filter": "0.1",
+                  "sequential": 0, "seeds": 5, "case": None, "new": None, "answer": None, "model": "smollm2-135m"}
 
 
 @app.command()
@@ -688,7 +707,7 @@ def demo(
 ) -> None:
     """The main job, small: localize knowledge neurons of a few sampled ParaRel facts on the
     default model and report their KN consistency (Table 1 and figures). Resumable."""
-    localize(run_dir=run_dir, model=model, methods=methods, steps=20, rule="right", answer_tokens="all", threshold=0.2,
+    localize(run_dir=run_dir, model=model, methods=methods, steps=20, rule="right", answer_tokens="first", threshold=0.2,
              top_k=None, save_scores=False, data=None, relations=None, facts_per_relation=1, limit=facts, seed=seed,
              query_filter="mask_final", max_batch_rows=None, device=device, dtype="float32", quiet=quiet)
     consistency(run_dirs=[run_dir], out_dir=None, strict=False)

@@ -4,6 +4,11 @@ Per fact of a localize run: edit through each KN set (Self = the first query's K
 all queries' sets, CAS), measure Rel, Gen, Loc, Avg and the relative perplexity change, restore
 the model bit-exactly, and store one row per (fact, set). KC/KI classes come from the run's KN
 consistency under the static threshold, so Table 2/3 rows are split by class.
+
+Before editing, the shared-neuron filter drops KNs that a large share of the relation's facts
+hold (:func:`qloc.knsets.shared_neurons`), and each KN's change follows the sign of its activation
+(:mod:`qloc.editing`). Every row records the evidence: the answer's probability on the edited
+query before and after, how many neighbours moved, and how many KNs the filter removed.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import torch
 
 from .attribution import attribute, kn_set
 from .cas import cas_set
-from .cloze import score_cloze
+from .cloze import ClozeScore, score_cloze
 from .consistency import STATIC_THRESHOLD
-from .editing import LAMBDA1, LAMBDA2, edit_knowledge, perplexity
+from .editing import EDIT_SIGNS, LAMBDA1, LAMBDA2, activation_signs, edit_knowledge, perplexity, target_activations
 from .errors import DataError, QlocError
-from .knsets import FactKnowledge
+from .knsets import SHARED_FILTER, FactKnowledge, filtered_knowledge
 from .models import LoadedModel
 from .pararel import Fact
 from .store import UnitWriter
@@ -31,6 +36,8 @@ from .tokens import answer_token_ids, pad_token_id
 
 KN_SETS = ("self", "union", "cas")
 METRICS = ["rel", "gen", "loc", "avg", "dppl"]
+CATASTROPHIC_DPPL = 1.0
+"""An edit that more than doubles WikiText perplexity has broken the model, whatever it did to the fact."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,10 @@ class EditConfig:
     ppl_tokens: int = 256
     static_threshold: float = STATIC_THRESHOLD
     seed: int = 0
+    edit_sign: str = "activation"
+    """``activation``: each KN's change times the sign of its activation; ``none``: the literal eq. (2)."""
+    shared_filter: float | None = SHARED_FILTER
+    """Drop KNs held by more than this share of the relation's facts before editing; None: off."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("erase", "update"):
@@ -52,6 +63,10 @@ class EditConfig:
         unknown = [s for s in self.sets if s not in KN_SETS]
         if unknown or not self.sets:
             raise QlocError(f"--sets {','.join(self.sets)}: choose from {', '.join(KN_SETS)}")
+        if self.edit_sign not in EDIT_SIGNS:
+            raise QlocError(f"--edit-sign {self.edit_sign!r}: choose {' or '.join(EDIT_SIGNS)}")
+        if self.shared_filter is not None and not 0 < self.shared_filter <= 1:
+            raise QlocError(f"--shared-filter {self.shared_filter}: a share in (0, 1], or off")
 
     @property
     def stage(self) -> str:
@@ -84,17 +99,32 @@ class EditCase:
         unrelated = [(f.queries[0], f.object) for f in rng.sample(others, min(config.unrelated_queries, len(others)))]
         return cls(fact, config.mode, new_object, unrelated)
 
-    def unrelated_scores(self, lm: LoadedModel):
-        """Cloze scores of the unrelated queries for their own answers (Loc's reference)."""
-        return score_cloze(lm, [p for p, _ in self.unrelated], [o for _, o in self.unrelated])
-
-    def measure(self, lm: LoadedModel):
-        """Cloze scores of the query and its neighbours for the edit's target (o' for updates, o
-        for erasures), and of the unrelated queries for their own answers."""
-        target = self.new_object if self.mode == "update" else self.fact.object
+    def measure(self, lm: LoadedModel) -> "Measurement":
+        """Cloze scores of the fact's queries (the edited one first) for the old object and, for
+        updates, the new one, and of the unrelated queries for their own answers."""
         queries = list(self.fact.queries)
-        scores = score_cloze(lm, queries + [p for p, _ in self.unrelated], [target] * len(queries) + [o for _, o in self.unrelated])
-        return scores[0], scores[1 : len(queries)], scores[len(queries) :]
+        answers = [self.fact.object] + ([self.new_object] if self.new_object is not None else [])
+        prompts = [q for _ in answers for q in queries] + [p for p, _ in self.unrelated]
+        scores = score_cloze(lm, prompts, [a for a in answers for _ in queries] + [o for _, o in self.unrelated])
+        n = len(queries)
+        new = scores[n : 2 * n] if self.new_object is not None else None
+        return Measurement(scores[:n], new, scores[len(answers) * n :])
+
+
+@dataclass
+class Measurement:
+    """Scores of one fact's queries (the edited query first) and of its unrelated queries."""
+
+    old: list[ClozeScore]
+    """For the fact's object o."""
+    new: list[ClozeScore] | None
+    """For the new object o' (updates)."""
+    unrelated: list[ClozeScore]
+
+    @property
+    def target(self) -> list[ClozeScore]:
+        """What the edit aims at: o' for an update (to predict), o for an erasure (to stop predicting)."""
+        return self.new if self.new is not None else self.old
 
 
 def _by_relation(dataset: list[Fact]) -> dict[str, list[Fact]]:
@@ -104,35 +134,71 @@ def _by_relation(dataset: list[Fact]) -> dict[str, list[Fact]]:
     return by_relation
 
 
+def edit_evidence(mode: str, before: Measurement, after: Measurement) -> dict[str, float]:
+    """Rel/Gen/Loc/Avg and what shows the edit did what it should: the edited query's P(o) (and
+    P(o') for updates) before and after, whether it moved the right way (P(o) fell for an erasure,
+    P(o') rose for an update), and how many neighbour queries moved the right way."""
+    target_before, target_after = before.target, after.target
+    direction = 1 if mode == "update" else -1
+    moved = [direction * (a.prob - b.prob) > 0 for b, a in zip(target_before, target_after)]
+    return {
+        **edit_metrics(mode, target_after[0].accuracy, [s.accuracy for s in target_after[1:]],
+                       [s.argmax_tokens for s in before.unrelated], [s.argmax_tokens for s in after.unrelated]),
+        "prob_before": before.old[0].prob, "prob_after": after.old[0].prob,
+        "new_prob_before": before.new[0].prob if before.new is not None else float("nan"),
+        "new_prob_after": after.new[0].prob if after.new is not None else float("nan"),
+        "moved_right": float(moved[0]), "neighbours": len(moved) - 1, "neighbours_moved": int(sum(moved[1:])),
+    }
+
+
+def _signs(activations: torch.Tensor, set_name: str, neurons: list) -> list[int]:
+    """Self: signs at the edited query's target position; Union and CAS: of the mean activation over
+    the fact's queries (``activations``: [queries, L, d_ff], the edited query first)."""
+    return activation_signs(activations[:1] if set_name == "self" else activations, neurons)
+
+
+_NOT_EDITED = {key: float("nan") for key in (
+    "rel", "gen", "loc", "avg", "prob_before", "prob_after", "new_prob_before", "new_prob_after", "moved_right",
+    "ppl_after", "dppl")}
+
+
 def edit_work(lm: LoadedModel, config: EditConfig, knowledge: dict[str, FactKnowledge], dataset: list[Fact], passages: list[str]):
     """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
     by_relation = _by_relation(dataset)
+    filtered = filtered_knowledge(knowledge, config.shared_filter)
     ppl_before = perplexity(lm, passages, config.ppl_tokens)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
-        known = knowledge[fact.id]
+        original, known = knowledge[fact.id], filtered[fact.id]
         case = EditCase.draw(fact, config, by_relation, dataset)
         try:
             for answer in filter(None, (fact.object, case.new_object)):
                 answer_token_ids(lm, answer)  # fail here, before any edit, if an answer has no tokens
-            unrelated_before = case.unrelated_scores(lm)
+            before = case.measure(lm)
         except DataError as exc:
             raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
-        kind = known.knowledge_class(config.static_threshold)
-        new_object = case.new_object
+        activations = target_activations(lm, fact.queries, fact.object)
+        kind = original.knowledge_class(config.static_threshold)
         for set_name in config.sets:
             neurons = known.kn_set(set_name)
-            with edit_knowledge(lm, neurons, fact.object, new_object, config.lambda1, config.lambda2):
-                rel_score, gen_scores, unrelated_after = case.measure(lm)
-                ppl = perplexity(lm, passages, config.ppl_tokens)
-            metrics = edit_metrics(config.mode, rel_score.accuracy, [s.accuracy for s in gen_scores],
-                                   [s.argmax_tokens for s in unrelated_before], [s.argmax_tokens for s in unrelated_after])
-            writer.add("edits", {
+            signs = _signs(activations, set_name, neurons)  # recorded with the literal equation too
+            row = {
                 "fact_id": fact.id, "relation": fact.relation, "method": config.method, "mode": config.mode,
-                "kn_set": set_name, "class": kind, "cs": known.consistency, "kn_size": len(neurons),
-                "object": fact.object, "new_object": new_object, **metrics,
-                "ppl_before": ppl_before, "ppl_after": ppl, "dppl": (ppl - ppl_before) / ppl_before,
-            })
+                "kn_set": set_name, "class": kind, "cs": original.consistency, "kn_size": len(neurons),
+                "kn_dropped": len(original.kn_set(set_name)) - len(neurons),
+                "kn_negative": sum(1 for sign in signs if sign < 0),
+                "object": fact.object, "new_object": case.new_object, "query": fact.queries[0],
+                "ppl_before": ppl_before,
+            }
+            if not neurons:  # nothing to edit through: no measurement, counted as an empty set
+                writer.add("edits", {**row, **_NOT_EDITED, "neighbours": len(fact.queries) - 1, "neighbours_moved": 0})
+                continue
+            with edit_knowledge(lm, neurons, fact.object, case.new_object, config.lambda1, config.lambda2,
+                                signs if config.edit_sign == "activation" else None):
+                after = case.measure(lm)
+                ppl = perplexity(lm, passages, config.ppl_tokens)
+            writer.add("edits", {**row, **edit_evidence(config.mode, before, after),
+                                 "ppl_after": ppl, "dppl": (ppl - ppl_before) / ppl_before})
 
     return work
 
@@ -149,9 +215,12 @@ def sequential_edit(
     passages: list[str],
 ) -> dict[str, float]:
     """Table 7: ``count`` facts (sampled with seed ``repeat``) edited one after another through
-    their ``set_name`` KN sets without restoring in between; every metric measured after the
-    last edit and averaged over the edited facts. The model is restored bit-exactly afterwards."""
+    their ``set_name`` KN sets (after the shared-neuron filter) without restoring in between;
+    every metric measured after the last edit and averaged over the edited facts. Each edit's
+    signs are those of the activations of the model it edits (after the edits before it). The
+    model is restored bit-exactly afterwards."""
     by_relation = _by_relation(dataset)
+    filtered = filtered_knowledge(knowledge, config.shared_filter)
     chosen = random.Random(f"{config.seed}:sequential:{repeat}").sample(facts, min(count, len(facts)))
     cases = []
     for fact in chosen:
@@ -160,20 +229,22 @@ def sequential_edit(
         except SkipFact:
             continue
     ppl_before = perplexity(lm, passages, config.ppl_tokens)
-    before = [case.unrelated_scores(lm) for case in cases]
+    before = [case.measure(lm) for case in cases]
     with contextlib.ExitStack() as edits:  # unwinding restores the edits in reverse order
         for case in cases:
-            edits.enter_context(edit_knowledge(lm, knowledge[case.fact.id].kn_set(set_name), case.fact.object,
-                                               case.new_object, config.lambda1, config.lambda2))
-        per_fact = []
-        for case, unrelated_before in zip(cases, before):
-            rel_score, gen_scores, unrelated_after = case.measure(lm)
-            per_fact.append(edit_metrics(config.mode, rel_score.accuracy, [s.accuracy for s in gen_scores],
-                                         [s.argmax_tokens for s in unrelated_before],
-                                         [s.argmax_tokens for s in unrelated_after]))
+            fact = case.fact
+            neurons = filtered[fact.id].kn_set(set_name)
+            signs = None
+            if config.edit_sign == "activation":
+                signs = _signs(target_activations(lm, fact.queries, fact.object), set_name, neurons)
+            edits.enter_context(edit_knowledge(lm, neurons, fact.object, case.new_object, config.lambda1,
+                                               config.lambda2, signs))
+        per_fact = [edit_evidence(config.mode, measured, case.measure(lm)) for case, measured in zip(cases, before)]
         ppl_after = perplexity(lm, passages, config.ppl_tokens)
-    means = {key: float(np.nanmean([m[key] for m in per_fact])) for key in ("rel", "gen", "loc", "avg")}
-    return {**means, "facts": len(cases), "dppl": (ppl_after - ppl_before) / ppl_before}
+    keys = ("rel", "gen", "loc", "avg", "moved_right")
+    means = {key: float(np.nanmean([m[key] for m in per_fact])) if per_fact else float("nan") for key in keys}
+    empty = sum(1 for case in cases if not filtered[case.fact.id].kn_set(set_name))
+    return {**means, "facts": len(cases), "empty_sets": empty, "dppl": (ppl_after - ppl_before) / ppl_before}
 
 
 @dataclass(frozen=True)
@@ -192,7 +263,15 @@ class SequentialUnit:
         return f"sequential editing through {self.set_name} sets, seed {self.repeat}"
 
 
-def sequential_work(lm, config, knowledge, dataset, facts, count: int, passages):
+def sequential_work(
+    lm: LoadedModel,
+    config: EditConfig,
+    knowledge: dict[str, FactKnowledge],
+    dataset: list[Fact],
+    facts: list[Fact],
+    count: int,
+    passages: list[str],
+):
     """Work function for :func:`qloc.sweep.run_sweep` over :class:`SequentialUnit` s."""
 
     def work(unit: SequentialUnit, writer: UnitWriter) -> None:
@@ -204,10 +283,13 @@ def sequential_work(lm, config, knowledge, dataset, facts, count: int, passages)
 
 
 def sequential_table(sequential: pd.DataFrame) -> pd.DataFrame:
-    """Table 7: mean and standard deviation over seeds per (method, mode, KN set)."""
+    """Table 7: mean, standard deviation and median over seeds per (method, mode, KN set), and the
+    share of seeds whose edits broke the model (dPPL > 1)."""
     grouped = sequential.groupby(["method", "mode", "kn_set"], sort=False)
-    table = grouped[METRICS].agg(["mean", "std"])
+    metrics = METRICS + [c for c in ("moved_right",) if c in sequential]
+    table = grouped[metrics].agg(["mean", "std", "median"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table["catastrophic"] = grouped["dppl"].agg(lambda d: float((d > CATASTROPHIC_DPPL).mean()))
     table["seeds"] = grouped.size()
     table["facts"] = grouped["facts"].mean()
     return table.reset_index()
@@ -230,18 +312,23 @@ def case_study(
     set_name: str = "self",
     steps: int = 20,
     max_new_tokens: int = 8,
+    edit_sign: str = "activation",
 ) -> pd.DataFrame:
     """Table 8: greedy continuations of a query (``queries[0]``) and its paraphrases before and
     after editing ``answer`` (to ``new``, or erasing it) through the query's KN set."""
+    if edit_sign not in EDIT_SIGNS:
+        raise QlocError(f"edit_sign {edit_sign!r}: choose {' or '.join(EDIT_SIGNS)}")
     scores = [attribute(lm, q, answer, method, steps=steps).scores for q in queries]
     query_sets = [kn_set(s) for s in scores]
     neurons = FactKnowledge(query_sets, cas_set(scores)).kn_set(set_name)
+    signs = _signs(target_activations(lm, queries, answer), set_name, neurons) if edit_sign == "activation" else None
     before = [greedy_continuation(lm, q, max_new_tokens) for q in queries]
-    with edit_knowledge(lm, neurons, answer, new):
+    with edit_knowledge(lm, neurons, answer, new, signs=signs):
         after = [greedy_continuation(lm, q, max_new_tokens) for q in queries]
     return pd.DataFrame({
         "role": ["query"] + ["neighbour"] * (len(queries) - 1), "prompt": queries, "before": before, "after": after,
         "answer": answer, "new": new, "kn_set": set_name, "kn_size": len(neurons), "method": method,
+        "edit_sign": edit_sign,
     })
 
 
@@ -263,12 +350,28 @@ def edit_metrics(
 
 
 def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
-    """Mean Rel, Gen, Loc, Avg, dPPL per (method, mode, KN set, class), the median dPPL, and fact counts."""
-    frame = edits[edits["kn_set"].isin(sets)]
+    """Tables 2 and 3 per (method, mode, KN set, class): mean Rel, Gen, Loc, Avg and dPPL over the
+    edits that had a KN to edit, beside what keeps a mean honest: the median dPPL, the share of
+    catastrophic edits (dPPL > 1), the share that moved the edited query's answer the right way,
+    median probabilities before and after, the mean KN-set size, KNs removed by the shared filter,
+    and how many sets were empty (not edited)."""
+    frame = edits[edits["kn_set"].isin(sets)].copy()
+    numeric = METRICS + ["moved_right", "prob_before", "prob_after", "new_prob_before", "new_prob_after", "kn_dropped"]
+    for column in numeric:
+        # NaN is stored as NULL (a column of only NULLs reads back as objects); a store written
+        # before a column was recorded has none of it.
+        frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame else float("nan")
+    frame["catastrophic"] = (frame["dppl"] > CATASTROPHIC_DPPL).astype(float).where(frame["dppl"].notna())
     grouped = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)
     table = grouped[METRICS].mean()
-    # One broken edit can raise perplexity by orders of magnitude and swamp the mean.
     table["dppl_median"] = grouped["dppl"].median()
+    table["catastrophic"] = grouped["catastrophic"].mean()
+    table["moved_right"] = grouped["moved_right"].mean()
+    for column in ("prob_before", "prob_after", "new_prob_before", "new_prob_after"):
+        table[f"{column}_median"] = grouped[column].median()
+    table["kn_size"] = grouped["kn_size"].mean()
+    table["kn_dropped"] = grouped["kn_dropped"].mean()
+    table["empty_sets"] = grouped["kn_size"].agg(lambda sizes: int((sizes == 0).sum()))
     table["facts"] = grouped.size()
     order = {name: i for i, name in enumerate(KN_SETS)}
     table = table.reset_index()

@@ -6,9 +6,16 @@ embedding (erasure) and, for an update, towards the new answer's (Dai et al.'s s
     erase:  v <- v - lambda1 * (||v|| / ||e(o)||) * e(o)
     update: v <- v - lambda1 * (||v|| / ||e(o)||) * e(o) + lambda2 * (||v|| / ||e(o')||) * e(o')
 
-with e(x) the mean input embedding of x's answer tokens. The change is computed in fp32 whatever
-the model dtype. :func:`edit_knowledge` is a context manager that restores every edited weight
-bit-exactly on exit, also on exceptions; sequential editing nests them.
+with e(x) the mean input embedding of x's answer tokens. Written for BERT's GELU neurons, whose
+activations are (almost) never negative. A gated MLP (Llama, Gemma) has signed activations, and a
+neuron with activation a < 0 adds a * v to the residual stream: moving its v away from e(o) then
+moves the stream *towards* e(o) and raises the answer. So by default each neuron's change is
+multiplied by the sign of its activation (:func:`activation_signs`; 0 leaves it unedited), which
+is the literal equation wherever activations are positive.
+
+The change is computed in fp32 whatever the model dtype. :func:`edit_knowledge` is a context
+manager that restores every edited weight bit-exactly on exit, also on exceptions; sequential
+editing nests them.
 """
 
 from __future__ import annotations
@@ -19,11 +26,17 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .errors import QlocError
+from .interventions import record_activations
 from .models import LoadedModel
-from .tokens import answer_token_ids, pad_batch, pad_token_id
+from .tokens import answer_token_ids, encode_query, pad_batch, pad_token_id
 
 LAMBDA1 = 1.0
 LAMBDA2 = 8.0
+EDIT_SIGNS = ("activation", "none")
+"""``activation``: each KN's change times the sign of its activation (the default); ``none``: the
+literal equation for every KN."""
+Neuron = tuple[int, int]
 
 
 def answer_embedding(lm: LoadedModel, text: str) -> torch.Tensor:
@@ -33,34 +46,67 @@ def answer_embedding(lm: LoadedModel, text: str) -> torch.Tensor:
     return weight[torch.tensor(ids, device=weight.device)].float().mean(0)
 
 
+@torch.no_grad()
+def target_activations(lm: LoadedModel, prompts: Sequence[str], answer: str) -> torch.Tensor:
+    """[prompts, L, d_ff] fp32 neuron activations at each prompt's target position (where the
+    answer's first token is predicted), one unpadded forward per prompt."""
+    rows = []
+    for prompt in prompts:
+        query = encode_query(lm, prompt, answer)
+        target = query.target_positions[0]
+        ids = torch.tensor([list(query.input_ids[: target + 1])], device=lm.device)
+        with record_activations(lm, positions=torch.tensor([target])) as acts:
+            lm.model(input_ids=ids, logits_to_keep=1)
+        rows.append(torch.stack([acts[layer][0].float().cpu() for layer in range(lm.num_layers)]))
+    return torch.stack(rows)
+
+
+def activation_signs(activations: torch.Tensor, neurons: Sequence[Neuron]) -> list[int]:
+    """Per neuron, the sign (-1, 0, +1) of its mean activation over the rows of ``activations``
+    ([queries, L, d_ff]): of the edited query alone for a Self set, over the fact's queries for
+    Union and CAS sets."""
+    mean = activations.mean(0)
+    return [int(torch.sign(mean[layer, index])) for layer, index in neurons]
+
+
 @contextlib.contextmanager
 def edit_knowledge(
     lm: LoadedModel,
-    neurons: Sequence[tuple[int, int]],
+    neurons: Sequence[Neuron],
     erase: str,
     new: str | None = None,
     lambda1: float = LAMBDA1,
     lambda2: float = LAMBDA2,
+    signs: Sequence[int] | None = None,
 ) -> Iterator[None]:
-    """Erase ``erase`` (and write ``new`` where given) through the value vectors of ``neurons``."""
+    """Erase ``erase`` (and write ``new`` where given) through the value vectors of ``neurons``.
+
+    ``signs`` (one per neuron, from :func:`activation_signs`) multiplies each neuron's change;
+    a neuron with sign 0 is left as it is. ``None`` applies the literal equation to every neuron."""
+    if signs is not None and len(signs) != len(neurons):
+        raise QlocError(f"{len(signs)} signs for {len(neurons)} neurons")
     e_old = answer_embedding(lm, erase)
     e_new = answer_embedding(lm, new) if new is not None else None
-    by_layer: dict[int, list[int]] = {}
-    for layer, index in neurons:
-        by_layer.setdefault(int(layer), []).append(int(index))
+    by_layer: dict[int, dict[int, int]] = {}
+    for k, (layer, index) in enumerate(neurons):
+        sign = 1 if signs is None else int(signs[k])
+        if sign:
+            by_layer.setdefault(int(layer), {})[int(index)] = sign
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         with torch.no_grad():
-            for layer, indices in by_layer.items():
+            for layer, sign_of in by_layer.items():
                 vectors = lm.value_vectors(layer)
-                rows = torch.tensor(sorted(set(indices)), device=vectors.device)
+                indices = sorted(sign_of)
+                rows = torch.tensor(indices, device=vectors.device)
                 saved[layer] = (rows, vectors[rows].clone())
                 v = vectors[rows].float()
                 norms = v.norm(dim=1, keepdim=True)
                 change = -lambda1 * norms / e_old.norm() * e_old.to(v.device)
                 if e_new is not None:
                     change = change + lambda2 * norms / e_new.norm() * e_new.to(v.device)
-                vectors[rows] = (v + change).to(vectors.dtype)
+                direction = torch.tensor([float(sign_of[i]) for i in indices], device=v.device)[:, None]
+                vectors[rows] = (v + direction * change).to(vectors.dtype)
         yield
     finally:
         with torch.no_grad():

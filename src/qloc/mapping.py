@@ -5,6 +5,11 @@ q's target position, and the relative change of the answer's probability is reco
 Self = K_q; Union, Intersection and Refine (in >= 2 sets) of the other queries' KN sets; and
 Unrelated = |K_q| random neurons in none of the fact's KN sets (seeded). Under Query Localization
 Self moves the answer most, and for KI facts the other queries' Intersection least.
+
+The KN sets go through the shared-neuron filter first (:func:`qloc.knsets.shared_neurons`), as
+for editing. A set that is empty changes nothing (dProb 0 exactly); tables count such sets. A
+handful of near-zero probabilities can decide a mean of relative changes, so tables give the
+median and a bootstrap interval of the mean beside it.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import pandas as pd
 import torch
 
 from .cloze import score_cloze
-from .knsets import FactKnowledge
-from .errors import DataError
+from .consistency import STATIC_THRESHOLD
+from .errors import DataError, QlocError
+from .knsets import SHARED_FILTER, FactKnowledge, filtered_knowledge
 from .interventions import scale_neurons
 from .models import LoadedModel
 from .pararel import Fact
+from .statistics import bootstrap_mean_ci
 from .store import UnitWriter
 from .sweep import SkipFact
 from .tokens import encode_query
@@ -35,8 +42,14 @@ class MappingConfig:
     method: str = "ig"
     suppress: float = 0.0
     enhance: float = 2.0
-    static_threshold: float = 0.1
+    static_threshold: float = STATIC_THRESHOLD
     seed: int = 0
+    shared_filter: float | None = SHARED_FILTER
+    """Drop KNs held by more than this share of the relation's facts first; None: off."""
+
+    def __post_init__(self) -> None:
+        if self.shared_filter is not None and not 0 < self.shared_filter <= 1:
+            raise QlocError(f"--shared-filter {self.shared_filter}: a share in (0, 1], or off")
 
     @property
     def stage(self) -> str:
@@ -46,13 +59,20 @@ class MappingConfig:
         return asdict(self)
 
 
-def mapping_sets(kn_sets: list[list[Neuron]], query: int, shape: tuple[int, int], rng: random.Random) -> dict[str, list[Neuron]]:
+def mapping_sets(
+    kn_sets: list[list[Neuron]],
+    query: int,
+    shape: tuple[int, int],
+    rng: random.Random,
+    exclude: set[Neuron] | frozenset[Neuron] = frozenset(),
+) -> dict[str, list[Neuron]]:
     """The five sets for query index ``query`` of a fact whose per-query KN sets are ``kn_sets``;
-    ``shape`` = (num_layers, d_ff) for drawing Unrelated neurons."""
+    ``shape`` = (num_layers, d_ff) for drawing Unrelated neurons, which avoid ``exclude`` too (the
+    KNs a filter removed are not unrelated to the fact)."""
     own = sorted(set(kn_sets[query]))
     others = [set(s) for i, s in enumerate(kn_sets) if i != query]
     counts = Counter(u for s in others for u in s)
-    everything = set().union(*map(set, kn_sets))
+    everything = set().union(*map(set, kn_sets)) | set(exclude)
     unrelated: set[Neuron] = set()
     free = shape[0] * shape[1] - len(everything)
     while len(unrelated) < min(len(own), free):
@@ -71,10 +91,11 @@ def mapping_sets(kn_sets: list[list[Neuron]], query: int, shape: tuple[int, int]
 def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, FactKnowledge]):
     """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
     shape = (lm.num_layers, lm.d_ff)
+    filtered = filtered_knowledge(knowledge, config.shared_filter)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
-        known = knowledge[fact.id]
-        kind = known.knowledge_class(config.static_threshold)
+        original, known = knowledge[fact.id], filtered[fact.id]
+        kind = original.knowledge_class(config.static_threshold)
         rng = random.Random(f"{config.seed}:{fact.id}")
         for index, prompt in enumerate(fact.queries):
             try:
@@ -84,13 +105,15 @@ def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, Fa
             # P before and after from the same unbatched call, so an empty set gives dProb 0 exactly.
             prob_before = score_cloze(lm, [prompt], [fact.object])[0].prob
             position = torch.tensor([query.target_positions[0]])
-            for set_name, neurons in mapping_sets(known.query_sets, index, shape, rng).items():
+            dropped = len(original.query_sets[index]) - len(known.query_sets[index])
+            for set_name, neurons in mapping_sets(known.query_sets, index, shape, rng, original.neurons).items():
                 for operation, factor in (("suppress", config.suppress), ("enhance", config.enhance)):
                     with scale_neurons(lm, neurons, factor, positions=position):
                         after = score_cloze(lm, [prompt], [fact.object])[0].prob
                     writer.add("mapping", {
                         "fact_id": fact.id, "relation": fact.relation, "method": config.method, "class": kind,
                         "query_index": index, "kn_set": set_name, "operation": operation, "set_size": len(neurons),
+                        "self_dropped": dropped,
                         "prob_before": prob_before, "prob_after": after,
                         "dprob": (after - prob_before) / prob_before if prob_before > 0 else float("nan"),
                     })
@@ -99,11 +122,20 @@ def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, Fa
 
 
 def mapping_table(mapping: pd.DataFrame) -> pd.DataFrame:
-    """Mean dProb per (method, operation, set, class), and "Avg" over all facts' queries."""
-    by_class = mapping.groupby(["method", "operation", "kn_set", "class"], sort=False)["dprob"].agg(["mean", "size"])
-    overall = mapping.groupby(["method", "operation", "kn_set"], sort=False)["dprob"].agg(["mean", "size"])
-    overall = overall.assign(**{"class": "Avg"}).set_index("class", append=True)
-    table = pd.concat([by_class, overall]).reset_index().rename(columns={"mean": "dprob", "size": "queries"})
+    """dProb per (method, operation, set, class), and "Avg" over all facts' queries: mean, median,
+    bootstrap 95 % interval of the mean, queries, and how many of the sets were empty."""
+    mapping = mapping.assign(empty=mapping["set_size"] == 0)
+    keys = ["method", "operation", "kn_set"]
+    parts = [mapping.groupby(keys + ["class"], sort=False),
+             mapping.assign(**{"class": "Avg"}).groupby(keys + ["class"], sort=False)]
+    rows = []
+    for grouped in parts:
+        for key, group in grouped:
+            low, high = bootstrap_mean_ci(group["dprob"])
+            rows.append({**dict(zip(keys + ["class"], key)), "dprob": group["dprob"].mean(),
+                         "dprob_median": group["dprob"].median(), "ci_low": low, "ci_high": high,
+                         "queries": len(group), "empty_sets": int(group["empty"].sum())})
+    table = pd.DataFrame(rows)
     table["set_order"] = table["kn_set"].map({s: i for i, s in enumerate(SETS)})
     table["class_order"] = table["class"].map({"KC": 0, "KI": 1, "Avg": 2})
     table = table.sort_values(["method", "operation", "class_order", "set_order"])
@@ -124,13 +156,20 @@ def mapping_figure(table: pd.DataFrame):
     for ax, operation in zip(axes[0], operations):
         part = table[table["operation"] == operation]
         for k, set_name in enumerate(SETS):
-            values = [part[(part["class"] == c) & (part["kn_set"] == set_name)]["dprob"].mean() for c in classes]
-            ax.bar([i + (k - 2) * width for i in range(len(classes))], values, width, label=set_name.capitalize())
+            rows = [part[(part["class"] == c) & (part["kn_set"] == set_name)] for c in classes]
+            values = [r["dprob"].mean() for r in rows]
+            if "ci_low" in part:  # whiskers: the bootstrap 95 % interval of the mean
+                errors = [[v - r["ci_low"].mean() for v, r in zip(values, rows)],
+                          [r["ci_high"].mean() - v for v, r in zip(values, rows)]]
+            else:
+                errors = None
+            ax.bar([i + (k - 2) * width for i in range(len(classes))], values, width, label=set_name.capitalize(),
+                   yerr=errors, capsize=2, error_kw={"linewidth": 0.7})
         ax.axhline(0, color="black", linewidth=0.6)
         if part["dprob"].abs().max() > 10:  # enhancing can multiply a tiny probability many times
             ax.set_yscale("symlog", linthresh=1)
         ax.set_xticks(range(len(classes)), classes)
-        ax.set_ylabel("dProb (relative)")
+        ax.set_ylabel("dProb (relative; mean, 95 % CI)")
         ax.set_title(f"{operation.capitalize()} KN sets ({', '.join(sorted(set(part['method'])))})")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(SETS), fontsize=8, frameon=False)

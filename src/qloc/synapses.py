@@ -31,11 +31,13 @@ import torch
 
 from .attention import Synapse, attention_hooks, attention_probe, record_attention, scale_attention
 from .attribution import AnswerProbability, capture_layer_calls, frozen_parameters, integration_points, replay_layers
+from .consistency import STATIC_THRESHOLD
 from .errors import DataError, QlocError
 from .interventions import record_activations
 from .knsets import FactKnowledge
 from .models import LoadedModel
 from .pararel import Fact
+from .statistics import bootstrap_mean_ci
 from .store import UnitWriter
 from .sweep import SkipFact
 from .tokens import encode_query
@@ -141,7 +143,7 @@ def attribute_attention(
     answer: str,
     steps: int = 20,
     rule: str = "right",
-    answer_tokens: str = "all",
+    answer_tokens: str = "first",
     max_batch_rows: int | None = None,
 ) -> AttentionAttribution:
     """Integrated-gradient scores of every attention probability for ``answer`` after ``prompt``.
@@ -188,12 +190,12 @@ class SynapseConfig:
     """Whose KN sets (from the localize run) are the query's KNs."""
     steps: int = 20
     rule: str = "right"
-    answer_tokens: str = "all"
+    answer_tokens: str = "first"
     threshold: float = 0.3
     """KS: S >= threshold * max S (METHODS.md section 7)."""
     suppress: float = 0.0
     enhance: float = 2.0
-    static_threshold: float = 0.1
+    static_threshold: float = STATIC_THRESHOLD
     """KC/KI split of the fact (relaxed CS), as in the consistency study."""
     seed: int = 0
 
@@ -362,16 +364,16 @@ def effect_columns(measure: str = "signed") -> list[str]:
 
 
 def effects_table(effects: pd.DataFrame, measure: str = "signed") -> pd.DataFrame:
-    """Figure 6's data: mean and median relative change per operation and fact class (and Avg),
-    for the query's KNs, neighbour KNs, random non-KNs (dKN by ``measure``) and the answer's
-    probability."""
+    """Figure 6's data: mean (with a bootstrap 95 % interval) and median relative change per
+    operation and fact class (and Avg), for the query's KNs, neighbour KNs, random non-KNs (dKN by
+    ``measure``) and the answer's probability."""
     columns = effect_columns(measure)
     manipulated = effects[effects["operation"] != "none"]
     parts = []
     for class_name, part in [*manipulated.groupby("class", sort=True), ("Avg", manipulated)]:
         grouped = part.groupby(["method", "operation"], sort=False)
-        table = grouped[columns].agg(["mean", "median"])
-        table.columns = [f"{column}_{stat}" for column, stat in table.columns]
+        table = grouped[columns].agg(["mean", "median", _ci_low, _ci_high])
+        table.columns = [f"{column}_{stat.removeprefix('_')}" for column, stat in table.columns]
         table["queries"] = grouped.size()
         table["synapses_mean"] = grouped["n_synapses"].mean()
         parts.append(table.assign(**{"class": class_name}).reset_index())
@@ -380,6 +382,15 @@ def effects_table(effects: pd.DataFrame, measure: str = "signed") -> pd.DataFram
     table = table.sort_values(["method", "operation"], key=lambda c: c.map(order) if c.name == "operation" else c, kind="stable")
     front = ["method", "operation", "class", "queries", "synapses_mean"]
     return table[front + [c for c in table.columns if c not in front]].reset_index(drop=True)
+
+
+def _ci_low(values: pd.Series) -> float:
+    """Lower end of the bootstrap 95 % interval of the mean (a named aggregation for pandas)."""
+    return bootstrap_mean_ci(values.replace([np.inf, -np.inf], np.nan))[0]
+
+
+def _ci_high(values: pd.Series) -> float:
+    return bootstrap_mean_ci(values.replace([np.inf, -np.inf], np.nan))[1]
 
 
 def cost_table(effects: pd.DataFrame) -> pd.DataFrame:
