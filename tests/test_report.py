@@ -17,6 +17,7 @@ import pytest
 import qloc
 from qloc.errors import QlocError
 from qloc.report import read_section, unit_counts, write_report
+from qloc.report_explorer import explorer_run
 from qloc.report_findings import Evidence, load_paper_reference, model_findings, reference_model
 from qloc.report_format import format_number, format_share, script_json
 
@@ -233,14 +234,17 @@ def test_edit_findings_compare_self_union_and_cas_and_flag_broken_edits():
         for kn_set, gen in gens.items():
             rows.append(dict(method="amig", mode="erase", kn_set=kn_set, **{"class": kind}, rel=0.9, gen=gen,
                              loc=0.9, avg=(0.9 + gen + 0.9) / 3, dppl=5.0,
-                             dppl_median=2.5 if kn_set == "union" else 0.1, facts=10))
+                             dppl_median=2.5 if kn_set == "union" else 0.1, facts=10,
+                             catastrophic=0.6 if kn_set == "union" else 0.0, moved_right=0.8))
     table3 = pd.DataFrame(rows)
     table2 = table3[table3.kn_set != "cas"]
     result, found = _findings(Evidence("m-135m", tables={"table2": table2, "table3": table3}))
     assert found["AMIG erase, KI facts: Gen through Self vs Union"].verdict == "agrees"
     assert found["AMIG erase, KC facts: Gen through Self vs Union"].verdict == "agrees"  # smaller gap than KI
     assert found["AMIG erase, KI facts: Avg of CAS vs Self / Union"].verdict == "agrees"
-    assert found["AMIG erase: median dPPL through Union"].verdict == "broken"
+    union = found["AMIG erase: median dPPL through Union"]
+    assert union.verdict == "broken"
+    assert union.note == "60.0 % (12 of 20) of edits above 1; 80.0 % moved P(answer) the intended way"
     assert found["AMIG erase: median dPPL through Self"].verdict == "open"
     assert any("multiplies WikiText perplexity (Union x3.500)" in w for w in result.warnings)
 
@@ -293,6 +297,23 @@ def test_the_closest_paper_model_and_its_values(tmp_path):
     custom.write_text("{}")
     with pytest.raises(QlocError, match="reference.json"):
         load_paper_reference(custom)
+
+
+def test_explorer_data_is_compact_and_carries_the_columns_a_store_has():
+    kn = ["[[0, 1], [2, 3]]", "[[2, 3]]", "[[1, 0]]", "[[1, 0], [2, 3]]"]
+    kn_sets = pd.DataFrame({"fact_id": ["f1", "f1", "f2", "f2"], "relation": "P1", "method": "ig",
+                            "query_index": [0, 1, 0, 1], "prompt": ["a", "b", "c", "d"],
+                            "answer": ["x", "x", "y", "y"], "kn": kn, "prob": [0.5, 0.25, 0.1, 0.1],
+                            "rank": [0, 3, 20, 40]})
+    edits = pd.DataFrame({"fact_id": ["f1"], "method": "ig", "mode": "erase", "kn_set": "self", "kn_size": 2,
+                          "new_object": [None], "rel": 1.0, "gen": 0.5, "loc": 0.9, "avg": 0.8, "dppl": 2.0,
+                          "prob_before": 0.5, "prob_after": 0.01})
+    run = explorer_run("run", "m", {"kn_sets": kn_sets, "edits": edits}, (3, 8))
+    first, second = run["facts"]
+    assert first["kn"]["ig"] == [[1, 19], [19]]  # layer * 8 + neuron, sorted
+    assert first["queries"] == [["a", 0.5, 0], ["b", 0.25, 3]] and first["cs"]["ig"]["cs"] == 0.5
+    assert first["edits"]["rows"][0]["prob_after"] == 0.01 and "edits" not in second
+    assert explorer_run("run", "m", {"kn_sets": kn_sets}, None)["width"] == 4  # largest neuron + 1
 
 
 # -- --open, and the page in a real browser ------------------------------------------------------

@@ -135,6 +135,13 @@ def _paper_text(value: float | None, share: bool = False) -> str:
     return format_share(value) if share else format_number(value)
 
 
+def _weighted(rows: pd.DataFrame, column: str) -> float:
+    """A share column of table rows (one per fact class) over all their facts; NaN where absent."""
+    if column not in rows or rows[column].isna().all():
+        return float("nan")
+    return float((rows[column] * rows["facts"]).sum() / rows["facts"].sum())
+
+
 def _sign_word(value: float) -> str:
     return "rises" if value > 0 else "falls" if value < 0 else "stays"
 
@@ -210,7 +217,7 @@ class _Rules:
                     "open",
                     f"null mean CS {format_number(row.cs_null_mean)}",
                 )
-                if not math.isnan(row.CS_KC) and row.CS_KC <= row.cs_null_p95:
+                if not degenerate and not math.isnan(row.CS_KC) and row.CS_KC <= row.cs_null_p95:
                     self.warnings.append(
                         f"{label}: the mean CS of KC facts ({format_number(row.CS_KC)}) is not "
                         f"above chance ({format_number(row.cs_null_p95)}): KN sets of one fact's "
@@ -348,7 +355,7 @@ class _Rules:
                     median, catastrophic, count = chosen.median(), (chosen > BROKEN_DPPL).mean(), len(chosen)
                 elif "dppl_median" in part:
                     median, count = part["dppl_median"].median(), int(part["facts"].sum())
-                    catastrophic = part["catastrophic"].mean() if "catastrophic" in part else float("nan")
+                    catastrophic = _weighted(part, "catastrophic")
                 else:
                     continue
                 name = SET_NAMES.get(kn_set, kn_set)
@@ -361,11 +368,14 @@ class _Rules:
                     if all(v is None for v in paper_values)
                     else " / ".join(f"{k} {_paper_text(v)}" for k, v in zip(("KC", "KI"), paper_values))
                 )
-                note = (
-                    ""
+                notes = (
+                    []
                     if math.isnan(catastrophic)
-                    else f"{format_share(catastrophic, count)} of edits above 1"
+                    else [f"{format_share(catastrophic, count)} of edits above 1"]
                 )
+                moved = _weighted(part, "moved_right")
+                if not math.isnan(moved):
+                    notes.append(f"{format_share(moved)} moved P(answer) the intended way")
                 if median > BROKEN_DPPL:
                     broken.setdefault(f"{method.upper()} {mode}", []).append(
                         f"{name} x{format_number(1 + median)}"
@@ -379,16 +389,8 @@ class _Rules:
                     format_number(median),
                     paper,
                     verdict,
-                    note,
+                    "; ".join(notes),
                 )
-                if "moved_right" in part:
-                    self.add(
-                        "dppl",
-                        f"{method.upper()} {mode}: edits that moved P(answer) the intended way, {name}",
-                        format_share(float(part["moved_right"].mean())),
-                        "not in the paper",
-                        "open",
-                    )
         for edit, sets in broken.items():
             self.warnings.append(
                 f"{edit}: the median edit multiplies WikiText perplexity ({', '.join(sets)}). "

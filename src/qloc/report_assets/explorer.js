@@ -319,23 +319,30 @@
       'Dark off-diagonal cells: queries that share their KNs, as the KL assumption expects of every fact.'}));
   }
 
+  // Columns of an edit that newer stores add (probabilities of the old and new answer on the edited
+  // query, KNs dropped by a shared-neuron filter); shown where the run has them.
+  const EDIT_EXTRAS = {prob_before: 'P(o) before', prob_after: 'P(o) after', new_prob_before: 'P(o\') before',
+                       new_prob_after: 'P(o\') after', kn_dropped: 'KNs dropped'};
+
   function edits(found) {
+    const present = c => found.rows.some(r => r[c] !== undefined && r[c] !== null);
+    const extras = Object.keys(EDIT_EXTRAS).filter(present);
     const rows = found.rows.map(r => [r.mode, SET_NAMES[r.kn_set] || r.kn_set, r.kn_size,
       r.new_object === null || r.new_object === undefined ? '–' : r.new_object, r.rel, r.gen, r.loc, r.avg,
-      r.dppl, ...(found.rows[0].prob_before !== undefined ? [r.prob_before, r.prob_after] : [])]);
+      r.dppl, ...extras.map(c => r[c] ?? null)]);
     const headers = ['mode', 'KN set', 'KNs', 'new answer', 'Rel', 'Gen', 'Loc', 'Avg', 'dPPL',
-      ...(found.rows[0].prob_before !== undefined ? ['P(o) before', 'P(o) after'] : [])];
+      ...extras.map(c => EDIT_EXTRAS[c])];
     const view = table(headers, rows);
     view.querySelectorAll('tbody tr').forEach((tr, k) => {
       if (found.rows[k].dppl > 1) {
-        const cell = tr.children[8];
+        const cell = tr.children[headers.indexOf('dPPL')];
         cell.className = 'flag';
         cell.title = 'perplexity more than doubled: a broken edit';
       }
     });
     return [el('h4', {text: `Edits (${found.method.toUpperCase()} KN sets)`}), view,
       el('p', {class: 'note', text: 'Rel, Gen, Loc, Avg: 0-1, higher is better; dPPL: relative change of ' +
-        'WikiText-2 perplexity (1 = doubled; marked above 1).'})];
+        'WikiText-2 perplexity (1 = doubled; marked above 1). o: the fact\'s answer; o\': the update\'s.'})];
   }
 
   function mapping(found) {
