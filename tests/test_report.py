@@ -215,7 +215,7 @@ def test_table1_findings_mark_the_direction_and_use_the_chance_baseline_when_pre
     assert found["IG: Welch's t (KC vs KI), static threshold"].verdict == "agrees"
     assert found["AMIG: Welch's t (KC vs KI), static threshold"].verdict == "open"
     assert found["facts whose CS beats chance"].measured == "not computed"
-    assert any("all 10 facts are KC" in w for w in result.warnings)
+    assert any(w.startswith("AMIG (10 facts): every fact is KC") for w in result.warnings)
 
     with_null = _table1(cs_null_mean=0.38, cs_null_p95=0.45, R_above_null=0.2, degenerate=False)
     with_null.loc[with_null.method == "amig", "degenerate"] = True
@@ -279,6 +279,7 @@ def test_unknown_facts_and_empty_kn_sets_are_said_in_words():
     result, _ = _findings(Evidence("m-135m", kn_sets=kn_sets))
     assert "1 of 3 facts (33.3 %) are known" in result.context[0]
     assert any("Most facts are unknown to the model: 2 of 3" in w for w in result.warnings)
+    assert any(w.startswith("Only 3 facts: one fact moves every share by 33.3 %") for w in result.warnings)
     assert any("IG: 2 of 6 queries have an empty KN set" in w for w in result.warnings)
 
 

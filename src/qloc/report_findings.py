@@ -29,6 +29,8 @@ BROKEN_DPPL = 1.0
 KNOWN_RANK = 10
 """A query "knows" its fact when the answer's first token is among the model's top 10."""
 LARGE_MODEL = 1e9
+SMALL_SAMPLE = 30
+"""Fewer facts than this make every share anecdotal; the report says so."""
 SET_NAMES = {
     "self": "Self",
     "union": "Union",
@@ -169,6 +171,7 @@ class _Rules:
             self.context.append("No Table 1: the directories hold no KN sets of this model.")
             return
         chance_columns = {"R_above_null", "cs_null_p95", "cs_null_mean"} <= set(table1.columns)
+        all_kc: list[tuple[str, int]] = []
         for method, rows in table1.groupby("method", sort=False):
             label = method.upper()
             degenerate = "degenerate" in rows and bool(rows["degenerate"].fillna(False).astype(bool).any())
@@ -196,10 +199,7 @@ class _Rules:
                     note,
                 )
                 if row.threshold == "static" and row.R_KI == 0:
-                    self.warnings.append(
-                        f"{label}: all {facts} facts are KC under the static threshold, so there "
-                        "is nothing to compare KC with (no Welch test, no KI rows in Tables 2/3)."
-                    )
+                    all_kc.append((label, facts))
                 if getattr(row, "empty_union", 0) and row.empty_union > 0:
                     self.warnings.append(
                         f"{label}: {int(row.empty_union)} of {facts} facts have no KN in any "
@@ -223,6 +223,12 @@ class _Rules:
                         f"above chance ({format_number(row.cs_null_p95)}): KN sets of one fact's "
                         "queries overlap no more than those of unrelated queries."
                     )
+        if all_kc:
+            self.warnings.append(
+                ", ".join(f"{label} ({facts} facts)" for label, facts in all_kc)
+                + ": every fact is KC under the static threshold, so there is nothing to compare KC with "
+                "(no Welch test, no KI rows in Tables 2/3)."
+            )
         if not chance_columns:
             self.add(
                 "ki_share",
@@ -525,6 +531,11 @@ class _Rules:
             f"{known:,} of {facts:,} facts ({format_share(known / facts)}) are known (top "
             f"{KNOWN_RANK}) by at least one query."
         )
+        if facts < SMALL_SAMPLE:
+            self.warnings.append(
+                f"Only {facts} facts: one fact moves every share by {format_share(1 / facts)}, so read "
+                "each direction as an anecdote, not a finding."
+            )
         if known < facts / 2:
             self.warnings.append(
                 f"Most facts are unknown to the model: {facts - known:,} of {facts:,} have the answer "
