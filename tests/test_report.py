@@ -16,7 +16,7 @@ import pytest
 
 import qloc
 from qloc.errors import QlocError
-from qloc.report import read_section, unit_counts, write_report
+from qloc.report import open_in_browser, read_section, unit_counts, write_report
 from qloc.report_explorer import explorer_run
 from qloc.report_findings import Evidence, load_paper_reference, model_findings, reference_model
 from qloc.report_format import format_number, format_share, script_json
@@ -320,20 +320,23 @@ def test_explorer_data_is_compact_and_carries_the_columns_a_store_has():
 # -- --open, and the page in a real browser ------------------------------------------------------
 
 
-def test_report_open_uses_the_default_browser_only_where_there_is_a_display(reproduced, tmp_path):
+def test_report_open_uses_the_browser_only_where_there_is_a_display(reproduced, tmp_path, monkeypatch):
+    # $BROWSER names the browser webbrowser uses first: a script that notes the address it gets.
     opened = tmp_path / "opened.txt"
     browser = tmp_path / "fake-browser"
     browser.write_text(f"#!{sys.executable}\nimport sys\nopen({str(opened)!r}, 'w').write(sys.argv[1])\n")
     browser.chmod(0o755)
-    command = QLOC + ["report", "--run-dir", str(reproduced), "--out", str(tmp_path / "r.html"), "--open"]
     headless = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    result = subprocess.run(command, capture_output=True, text=True, env=headless | {"BROWSER": str(browser)})
-    assert result.returncode == 0 and "No display" in result.stdout and not opened.exists()
-    result = subprocess.run(
-        command, capture_output=True, text=True, env=headless | {"DISPLAY": ":99", "BROWSER": str(browser)}
-    )
+    command = QLOC + ["report", "--run-dir", str(reproduced), "--out", str(tmp_path / "r.html"), "--open"]
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env=headless | {"DISPLAY": ":99", "BROWSER": str(browser)})
     assert result.returncode == 0, result.stderr
     assert opened.read_text() == (tmp_path / "r.html").resolve().as_uri()
+    if sys.platform.startswith("linux"):  # elsewhere a display is taken for granted
+        monkeypatch.delenv("DISPLAY", raising=False)
+        monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+        opened.unlink()
+        assert not open_in_browser(tmp_path / "r.html") and not opened.exists()
 
 
 def _artifacts(tmp_path: Path) -> Path:
