@@ -385,10 +385,8 @@ def test_report_works_in_headless_chromium_figures_and_explorer(hostile_run, tmp
             assert shown == fact and cells == queries[fact] ** 2 and inked > 0 and strips == 1, state[:4]
             assert "Edits (AMIG KN sets)" in text and "Query-KN mapping" in text
         # The hostile prompt is shown as text, and never ran.
-        browser.evaluate(
-            f"(() => {{ const list = document.querySelector('#qloc-explorer select[size]'); "
-            f"list.value = '0'; list.dispatchEvent(new Event('change')); }})()"
-        )
+        browser.evaluate("(() => { const list = document.querySelector('#qloc-explorer select[size]'); "
+                         "list.value = '0'; list.dispatchEvent(new Event('change')); })()")
         assert HOSTILE.split("<!--")[0] in browser.evaluate(
             "document.getElementById('qloc-explorer').innerText"
         )

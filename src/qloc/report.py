@@ -28,14 +28,25 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .errors import QlocError
 from .report_explorer import explorer_run
-from .report_findings import VERDICTS, Evidence, ModelFindings, load_paper_reference, model_findings
+from .report_findings import (
+    VERDICTS,
+    Evidence,
+    ModelFindings,
+    PaperReference,
+    load_paper_reference,
+    model_findings,
+)
 from .report_format import escape, format_number, number_html, script_json
 from .store import STORE_FILE, RunStore
+
+if TYPE_CHECKING:
+    import matplotlib.figure
 
 ROWS_SHOWN = 40
 """Longer tables show their first rows; the whole CSV is embedded as a download link."""
@@ -108,7 +119,7 @@ def read_section(directory: Path) -> RunSection:
     return section
 
 
-def _png(fig) -> bytes:
+def _png(fig: "matplotlib.figure.Figure") -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -420,7 +431,7 @@ def _figures_of(section: RunSection, panel: Panel) -> list[Figure]:
 # -- HTML ---------------------------------------------------------------------------------------
 
 
-def _flagged(column: str, value) -> bool:
+def _flagged(column: str, value: object) -> bool:
     """Cells that signal a broken setting: a perplexity change above 1 (perplexity more than doubled)."""
     return (
         column.startswith("dppl") and not column.endswith("_std") and isinstance(value, float) and value > 1
@@ -573,7 +584,7 @@ _CONSISTENCY_TABLES = {"consistency", "fig9_ki_share", "threshold_sensitivity"} 
 }
 
 
-def _findings_html(results: list[ModelFindings], paper) -> str:
+def _findings_html(results: list[ModelFindings], paper: PaperReference) -> str:
     parts = [
         "<section id='glance'><h2>At a glance: what the runs found, beside the paper</h2>",
         "<p class='caption'>One table per model. Each row is a measurement of a claim of the paper "
@@ -621,7 +632,7 @@ def _findings_html(results: list[ModelFindings], paper) -> str:
     return "\n".join(parts)
 
 
-def _findings_markdown(results: list[ModelFindings], paper) -> str:
+def _findings_markdown(results: list[ModelFindings], paper: PaperReference) -> str:
     lines = [
         "## At a glance\n",
         f"Claims of {paper.paper}; the paper's numbers are for its model closest in size.\n",
@@ -747,7 +758,9 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _markdown(sections: list[RunSection], results: list[ModelFindings], paper, made: str, md: Path) -> str:
+def _markdown(
+    sections: list[RunSection], results: list[ModelFindings], paper: PaperReference, made: str, md: Path
+) -> str:
     parts = [
         f"# qloc report\n\nMade {made}. The HTML report beside this file also holds the fact explorer.\n",
         _findings_markdown(results, paper),
