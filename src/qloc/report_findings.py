@@ -29,6 +29,9 @@ BROKEN_DPPL = 1.0
 KNOWN_RANK = 10
 """A query "knows" its fact when the answer's first token is among the model's top 10."""
 LARGE_MODEL = 1e9
+LARGE_MLP_WIDTH = 8192
+"""Where a model's name gives no size: MLP widths from this up count as large (GPT-2: 3,072;
+LLaMA3-8b: 14,336)."""
 SMALL_SAMPLE = 30
 """Fewer facts than this make every share anecdotal; the report says so."""
 SET_NAMES = {
@@ -66,8 +69,10 @@ def load_paper_reference(path: Path | None = None) -> PaperReference:
     try:
         data = json.loads(Path(str(source)).read_text(encoding="utf-8"))
         claims = data["claims"]
-        for claim in claims.values():
-            claim["where"], claim["claim"], claim["values"]  # every claim needs all three
+        for name, claim in claims.items():
+            missing = [key for key in ("where", "claim", "values") if key not in claim]
+            if missing:
+                raise KeyError(f"claim {name!r} has no {', '.join(missing)}")
         return PaperReference(data["paper"], data["reference_models"], claims)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise QlocError(f"paper reference {str(source)!r} cannot be read: {exc!r}") from None
@@ -124,8 +129,8 @@ def reference_model(model: str, d_ff: int | None, paper: PaperReference) -> tupl
         small = size < LARGE_MODEL
         reason = f"{format_number(size / 1e6)}M parameters by its name"
     elif d_ff is not None:
-        small = d_ff < 8192
-        reason = f"MLP width {d_ff:,}, {'under' if small else 'over'} 8,192"
+        small = d_ff < LARGE_MLP_WIDTH
+        reason = f"MLP width {d_ff:,}, {'under' if small else 'over'} {LARGE_MLP_WIDTH:,}"
     else:
         small, reason = True, "size unknown"
     return paper.models["small" if small else "large"], reason
@@ -554,6 +559,8 @@ def model_findings(evidence: Evidence, paper: PaperReference) -> ModelFindings:
     """Every finding of one model, its warnings and context lines."""
     reference, reason = reference_model(evidence.model, evidence.d_ff, paper)
     rules = _Rules(evidence, paper, reference)
+    if evidence.sources:
+        rules.context.append(f"From {', '.join(evidence.sources)}.")
     rules.knowledge()
     rules.consistency()
     rules.generalisation()
