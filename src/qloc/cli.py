@@ -629,14 +629,18 @@ def _case_study(query: str, answer: Optional[str], new: Optional[str], model: st
 def report(
     run_dirs: Annotated[list[Path], typer.Option("--run-dir", help="A run directory, or a directory with tables/ and figures/; repeat for several.")],
     out_file: Annotated[Optional[Path], typer.Option("--out", help="The HTML file (default: report.html in the first directory); the Markdown goes beside it.")] = None,
+    open_page: Annotated[bool, typer.Option("--open", help="Open the HTML file in the default browser (where there is a display).")] = False,
 ) -> None:
-    """One self-contained HTML report (figures embedded; opens from disk) of every table and figure
-    of the given runs, with each run's parameters, environment and skip counts; plus Markdown."""
-    from .report import write_report
+    """One self-contained HTML report (figures embedded; opens from disk): what the runs found beside
+    the paper, every table beside its figure, a per-fact explorer, and each run's parameters,
+    environment and skip counts; plus the findings and tables as Markdown."""
+    from .report import open_in_browser, write_report
 
     written = write_report(run_dirs, out_file or run_dirs[0] / "report.html")
     for name, path in written.items():
         out.print(f"{name}: {path}", highlight=False)
+    if open_page and not open_in_browser(written["html"]):
+        out.print(f"No display or browser here: open {written['html']} on a machine with one.", highlight=False)
 
 
 SCALES = {
