@@ -18,16 +18,20 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import stats
 
 from .errors import QlocError
 from .outputs import save_figure, write_table
 from .store import RunStore
+
+if TYPE_CHECKING:
+    import torch
 
 STATIC_THRESHOLD = 0.1
 SWEEP_THRESHOLDS = np.round(np.arange(0.04, 0.80 + 1e-9, 0.02), 2)
@@ -272,7 +276,7 @@ def threshold_figure(curve: pd.DataFrame):
     return fig
 
 
-def _model_label(model: str) -> str:
+def model_label(model: str) -> str:
     """Paths are shown by their last part."""
     return Path(model).name if "/" in model or model.endswith(".gguf") else model
 
@@ -300,7 +304,7 @@ def load_kn_sets(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     frames = []
     for run_dir in run_dirs:
         with RunStore.open_existing(run_dir) as store:
-            model = _model_label(store.params("localize")["model"])
+            model = model_label(store.params("localize")["model"])
             degenerate = _degenerate_methods(store)
             frame = store.frame("kn_sets")
             frames.append(frame.assign(model=model, run_dir=str(run_dir), degenerate=frame["method"].isin(degenerate)))
@@ -313,7 +317,7 @@ def load_kn_sets(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     return combined
 
 
-def _rule_kn_set(scores: torch.Tensor, rule: str) -> list[tuple[int, int]]:
+def _rule_kn_set(scores: "torch.Tensor", rule: str) -> list[tuple[int, int]]:
     from .attribution import kn_set
 
     if rule.startswith("top"):
@@ -326,6 +330,8 @@ def dense_kn_sets(run_dirs: Sequence[str | Path], rules: Sequence[str] = KN_RULE
     stored (fp16: a neuron within fp16 rounding of the cut can fall on the other side than in the
     fp32 sets of ``kn_sets``). Columns as :func:`load_kn_sets`, plus ``kn_rule``; empty where no run
     kept dense scores."""
+    import torch
+
     from .localize import load_dense_scores
 
     rows = []
@@ -333,7 +339,7 @@ def dense_kn_sets(run_dirs: Sequence[str | Path], rules: Sequence[str] = KN_RULE
         with RunStore.open_existing(run_dir) as store:
             if "dense_scores" not in store.tables():
                 continue
-            model = _model_label(store.params("localize")["model"])
+            model = model_label(store.params("localize")["model"])
             degenerate = _degenerate_methods(store)
             relation = store.frame("kn_sets").drop_duplicates("fact_id").set_index("fact_id")["relation"]
             for row in store.frame("dense_scores").itertuples():
@@ -405,31 +411,65 @@ def sensitivity_figure(table: pd.DataFrame):
     return fig
 
 
+@dataclass
+class ConsistencyStudy:
+    """Everything Table 1 and Figures 3/7/8/9 are made of, for one or more localize runs."""
+
+    classified: pd.DataFrame
+    """Per (model, fact, method): CS, classes, the null's summary, ``above_null``, ``degenerate``."""
+    null: pd.DataFrame
+    table1: pd.DataFrame
+    curve: pd.DataFrame
+    score: str
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.classified["method"].unique())
+
+    def relations(self, method: str) -> pd.DataFrame:
+        return relation_summary(self.classified, method, self.score)
+
+    def violin(self, method: str):
+        return violin_figure(self.classified, method, self.score, self.null)
+
+    def threshold_figure(self):
+        return threshold_figure(self.curve)
+
+    def per_fact(self) -> pd.DataFrame:
+        columns = ["model", "fact_id", "relation", "method", "queries", "union_size", "cs_relaxed", "cs_strict",
+                   "otsu_threshold", "class_static", "class_otsu", "above_null", "degenerate"]
+        return self.classified[[c for c in columns if c in self.classified]]
+
+
+def consistency_study(kn_frame: pd.DataFrame, score: str = "cs_relaxed") -> ConsistencyStudy:
+    """KN consistency of the rows of :func:`load_kn_sets`: per-fact CS and classes with the chance
+    baseline, Table 1 (degenerate methods marked) and Figure 9's curve."""
+    null = null_consistency(kn_frame)
+    classified = classify(fact_consistency(kn_frame), score=score, null=null)
+    if "degenerate" in kn_frame:
+        degenerate = kn_frame.drop_duplicates(["model", "method"]).set_index(["model", "method"])["degenerate"]
+        classified["degenerate"] = [bool(degenerate[key]) for key in zip(classified["model"], classified["method"])]
+    return ConsistencyStudy(classified, null, table1(classified, score), ki_share_curve(classified, score=score), score)
+
+
 def write_consistency_report(run_dirs: Sequence[str | Path], out_dir: str | Path, score: str = "cs_relaxed") -> dict[str, Path]:
     """Table 1 with its chance baseline, per-fact scores and Figures 3/7/8/9 under ``out_dir``/tables
     and /figures; the threshold-sensitivity table and figure where the runs kept dense scores."""
     out_dir = Path(out_dir)
     tables, figures = out_dir / "tables", out_dir / "figures"
     tables.mkdir(parents=True, exist_ok=True)
-    kn_frame = load_kn_sets(run_dirs)
-    null = null_consistency(kn_frame)
-    classified = classify(fact_consistency(kn_frame), score=score, null=null)
-    degenerate = kn_frame.drop_duplicates(["model", "method"]).set_index(["model", "method"])["degenerate"]
-    classified["degenerate"] = [bool(degenerate[(m, k)]) for m, k in zip(classified["model"], classified["method"])]
+    study = consistency_study(load_kn_sets(run_dirs), score)
     written: dict[str, Path] = {}
-    columns = ["model", "fact_id", "relation", "method", "queries", "union_size", "cs_relaxed", "cs_strict",
-               "otsu_threshold", "class_static", "class_otsu", "above_null", "degenerate"]
-    classified[[c for c in columns if c in classified]].to_csv(tables / "consistency.csv", index=False)
+    study.per_fact().to_csv(tables / "consistency.csv", index=False)
     written["consistency"] = tables / "consistency.csv"
-    written["table1"] = write_table(table1(classified, score), tables, "table1")
-    if len(null):
-        written["null"] = write_table(null_summary(null), tables, "cs_null")
-    curve = ki_share_curve(classified, score=score)
-    curve.to_csv(tables / "fig9_ki_share.csv", index=False)
-    for method in classified["method"].unique():
-        relation_summary(classified, method, score).to_csv(tables / f"relations_{method}.csv", index=False)
-        written[f"violin_{method}"] = save_figure(violin_figure(classified, method, score, null), figures, f"violin_{method}")
-    written["fig9"] = save_figure(threshold_figure(curve), figures, "fig9_threshold")
+    written["table1"] = write_table(study.table1, tables, "table1")
+    if len(study.null):
+        written["null"] = write_table(null_summary(study.null), tables, "cs_null")
+    study.curve.to_csv(tables / "fig9_ki_share.csv", index=False)
+    for method in study.methods:
+        study.relations(method).to_csv(tables / f"relations_{method}.csv", index=False)
+        written[f"violin_{method}"] = save_figure(study.violin(method), figures, f"violin_{method}")
+    written["fig9"] = save_figure(study.threshold_figure(), figures, "fig9_threshold")
     dense = dense_kn_sets(run_dirs)
     if len(dense):
         sensitivity = threshold_sensitivity(dense, score)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from .consistency import model_label
 from .errors import QlocError
 from .report_explorer import explorer_run
 from .report_findings import (
@@ -87,10 +88,6 @@ class RunSection:
     """The run's model as Table 1 names it (a path's last part), where the directory is a run."""
 
 
-def _model_label(model: str) -> str:
-    return Path(model).name if "/" in model or model.endswith(".gguf") else model
-
-
 def read_section(directory: Path) -> RunSection:
     directory = Path(directory)
     if not directory.is_dir():
@@ -110,7 +107,7 @@ def read_section(directory: Path) -> RunSection:
             section.store = {name: store.frame(name) for name in STORE_TABLES if name in present}
             stages = {s["stage"]: s["params"] for s in section.stages}
             if "localize" in stages:
-                section.model = _model_label(stages["localize"]["model"])
+                section.model = model_label(stages["localize"]["model"])
         section.environment = section.stages[-1]["environment"] if section.stages else {}
     if not (section.tables or section.figures or section.stages):
         raise QlocError(f"{str(directory)!r} has no qloc tables, figures or run store")
@@ -129,32 +126,16 @@ def _png(fig: "matplotlib.figure.Figure") -> bytes:
 
 
 def _add_consistency(section: RunSection) -> None:
-    """Table 1, the per-fact scores and Figures 3/7/8/9 from the store's KN sets, as
-    ``qloc consistency`` would write them for this one run."""
-    from .consistency import (
-        classify,
-        fact_consistency,
-        ki_share_curve,
-        relation_summary,
-        table1,
-        threshold_figure,
-        violin_figure,
-    )
+    """Table 1 (with its chance baseline), the per-fact scores and Figures 3/7/8/9 from the store's
+    KN sets, as ``qloc consistency`` would write them for this one run."""
+    from .consistency import consistency_study, load_kn_sets
 
-    classified = classify(fact_consistency(section.store["kn_sets"].assign(model=section.model)))
-    computed = {
-        "table1": table1(classified),
-        "consistency": classified,
-        "fig9_ki_share": ki_share_curve(classified),
-    }
-    for method in classified["method"].unique():
-        computed[f"relations_{method}"] = relation_summary(classified, method)
-        section.figures[f"violin_{method}"] = Figure(
-            f"violin_{method}", _png(violin_figure(classified, method))
-        )
-    section.figures["fig9_threshold"] = Figure(
-        "fig9_threshold", _png(threshold_figure(computed["fig9_ki_share"]))
-    )
+    study = consistency_study(load_kn_sets([section.directory]).assign(model=section.model))
+    computed = {"table1": study.table1, "consistency": study.per_fact(), "fig9_ki_share": study.curve}
+    for method in study.methods:
+        computed[f"relations_{method}"] = study.relations(method)
+        section.figures[f"violin_{method}"] = Figure(f"violin_{method}", _png(study.violin(method)))
+    section.figures["fig9_threshold"] = Figure("fig9_threshold", _png(study.threshold_figure()))
     for name, frame in computed.items():
         if name not in section.tables:
             section.tables[name] = Table(name, frame, frame.to_csv(index=False).encode(), computed=True)
