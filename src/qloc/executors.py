@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import QlocError
+from .errors import ContextLengthError, QlocError
 from .models import LoadedModel, load_model
 from .store import RunStore, UnitWriter, environment
-from .sweep import SkipFact, SweepSummary, U, make_progress, run_sweep
+from .sweep import SkipFact, SweepSummary, U, make_progress, run_sweep, unit_skip
 
 WorkFn = Callable[[Any, UnitWriter], None]
 WorkBuilder = Callable[[LoadedModel], WorkFn]
@@ -107,8 +107,9 @@ class SweepWorker:
         started = time.perf_counter()
         try:
             self.work(unit, writer)
-        except SkipFact as exc:
-            return "skipped", (exc.kind, str(exc)), time.perf_counter() - started
+        except (SkipFact, ContextLengthError) as exc:
+            skip = unit_skip(unit, exc)
+            return "skipped", (skip.kind, str(skip)), time.perf_counter() - started
         except torch.OutOfMemoryError as exc:
             return "oom", str(exc).splitlines()[0], time.perf_counter() - started
         return "done", writer.rows, time.perf_counter() - started
