@@ -187,7 +187,7 @@ def cloze(
     """Score answers after cloze prompts: probability and rank of the first answer token and the
     teacher-forced log-probability of the whole answer."""
     from .cloze import cloze_sweep_work, score_cloze
-    from .store import RunStore
+    from .store import RunLock, RunStore
     from .sweep import run_sweep
 
     if (prompt is None) != (answer is None):
@@ -202,11 +202,14 @@ def cloze(
         return
 
     _, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet or json_out)
-    lm = _load(model, device, dtype, quiet or json_out)
     params = {"model": model, "dtype": dtype, **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter)}
     with contextlib.ExitStack() as scratch:
         # Without --run-dir, results go to a temporary run that is removed afterwards.
         directory = run_dir or Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="qloc-cloze-")))
+        # Refuse a directory another sweep writes, or other parameters, before loading the model.
+        scratch.enter_context(RunLock.acquire(directory))
+        RunStore.check_stage(directory, "cloze", params)
+        lm = _load(model, device, dtype, quiet or json_out)
         with RunStore.open_stage(directory, "cloze", params, _env(lm)) as store:
             summary = run_sweep(store, "cloze", selected, cloze_sweep_work(lm, batch_size), quiet=quiet or json_out)
             frame = store.frame("cloze") if "cloze" in store.tables() else None
