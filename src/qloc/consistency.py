@@ -17,7 +17,7 @@ import pandas as pd
 from scipy import stats
 
 from .errors import QlocError
-from .outputs import save_figure, write_table
+from .outputs import check_writable, save_figure, write_table
 from .store import RunStore
 
 STATIC_THRESHOLD = 0.1
@@ -216,8 +216,9 @@ def write_consistency_report(run_dirs: Sequence[str | Path], out_dir: str | Path
     """Table 1, per-fact scores and Figures 3/7/8/9 under ``out_dir``/tables and /figures."""
     out_dir = Path(out_dir)
     tables, figures = out_dir / "tables", out_dir / "figures"
-    tables.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "tables and figures")
     classified = classify(fact_consistency(load_kn_sets(run_dirs)), score=score)
+    tables.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot be read leaves no folder
     written: dict[str, Path] = {}
     columns = ["model", "fact_id", "relation", "method", "queries", "union_size", "cs_relaxed", "cs_strict",
                "otsu_threshold", "class_static", "class_otsu"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import QlocError
-from .outputs import markdown_table
+from .outputs import check_writable, markdown_table
 from .store import STORE_FILE, RunStore
 
 ROWS_SHOWN = 40
@@ -184,6 +184,8 @@ def write_report(run_dirs: list[Path], out: Path) -> dict[str, Path]:
     """``out`` (HTML) and ``out`` with suffix ``.md`` (the tables as Markdown)."""
     if not run_dirs:
         raise QlocError("give at least one --run-dir")
+    out = Path(out)
+    check_writable(out.parent, "the report")
     sections = [read_section(Path(d)) for d in run_dirs]
     anchors = [f"run-{k}" for k in range(len(sections))]
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -195,7 +197,6 @@ def write_report(run_dirs: list[Path], out: Path) -> dict[str, Path]:
             f"<h1>qloc report</h1><p class='note'>Made {made} from {len(sections)} director{'y' if len(sections) == 1 else 'ies'}. "
             f"Definitions: METHODS.md of qloc (Chen et al., ICLR 2025, \"Knowledge Localization: Mission Not Accomplished? "
             f"Enter Query Localization!\").</p><nav><ul>{toc}</ul></nav>{body}</body></html>\n")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     md = out.with_suffix(".md")
