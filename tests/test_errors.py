@@ -326,7 +326,7 @@ def test_prompts_longer_than_the_context_are_refused_or_skipped(tmp_path, tiny_m
     for command in ("cloze", "attribute"):
         result = qloc_cli(command, "--model", tiny_model_dir, "--prompt", long_prompt, "--answer", ANSWER,
                           "--device", "cpu")
-        assert_refused(result, "longer than", "context of 128 tokens", "'the the the")
+        assert_refused(result, "longer than the 128-token context", "'the the the")
     too_long = [[f"{long_prompt} [MASK].", "France", "P1(capital of)"],
                 ["Lyon is a city of [MASK].", "France", "P1(capital of)"]]
     data = write_data(tmp_path / "data.json", {"P1": [usable_fact("Paris"), too_long]})

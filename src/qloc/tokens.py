@@ -48,7 +48,7 @@ def encode_query(lm: LoadedModel, prompt: str, answer: str) -> EncodedQuery:
         shown = prompt if len(prompt) <= 60 else prompt[:60] + "..."
         raise ContextLengthError(
             f"prompt {shown!r} ({len(prompt)} characters) with its answer is {len(query.input_ids)} tokens, "
-            f"longer than {lm.name!r}'s context of {context} tokens"
+            f"longer than the {context}-token context of {lm.name!r}"
         )
     return query
 
