@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import QlocError
@@ -58,15 +59,24 @@ RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray
 WorkersOpt = Annotated[Optional[int], typer.Option(help="Ray: model replicas (default: one per GPU, else one per CPU core).")]
 
 
+INTERRUPTED = "interrupted; finished facts are stored and the same command resumes"
+
+
 def main() -> None:
     """Console entry point: user errors print one clear line and exit 2, never a bare traceback."""
     try:
         app()
     except QlocError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # Messages quote user input (paths, prompts, data rows): print it literally, not as markup.
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except SystemExit as exc:
+        # Typer turns Ctrl-C into exit status 130 before it could reach an except KeyboardInterrupt.
+        if exc.code == 130:
+            err.print(INTERRUPTED, highlight=False)
+        raise
     except KeyboardInterrupt:
-        err.print("interrupted; finished facts are stored and the same command resumes")
+        err.print(INTERRUPTED, highlight=False)
         sys.exit(130)
 
 
@@ -77,7 +87,7 @@ def _load(model: str, device: str, dtype: str, quiet: bool):
 
     transformers.utils.logging.disable_progress_bar()  # qloc shows its own progress
     if not quiet:
-        err.print(f"loading {model} ...", highlight=False)
+        err.print(f"loading {escape(model)} ...", highlight=False)
     return load_model(model, device=device, dtype=dtype)
 
 
@@ -88,13 +98,22 @@ def _select(data, relations, facts_per_relation, limit, seed, query_filter, quie
         raise QlocError(f"--query-filter {query_filter!r}: choose mask_final or mask_period")
     dataset = load_pararel(data, query_filter=query_filter)
     for warning in dataset.warnings[:20]:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if len(dataset.warnings) > 20:
         err.print(f"[yellow]warning:[/] ... and {len(dataset.warnings) - 20} more malformed rows", highlight=False)
     rel_list = [r.strip() for r in relations.split(",") if r.strip()] if relations else None
+    source = f"ParaRel file {str(data)!r}" if data else "the bundled ParaRel"
+    usable = set(dataset.relations)
+    if unusable := [r for r in rel_list or [] if r in dataset.file_relations and r not in usable]:
+        raise QlocError(f"relation(s) {', '.join(unusable)} of {source} have no usable fact: their rows are "
+                        "malformed or leave fewer than 2 usable queries per fact (see the warnings)")
     facts = sample_facts(dataset.facts, rel_list, facts_per_relation, limit, seed)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in dataset.skipped.items()) or "none"
+    if not facts:
+        why = ("--facts-per-relation 0" if facts_per_relation == 0 else "--limit 0" if limit == 0
+               else f"{source} has no usable fact (skipped: {skipped})")
+        raise QlocError(f"0 facts selected: {why}; nothing to do")
     if not quiet:
-        skipped = ", ".join(f"{n} {reason}" for reason, n in dataset.skipped.items()) or "none"
         err.print(f"{len(facts)} facts selected of {len(dataset.facts)} usable (skipped: {skipped})", highlight=False)
     return dataset, facts
 
@@ -164,9 +183,10 @@ def facts(
     table.add_row("all", "", str(len(selected)), str(sum(r["queries"] for r in per_relation.values())), "", style="bold")
     out.print(table)
     for fact in selected[:show]:
-        out.print(f"\n[bold]{fact.id}[/] {fact.subject!r} -> {fact.object!r}", highlight=False)
+        subject, answer = escape(repr(fact.subject)), escape(repr(fact.object))
+        out.print(f"\n[bold]{fact.id}[/] {subject} -> {answer}", highlight=False)
         for q in fact.queries:
-            out.print(f"  {q} ___", highlight=False)
+            out.print(f"  {escape(q)} ___", highlight=False)
 
 
 @app.command()
@@ -190,7 +210,7 @@ def cloze(
     """Score answers after cloze prompts: probability and rank of the first answer token and the
     teacher-forced log-probability of the whole answer."""
     from .cloze import cloze_sweep_work, score_cloze
-    from .store import RunStore
+    from .store import RunLock, RunStore
     from .sweep import run_sweep
 
     if (prompt is None) != (answer is None):
@@ -205,11 +225,14 @@ def cloze(
         return
 
     _, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet or json_out)
-    lm = _load(model, device, dtype, quiet or json_out)
     params = {"model": model, "dtype": dtype, **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter)}
     with contextlib.ExitStack() as scratch:
         # Without --run-dir, results go to a temporary run that is removed afterwards.
         directory = run_dir or Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="qloc-cloze-")))
+        # Refuse a directory another sweep writes, or other parameters, before loading the model.
+        scratch.enter_context(RunLock.acquire(directory))
+        RunStore.check_stage(directory, "cloze", params)
+        lm = _load(model, device, dtype, quiet or json_out)
         with RunStore.open_stage(directory, "cloze", params, _env(lm)) as store:
             summary = run_sweep(store, "cloze", selected, cloze_sweep_work(lm, batch_size), quiet=quiet or json_out)
             frame = store.frame("cloze") if "cloze" in store.tables() else None
@@ -245,7 +268,7 @@ def _execute(plan, executor: str, ray_address: Optional[str], workers: Optional[
 
     transformers.utils.logging.disable_progress_bar()  # qloc shows its own progress
     if executor == "local" and not quiet:
-        err.print(f"loading {plan.model.name} ...", highlight=False)
+        err.print(f"loading {escape(plan.model.name)} ...", highlight=False)
     return execute(plan, executor, ray_address=ray_address, workers=workers, quiet=quiet)
 
 
@@ -291,7 +314,10 @@ def attribute(
     import numpy as np
 
     from .attribution import attribute as attribute_scores
+    from .outputs import check_writable
 
+    if out_file is not None:
+        check_writable(out_file.parent, "the scores")  # before the attribution, not after it
     lm = _load(model, device, dtype, quiet or json_out)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -299,8 +325,9 @@ def attribute(
                                   max_batch_rows=max_batch_rows)
     for warning in caught:
         if issubclass(warning.category, UserWarning):
-            err.print(f"[yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
     if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
         np.save(out_file, result.scores.numpy().astype(np.float32))
     kn = result.kn_set(threshold, top_k)
     residual = result.completeness_residual.max(0).values

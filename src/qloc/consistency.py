@@ -27,7 +27,7 @@ import pandas as pd
 from scipy import stats
 
 from .errors import QlocError
-from .outputs import save_figure, write_table
+from .outputs import check_writable, save_figure, write_table
 from .store import RunStore
 
 if TYPE_CHECKING:
@@ -457,8 +457,9 @@ def write_consistency_report(run_dirs: Sequence[str | Path], out_dir: str | Path
     and /figures; the threshold-sensitivity table and figure where the runs kept dense scores."""
     out_dir = Path(out_dir)
     tables, figures = out_dir / "tables", out_dir / "figures"
-    tables.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "tables and figures")
     study = consistency_study(load_kn_sets(run_dirs), score)
+    tables.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot be read leaves no folder
     written: dict[str, Path] = {}
     study.per_fact().to_csv(tables / "consistency.csv", index=False)
     written["consistency"] = tables / "consistency.csv"

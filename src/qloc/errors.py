@@ -15,3 +15,8 @@ class DataError(QlocError):
 
 class RunDirectoryError(QlocError):
     """A run directory that belongs to another run or is not a qloc run directory."""
+
+
+class ContextLengthError(QlocError):
+    """A prompt that, with its answer, is longer than the model's context. A sweep skips the unit
+    it belongs to, with this message as the reason; elsewhere it is an input error."""

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import QlocError
+from .errors import ContextLengthError, QlocError
 from .models import LoadedModel, load_model
-from .store import RunStore, UnitWriter, environment
-from .sweep import SkipFact, SweepSummary, U, make_progress, run_sweep
+from .store import RunLock, RunStore, UnitWriter, environment
+from .sweep import SkipFact, SweepSummary, U, make_progress, run_sweep, unit_skip
 
 WorkFn = Callable[[Any, UnitWriter], None]
 WorkBuilder = Callable[[LoadedModel], WorkFn]
@@ -70,17 +70,24 @@ def execute(
     workers: int | None = None,
     quiet: bool = False,
 ) -> SweepSummary:
-    """Run ``plan`` with the chosen executor; ``lm`` (local only) reuses an already loaded model."""
-    RunStore.check_stage(plan.run_dir, plan.stage, plan.params)
-    if executor == "local":
-        lm = lm or plan.model.load()
-        with RunStore.open_stage(plan.run_dir, plan.stage, plan.params, model_environment(lm)) as store:
-            return run_sweep(store, plan.stage, plan.units, plan.build(lm), quiet=quiet, description=plan.description)
-    if executor == "ray":
+    """Run ``plan`` with the chosen executor; ``lm`` (local only) reuses an already loaded model.
+
+    This process (Ray's driver) holds the run directory's lock from before the model loads until the
+    sweep ends, so a second sweep on the same directory is refused at once, before loading anything."""
+    if executor not in ("local", "ray"):
+        raise QlocError(f"--executor {executor!r}: choose local or ray")
+    if not plan.units:
+        raise QlocError(f"0 units selected for {plan.description}: nothing to run")
+    with RunLock.acquire(plan.run_dir):
+        RunStore.check_stage(plan.run_dir, plan.stage, plan.params)
+        if executor == "local":
+            lm = lm or plan.model.load()
+            with RunStore.open_stage(plan.run_dir, plan.stage, plan.params, model_environment(lm)) as store:
+                return run_sweep(store, plan.stage, plan.units, plan.build(lm), quiet=quiet,
+                                 description=plan.description)
         with RayPool(plan.model, plan.build, ray_address, workers) as pool:
             with RunStore.open_stage(plan.run_dir, plan.stage, plan.params, pool.environment()) as store:
                 return pool.run(store, plan.stage, plan.units, quiet=quiet, description=plan.description)
-    raise QlocError(f"--executor {executor!r}: choose local or ray")
 
 
 class SweepWorker:
@@ -107,8 +114,9 @@ class SweepWorker:
         started = time.perf_counter()
         try:
             self.work(unit, writer)
-        except SkipFact as exc:
-            return "skipped", (exc.kind, str(exc)), time.perf_counter() - started
+        except (SkipFact, ContextLengthError) as exc:
+            skip = unit_skip(unit, exc)
+            return "skipped", (skip.kind, str(skip)), time.perf_counter() - started
         except torch.OutOfMemoryError as exc:
             return "oom", str(exc).splitlines()[0], time.perf_counter() - started
         return "done", writer.rows, time.perf_counter() - started

@@ -14,7 +14,9 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
@@ -208,7 +210,16 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QlocError(f"--device {device}: CUDA is not available in this torch build ({torch.__version__})")
-    return torch.device(device)
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        choices = "cpu, cuda, cuda:N, auto or map"
+        raise QlocError(f"--device {device!r} is not a device: choose {choices}") from None
+    try:
+        torch.empty(0, device=torch_device)  # a device type torch knows but this machine lacks fails here
+    except (RuntimeError, AssertionError) as exc:
+        raise QlocError(f"--device {device!r} cannot be used on this machine: {_first_line(exc)}") from None
+    return torch_device
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -240,6 +251,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
         directory = Path(name)
         if not (directory / "config.json").exists():
             raise QlocError(f"model directory {name!r} has no config.json (not a Hugging Face model directory)")
+        _check_json_files(directory)
     elif Path(name).exists() or name.startswith((".", "/", "~")):
         raise QlocError(f"model {name!r} is neither a directory nor a .gguf file")
     else:
@@ -247,29 +259,98 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
     return _load_pretrained(name, str(directory) if directory else name, torch_device, torch_dtype)
 
 
-def _load_pretrained(name: str, source: str, device: torch.device | None, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _check_json_files(directory: Path) -> None:
+    """Name a model directory's JSON file that is not JSON (transformers reports it as a missing model)."""
+    for path in sorted(directory.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise QlocError(f"model file {str(path)!r} is not valid JSON: {exc}") from None
 
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be asked about a model id, or None where it can. Asked at
+    most once and briefly: huggingface_hub itself retries an unreachable hub for half a minute."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set, so the Hugging Face hub was not asked"
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        config = AutoConfig.from_pretrained(source)
+        socket.create_connection((endpoint.hostname, port), timeout=5).close()
     except OSError as exc:
-        raise QlocError(
-            f"unknown model {name!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), a .gguf file, a local "
-            f"directory, or a Hugging Face id that can be downloaded or found in the local cache ({exc.__class__.__name__})"
-        ) from None
+        return f"qloc tried the Hugging Face hub at {constants.ENDPOINT}, which cannot be reached ({exc})"
+    return None
+
+
+def _load_config(name: str, source: str):
+    from transformers import AutoConfig
+
+    unknown = (f"unknown model {name!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), a .gguf file, a local "
+               f"directory, or a Hugging Face id that can be downloaded or found in the local cache")
+    try:
+        if Path(source).is_dir():
+            return AutoConfig.from_pretrained(source)
+        try:
+            return AutoConfig.from_pretrained(source, local_files_only=True)
+        except OSError:
+            pass  # not in the local Hugging Face cache: ask the hub, where it can be reached
+        unreachable = _hub_unreachable()
+        if unreachable:
+            raise QlocError(f"{unknown}; {unreachable}")
+        return AutoConfig.from_pretrained(source)
+    except OSError as exc:
+        raise QlocError(f"{unknown} ({exc.__class__.__name__})") from None
+    except ValueError as exc:  # a config transformers cannot read, e.g. of a model type it does not know
+        raise QlocError(f"model {name!r}: {_first_line(exc)}") from None
+
+
+def _load_pretrained(name: str, source: str, device: torch.device | None, dtype: torch.dtype) -> LoadedModel:
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _load_config(name, source)
     architecture_for(config.model_type)  # fail before loading weights of an unsupported family
-    if device is None:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map="auto")
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        if device is None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map="auto")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    except (OSError, SafetensorError) as exc:  # no weights, a missing shard, a damaged file
+        problem = _first_line(exc)
+        raise QlocError(f"model {name!r}: cannot load its weights from {source!r}: {problem}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        problem = _first_line(exc)
+        raise QlocError(f"model {name!r}: cannot load its tokenizer from {source!r}: {problem}") from None
     return wrap_model(model, tokenizer, name=name, source=source)
+
+
+def _gguf_problem(path: Path) -> str:
+    """What is wrong with a GGUF file the reader refused, as far as a glance at it tells."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty"
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        return f"is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
+    return f"is truncated or damaged ({size:,} bytes)"
 
 
 def gguf_architecture(path: Path) -> str:
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # a damaged file fails with assorted errors (ValueError, IndexError, ...)
+        raise QlocError(f"GGUF file {str(path)!r} {_gguf_problem(path)}: {_first_line(exc)}") from None
     field_ = reader.fields.get("general.architecture")
     if field_ is None:
         raise QlocError(f"GGUF file {str(path)!r} has no general.architecture field")

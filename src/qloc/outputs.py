@@ -3,10 +3,13 @@ under ``<dir>/tables``, figures as PNG and SVG under ``<dir>/figures``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .errors import QlocError
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -21,6 +24,17 @@ def markdown_table(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Refuse, before any work, an output folder that cannot be written: the nearest part of it
+    that exists must be a writable folder (the missing rest is created when the output is written)."""
+    directory = Path(directory)
+    nearest = next(p for p in (directory, *directory.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise QlocError(f"cannot write {what} to {str(directory)!r}: {str(nearest)!r} is a file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise QlocError(f"cannot write {what} to {str(directory)!r}: folder {str(nearest)!r} is not writable")
 
 
 def write_table(table: pd.DataFrame, directory: Path, name: str) -> Path:

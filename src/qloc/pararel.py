@@ -49,6 +49,8 @@ class ParaRel:
     warnings: list[str] = field(default_factory=list)
     """One line per malformed row, naming it."""
     total_queries: int = 0
+    file_relations: list[str] = field(default_factory=list)
+    """Every relation in the file, also those left without a usable fact."""
 
     @property
     def relations(self) -> list[str]:
@@ -110,7 +112,7 @@ def load_pararel(
         raise DataError(f"ParaRel file {str(data_path)!r}: expected an object mapping relation -> list of facts")
     pairs = _read_json(pairs_path) if pairs_path else {}
 
-    result = ParaRel(facts=[])
+    result = ParaRel(facts=[], file_relations=list(raw))
     for relation, bags in raw.items():
         if not isinstance(bags, list):
             result.warnings.append(f"{data_path.name}: relation {relation!r} is not a list of facts; skipped")
@@ -177,11 +179,15 @@ def sample_facts(
 ) -> list[Fact]:
     """Seeded sample, returned in dataset order: filter by relation, then at most
     ``facts_per_relation`` per relation, then at most ``limit`` in all."""
+    for name, count in (("facts_per_relation", facts_per_relation), ("limit", limit)):
+        if count is not None and count < 0:
+            raise DataError(f"{name} {count}: a number of facts cannot be negative")
     if relations:
         known = {f.relation for f in facts}
         unknown = [r for r in relations if r not in known]
         if unknown:
-            raise DataError(f"unknown relation(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            known_list = ", ".join(sorted(known)) or "none"
+            raise DataError(f"unknown relation(s) {', '.join(unknown)}; known: {known_list}")
         wanted = set(relations)
         facts = [f for f in facts if f.relation in wanted]
     rng = random.Random(seed)

@@ -34,6 +34,7 @@ import pandas as pd
 
 from .consistency import model_label
 from .errors import QlocError
+from .outputs import check_writable
 from .report_explorer import explorer_run
 from .report_findings import (
     VERDICTS,
@@ -678,6 +679,8 @@ def write_report(run_dirs: list[Path], out: Path, paper_reference: Path | None =
     """``out`` (HTML) and ``out`` with suffix ``.md`` (findings and tables as Markdown)."""
     if not run_dirs:
         raise QlocError("give at least one --run-dir")
+    out = Path(out)
+    check_writable(out.parent, "the report")
     paper = load_paper_reference(paper_reference)
     sections = [read_section(Path(d)) for d in run_dirs]
     results = [model_findings(e, paper) for e in gather_evidence(sections)]
@@ -722,7 +725,6 @@ def write_report(run_dirs: list[Path], out: Path, paper_reference: Path | None =
         f"<nav><ul>{''.join(toc)}</ul></nav>{_findings_html(results, paper)}{''.join(body)}{explorer}"
         f"{''.join(runs)}</body></html>\n"
     )
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     md = out.with_suffix(".md")

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .errors import QlocError
+from .errors import ContextLengthError, QlocError
 from .store import RunStore, UnitWriter
 
 
@@ -41,6 +41,14 @@ class SkipFact(Exception):
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
+
+
+def unit_skip(unit: Unit, exc: SkipFact | ContextLengthError) -> SkipFact:
+    """The skip an exception from a unit's work stands for: work functions raise :class:`SkipFact`,
+    and a query longer than the model's context skips its unit whichever work found it."""
+    if isinstance(exc, SkipFact):
+        return exc
+    return SkipFact("query longer than the model's context", f"{unit.label}: {exc}")
 
 
 @dataclass
@@ -92,10 +100,11 @@ def run_sweep(
                 with store.unit(stage, unit.id) as writer:
                     work(unit, writer)
                 summary.done += 1
-            except SkipFact as exc:
-                store.skip(stage, unit.id, str(exc))
+            except (SkipFact, ContextLengthError) as exc:
+                skip = unit_skip(unit, exc)
+                store.skip(stage, unit.id, str(skip))
                 summary.skipped += 1
-                summary.skip_reasons[exc.kind] += 1
+                summary.skip_reasons[skip.kind] += 1
             except torch.OutOfMemoryError:
                 raise QlocError(
                     f"out of memory on {unit.label}; the {summary.done} units finished in this session are "

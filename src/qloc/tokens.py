@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DataError
+from .errors import ContextLengthError, DataError
 from .models import LoadedModel
 
 
@@ -41,7 +41,16 @@ def encode_query(lm: LoadedModel, prompt: str, answer: str) -> EncodedQuery:
     if not prompt_ids:
         raise DataError(f"prompt {prompt!r} tokenizes to no tokens with {lm.name!r}'s tokenizer")
     special = tuple(bool(x) for x in encoded.get("special_tokens_mask", [0] * len(prompt_ids)))
-    return EncodedQuery(prompt, answer, prompt_ids, answer_ids, special)
+    query = EncodedQuery(prompt, answer, prompt_ids, answer_ids, special)
+    context = getattr(lm.config, "max_position_embeddings", None)
+    if context is not None and len(query.input_ids) > context:
+        # Positions past the context give meaningless scores rather than an error: refuse them.
+        shown = prompt if len(prompt) <= 60 else prompt[:60] + "..."
+        raise ContextLengthError(
+            f"prompt {shown!r} ({len(prompt)} characters) with its answer is {len(query.input_ids)} tokens, "
+            f"longer than the {context}-token context of {lm.name!r}"
+        )
+    return query
 
 
 def answer_token_ids(lm: LoadedModel, answer: str) -> tuple[int, ...]:
