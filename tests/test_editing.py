@@ -270,7 +270,8 @@ def test_sign_aware_erasure_on_smollm2_lowers_a_known_answer(smollm2):
     prompt, answer = "The Eiffel Tower is located in the city of", "Paris"
     before = qloc.score_cloze(smollm2, [prompt], [answer])[0]
     assert before.rank == 0
-    neurons = attribute(smollm2, prompt, answer, "amig", steps=10).kn_set()
+    with pytest.warns(UserWarning, match="too coarse"):  # layer 29's residual at 10 steps; the set is what counts
+        neurons = attribute(smollm2, prompt, answer, "amig", steps=10).kn_set()
     signs = activation_signs(target_activations(smollm2, [prompt], answer), neurons)
     negative = [u for u, sign in zip(neurons, signs) if sign < 0]
     assert len(negative) > 0.2 * len(neurons)

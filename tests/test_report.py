@@ -410,3 +410,15 @@ def test_report_works_in_headless_chromium_figures_and_explorer(hostile_run, tmp
     )
     (artifacts / "browser-test.txt").write_text(summary)
     print(summary)
+
+
+def test_paper_ranges_stand_in_for_cells_that_were_not_transcribed():
+    from qloc.report_findings import load_paper_reference
+
+    paper = load_paper_reference()
+    assert paper.value("ki_share", "GPT-2", "amig static") is None
+    assert paper.value_text("ki_share", "GPT-2", "amig static", share=True).startswith("44")
+    assert "0.14" in paper.value_text("ki_share", "GPT-2", "amig static CS_KC")  # the most specific range wins
+    assert paper.value_text("ki_share", "GPT-2", "amig otsu") == "not transcribed"
+    assert "0.18" in paper.value_text("dppl", "LLaMA3-8b", "erase KI self")
+    assert paper.value_text("dppl", "LLaMA3-8b", "erase KI union") == "not transcribed"

@@ -56,6 +56,22 @@ class PaperReference:
     def value(self, claim: str, model: str, key: str) -> float | None:
         return self.claims[claim]["values"].get(model, {}).get(key)
 
+    def value_text(self, claim: str, model: str, key: str, share: bool = False) -> str:
+        """The paper's value for ``key``, or else the range over the paper's models and methods
+        that the claim quotes (a range matches a key holding all of its words), or "not transcribed"."""
+        value = self.value(claim, model, key)
+        if value is not None:
+            return _paper_text(value, share)
+        words = set(key.split())
+        matching = [p for p in self.claims[claim].get("ranges", {}) if set(p.split()) <= words]
+        if not matching:
+            return "not transcribed"
+        quoted = self.claims[claim]["ranges"][max(matching, key=lambda p: len(p.split()))]  # the most specific
+        low, high = quoted["low"], quoted["high"]
+        shown = (f"{format_share(low)}-{format_share(high)}" if quoted.get("share")
+                 else f"{format_number(low)}-{format_number(high)}")
+        return f"{shown} (range over the paper's models)"
+
     def where(self, claim: str) -> str:
         return self.claims[claim]["where"]
 
@@ -188,7 +204,7 @@ class _Rules:
             for row in rows.itertuples(index=False):
                 facts = int(row.facts)
                 measure = f"{label}: KI share, {row.threshold} threshold {format_number(row.threshold_value)}"
-                paper = self.paper.value("ki_share", self.reference, f"{method} {row.threshold}")
+                paper = self.paper.value_text("ki_share", self.reference, f"{method} {row.threshold}", share=True)
                 if degenerate:
                     verdict, note = "open", "method degenerate here"
                 elif row.R_KI > 0:
@@ -199,7 +215,7 @@ class _Rules:
                     "ki_share",
                     measure,
                     format_share(row.R_KI, facts),
-                    _paper_text(paper, share=True),
+                    paper,
                     verdict,
                     note,
                 )
@@ -211,6 +227,15 @@ class _Rules:
                         "query (empty KN sets: CS 0, counted as KI)."
                     )
             static = rows[rows.threshold == "static"]
+            if not static.empty and not math.isnan(static.iloc[0].CS_KC):
+                self.add(
+                    "ki_share",
+                    f"{label}: mean CS of KC facts, static threshold",
+                    format_number(static.iloc[0].CS_KC),
+                    self.paper.value_text("ki_share", self.reference, f"{method} static CS_KC"),
+                    "open",
+                    "higher: KN sets of one fact's queries overlap more",
+                )
             if chance_columns and not static.empty:
                 row = static.iloc[0]
                 self.add(
@@ -370,15 +395,14 @@ class _Rules:
                 else:
                     continue
                 name = SET_NAMES.get(kn_set, kn_set)
-                paper_values = [
-                    self.paper.value("dppl", self.reference, f"{mode} {kind} {kn_set}")
+                paper_values = {
+                    kind: self.paper.value_text("dppl", self.reference, f"{mode} {kind} {kn_set}")
                     for kind in ("KC", "KI")
-                ]
-                paper = (
-                    "not transcribed"
-                    if all(v is None for v in paper_values)
-                    else " / ".join(f"{k} {_paper_text(v)}" for k, v in zip(("KC", "KI"), paper_values))
-                )
+                }
+                if len(set(paper_values.values())) == 1:
+                    paper = paper_values["KC"]
+                else:
+                    paper = " / ".join(f"{kind} {text}" for kind, text in paper_values.items())
                 notes = (
                     []
                     if math.isnan(catastrophic)
