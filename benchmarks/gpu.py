@@ -16,7 +16,7 @@ exactly 8 tokens. Measures, side by side in one run:
   layers, extrapolated linearly to all of them, for the speed-up ratio;
 - queries per second back to back and with several model replicas in flight, one thread and one CUDA
   stream each;
-- the memory one row costs per layer it runs and in the output head, fitted from two pass sizes,
+- the memory one row costs per layer it runs and in the output head, solved from three pass sizes,
   against default_batch_rows' estimate;
 - a model of smollm2-135m's exact configuration with seeded weights (smollm2's own weights are too
   large to travel to the GPU machine): its fp32 scores against the CPU's stored in SMOLLM2_REFERENCE,
@@ -43,6 +43,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -334,6 +335,12 @@ def batch_rows_estimate(layers: int, dtype: torch.dtype, total_bytes: int,
     return dict(total_bytes=total_bytes, free_bytes=free, batch_rows=rows, bytes_per_row=0.5 * free / rows)
 
 
+def print_profile(lm: LoadedModel, query: tuple[str, str], method: str, steps: int) -> str:
+    table = profile_query(lm, query, method, steps)
+    print(f"\n{method} query under the torch profiler:\n{table}")
+    return table
+
+
 def profile_query(lm: LoadedModel, query: tuple[str, str], method: str, steps: int) -> str:
     """Where one query's time goes: the torch profiler's operators by their own device time."""
     from torch.profiler import ProfilerActivity, profile
@@ -460,7 +467,7 @@ def gib(count: float) -> str:
     return f"{count / 2**30:.2f} GiB"
 
 
-def print_smollm2(report: dict[str, Any]) -> None:
+def print_smollm2(report: dict[str, Any]) -> dict[str, Any]:
     print(f"\nsmollm2-135m's configuration, seeded weights (the CPU's weights: {report['same_weights']}); "
           "fp32 here against the CPU's fp32, then KN-set Jaccard of bf16 against fp32:")
     print(f"{'method':<6} {'largest score':>14} {'top-32 diff':>12} {'KN = CPU':>9} {'KN size':>8} "
@@ -475,6 +482,7 @@ def print_smollm2(report: dict[str, Any]) -> None:
     print("(largest score: relative difference; top-32 diff: largest difference at the CPU's top 32 "
           "neurons over the largest score; bf16 CPU / real CPU: the same Jaccard on the CPU, seeded and "
           "real smollm2 weights)")
+    return report
 
 
 def run_methods(lm: LoadedModel, queries: Sequence[tuple[str, str]], args: argparse.Namespace,
@@ -562,7 +570,6 @@ def run_row_memory(lm: LoadedModel, steps: int, estimated_per_row: float) -> lis
 def write_json(path: Path | None, results: dict[str, Any]) -> None:
     if path is not None:
         path.write_text(json.dumps(results, indent=1, default=str) + "\n")
-        print(f"wrote {path}")
 
 
 def main() -> None:
@@ -592,6 +599,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), qloc.models.resolve_dtype(args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32 for the comparison with the CPU
     results: dict[str, Any] = dict(machine=machine(device), args={k: str(v) for k, v in vars(args).items()})
+    print(", ".join(f"{k} {v}" for k, v in results["machine"].items()))
 
     dry = batch_rows_estimate(32, dtype, H200_BYTES, LLAMA3_8B_PARAMETERS * torch.finfo(dtype).bits // 8)
     results["h200_batch_rows_estimate"] = dry
@@ -607,37 +615,57 @@ def main() -> None:
               f"weights sha256 {reference['weights_sha256'][:16]}")
         return
 
+    # The GPU machine is lent for minutes: a part that fails records its error and the rest still run,
+    # and the JSON is rewritten after each part, so a run stopped at its time limit keeps what it had.
+    save = partial(write_json, args.json, results)
+    shape: dict[str, Any] = {}
+    results["llama3_8b_shape"] = shape
+    attempt(results, "llama3_8b_shape",
+            partial(measure_llama3_8b_shape, args, dtype, dry["bytes_per_row"], shape, save), save)
+    if args.smollm2_reference.name and args.smollm2_reference.exists():
+        attempt(results, "smollm2_check",
+                lambda: print_smollm2(check_smollm2_reference(args.smollm2_reference, device)), save)
+
+
+def measure_llama3_8b_shape(args: argparse.Namespace, dtype: torch.dtype, estimated_per_row: float,
+                            shape: dict[str, Any], save: Callable[[], None]) -> dict[str, Any]:
+    """Everything measured on the 8B-shape model, into ``shape`` as it goes; the model is freed on
+    return."""
+    device = torch.device(args.device)
     queries = eight_token_queries(args.queries)
     tokenizer = word_tokenizer(vocabulary_of(text for pair in queries for text in pair))
     lm, build_seconds = timed(device, lambda: llama3_8b_shape(args.layers, dtype, device, tokenizer))
     parameters = sum(p.numel() for p in lm.model.parameters())
     peak_rate = matmul_tflops(device, dtype)
-    results.update(model=dict(layers=args.layers, parameters=parameters, dtype=args.dtype,
-                              build_seconds=build_seconds), matmul_tflops=peak_rate, queries=queries)
+    shape.update(layers=args.layers, parameters=parameters, dtype=args.dtype, build_seconds=build_seconds,
+                 matmul_tflops=peak_rate, queries=queries)
     print(f"Llama-3-8B shape, {args.layers} layers ({parameters / 1e9:.2f} B parameters, built in "
-          f"{build_seconds:.1f} s), {device} {args.dtype}, {torch.get_num_threads()} threads, "
-          f"{results['machine'].get('gpu', 'CPU')}: matrix product {peak_rate:.2f} TFLOP/s")
+          f"{build_seconds:.1f} s), {device} {args.dtype}, {torch.get_num_threads()} threads: "
+          f"matrix product {peak_rate:.2f} TFLOP/s")
     print(f"{len(queries)} queries of {PROMPT_TOKENS} tokens, {args.steps} steps; reference loop timed on "
           f"{min(args.reference_layers, args.layers)} of {args.layers} layers and extrapolated linearly")
 
-    results["methods"] = run_methods(lm, queries, args, peak_rate)
-    if {"ig", "amig", "sig"} <= results["methods"].keys():
-        results["estimates"] = estimate_pararel(results["methods"], args.layers)
-    if "ig" in results["methods"] and args.in_flight:
-        ig_seconds = results["methods"]["ig"]["engine"]["seconds_per_query"]
-        results["in_flight"] = run_in_flight(lm, queries, args, ig_seconds)
-    results["row_memory"] = run_row_memory(lm, args.steps, dry["bytes_per_row"])
+    shape["methods"] = run_methods(lm, queries, args, peak_rate)
+    if {"ig", "amig", "sig"} <= shape["methods"].keys():
+        shape["estimates"] = estimate_pararel(shape["methods"], args.layers)
+    save()
+    if "ig" in shape["methods"] and args.in_flight:
+        ig_seconds = shape["methods"]["ig"]["engine"]["seconds_per_query"]
+        attempt(shape, "in_flight", lambda: run_in_flight(lm, queries, args, ig_seconds), save)
+    attempt(shape, "row_memory", lambda: run_row_memory(lm, args.steps, estimated_per_row), save)
     if args.profile:
-        results["profile"] = profile_query(lm, queries[0], args.profile, args.steps)
-        print(f"\n{args.profile} query under the torch profiler:\n" + results["profile"])
-    write_json(args.json, results)  # the 8B figures are safe before the smollm2 check starts
+        attempt(shape, "profile", lambda: print_profile(lm, queries[0], args.profile, args.steps), save)
+    return shape
 
-    del lm
-    if args.smollm2_reference.name and args.smollm2_reference.exists():
-        results["smollm2_check"] = check_smollm2_reference(args.smollm2_reference, device)
-        print_smollm2(results["smollm2_check"])
-        write_json(args.json, results)
 
+def attempt(store: dict[str, Any], key: str, measure: Callable[[], Any], save: Callable[[], None]) -> None:
+    """store[key] = measure(), or store[key + "_error"] = the error it raised; then save()."""
+    try:
+        store[key] = measure()
+    except Exception as error:  # noqa: BLE001 - any failure of one part is reported, not fatal
+        store[key + "_error"] = repr(error)
+        print(f"\n{key} failed: {error!r}")
+    save()
 
 if __name__ == "__main__":
     main()

@@ -15,12 +15,15 @@ LIMIT=${LIMIT:-420}
 SITE=/tmp/qloc-site
 mkdir -p "$OUT"
 
-{ nvidia-smi; python3 -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|tokenizers|safetensors|regex|huggingface)"; } \
-    >"$OUT/machine.txt" 2>&1
+{
+    nvidia-smi
+    python3 -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|tokenizers|safetensors|regex|hugg)"
+} >"$OUT/machine.txt" 2>&1
 python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
     benchmarks/wheels/*.whl || exit 1
 export PYTHONPATH="$SITE:$PWD/src" PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers, qloc
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'qloc', qloc.__file__,
       'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT/machine.txt" || exit 1
-timeout "$LIMIT" python3 benchmarks/gpu.py --device cuda --profile amig --json "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"
+timeout "$LIMIT" python3 benchmarks/gpu.py --device cuda --profile amig --json "$OUT/gpu.json" "$@" 2>&1 |
+    tee "$OUT/gpu.log"
