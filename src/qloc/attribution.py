@@ -330,11 +330,23 @@ def default_batch_rows(lm: LoadedModel) -> int:
         return 1024
     config = lm.config
     d_model = config.hidden_size
+    # The cache holds keys and values of the key-value heads only: a quarter of d_model wide under
+    # Llama-3-8B's grouped-query attention (8 of 32 heads).
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d_model // heads
+    kv_width = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     element = torch.finfo(lm.dtype).bits // 8
-    per_layer = (8 * d_model + 4 * lm.d_ff) * element + 2 * 64 * d_model * element
+    per_layer = (8 * d_model + 4 * lm.d_ff) * element + 2 * 64 * kv_width * element
     per_row = lm.num_layers * per_layer + 3 * config.vocab_size * 4
-    free, _ = torch.cuda.mem_get_info(lm.device)
-    return max(8, int(0.5 * free / per_row))
+    return max(8, int(0.5 * free_gpu_bytes(lm.device) / per_row))
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """Memory this process can still allocate on ``device``: what the driver reports free, plus the
+    blocks torch's caching allocator holds from earlier work but no tensor uses (the driver counts
+    them as taken, so without them every query would see less free memory than the one before)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 class NeuronAttributionMethod:

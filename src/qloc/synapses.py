@@ -30,7 +30,9 @@ import pandas as pd
 import torch
 
 from .attention import Synapse, attention_hooks, attention_probe, record_attention, scale_attention
-from .attribution import AnswerProbability, capture_layer_calls, frozen_parameters, integration_points, replay_layers
+from .attribution import (
+    AnswerProbability, capture_layer_calls, free_gpu_bytes, frozen_parameters, integration_points, replay_layers,
+)
 from .consistency import STATIC_THRESHOLD
 from .errors import DataError, QlocError
 from .interventions import record_activations
@@ -88,8 +90,7 @@ def _default_rows(lm: LoadedModel, tokens: int) -> int:
     element = torch.finfo(lm.dtype).bits // 8
     per_token = lm.num_layers * (10 * lm.config.hidden_size + 4 * lm.d_ff) * element
     per_row = tokens * per_token + 3 * lm.config.vocab_size * 4
-    free, _ = torch.cuda.mem_get_info(lm.device)
-    return max(1, int(0.5 * free / per_row))
+    return max(1, int(0.5 * free_gpu_bytes(lm.device) / per_row))
 
 
 def _replace_probabilities(rows: slice, points: torch.Tensor):
