@@ -20,7 +20,7 @@ BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "googl
 def reproduced(tmp_path_factory, tiny_model_dir):
     run = tmp_path_factory.mktemp("reproduce") / "run"
     result = subprocess.run(QLOC + ["reproduce", "--model", str(tiny_model_dir), "--facts", "3", "--run-dir", str(run),
-                                    "--device", "cpu", "--quiet"], capture_output=True, text=True)
+                                    "--known", "1000", "--device", "cpu", "--quiet"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return run
 
@@ -29,7 +29,7 @@ def test_reproduce_runs_every_stage(reproduced):
     with qloc.RunStore.open_existing(reproduced) as store:
         stages = {s["stage"]: s["params"] for s in store.stages()}
         units = store.units()
-    assert set(stages) == {"localize", "edit-erase-amig", "edit-update-amig", "sequential-update-amig", "mapping-amig",
+    assert set(stages) == {"census", "localize", "edit-erase-amig", "edit-update-amig", "sequential-update-amig", "mapping-amig",
                            "synapses-amig"}
     assert stages["localize"]["methods"] == ["ig", "amig", "sig"] and stages["localize"]["steps"] == 20
     assert (units.status == "done").all()
@@ -43,8 +43,8 @@ def test_reproduce_runs_every_stage(reproduced):
 def test_rerun_resumes_without_recomputing(reproduced, tiny_model_dir):
     with qloc.RunStore.open_existing(reproduced) as store:
         before = store.units()
-    command = QLOC + ["reproduce", "--model", str(tiny_model_dir), "--facts", "3", "--run-dir", str(reproduced), "--device", "cpu",
-                      "--quiet"]
+    command = QLOC + ["reproduce", "--model", str(tiny_model_dir), "--facts", "3", "--run-dir", str(reproduced),
+                      "--known", "1000", "--device", "cpu", "--quiet"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("0 done, ") == 5  # localize, erase, update, mapping, synapses: nothing recomputed

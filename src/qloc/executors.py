@@ -21,7 +21,7 @@ from typing import Any, Literal
 from .errors import QlocError
 from .models import LoadedModel, load_model
 from .store import RunStore, UnitWriter, environment
-from .sweep import SkipFact, SweepSummary, U, make_progress, run_sweep
+from .sweep import SkipFact, SweepSummary, U, make_progress, run_sweep, unit_size
 
 WorkFn = Callable[[Any, UnitWriter], None]
 WorkBuilder = Callable[[LoadedModel], WorkFn]
@@ -179,7 +179,7 @@ class RayPool:
         in_flight: dict[Any, tuple[int, Any]] = {}  # object ref -> (actor slot, unit)
         idle = list(range(len(self.actors)))
         with make_progress(quiet) as progress:
-            task = progress.add_task(description or stage, total=len(pending), status="")
+            task = progress.add_task(description or stage, total=sum(map(unit_size, pending)), status="")
             while pending or in_flight:
                 while pending and idle:
                     slot, unit = idle.pop(), pending.popleft()
@@ -215,6 +215,6 @@ class RayPool:
                     store.skip(stage, unit.id, reason)
                     summary.skipped += 1
                     summary.skip_reasons[kind] += 1
-                progress.update(task, advance=1, status=f"done {summary.done} skipped {summary.skipped} "
+                progress.update(task, advance=unit_size(unit), status=f"done {summary.done} skipped {summary.skipped} "
                                                         f"({self.size} workers)")
         return summary
