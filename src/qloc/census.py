@@ -348,7 +348,9 @@ def census_table(census: pd.DataFrame, labels: dict[str, str] | None = None) -> 
     rows = [{"relation": relation, "label": (labels or {}).get(relation, ""),
              **summary(group, per_fact[per_fact["relation"] == relation])}
             for relation, group in census.groupby("relation", sort=False)]
-    rows.sort(key=lambda r: int(r["relation"][1:]) if r["relation"][1:].isdigit() else r["relation"])
+    # Wikidata order (P19 before P103); other relation names after them, alphabetically.
+    rows.sort(key=lambda r: (0, int(r["relation"][1:]), "") if r["relation"][1:].isdigit()
+              else (1, 0, r["relation"]))
     rows.append({"relation": "all", "label": "", **summary(census, per_fact)})
     return pd.DataFrame(rows)
 
@@ -373,11 +375,13 @@ def census_figure(table: pd.DataFrame, model: str):
             ax.axvline(100 * overall[column], color=color, linestyle="--", linewidth=0.9)
         ax.set_xlabel(f"% of {unit} known" + (" (>= 2 queries)" if unit == "facts" else ""))
         ax.set_xlim(0, 100)
+        ax.margins(y=0.01)
         ax.grid(axis="x", linewidth=0.4, alpha=0.5)
         ax.tick_params(axis="y", labelsize=7)
     axes[0].legend(loc="lower right", fontsize=8, frameon=False)
-    fig.suptitle(f"What {model} knows of ParaRel: answer's first token ranked top-1 / top-10 "
-                 f"({int(overall['queries']):,} queries, {int(overall['facts']):,} facts; dashed: all)",
+    fig.suptitle(f"What {model} knows of ParaRel: the answer's first token ranked top-1 / top-10\n"
+                 f"{int(overall['queries']):,} queries of {int(overall['facts']):,} facts; "
+                 "dashed lines: all relations",
                  fontsize=9)
     fig.tight_layout()
     return fig

@@ -54,10 +54,18 @@ ExecutorOpt = Annotated[str, typer.Option(help="local (this process) or ray (one
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster: auto, HOST:PORT (default: start a local one).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help="Ray: model replicas (default: one per GPU, else one per CPU core).")]
 # -- the census and the known filter (METHODS.md section 9) --------------------------------------
-CensusDtypeOpt = Annotated[str, typer.Option("--census-dtype", help="auto (float32 on CPUs, bfloat16 on GPUs), float32, or bfloat16 (queries near the top-10 re-scored in fp32: ranks below 10 stay exact).")]
-KnownOpt = Annotated[str, typer.Option(help="Keep the queries whose answer's first token ranks below K (known at top-K) and the facts with >= 2 of them, then sample; all: no filter.")]
-CensusDirOpt = Annotated[Optional[Path], typer.Option("--census", help="With --known: a census run of the same model, data and query filter (default: census the candidate facts into --run-dir).")]
-KnownPoolOpt = Annotated[Optional[int], typer.Option("--known-pool", help="With --known: census a seeded sample of N facts per relation and sample among its known facts (default: every fact).")]
+CensusDtypeOpt = Annotated[str, typer.Option(
+    "--census-dtype", help="auto (float32 on CPUs, bfloat16 on GPUs), float32, or bfloat16 (queries near the "
+    "top-10 re-scored in fp32: ranks below 10 stay exact).")]
+KnownOpt = Annotated[str, typer.Option(
+    help="Keep the queries whose answer's first token ranks below K (known at top-K) and the facts with >= 2 "
+    "of them, then sample; all: no filter.")]
+CensusDirOpt = Annotated[Optional[Path], typer.Option(
+    "--census", help="With --known: a census run of the same model, data and query filter (default: census "
+    "the candidate facts into --run-dir).")]
+KnownPoolOpt = Annotated[Optional[int], typer.Option(
+    "--known-pool", help="With --known: census a seeded sample of N facts per relation and sample among its "
+    "known facts (default: every fact).")]
 
 
 def main() -> None:
@@ -124,7 +132,8 @@ def _select_known(k, census_dir, known_pool, run_dir, model, device, executor, r
     if known_pool is not None and known_pool < 1:
         raise QlocError(f"--known-pool {known_pool}: must be at least 1")
     _, candidates = _select(data, relations, known_pool, None, seed, query_filter, quiet=True)
-    census_params = {"model": model, **_sampling_params(data, relations, known_pool, None, seed, query_filter)}
+    census_params = {"model": model,
+                     **_sampling_params(data, relations, known_pool, None, seed, query_filter)}
     if census_dir is None:
         # Ranks from 10 on are exact only in float32 (a bfloat16 census re-scores just the top).
         precision = "float32" if k > EXACT_RANKS else "auto"
@@ -265,7 +274,7 @@ def census(
     seed: SeedOpt = 0,
     query_filter: QueryFilterOpt = "mask_final",
     census_dtype: CensusDtypeOpt = "auto",
-    batch_size: Annotated[int, typer.Option(help="Queries per forward pass (all of one prompt length).")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Queries per forward pass (all of one length).")] = 128,
     device: DeviceOpt = "auto",
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -280,7 +289,8 @@ def census(
     from .store import RunStore
 
     dataset, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet)
-    params = {"model": model, **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter)}
+    params = {"model": model,
+              **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter)}
     summary = _execute(census_plan(run_dir, model, device, selected, params, census_dtype, batch_size),
                        executor, ray_address, workers, quiet)
     with RunStore.open_existing(run_dir) as store:
@@ -293,7 +303,8 @@ def census(
     out.print(markdown_table(table), highlight=False, soft_wrap=True)
     rescored = (rows["scored_in"] == "float32").mean()
     out.print(f"chunks: {summary.describe()}; {len(rows)} queries in {seconds:.0f} s of scoring "
-              f"({len(rows) / max(seconds, 1e-9):.1f} queries/s; {100 * rescored:.0f}% scored in float32); {csv}, {png}",
+              f"({len(rows) / max(seconds, 1e-9):.1f} queries/s; {100 * rescored:.0f}% scored in float32); "
+              f"{csv}, {png}",
               highlight=False)
 
 
@@ -444,14 +455,16 @@ def localize(
               **config.params()}
     if known_k is None:
         if census_dir is not None or known_pool is not None:
-            raise QlocError("--census and --known-pool choose the census of --known; give --known K with them")
+            raise QlocError("--census and --known-pool choose the census of --known; "
+                            "give --known K with them")
         _, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet)
     else:
         # Without --known the parameters stay as before, so runs made before --known resume.
         params.update(known=known_k, known_pool=known_pool)
         RunStore.check_stage(run_dir, STAGE, params)  # refuse another localize run before the census
-        selected = _select_known(known_k, census_dir, known_pool, run_dir, model, device, executor, ray_address, workers,
-                                 data, relations, facts_per_relation, limit, seed, query_filter, quiet)
+        selected = _select_known(known_k, census_dir, known_pool, run_dir, model, device, executor,
+                                 ray_address, workers, data, relations, facts_per_relation, limit, seed,
+                                 query_filter, quiet)
     plan = SweepPlan(run_dir, STAGE, params, selected, partial(localize_work, config=config, max_batch_rows=max_batch_rows),
                      ModelSpec(model, device, dtype), f"localize {model}")
     summary = _execute(plan, executor, ray_address, workers, quiet)
@@ -724,7 +737,7 @@ DEMO_KNOWN_POOL = 64
 """Facts per relation that ``demo`` and ``reproduce --scale sample`` census for --known."""
 SCALES = {
     # sample: a few facts through every stage, within an hour on 2 CPU cores for a 135M model.
-    # With --known, its facts come from a census of DEMO_KNOWN_POOL facts per relation, not of all 158,500 queries.
+    # With --known, the facts come from a census of DEMO_KNOWN_POOL facts per relation, not of all of ParaRel.
     "sample": {"facts_per_relation": 1, "limit": 4, "sequential": 4, "seeds": 2, "synapse_facts": 2,
                "known_pool": DEMO_KNOWN_POOL},
     # full: every fact of ParaRel with >= 2 usable queries, the paper's sequential setting.

@@ -215,6 +215,6 @@ class RayPool:
                     store.skip(stage, unit.id, reason)
                     summary.skipped += 1
                     summary.skip_reasons[kind] += 1
-                progress.update(task, advance=unit_size(unit), status=f"done {summary.done} skipped {summary.skipped} "
-                                                        f"({self.size} workers)")
+                progress.update(task, advance=unit_size(unit),
+                                status=f"done {summary.done} skipped {summary.skipped} ({self.size} workers)")
         return summary

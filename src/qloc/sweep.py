@@ -107,6 +107,7 @@ def run_sweep(
                     f"stored in {str(store.run_dir)!r}. Rerun the same command with a smaller --max-batch-rows "
                     "(or --batch-size) to resume."
                 ) from None
-            progress.update(task, advance=unit_size(unit), status=f"done {summary.done} skipped {summary.skipped}")
+            progress.update(task, advance=unit_size(unit),
+                            status=f"done {summary.done} skipped {summary.skipped}")
     return summary
 
