@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from qloc.store import RunStore
 from qloc.consistency import (
     classify, consistency_score, fact_consistency, ki_share_curve, null_consistency, otsu_threshold, relation_summary,
     table1, threshold_sensitivity, violin_figure, welch,
@@ -113,13 +114,15 @@ def test_killed_sweep_resumes_to_the_same_tables(tmp_path, tiny_model_dir):
 def test_demo_runs_the_main_job(tmp_path, tiny_model_dir):
     run = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "qloc.cli", "demo", "--model", str(tiny_model_dir), "--facts", "3",
-                             "--methods", "ig", "--run-dir", str(run), "--device", "cpu", "--quiet"],
+                             "--methods", "ig", "--known", "1000", "--run-dir", str(run), "--device", "cpu", "--quiet"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| model | method | threshold |" in result.stdout
     table = pd.read_csv(run / "tables" / "table1.csv")
     assert set(table.threshold) == {"static", "otsu"} and (table.facts == 3).all()
     assert (run / "figures" / "violin_ig.svg").exists()
+    with RunStore.open_existing(run) as store:  # the facts are known ones, from a census of 64 per relation
+        assert store.params("census")["facts_per_relation"] == 64 and store.params("localize")["known"] == 1000
 
 
 @pytest.mark.parametrize("option", [["--rule", "simpson"], ["--answer-tokens", "last"], ["--steps", "0"], ["--top-k", "0"],

@@ -33,7 +33,7 @@ HOSTILE = "</script><script>alert(1)</script><!-- \u2028"
 def reproduced(tmp_path_factory, tiny_model_dir):
     run = tmp_path_factory.mktemp("reproduce") / "run"
     command = ["reproduce", "--model", str(tiny_model_dir), "--facts", "3", "--run-dir", str(run),
-               "--device", "cpu", "--quiet"]
+               "--known", "1000", "--device", "cpu", "--quiet"]
     result = subprocess.run(QLOC + command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return run
@@ -56,7 +56,7 @@ def test_reproduce_runs_every_stage(reproduced):
     with qloc.RunStore.open_existing(reproduced) as store:
         stages = {s["stage"]: s["params"] for s in store.stages()}
         units = store.units()
-    assert set(stages) == {"localize", "edit-erase-amig", "edit-update-amig", "sequential-update-amig",
+    assert set(stages) == {"census", "localize", "edit-erase-amig", "edit-update-amig", "sequential-update-amig",
                            "mapping-amig", "synapses-amig"}
     assert stages["localize"]["methods"] == ["ig", "amig", "sig"] and stages["localize"]["steps"] == 20
     assert (units.status == "done").all()
@@ -72,7 +72,7 @@ def test_rerun_resumes_without_recomputing(reproduced, tiny_model_dir):
     with qloc.RunStore.open_existing(reproduced) as store:
         before = store.units()
     command = QLOC + ["reproduce", "--model", str(tiny_model_dir), "--facts", "3", "--run-dir",
-                      str(reproduced), "--device", "cpu", "--quiet"]
+                      str(reproduced), "--known", "1000", "--device", "cpu", "--quiet"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     # localize, erase, update, mapping, synapses: nothing recomputed

@@ -7,7 +7,7 @@ import json
 from functools import partial
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -57,6 +57,19 @@ SharedFilterOpt = Annotated[str, typer.Option(
 ExecutorOpt = Annotated[str, typer.Option(help="local (this process) or ray (one model replica per GPU, or per CPU core with --workers).")]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster: auto, HOST:PORT (default: start a local one).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help="Ray: model replicas (default: one per GPU, else one per CPU core).")]
+# -- the census and the known filter (METHODS.md section 9) --------------------------------------
+CensusDtypeOpt = Annotated[str, typer.Option(
+    "--census-dtype", help="auto (float32 on CPUs, bfloat16 on GPUs), float32, or bfloat16 (queries near the "
+    "top-10 re-scored in fp32: ranks below 10 stay exact).")]
+KnownOpt = Annotated[str, typer.Option(
+    help="Keep the queries whose answer's first token ranks below K (known at top-K) and the facts with >= 2 "
+    "of them, then sample; all: no filter.")]
+CensusDirOpt = Annotated[Optional[Path], typer.Option(
+    "--census", help="With --known: a census run of the same model, data and query filter (default: census "
+    "the candidate facts into --run-dir).")]
+KnownPoolOpt = Annotated[Optional[int], typer.Option(
+    "--known-pool", help="With --known: census a seeded sample of N facts per relation and sample among its "
+    "known facts (default: every fact).")]
 
 
 INTERRUPTED = "interrupted; finished facts are stored and the same command resumes"
@@ -127,6 +140,37 @@ def _sampling_params(data, relations, facts_per_relation, limit, seed, query_fil
         "seed": seed,
         "query_filter": query_filter,
     }
+
+
+def _select_known(k, census_dir, known_pool, run_dir, model, device, executor, ray_address, workers,
+                  data, relations, facts_per_relation, limit, seed, query_filter, quiet):
+    """The facts of --known K: the candidates (every fact of the relations, or a seeded pool of
+    --known-pool per relation) are looked up in the census (scored first, into the run directory,
+    unless --census names one); each keeps its queries ranked below K, facts with >= 2 survive,
+    and the seeded --facts-per-relation / --limit sample is drawn from the survivors."""
+    from .census import EXACT_RANKS, census_plan, keep_known, read_census
+    from .pararel import sample_facts
+
+    if known_pool is not None and known_pool < 1:
+        raise QlocError(f"--known-pool {known_pool}: must be at least 1")
+    _, candidates = _select(data, relations, known_pool, None, seed, query_filter, quiet=True)
+    census_params = {"model": model,
+                     **_sampling_params(data, relations, known_pool, None, seed, query_filter)}
+    if census_dir is None:
+        # Ranks from 10 on are exact only in float32 (a bfloat16 census re-scores just the top).
+        precision = "float32" if k > EXACT_RANKS else "auto"
+        _execute(census_plan(run_dir, model, device, candidates, census_params, precision, batch_size=128),
+                 executor, ray_address, workers, quiet)
+    rows = read_census(census_dir or run_dir, candidates, census_params)
+    kept = keep_known(candidates, rows, k)
+    selected = sample_facts(kept, None, facts_per_relation, limit, seed)
+    kept_queries = sum(len(f.queries) for f in kept)
+    err.print(f"--known {k}: {len(kept)} of {len(candidates)} facts have >= 2 queries ranked below {k} "
+              f"({kept_queries} of {len(rows)} queries kept); {len(selected)} facts sampled", highlight=False)
+    if not selected:
+        raise QlocError(f"--known {k}: no fact of the selected relations has >= 2 queries ranked below {k}; "
+                        "try a larger K, more relations or a larger --known-pool")
+    return selected
 
 
 @app.command()
@@ -252,6 +296,51 @@ def _shared_filter(value: str) -> float | None:
         return float(value)
     except ValueError:
         raise QlocError(f"--shared-filter {value!r}: a share such as 0.1, or off") from None
+
+
+@app.command()
+def census(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory (created, or resumed).")],
+    model: ModelOpt = "smollm2-135m",
+    data: DataOpt = None,
+    relations: RelationsOpt = None,
+    facts_per_relation: PerRelationOpt = None,
+    limit: LimitOpt = None,
+    seed: SeedOpt = 0,
+    query_filter: QueryFilterOpt = "mask_final",
+    census_dtype: CensusDtypeOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Queries per forward pass (all of one length).")] = 128,
+    device: DeviceOpt = "auto",
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """What the model knows: rank and probability of the answer's first token after every usable
+    query of the selected facts (default: all of ParaRel), in chunks of 256 facts (resumable);
+    tables/census_relations.csv|md and figures/census_relations.png|svg per relation."""
+    from .census import STAGE, census_figure, census_plan, census_table
+    from .outputs import markdown_table, save_figure, write_table
+    from .store import RunStore
+
+    dataset, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet)
+    params = {"model": model,
+              **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter)}
+    summary = _execute(census_plan(run_dir, model, device, selected, params, census_dtype, batch_size),
+                       executor, ray_address, workers, quiet)
+    with RunStore.open_existing(run_dir) as store:
+        if STAGE not in store.tables():
+            raise QlocError(f"no fact of {str(run_dir)!r} could be scored ({dict(summary.skip_reasons)})")
+        rows, seconds = store.frame(STAGE), store.units(STAGE)["seconds"].sum()
+    table = census_table(rows, {f.relation: f.relation_label for f in dataset.facts})
+    csv = write_table(table, run_dir / "tables", "census_relations")
+    png = save_figure(census_figure(table, model), run_dir / "figures", "census_relations")
+    out.print(markdown_table(table), highlight=False, soft_wrap=True)
+    rescored = (rows["scored_in"] == "float32").mean()
+    out.print(f"chunks: {summary.describe()}; {len(rows)} queries in {seconds:.0f} s of scoring "
+              f"({len(rows) / max(seconds, 1e-9):.1f} queries/s; {100 * rescored:.0f}% scored in float32); "
+              f"{csv}, {png}",
+              highlight=False)
 
 
 def _env(lm) -> dict:
@@ -380,6 +469,9 @@ def localize(
     seed: SeedOpt = 0,
     query_filter: QueryFilterOpt = "mask_final",
     max_batch_rows: MaxRowsOpt = None,
+    known: KnownOpt = "all",
+    census_dir: CensusDirOpt = None,
+    known_pool: KnownPoolOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     executor: ExecutorOpt = "local",
@@ -388,15 +480,30 @@ def localize(
     quiet: QuietOpt = False,
 ) -> None:
     """The localization sweep: KN sets of every usable query of every sampled fact, with each
-    method (resumable; one transaction per fact). The default samples 1 fact per relation."""
+    method (resumable; one transaction per fact). The default samples 1 fact per relation; with
+    --known K, only among the facts the model knows (a census comes first)."""
+    from .census import parse_known
     from .executors import ModelSpec, SweepPlan
     from .localize import STAGE, LocalizeConfig, localize_work
+    from .store import RunStore
 
     config = LocalizeConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()), steps=steps, rule=rule,
                             answer_tokens=answer_tokens, threshold=threshold, top_k=top_k, save_scores=save_scores)
-    _, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet)
+    known_k = parse_known(known)
     params = {"model": model, "dtype": dtype, **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter),
               **config.params()}
+    if known_k is None:
+        if census_dir is not None or known_pool is not None:
+            raise QlocError("--census and --known-pool choose the census of --known; "
+                            "give --known K with them")
+        _, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet)
+    else:
+        # Without --known the parameters stay as before, so runs made before --known resume.
+        params.update(known=known_k, known_pool=known_pool)
+        RunStore.check_stage(run_dir, STAGE, params)  # refuse another localize run before the census
+        selected = _select_known(known_k, census_dir, known_pool, run_dir, model, device, executor,
+                                 ray_address, workers, data, relations, facts_per_relation, limit, seed,
+                                 query_filter, quiet)
     plan = SweepPlan(run_dir, STAGE, params, selected, partial(localize_work, config=config, max_batch_rows=max_batch_rows),
                      ModelSpec(model, device, dtype), f"localize {model}")
     summary = _execute(plan, executor, ray_address, workers, quiet)
@@ -451,7 +558,13 @@ def _localized_run(run_dir: Path, method: Optional[str], device: str, quiet: boo
     knowledge = knowledge_from_store(kn_frame, cas_frame, method)
     data = None if localized["data"] == "bundled" else localized["data"]
     dataset = load_pararel(data, query_filter=localized["query_filter"]).facts
-    facts = [f for f in dataset if f.id in knowledge]
+    # Each fact's queries are those the run localized, in its query order: with --known only the
+    # known ones, so query 0 (the Self set, the edited query) is a known query.
+    localized_queries = {
+        fact_id: tuple(group.sort_values("query_index")["prompt"])
+        for fact_id, group in kn_frame[kn_frame["method"] == method].groupby("fact_id", sort=False)
+    }
+    facts = [replace(f, queries=localized_queries[f.id]) for f in dataset if f.id in knowledge]
     return LocalizedRun(localized, method, knowledge, dataset, facts, device)
 
 
@@ -670,11 +783,16 @@ def report(
         out.print(f"No display or browser here: open {written['html']} on a machine with one.", highlight=False)
 
 
+DEMO_KNOWN_POOL = 64
+"""Facts per relation that ``demo`` and ``reproduce --scale sample`` census for --known."""
 SCALES = {
     # sample: a few facts through every stage, within an hour on 2 CPU cores for a 135M model.
-    "sample": {"facts_per_relation": 1, "limit": 4, "sequential": 4, "seeds": 2, "synapse_facts": 2},
+    # With --known, the facts come from a census of DEMO_KNOWN_POOL facts per relation, not of all of ParaRel.
+    "sample": {"facts_per_relation": 1, "limit": 4, "sequential": 4, "seeds": 2, "synapse_facts": 2,
+               "known_pool": DEMO_KNOWN_POOL},
     # full: every fact of ParaRel with >= 2 usable queries, the paper's sequential setting.
-    "full": {"facts_per_relation": None, "limit": None, "sequential": 20, "seeds": 5, "synapse_facts": None},
+    "full": {"facts_per_relation": None, "limit": None, "sequential": 20, "seeds": 5, "synapse_facts": None,
+             "known_pool": None},
 }
 
 
@@ -685,6 +803,7 @@ def reproduce(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Default: runs/<model>-<scale>.")] = None,
     facts: Annotated[Optional[int], typer.Option("--facts", help="Override the scale's number of facts.")] = None,
     method: Annotated[str, typer.Option(help="Whose KN sets the editing, mapping and synapse experiments use.")] = "amig",
+    known: KnownOpt = "1",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -695,7 +814,8 @@ def reproduce(
 ) -> None:
     """The whole study with the paper's settings: localize (IG, AMIG, SIG), KN consistency, erasure
     and update through Self/Union/CAS sets, sequential editing, query-KN mapping, knowledge synapses,
-    and one report. Every stage is resumable: rerun the same command after an interruption."""
+    and one report, on facts the model knows (--known 1; the sample scale censuses 64 facts per
+    relation for them). Every stage is resumable: rerun the same command after an interruption."""
     if scale not in SCALES:
         raise QlocError(f"--scale {scale!r}: choose {' or '.join(SCALES)}")
     settings = dict(SCALES[scale], **({"limit": facts} if facts is not None else {}))
@@ -705,7 +825,8 @@ def reproduce(
         ("localize (IG, AMIG, SIG)", lambda: localize(
             run_dir=run_dir, model=model, methods="ig,amig,sig", steps=20, rule="right", answer_tokens="first", threshold=0.2,
             top_k=None, save_scores=False, data=None, relations=None, facts_per_relation=settings["facts_per_relation"],
-            limit=settings["limit"], seed=seed, query_filter="mask_final", max_batch_rows=None, dtype=dtype, **sweep)),
+            limit=settings["limit"], seed=seed, query_filter="mask_final", max_batch_rows=None, dtype=dtype,
+            known=known, census_dir=None, known_pool=_pool_for(known, settings["known_pool"]), **sweep)),
         ("KN consistency", lambda: consistency(run_dirs=[run_dir], out_dir=run_dir, strict=False)),
         ("erasure", lambda: edit(run_dir=run_dir, mode="erase", method=method, seed=seed, **_EDIT_DEFAULTS, **sweep)),
         ("update", lambda: edit(run_dir=run_dir, mode="update", method=method, seed=seed, **_EDIT_DEFAULTS, **sweep)),
@@ -722,6 +843,13 @@ def reproduce(
         run_step()
 
 
+def _pool_for(known: str, pool: Optional[int]) -> Optional[int]:
+    """The census pool of a --known filter; none without one."""
+    from .census import parse_known
+
+    return None if parse_known(known) is None else pool
+
+
 _EDIT_DEFAULTS = {"sets": "self,union,cas", "lambda1": 1.0, "lambda2": 8.0, "edit_sign": "activation", "shared_filter": "0.1",
                   "sequential": 0, "seeds": 5, "case": None, "new": None, "answer": None, "model": "smollm2-135m"}
 
@@ -732,15 +860,18 @@ def demo(
     run_dir: Annotated[Path, typer.Option("--run-dir")] = Path("qloc-demo"),
     facts: Annotated[int, typer.Option("--facts", help="How many facts (sampled 1 per relation).")] = 8,
     methods: Annotated[str, typer.Option(help="Attribution methods.")] = "ig,amig",
+    known: KnownOpt = "1",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
-    """The main job, small: localize knowledge neurons of a few sampled ParaRel facts on the
-    default model and report their KN consistency (Table 1 and figures). Resumable."""
+    """The main job, small: localize knowledge neurons of a few sampled ParaRel facts that the
+    model knows (--known, from a census of 64 facts per relation) on the default model and report
+    their KN consistency (Table 1 and figures). Resumable."""
     localize(run_dir=run_dir, model=model, methods=methods, steps=20, rule="right", answer_tokens="first", threshold=0.2,
              top_k=None, save_scores=False, data=None, relations=None, facts_per_relation=1, limit=facts, seed=seed,
-             query_filter="mask_final", max_batch_rows=None, device=device, dtype="float32", quiet=quiet)
+             query_filter="mask_final", max_batch_rows=None, known=known, census_dir=None,
+             known_pool=_pool_for(known, DEMO_KNOWN_POOL), device=device, dtype="float32", quiet=quiet)
     consistency(run_dirs=[run_dir], out_dir=None, strict=False)
     out.print(f"KN sets: qloc.RunStore.open_existing({str(run_dir)!r}).frame('kn_sets'); full study: qloc localize --help",
               highlight=False)

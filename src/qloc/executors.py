@@ -21,7 +21,7 @@ from typing import Any, Literal
 from .errors import ContextLengthError, QlocError
 from .models import LoadedModel, load_model
 from .store import RunLock, RunStore, UnitWriter, environment
-from .sweep import SkipFact, SweepSummary, U, make_progress, run_sweep, unit_skip
+from .sweep import SkipFact, SweepSummary, U, make_progress, run_sweep, unit_size, unit_skip
 
 WorkFn = Callable[[Any, UnitWriter], None]
 WorkBuilder = Callable[[LoadedModel], WorkFn]
@@ -187,7 +187,7 @@ class RayPool:
         in_flight: dict[Any, tuple[int, Any]] = {}  # object ref -> (actor slot, unit)
         idle = list(range(len(self.actors)))
         with make_progress(quiet) as progress:
-            task = progress.add_task(description or stage, total=len(pending), status="")
+            task = progress.add_task(description or stage, total=sum(map(unit_size, pending)), status="")
             while pending or in_flight:
                 while pending and idle:
                     slot, unit = idle.pop(), pending.popleft()
@@ -223,6 +223,6 @@ class RayPool:
                     store.skip(stage, unit.id, reason)
                     summary.skipped += 1
                     summary.skip_reasons[kind] += 1
-                progress.update(task, advance=1, status=f"done {summary.done} skipped {summary.skipped} "
-                                                        f"({self.size} workers)")
+                progress.update(task, advance=unit_size(unit),
+                                status=f"done {summary.done} skipped {summary.skipped} ({self.size} workers)")
         return summary

@@ -33,6 +33,11 @@ class Unit(Protocol):
 U = TypeVar("U", bound=Unit)
 
 
+def unit_size(unit: Unit) -> int:
+    """How far a unit advances the progress bar: its ``size`` (a census chunk's queries) or 1."""
+    return getattr(unit, "size", 1)
+
+
 class SkipFact(Exception):
     """Raised by a sweep's work function: the fact cannot be processed.
 
@@ -94,7 +99,7 @@ def run_sweep(
     pending = [u for u in units if u.id not in finished]
     summary.resumed = len(units) - len(pending)
     with make_progress(quiet) as progress:
-        task = progress.add_task(description or stage, total=len(pending), status="")
+        task = progress.add_task(description or stage, total=sum(map(unit_size, pending)), status="")
         for unit in pending:
             try:
                 with store.unit(stage, unit.id) as writer:
@@ -111,6 +116,7 @@ def run_sweep(
                     f"stored in {str(store.run_dir)!r}. Rerun the same command with a smaller --max-batch-rows "
                     "(or --batch-size) to resume."
                 ) from None
-            progress.update(task, advance=1, status=f"done {summary.done} skipped {summary.skipped}")
+            progress.update(task, advance=unit_size(unit),
+                            status=f"done {summary.done} skipped {summary.skipped}")
     return summary
 
