@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference_attribution import reference_scores  # noqa: E402
-
 import qloc  # noqa: E402
 from qloc.attribution import attribute, kn_set  # noqa: E402
 from qloc.tokens import encode_query  # noqa: E402
+from reference_attribution import reference_scores  # noqa: E402
 
 
 def timed(fn):
@@ -34,12 +33,16 @@ def timed(fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--queries", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--methods", default="ig,amig,sig")
-    parser.add_argument("--reference-methods", default="ig,amig,sig", help="methods also timed with the reference loop")
+    parser.add_argument(
+        "--reference-methods", default="ig,amig,sig", help="methods also timed with the reference loop"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None)
@@ -50,34 +53,56 @@ def main() -> None:
 
     lm = qloc.load_model(args.model, device=args.device, dtype=args.dtype)
     facts = qloc.sample_facts(qloc.load_pararel().facts, facts_per_relation=1, seed=0)
-    queries = [("The Eiffel Tower is located in the city of", "Paris")] + [(f.queries[0], f.object) for f in facts]
+    queries = [("The Eiffel Tower is located in the city of", "Paris")] + [
+        (f.queries[0], f.object) for f in facts
+    ]
     queries = queries[: args.queries]
     tokens = [len(encode_query(lm, p, a).prompt_ids) for p, a in queries]
-    print(f"model {args.model} ({lm.num_layers} layers, d_ff {lm.d_ff}), {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} threads, steps {args.steps}, {len(queries)} queries, prompt tokens {tokens}")
+    print(
+        f"model {args.model} ({lm.num_layers} layers, d_ff {lm.d_ff}), {args.device} {args.dtype}, "
+        f"{torch.get_num_threads()} threads, steps {args.steps}, {len(queries)} queries, "
+        f"prompt tokens {tokens}"
+    )
 
     # Warm both paths up (allocator, thread pools, first-call dispatch) before timing.
     attribute(lm, queries[0][0], queries[0][1], "ig", steps=2)
     reference_scores(lm, queries[0][0], queries[0][1], "ig", steps=2)
 
     engine_time: dict[str, float] = {}
-    print(f"{'method':<6} {'reference s/query':>18} {'engine s/query':>15} {'speed-up':>9} {'max |diff| / max':>17} {'same KN set':>12}")
+    print(
+        f"{'method':<6} {'reference s/query':>18} {'engine s/query':>15} {'speed-up':>9} "
+        f"{'max |diff| / max':>17} {'same KN set':>12}"
+    )
     for method in args.methods.split(","):
-        engine_runs = [timed(lambda: attribute(lm, p, a, method, steps=args.steps)) for p, a in queries]
+        engine_runs = [
+            timed(lambda p=p, a=a, method=method: attribute(lm, p, a, method, steps=args.steps))
+            for p, a in queries
+        ]
         engine_time[method] = statistics.mean(t for _, t in engine_runs)
         if method in args.reference_methods.split(","):
-            ref_runs = [timed(lambda: reference_scores(lm, p, a, method, steps=args.steps)) for p, a in queries]
+            ref_runs = [
+                timed(lambda p=p, a=a, method=method: reference_scores(lm, p, a, method, steps=args.steps))
+                for p, a in queries
+            ]
             ref_time = statistics.mean(t for _, t in ref_runs)
-            diff = max(float((e.scores - r).abs().max() / r.abs().max()) for (e, _), (r, _) in zip(engine_runs, ref_runs))
+            diff = max(
+                float((e.scores - r).abs().max() / r.abs().max())
+                for (e, _), (r, _) in zip(engine_runs, ref_runs)
+            )
             same = all(e.kn_set() == kn_set(r) for (e, _), (r, _) in zip(engine_runs, ref_runs))
-            print(f"{method:<6} {ref_time:>18.2f} {engine_time[method]:>15.2f} {ref_time / engine_time[method]:>8.1f}x {diff:>17.1e} {str(same):>12}")
+            print(
+                f"{method:<6} {ref_time:>18.2f} {engine_time[method]:>15.2f} "
+                f"{ref_time / engine_time[method]:>8.1f}x {diff:>17.1e} {str(same):>12}"
+            )
         else:
             print(f"{method:<6} {'-':>18} {engine_time[method]:>15.2f}")
     if "ig" in engine_time:
         for method in ("amig", "sig"):
             if method in engine_time:
-                print(f"{method}/ig time ratio {engine_time[method] / engine_time['ig']:.2f} "
-                      f"(mean prompt tokens {statistics.mean(tokens):.1f})")
+                print(
+                    f"{method}/ig time ratio {engine_time[method] / engine_time['ig']:.2f} "
+                    f"(mean prompt tokens {statistics.mean(tokens):.1f})"
+                )
 
 
 if __name__ == "__main__":

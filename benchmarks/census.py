@@ -71,8 +71,9 @@ def agreement(fast: pd.DataFrame, exact: pd.DataFrame) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--queries", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -83,8 +84,11 @@ def main() -> None:
     all_queries = sum(len(f.queries) for f in dataset)
     facts, warm_up = sample_facts(dataset, args.queries, args.seed)
     lm = qloc.load_model(args.model, device="cpu")
-    today, exact, fast = ("today: score_cloze per fact, batch 16", "census float32",
-                          "census bfloat16 + fp32 re-scoring")
+    today, exact, fast = (
+        "today: score_cloze per fact, batch 16",
+        "census float32",
+        "census bfloat16 + fp32 re-scoring",
+    )
     ways = {today: cloze_sweep_work(lm, 16), exact: census_work(lm, "float32", args.batch_size, [])}
     calibration = calibration_sample(dataset)
     started = time.perf_counter()
@@ -107,35 +111,45 @@ def main() -> None:
             seconds[name] += elapsed
             rows[name] += part_rows
     queries = sum(len(f.queries) for f in facts)
-    print(f"{args.model}: {len(facts)} facts, {queries} queries (seed {args.seed}), {len(slices)} "
-          f"interleaved slices, census batch size {args.batch_size}; "
-          f"every usable ParaRel query: {all_queries}\n")
+    print(
+        f"{args.model}: {len(facts)} facts, {queries} queries (seed {args.seed}), {len(slices)} "
+        f"interleaved slices, census batch size {args.batch_size}; "
+        f"every usable ParaRel query: {all_queries}\n"
+    )
     print("| way | s | queries/s | speed-up | projected full census |")
     print("|---|---|---|---|---|")
     for name, elapsed in seconds.items():
         rate = queries / elapsed
-        print(f"| {name} | {elapsed:.1f} | {rate:.1f} | {seconds[today] / elapsed:.2f}x "
-              f"| {all_queries / rate / 60:.0f} min |")
-    print(f"\nbfloat16 calibration (once per session, {len(calibration)} queries): "
-          f"{calibration_seconds:.1f} s")
+        print(
+            f"| {name} | {elapsed:.1f} | {rate:.1f} | {seconds[today] / elapsed:.2f}x "
+            f"| {all_queries / rate / 60:.0f} min |"
+        )
+    print(
+        f"\nbfloat16 calibration (once per session, {len(calibration)} queries): {calibration_seconds:.1f} s"
+    )
 
-    frames = {name: pd.DataFrame(r).set_index(["fact_id", "query_index"]).sort_index()
-              for name, r in rows.items()}
+    frames = {
+        name: pd.DataFrame(r).set_index(["fact_id", "query_index"]).sort_index() for name, r in rows.items()
+    }
     print(f"\nbfloat16 vs float32 census on {queries} queries:")
     for measure, value in agreement(frames[fast], frames[exact]).items():
         print(f"- {measure}: {value:.4g}")
     census = frames[exact]
-    print(f"- known at top-1: {(census['rank'] == 0).mean():.1%} of queries, top-10: "
-          f"{(census['rank'] < 10).mean():.1%}; median rank {census['rank'].median():.0f}, "
-          f"median P(o) {census['prob'].median():.2g}")
+    print(
+        f"- known at top-1: {(census['rank'] == 0).mean():.1%} of queries, top-10: "
+        f"{(census['rank'] < 10).mean():.1%}; median rank {census['rank'].median():.0f}, "
+        f"median P(o) {census['prob'].median():.2g}"
+    )
     old = frames[today]
     unequal = old["rank"] != census["rank"]
-    print(f"\nfloat32 census vs today's cloze scores: rank equal {(~unequal).mean():.2%} (where not: "
-          f"{unequal.sum()} queries, ranks {census['rank'][unequal].min()} and up, |rank diff| at most "
-          f"{(old['rank'] - census['rank']).abs().max()}), top-1 and top-10 membership equal "
-          f"{((old['rank'] == 0) == (census['rank'] == 0)).mean():.2%} and "
-          f"{((old['rank'] < 10) == (census['rank'] < 10)).mean():.2%}, "
-          f"P(o) max relative diff {((old['prob'] - census['prob']).abs() / old['prob']).max():.2g}")
+    print(
+        f"\nfloat32 census vs today's cloze scores: rank equal {(~unequal).mean():.2%} (where not: "
+        f"{unequal.sum()} queries, ranks {census['rank'][unequal].min()} and up, |rank diff| at most "
+        f"{(old['rank'] - census['rank']).abs().max()}), top-1 and top-10 membership equal "
+        f"{((old['rank'] == 0) == (census['rank'] == 0)).mean():.2%} and "
+        f"{((old['rank'] < 10) == (census['rank'] < 10)).mean():.2%}, "
+        f"P(o) max relative diff {((old['prob'] - census['prob']).abs() / old['prob']).max():.2g}"
+    )
 
 
 if __name__ == "__main__":

@@ -55,19 +55,29 @@ import transformers
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS.parent / "tests"))
 sys.path.insert(0, str(BENCHMARKS))
+import qloc  # noqa: E402
+from qloc.attribution import (  # noqa: E402
+    PathEngine,
+    attribute,
+    default_batch_rows,
+    frozen_parameters,
+    integration_points,
+)
+from qloc.models import LoadedModel  # noqa: E402
 from reference_attribution import reference_scores  # noqa: E402
 from throughput import PARAREL_FACTS, PARAREL_QUERIES, Shape, query_flops  # noqa: E402
 
-import qloc  # noqa: E402
-from qloc.attribution import (  # noqa: E402
-    PathEngine, attribute, default_batch_rows, frozen_parameters, integration_points,
-)
-from qloc.models import LoadedModel  # noqa: E402
-
 LLAMA3_8B = dict(
-    vocab_size=128_256, hidden_size=4096, intermediate_size=14_336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "default", "rope_theta": 500_000.0}, tie_word_embeddings=False,
+    vocab_size=128_256,
+    hidden_size=4096,
+    intermediate_size=14_336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
+    tie_word_embeddings=False,
 )
 LLAMA3_8B_PARAMETERS = 8_030_261_248
 PROMPT_TOKENS = 8
@@ -131,8 +141,9 @@ def seeded_model(config_kwargs: dict[str, Any], seed: int) -> torch.nn.Module:
     seeded generator in a fixed order, so that another machine (other torch, other module
     initialisers) rebuilds the same weights; ``weights_digest`` verifies it did."""
     config = transformers.LlamaConfig(**config_kwargs)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                          attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation="sdpa"
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, parameter in sorted(model.named_parameters()):
@@ -236,22 +247,33 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
 # Measurements
 
 
-def measure_engine(lm: LoadedModel, queries: Sequence[tuple[str, str]], method: str, steps: int,
-                   meter: PeakMemory) -> dict[str, Any]:
+def measure_engine(
+    lm: LoadedModel, queries: Sequence[tuple[str, str]], method: str, steps: int, meter: PeakMemory
+) -> dict[str, Any]:
     attribute(lm, *queries[0], method, steps=steps)  # warm-up: kernels, handles, the allocator's pool
     runs = []
     for prompt, answer in queries:
         batch_rows = default_batch_rows(lm)  # what the engine is about to choose: nothing allocates between
         meter.reset()
-        result, seconds = timed(lm.device, lambda: attribute(lm, prompt, answer, method, steps=steps))
+        result, seconds = timed(
+            lm.device, lambda prompt=prompt, answer=answer: attribute(lm, prompt, answer, method, steps=steps)
+        )
         total_rows = lm.num_layers * (steps + 1) * result.params["baselines"]
-        runs.append(dict(seconds=seconds, batch_rows=batch_rows, total_rows=total_rows,
-                         passes=math.ceil(total_rows / batch_rows), peak_bytes=meter.peak()))
+        runs.append(
+            dict(
+                seconds=seconds,
+                batch_rows=batch_rows,
+                total_rows=total_rows,
+                passes=math.ceil(total_rows / batch_rows),
+                peak_bytes=meter.peak(),
+            )
+        )
     return dict(seconds_per_query=statistics.mean(r["seconds"] for r in runs), runs=runs, last=result)
 
 
-def measure_reference(lm: LoadedModel, queries: Sequence[tuple[str, str]], method: str, steps: int,
-                      layers: int) -> dict[str, Any]:
+def measure_reference(
+    lm: LoadedModel, queries: Sequence[tuple[str, str]], method: str, steps: int, layers: int
+) -> dict[str, Any]:
     """The reference loop over the first ``layers`` layers, its time extrapolated linearly to all: its
     cost is one full-depth batch of ``steps`` sequences per layer (its single clean forward, counted
     L / layers times over, makes the extrapolation a slight overestimate)."""
@@ -259,21 +281,31 @@ def measure_reference(lm: LoadedModel, queries: Sequence[tuple[str, str]], metho
     reference_scores(view, *queries[0], method, steps=2)  # warm-up
     seconds, scores = [], []
     for prompt, answer in queries:
-        score, elapsed = timed(lm.device, lambda: reference_scores(view, prompt, answer, method, steps=steps))
+        score, elapsed = timed(
+            lm.device,
+            lambda prompt=prompt, answer=answer: reference_scores(view, prompt, answer, method, steps=steps),
+        )
         seconds.append(elapsed)
         scores.append(score)
     timed_seconds = statistics.mean(seconds)
-    return dict(layers_timed=layers, seconds_timed=timed_seconds,
-                seconds_per_query=timed_seconds * lm.num_layers / layers, scores=scores)
+    return dict(
+        layers_timed=layers,
+        seconds_timed=timed_seconds,
+        seconds_per_query=timed_seconds * lm.num_layers / layers,
+        scores=scores,
+    )
 
 
-def measure_in_flight(lm: LoadedModel, queries: Sequence[tuple[str, str]], method: str, steps: int,
-                      copies: int) -> dict[str, Any]:
+def measure_in_flight(
+    lm: LoadedModel, queries: Sequence[tuple[str, str]], method: str, steps: int, copies: int
+) -> dict[str, Any]:
     """Queries per second with ``copies`` replicas of the model each attributing every query in its
     own thread and (on a GPU) its own CUDA stream. Replicas, not one shared model: the engine hooks
     the model's modules while it runs, so two threads on one model would see each other's hooks."""
-    replicas = [lm] + [qloc.wrap_model(copy.deepcopy(lm.model), lm.tokenizer, name=f"{lm.name}-replica-{i}")
-                       for i in range(1, copies)]
+    replicas = [lm] + [
+        qloc.wrap_model(copy.deepcopy(lm.model), lm.tokenizer, name=f"{lm.name}-replica-{i}")
+        for i in range(1, copies)
+    ]
     batch_rows = max(1, default_batch_rows(lm) // copies)  # each replica's share of the free memory
     for replica in replicas[1:]:
         attribute(replica, *queries[0], method, steps=steps, max_batch_rows=batch_rows)  # warm-up
@@ -291,8 +323,13 @@ def measure_in_flight(lm: LoadedModel, queries: Sequence[tuple[str, str]], metho
                 future.result()
 
     _, seconds = timed(lm.device, run_all)
-    return dict(copies=copies, batch_rows=batch_rows, queries=copies * len(queries),
-                seconds=seconds, queries_per_second=copies * len(queries) / seconds)
+    return dict(
+        copies=copies,
+        batch_rows=batch_rows,
+        queries=copies * len(queries),
+        seconds=seconds,
+        queries_per_second=copies * len(queries) / seconds,
+    )
 
 
 def measure_row_memory(lm: LoadedModel, prompt_tokens: int, steps: int, meter: PeakMemory) -> dict[str, Any]:
@@ -317,18 +354,28 @@ def measure_row_memory(lm: LoadedModel, prompt_tokens: int, steps: int, meter: P
     full_row = (peaks[1] - peaks[0]) / half  # L a + h
     fixed = peaks[0] - half * full_row
     per_row_layer = 2 * full_row - (peaks[2] - fixed) / rows_per_layer
-    return dict(prompt_tokens=prompt_tokens, peaks=peaks, fixed_bytes=fixed,
-                per_row_layer_bytes=per_row_layer,
-                head_bytes_per_row=full_row - lm.num_layers * per_row_layer)
+    return dict(
+        prompt_tokens=prompt_tokens,
+        peaks=peaks,
+        fixed_bytes=fixed,
+        per_row_layer_bytes=per_row_layer,
+        head_bytes_per_row=full_row - lm.num_layers * per_row_layer,
+    )
 
 
-def batch_rows_estimate(layers: int, dtype: torch.dtype, total_bytes: int,
-                        weight_bytes: int) -> dict[str, Any]:
+def batch_rows_estimate(
+    layers: int, dtype: torch.dtype, total_bytes: int, weight_bytes: int
+) -> dict[str, Any]:
     """What default_batch_rows picks for Llama-3-8B's shape on a GPU of ``total_bytes`` holding
     the weights, by calling it with the CUDA memory query answered for that card."""
     config = transformers.LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
-    stand_in = SimpleNamespace(device=torch.device("cuda"), config=config, dtype=dtype, num_layers=layers,
-                               d_ff=config.intermediate_size)
+    stand_in = SimpleNamespace(
+        device=torch.device("cuda"),
+        config=config,
+        dtype=dtype,
+        num_layers=layers,
+        d_ff=config.intermediate_size,
+    )
     free = total_bytes - weight_bytes - CUDA_CONTEXT_BYTES
     with mock.patch("torch.cuda.mem_get_info", return_value=(free, total_bytes)):
         rows = default_batch_rows(stand_in)
@@ -373,15 +420,19 @@ def smollm2_config() -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in provenance}
 
 
-def attribute_queries(lm: LoadedModel, queries: Sequence[Sequence[str]], methods: Sequence[str],
-                      steps: int) -> dict[str, list[qloc.Attribution]]:
+def attribute_queries(
+    lm: LoadedModel, queries: Sequence[Sequence[str]], methods: Sequence[str], steps: int
+) -> dict[str, list[qloc.Attribution]]:
     return {m: [attribute(lm, prompt, answer, m, steps=steps) for prompt, answer in queries] for m in methods}
 
 
-def kn_jaccards(first: dict[str, list[qloc.Attribution]],
-                second: dict[str, list[qloc.Attribution]]) -> dict[str, list[float]]:
-    return {m: [jaccard(a.kn_set(KN_THRESHOLD), b.kn_set(KN_THRESHOLD)) for a, b in zip(first[m], second[m])]
-            for m in first}
+def kn_jaccards(
+    first: dict[str, list[qloc.Attribution]], second: dict[str, list[qloc.Attribution]]
+) -> dict[str, list[float]]:
+    return {
+        m: [jaccard(a.kn_set(KN_THRESHOLD), b.kn_set(KN_THRESHOLD)) for a, b in zip(first[m], second[m])]
+        for m in first
+    }
 
 
 def make_smollm2_reference(path: Path, queries: int, steps: int, methods: Sequence[str]) -> dict[str, Any]:
@@ -402,10 +453,25 @@ def make_smollm2_reference(path: Path, queries: int, steps: int, methods: Sequen
     real.model.to(torch.bfloat16)
     real_bf16 = attribute_queries(real, chosen, methods, steps)
     reference = dict(
-        config=config, seed=seed, weights_sha256=digest, steps=steps, threshold=KN_THRESHOLD,
-        vocabulary=vocabulary, queries=chosen, made_with=versions(),
-        fp32={m: [dict(max_score=float(a.scores.max()), top=[list(t) for t in a.top(TOP_STORED)],
-                       kn_set=a.kn_set(KN_THRESHOLD)) for a in runs] for m, runs in fp32.items()},
+        config=config,
+        seed=seed,
+        weights_sha256=digest,
+        steps=steps,
+        threshold=KN_THRESHOLD,
+        vocabulary=vocabulary,
+        queries=chosen,
+        made_with=versions(),
+        fp32={
+            m: [
+                dict(
+                    max_score=float(a.scores.max()),
+                    top=[list(t) for t in a.top(TOP_STORED)],
+                    kn_set=a.kn_set(KN_THRESHOLD),
+                )
+                for a in runs
+            ]
+            for m, runs in fp32.items()
+        },
         cpu_bf16_jaccard=kn_jaccards(fp32, bf16),
         real_smollm2_cpu_bf16_jaccard=kn_jaccards(real_fp32, real_bf16),
     )
@@ -430,15 +496,17 @@ def check_smollm2_reference(path: Path, device: torch.device) -> dict[str, Any]:
         rows = []
         for cpu, here, half in zip(stored["fp32"][method], fp32[method], bf16[method]):
             scale = abs(cpu["max_score"])
-            top_diff = max(abs(float(here.scores[l, i]) - s) for l, i, s in cpu["top"]) / scale
-            rows.append(dict(
-                largest_score_rel_diff=abs(float(here.scores.max()) - cpu["max_score"]) / scale,
-                top_scores_max_diff_over_max=top_diff,
-                fp32_kn_jaccard_with_cpu=jaccard(here.kn_set(threshold), cpu["kn_set"]),
-                kn_set_size=len(cpu["kn_set"]),
-                bf16_kn_jaccard_with_fp32=jaccard(half.kn_set(threshold), here.kn_set(threshold)),
-                bf16_kn_jaccard_with_cpu_fp32=jaccard(half.kn_set(threshold), cpu["kn_set"]),
-            ))
+            top_diff = max(abs(float(here.scores[layer, i]) - s) for layer, i, s in cpu["top"]) / scale
+            rows.append(
+                dict(
+                    largest_score_rel_diff=abs(float(here.scores.max()) - cpu["max_score"]) / scale,
+                    top_scores_max_diff_over_max=top_diff,
+                    fp32_kn_jaccard_with_cpu=jaccard(here.kn_set(threshold), cpu["kn_set"]),
+                    kn_set_size=len(cpu["kn_set"]),
+                    bf16_kn_jaccard_with_fp32=jaccard(half.kn_set(threshold), here.kn_set(threshold)),
+                    bf16_kn_jaccard_with_cpu_fp32=jaccard(half.kn_set(threshold), cpu["kn_set"]),
+                )
+            )
         report["methods"][method] = rows
     report["cpu_bf16_jaccard"] = stored["cpu_bf16_jaccard"]
     report["real_smollm2_cpu_bf16_jaccard"] = stored["real_smollm2_cpu_bf16_jaccard"]
@@ -450,16 +518,24 @@ def check_smollm2_reference(path: Path, device: torch.device) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    return dict(python=platform.python_version(), torch=torch.__version__,
-                transformers=transformers.__version__, cpu=platform.processor() or platform.machine())
+    return dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        cpu=platform.processor() or platform.machine(),
+    )
 
 
 def machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = dict(versions(), device=str(device), threads=torch.get_num_threads())
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
-        info.update(gpu=properties.name, gpu_bytes=properties.total_memory, cuda=torch.version.cuda,
-                    multiprocessors=properties.multi_processor_count)
+        info.update(
+            gpu=properties.name,
+            gpu_bytes=properties.total_memory,
+            cuda=torch.version.cuda,
+            multiprocessors=properties.multi_processor_count,
+        )
     return info
 
 
@@ -468,32 +544,44 @@ def gib(count: float) -> str:
 
 
 def print_smollm2(report: dict[str, Any]) -> dict[str, Any]:
-    print(f"\nsmollm2-135m's configuration, seeded weights (the CPU's weights: {report['same_weights']}); "
-          "fp32 here against the CPU's fp32, then KN-set Jaccard of bf16 against fp32:")
-    print(f"{'method':<6} {'largest score':>14} {'top-32 diff':>12} {'KN = CPU':>9} {'KN size':>8} "
-          f"{'bf16 here':>10} {'bf16 CPU':>9} {'real CPU':>9}")
+    print(
+        f"\nsmollm2-135m's configuration, seeded weights (the CPU's weights: {report['same_weights']}); "
+        "fp32 here against the CPU's fp32, then KN-set Jaccard of bf16 against fp32:"
+    )
+    print(
+        f"{'method':<6} {'largest score':>14} {'top-32 diff':>12} {'KN = CPU':>9} {'KN size':>8} "
+        f"{'bf16 here':>10} {'bf16 CPU':>9} {'real CPU':>9}"
+    )
     for method, rows in report["methods"].items():
         for i, row in enumerate(rows):
-            print(f"{method:<6} {row['largest_score_rel_diff']:>14.1e} "
-                  f"{row['top_scores_max_diff_over_max']:>12.1e} "
-                  f"{row['fp32_kn_jaccard_with_cpu']:>9.3f} {row['kn_set_size']:>8} "
-                  f"{row['bf16_kn_jaccard_with_fp32']:>10.3f} {report['cpu_bf16_jaccard'][method][i]:>9.3f} "
-                  f"{report['real_smollm2_cpu_bf16_jaccard'][method][i]:>9.3f}")
-    print("(largest score: relative difference; top-32 diff: largest difference at the CPU's top 32 "
-          "neurons over the largest score; bf16 CPU / real CPU: the same Jaccard on the CPU, seeded and "
-          "real smollm2 weights)")
+            print(
+                f"{method:<6} {row['largest_score_rel_diff']:>14.1e} "
+                f"{row['top_scores_max_diff_over_max']:>12.1e} "
+                f"{row['fp32_kn_jaccard_with_cpu']:>9.3f} {row['kn_set_size']:>8} "
+                f"{row['bf16_kn_jaccard_with_fp32']:>10.3f} {report['cpu_bf16_jaccard'][method][i]:>9.3f} "
+                f"{report['real_smollm2_cpu_bf16_jaccard'][method][i]:>9.3f}"
+            )
+    print(
+        "(largest score: relative difference; top-32 diff: largest difference at the CPU's top 32 "
+        "neurons over the largest score; bf16 CPU / real CPU: the same Jaccard on the CPU, seeded and "
+        "real smollm2 weights)"
+    )
     return report
 
 
-def run_methods(lm: LoadedModel, queries: Sequence[tuple[str, str]], args: argparse.Namespace,
-                peak_rate: float) -> dict[str, Any]:
+def run_methods(
+    lm: LoadedModel, queries: Sequence[tuple[str, str]], args: argparse.Namespace, peak_rate: float
+) -> dict[str, Any]:
     """Engine and reference loop, side by side, for each method; rates from the cost model."""
     meter = PeakMemory(lm.device)
     reference_layers = min(args.reference_layers, lm.num_layers)
-    shape = Shape(lm.num_layers, LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"],
-                  LLAMA3_8B["vocab_size"])
-    print(f"{'method':<6} {'engine s/q':>11} {'ref s/q':>9} {'speed-up':>9} {'ref diff':>9} {'rows':>6} "
-          f"{'passes':>6} {'peak':>10} {'TFLOP/q':>8} {'TFLOP/s':>8} {'of peak':>8}")
+    shape = Shape(
+        lm.num_layers, LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"], LLAMA3_8B["vocab_size"]
+    )
+    print(
+        f"{'method':<6} {'engine s/q':>11} {'ref s/q':>9} {'speed-up':>9} {'ref diff':>9} {'rows':>6} "
+        f"{'passes':>6} {'peak':>10} {'TFLOP/q':>8} {'TFLOP/s':>8} {'of peak':>8}"
+    )
     measured = {}
     for method in args.methods.split(","):
         engine = measure_engine(lm, queries, method, args.steps, meter)
@@ -511,13 +599,19 @@ def run_methods(lm: LoadedModel, queries: Sequence[tuple[str, str]], args: argpa
         measured[method] = dict(
             engine={k: v for k, v in engine.items() if k != "last"},
             reference={k: v for k, v in reference.items() if k != "scores"},
-            speedup=speedup, reference_max_diff_over_max=diff, tflop_per_query=flops / 1e12, tflops=rate,
-            fraction_of_matmul_rate=rate / peak_rate)
+            speedup=speedup,
+            reference_max_diff_over_max=diff,
+            tflop_per_query=flops / 1e12,
+            tflops=rate,
+            fraction_of_matmul_rate=rate / peak_rate,
+        )
         run = engine["runs"][-1]
         peak = max(r["peak_bytes"] for r in engine["runs"])
-        print(f"{method:<6} {seconds:>11.3f} {reference['seconds_per_query']:>9.2f} {speedup:>8.1f}x "
-              f"{'-' if diff is None else f'{diff:.1e}':>9} {run['batch_rows']:>6} {run['passes']:>6} "
-              f"{gib(peak):>10} {flops / 1e12:>8.2f} {rate:>8.2f} {rate / peak_rate:>7.0%}")
+        print(
+            f"{method:<6} {seconds:>11.3f} {reference['seconds_per_query']:>9.2f} {speedup:>8.1f}x "
+            f"{'-' if diff is None else f'{diff:.1e}':>9} {run['batch_rows']:>6} {run['passes']:>6} "
+            f"{gib(peak):>10} {flops / 1e12:>8.2f} {rate:>8.2f} {rate / peak_rate:>7.0%}"
+        )
     rows = {m: [r["batch_rows"] for r in v["engine"]["runs"]] for m, v in measured.items()}
     print(f"(batch rows of each timed query: {rows})")
     return measured
@@ -526,27 +620,34 @@ def run_methods(lm: LoadedModel, queries: Sequence[tuple[str, str]], args: argpa
 def estimate_pararel(methods: dict[str, Any], layers: int) -> dict[str, float]:
     """Per fact and full ParaRel (first answer token) with all three methods, at the measured speed."""
     per_query = sum(methods[m]["engine"]["seconds_per_query"] for m in ("ig", "amig", "sig"))
-    estimate = dict(seconds_per_query_all_methods=per_query,
-                    seconds_per_fact_all_methods=per_query * PARAREL_QUERIES / PARAREL_FACTS,
-                    pararel_device_hours_all_methods=per_query * PARAREL_QUERIES / 3600)
-    print(f"IG + AMIG + SIG: {per_query:.2f} s per query; {estimate['seconds_per_fact_all_methods']:.1f} s "
-          f"per ParaRel fact ({PARAREL_QUERIES / PARAREL_FACTS:.2f} queries); "
-          f"full ParaRel ({PARAREL_QUERIES} queries): "
-          f"{estimate['pararel_device_hours_all_methods']:.1f} device-hours, at {layers} layers")
+    estimate = dict(
+        seconds_per_query_all_methods=per_query,
+        seconds_per_fact_all_methods=per_query * PARAREL_QUERIES / PARAREL_FACTS,
+        pararel_device_hours_all_methods=per_query * PARAREL_QUERIES / 3600,
+    )
+    print(
+        f"IG + AMIG + SIG: {per_query:.2f} s per query; {estimate['seconds_per_fact_all_methods']:.1f} s "
+        f"per ParaRel fact ({PARAREL_QUERIES / PARAREL_FACTS:.2f} queries); "
+        f"full ParaRel ({PARAREL_QUERIES} queries): "
+        f"{estimate['pararel_device_hours_all_methods']:.1f} device-hours, at {layers} layers"
+    )
     return estimate
 
 
-def run_in_flight(lm: LoadedModel, queries: Sequence[tuple[str, str]], args: argparse.Namespace,
-                  ig_seconds: float) -> list[dict[str, Any]]:
+def run_in_flight(
+    lm: LoadedModel, queries: Sequence[tuple[str, str]], args: argparse.Namespace, ig_seconds: float
+) -> list[dict[str, Any]]:
     back_to_back = 1 / ig_seconds
     flights = [dict(copies=1, queries_per_second=back_to_back)]
     print(f"\nIG queries/s: back to back {back_to_back:.2f}", end="")
     for copies in args.in_flight:
         flight = measure_in_flight(lm, queries, "ig", args.steps, copies)
         flights.append(flight)
-        print(f"; {copies} replicas in flight {flight['queries_per_second']:.2f} "
-              f"({flight['queries_per_second'] / back_to_back:.2f}x, {flight['batch_rows']} rows each)",
-              end="")
+        print(
+            f"; {copies} replicas in flight {flight['queries_per_second']:.2f} "
+            f"({flight['queries_per_second'] / back_to_back:.2f}x, {flight['batch_rows']} rows each)",
+            end="",
+        )
     print()
     return flights
 
@@ -554,16 +655,20 @@ def run_in_flight(lm: LoadedModel, queries: Sequence[tuple[str, str]], args: arg
 def run_row_memory(lm: LoadedModel, steps: int, estimated_per_row: float) -> list[dict[str, Any]]:
     meter = PeakMemory(lm.device)
     fits = []
-    print(f"\nmemory per row, solved from three IG pass sizes; default_batch_rows estimates "
-          f"{estimated_per_row / 2**20:.1f} MiB per row of the 32-layer shape:")
+    print(
+        f"\nmemory per row, solved from three IG pass sizes; default_batch_rows estimates "
+        f"{estimated_per_row / 2**20:.1f} MiB per row of the 32-layer shape:"
+    )
     for prompt_tokens in (PROMPT_TOKENS, 64):
         fit = measure_row_memory(lm, prompt_tokens, steps, meter)
         at_32 = 32 * fit["per_row_layer_bytes"] + fit["head_bytes_per_row"]
         fits.append(dict(fit, bytes_per_32_layer_row=at_32))
-        print(f"  {prompt_tokens:>2}-token prompt: {fit['per_row_layer_bytes'] / 2**20:.3f} MiB per row and "
-              f"layer, "
-              f"{fit['head_bytes_per_row'] / 2**20:.2f} MiB per row in the head: {at_32 / 2**20:.1f} MiB per "
-              f"32-layer row (estimate / measured {estimated_per_row / at_32:.1f})")
+        print(
+            f"  {prompt_tokens:>2}-token prompt: {fit['per_row_layer_bytes'] / 2**20:.3f} MiB per row and "
+            f"layer, "
+            f"{fit['head_bytes_per_row'] / 2**20:.2f} MiB per row in the head: {at_32 / 2**20:.1f} MiB per "
+            f"32-layer row (estimate / measured {estimated_per_row / at_32:.1f})"
+        )
     return fits
 
 
@@ -573,8 +678,9 @@ def write_json(path: Path | None, results: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32: the 8B depth)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -584,8 +690,12 @@ def main() -> None:
     parser.add_argument("--reference-layers", type=int, default=4, help="layers the reference is timed on")
     parser.add_argument("--in-flight", type=int, nargs="*", default=[2, 4], help="model replicas run at once")
     parser.add_argument("--profile", choices=["ig", "amig", "sig"], help="profile one query of this method")
-    parser.add_argument("--smollm2-reference", type=Path, default=SMOLLM2_REFERENCE,
-                        help="CPU reference of the seeded smollm2-shape model to check against ('' skips)")
+    parser.add_argument(
+        "--smollm2-reference",
+        type=Path,
+        default=SMOLLM2_REFERENCE,
+        help="CPU reference of the seeded smollm2-shape model to check against ('' skips)",
+    )
     parser.add_argument("--make-smollm2-reference", action="store_true", help="write --smollm2-reference")
     parser.add_argument("--dry-run", action="store_true", help="only default_batch_rows on an H200")
     parser.add_argument("--threads", type=int, default=None)
@@ -603,16 +713,20 @@ def main() -> None:
 
     dry = batch_rows_estimate(32, dtype, H200_BYTES, LLAMA3_8B_PARAMETERS * torch.finfo(dtype).bits // 8)
     results["h200_batch_rows_estimate"] = dry
-    print(f"default_batch_rows for the 8B shape in {args.dtype} on an H200 ({gib(dry['free_bytes'])} free): "
-          f"{dry['batch_rows']} rows, {dry['bytes_per_row'] / 2**20:.1f} MiB estimated per row")
+    print(
+        f"default_batch_rows for the 8B shape in {args.dtype} on an H200 ({gib(dry['free_bytes'])} free): "
+        f"{dry['batch_rows']} rows, {dry['bytes_per_row'] / 2**20:.1f} MiB estimated per row"
+    )
     if args.dry_run:
         write_json(args.json, results)
         return
     if args.make_smollm2_reference:
         path = args.smollm2_reference
         reference = make_smollm2_reference(path, args.queries, args.steps, args.methods.split(","))
-        print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB), "
-              f"weights sha256 {reference['weights_sha256'][:16]}")
+        print(
+            f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB), "
+            f"weights sha256 {reference['weights_sha256'][:16]}"
+        )
         return
 
     # The GPU machine is lent for minutes: a part that fails records its error and the rest still run,
@@ -620,15 +734,28 @@ def main() -> None:
     save = partial(write_json, args.json, results)
     shape: dict[str, Any] = {}
     results["llama3_8b_shape"] = shape
-    attempt(results, "llama3_8b_shape",
-            partial(measure_llama3_8b_shape, args, dtype, dry["bytes_per_row"], shape, save), save)
+    attempt(
+        results,
+        "llama3_8b_shape",
+        partial(measure_llama3_8b_shape, args, dtype, dry["bytes_per_row"], shape, save),
+        save,
+    )
     if args.smollm2_reference.name and args.smollm2_reference.exists():
-        attempt(results, "smollm2_check",
-                lambda: print_smollm2(check_smollm2_reference(args.smollm2_reference, device)), save)
+        attempt(
+            results,
+            "smollm2_check",
+            lambda: print_smollm2(check_smollm2_reference(args.smollm2_reference, device)),
+            save,
+        )
 
 
-def measure_llama3_8b_shape(args: argparse.Namespace, dtype: torch.dtype, estimated_per_row: float,
-                            shape: dict[str, Any], save: Callable[[], None]) -> dict[str, Any]:
+def measure_llama3_8b_shape(
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    estimated_per_row: float,
+    shape: dict[str, Any],
+    save: Callable[[], None],
+) -> dict[str, Any]:
     """Everything measured on the 8B-shape model, into ``shape`` as it goes; the model is freed on
     return."""
     device = torch.device(args.device)
@@ -637,13 +764,23 @@ def measure_llama3_8b_shape(args: argparse.Namespace, dtype: torch.dtype, estima
     lm, build_seconds = timed(device, lambda: llama3_8b_shape(args.layers, dtype, device, tokenizer))
     parameters = sum(p.numel() for p in lm.model.parameters())
     peak_rate = matmul_tflops(device, dtype)
-    shape.update(layers=args.layers, parameters=parameters, dtype=args.dtype, build_seconds=build_seconds,
-                 matmul_tflops=peak_rate, queries=queries)
-    print(f"Llama-3-8B shape, {args.layers} layers ({parameters / 1e9:.2f} B parameters, built in "
-          f"{build_seconds:.1f} s), {device} {args.dtype}, {torch.get_num_threads()} threads: "
-          f"matrix product {peak_rate:.2f} TFLOP/s")
-    print(f"{len(queries)} queries of {PROMPT_TOKENS} tokens, {args.steps} steps; reference loop timed on "
-          f"{min(args.reference_layers, args.layers)} of {args.layers} layers and extrapolated linearly")
+    shape.update(
+        layers=args.layers,
+        parameters=parameters,
+        dtype=args.dtype,
+        build_seconds=build_seconds,
+        matmul_tflops=peak_rate,
+        queries=queries,
+    )
+    print(
+        f"Llama-3-8B shape, {args.layers} layers ({parameters / 1e9:.2f} B parameters, built in "
+        f"{build_seconds:.1f} s), {device} {args.dtype}, {torch.get_num_threads()} threads: "
+        f"matrix product {peak_rate:.2f} TFLOP/s"
+    )
+    print(
+        f"{len(queries)} queries of {PROMPT_TOKENS} tokens, {args.steps} steps; reference loop timed on "
+        f"{min(args.reference_layers, args.layers)} of {args.layers} layers and extrapolated linearly"
+    )
 
     shape["methods"] = run_methods(lm, queries, args, peak_rate)
     if {"ig", "amig", "sig"} <= shape["methods"].keys():
@@ -666,6 +803,7 @@ def attempt(store: dict[str, Any], key: str, measure: Callable[[], Any], save: C
         store[key + "_error"] = repr(error)
         print(f"\n{key} failed: {error!r}")
     save()
+
 
 if __name__ == "__main__":
     main()

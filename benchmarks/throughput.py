@@ -69,27 +69,56 @@ def run(command: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--facts", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--methods", default="ig,amig")
-    parser.add_argument("--gpu-tflops", type=float, default=300.0, help="assumed sustained bf16 TFLOP/s of one GPU")
+    parser.add_argument(
+        "--gpu-tflops", type=float, default=300.0, help="assumed sustained bf16 TFLOP/s of one GPU"
+    )
     parser.add_argument("--gpus", type=int, default=8)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = [sys.executable, "-m", "qloc.cli", "localize", "--model", args.model, "--methods", args.methods,
-                "--facts-per-relation", "1", "--limit", str(args.facts), "--seed", "0", "--device", "cpu", "--quiet"]
+        base = [
+            sys.executable,
+            "-m",
+            "qloc.cli",
+            "localize",
+            "--model",
+            args.model,
+            "--methods",
+            args.methods,
+            "--facts-per-relation",
+            "1",
+            "--limit",
+            str(args.facts),
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
         local = run(base + ["--run-dir", f"{tmp}/local"])
-        distributed = run(base + ["--run-dir", f"{tmp}/ray", "--executor", "ray", "--workers", str(args.workers)])
+        distributed = run(
+            base + ["--run-dir", f"{tmp}/ray", "--executor", "ray", "--workers", str(args.workers)]
+        )
         with qloc.RunStore.open_existing(f"{tmp}/local") as store:
             rows = store.frame("kn_sets")
         lm = qloc.load_model(args.model, device="cpu")
 
-    print(f"{args.facts} facts of {args.model}, methods {args.methods}, {len(rows) // len(args.methods.split(','))} queries")
+    print(
+        f"{args.facts} facts of {args.model}, methods {args.methods}, "
+        f"{len(rows) // len(args.methods.split(','))} queries"
+    )
     print(f"local (one process, all cores):   {local:7.1f} s   {3600 * args.facts / local:6.1f} facts/hour")
-    print(f"ray ({args.workers} CPU workers):         {distributed:7.1f} s   {3600 * args.facts / distributed:6.1f} facts/hour")
+    print(
+        f"ray ({args.workers} CPU workers):         {distributed:7.1f} s   "
+        f"{3600 * args.facts / distributed:6.1f} facts/hour"
+    )
     print(f"ray / local throughput: {local / distributed:.2f}")
 
     config = lm.config
@@ -103,12 +132,18 @@ def main() -> None:
         rate = flops / measured
         big = query_flops(LLAMA3_8B, method, prompt_tokens=prompt_tokens)
         full_8b += big * PARAREL_QUERIES
-        print(f"  {method:5s} {args.model}: {flops / 1e12:7.3f} TFLOP, measured {measured:6.2f} s/query -> {rate / 1e9:6.1f} GFLOP/s here;"
-              f"  Llama-3-8B: {big / 1e12:7.2f} TFLOP")
+        print(
+            f"  {method:5s} {args.model}: {flops / 1e12:7.3f} TFLOP, measured {measured:6.2f} s/query -> "
+            f"{rate / 1e9:6.1f} GFLOP/s here;"
+            f"  Llama-3-8B: {big / 1e12:7.2f} TFLOP"
+        )
     hours = full_8b / (args.gpus * args.gpu_tflops * 1e12) / 3600
-    print(f"\nfull ParaRel ({PARAREL_FACTS} facts, {PARAREL_QUERIES} queries), methods {args.methods}, Llama-3-8B, first answer token:"
-          f" {full_8b / 1e18:.1f} EFLOP -> {hours:.1f} h on {args.gpus} GPUs at an assumed {args.gpu_tflops:.0f} TFLOP/s each"
-          f" ({hours * args.gpus:.0f} GPU-hours)")
+    print(
+        f"\nfull ParaRel ({PARAREL_FACTS} facts, {PARAREL_QUERIES} queries), methods {args.methods}, "
+        f"Llama-3-8B, first answer token: {full_8b / 1e18:.1f} EFLOP -> {hours:.1f} h on {args.gpus} GPUs "
+        f"at an assumed {args.gpu_tflops:.0f} TFLOP/s each"
+        f" ({hours * args.gpus:.0f} GPU-hours)"
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ FAMILY_MODEL_TYPES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma", 
 def make_tiny_model(model_type: str, tokenizer=None, seed: int = 0) -> qloc.LoadedModel:
     torch.manual_seed(seed)
     vocab = len(tokenizer) if tokenizer is not None else 512
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, vocab), attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(
+        tiny_config(model_type, vocab), attn_implementation="eager"
+    )
     # Random init leaves some biases at 0 and norms at 1; perturb everything so that hook and
     # orientation tests cannot pass by symmetry.
     with torch.no_grad():

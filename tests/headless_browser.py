@@ -79,7 +79,7 @@ class HeadlessChromium:
         self.call("Page.enable")
         self.call("Runtime.enable")
 
-    def __enter__(self) -> "HeadlessChromium":
+    def __enter__(self) -> HeadlessChromium:
         return self
 
     def __exit__(self, *exc) -> None:

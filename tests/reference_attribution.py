@@ -11,6 +11,7 @@ from qloc.tokens import encode_query
 
 def _forward_with_replacement(lm, ids, layer, target, values):
     """Logits of ``len(values)`` copies of ``ids`` with layer's activation at ``target`` := values."""
+
     def pre_hook(module, args):
         hidden = args[0].clone()
         hidden[:, target] = values.to(hidden.dtype)
@@ -26,15 +27,19 @@ def _forward_with_replacement(lm, ids, layer, target, values):
 def _activations_at(lm, ids, target):
     """[rows, L, d_ff] activations at ``target`` for each row of ``ids``."""
     recorded = {}
-    handles = [lm.mlp_out_proj(l).register_forward_pre_hook(
-        lambda m, args, l=l: recorded.__setitem__(l, args[0][:, target].detach().float())) for l in range(lm.num_layers)]
+    handles = [
+        lm.mlp_out_proj(layer).register_forward_pre_hook(
+            lambda m, args, layer=layer: recorded.__setitem__(layer, args[0][:, target].detach().float())
+        )
+        for layer in range(lm.num_layers)
+    ]
     try:
         with torch.no_grad():
             lm.model(input_ids=ids)
     finally:
         for h in handles:
             h.remove()
-    return torch.stack([recorded[l] for l in range(lm.num_layers)], dim=1)
+    return torch.stack([recorded[layer] for layer in range(lm.num_layers)], dim=1)
 
 
 def _replacement_token(lm, method):
@@ -82,4 +87,6 @@ def reference_token_scores(lm, prompt, answer, method, t, steps=20, rule="right"
 def reference_scores(lm, prompt, answer, method="ig", steps=20, rule="right", answer_tokens="all"):
     """[L, d_ff] scores, averaged over answer tokens (or token 0 only)."""
     count = 1 if answer_tokens == "first" else len(encode_query(lm, prompt, answer).answer_ids)
-    return torch.stack([reference_token_scores(lm, prompt, answer, method, t, steps, rule) for t in range(count)]).mean(0)
+    return torch.stack(
+        [reference_token_scores(lm, prompt, answer, method, t, steps, rule) for t in range(count)]
+    ).mean(0)

@@ -6,8 +6,8 @@ import torch
 import transformers
 
 import qloc
-from qloc.interventions import record_activations, scale_neurons
 from conftest import FAMILY_MODEL_TYPES, make_tiny_model
+from qloc.interventions import record_activations, scale_neurons
 
 INPUT = torch.tensor([[5, 17, 42, 7, 99, 3, 250]])
 
@@ -24,7 +24,9 @@ def tiny(request):
 
 def test_every_family_has_a_tiny_test():
     covered = set(FAMILY_MODEL_TYPES)
-    assert all(spec.model_types[0] in covered or set(spec.model_types) & covered for spec in qloc.ARCHITECTURES)
+    assert all(
+        spec.model_types[0] in covered or set(spec.model_types) & covered for spec in qloc.ARCHITECTURES
+    )
     assert {mt for spec in qloc.ARCHITECTURES for mt in spec.model_types} <= covered
 
 
@@ -49,7 +51,9 @@ def test_value_vectors_are_rows_of_the_activation_product(tiny):
     """MLP output = sum_i a_i * v_i (+ bias): the value-vector view has the right orientation."""
     layer = 2
     outputs = {}
-    handle = tiny.mlp_out_proj(layer).register_forward_hook(lambda m, a, o: outputs.setdefault("out", o.detach()))
+    handle = tiny.mlp_out_proj(layer).register_forward_hook(
+        lambda m, a, o: outputs.setdefault("out", o.detach())
+    )
     with record_activations(tiny, [layer]) as acts:
         logits(tiny)
     handle.remove()
@@ -78,7 +82,7 @@ def test_hooks_are_removed_also_on_exceptions(tiny):
     with record_activations(tiny):
         logits(tiny)
     assert torch.equal(logits(tiny), before)
-    assert all(not tiny.mlp_out_proj(l)._forward_pre_hooks for l in range(tiny.num_layers))
+    assert all(not tiny.mlp_out_proj(layer)._forward_pre_hooks for layer in range(tiny.num_layers))
 
 
 def test_post_feedforward_norm_is_flagged():
@@ -90,8 +94,15 @@ def test_post_feedforward_norm_is_flagged():
 
 
 def test_unsupported_family_names_family_and_table():
-    config = transformers.AutoConfig.for_model("opt", hidden_size=16, ffn_dim=32, num_hidden_layers=1,
-                                               num_attention_heads=2, vocab_size=64, word_embed_proj_dim=16)
+    config = transformers.AutoConfig.for_model(
+        "opt",
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
+        word_embed_proj_dim=16,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(qloc.UnsupportedArchitectureError, match=r"'opt'.*ARCHITECTURES"):
         qloc.wrap_model(model)
@@ -101,7 +112,9 @@ def test_output_head_from_the_table_reproduces_the_logits(tiny):
     """final norm + unembedding (+ soft-capping) applied to the last decoder layer's output gives
     the model's own logits: the attribution engine relies on it."""
     captured = {}
-    handle = tiny.layers[-1].register_forward_hook(lambda m, a, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    handle = tiny.layers[-1].register_forward_hook(
+        lambda m, a, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o)
+    )
     stock = logits(tiny)
     handle.remove()
     with torch.no_grad():

@@ -10,15 +10,17 @@ import pytest
 import torch
 
 import qloc
+from conftest import FAMILY_MODEL_TYPES, make_tiny_model
 from qloc.attribution import attribute, integration_points, kn_set, top_k
 from qloc.errors import QlocError
-from conftest import FAMILY_MODEL_TYPES, make_tiny_model
 from reference_attribution import reference_scores, reference_token_scores
 
 PROMPT, ANSWER = "Paris is the capital of", "France"
 
 
-def assert_equivalent(engine: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-3, threshold: float = 0.2):
+def assert_equivalent(
+    engine: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-3, threshold: float = 0.2
+):
     scale = float(reference.abs().max())
     assert scale > 0
     assert float((engine - reference).abs().max()) <= tolerance * scale
@@ -57,7 +59,10 @@ def test_multi_token_answers_average_teacher_forced_tokens(word_tokenizer):
     assert len(lm.tokenizer(" " + answer, add_special_tokens=False).input_ids) == 2
     every = attribute(lm, "The official language of Italy is", answer, "ig", steps=6, answer_tokens="all")
     first = attribute(lm, "The official language of Italy is", answer, "ig", steps=6)
-    per_token = [reference_token_scores(lm, "The official language of Italy is", answer, "ig", t, steps=6) for t in range(2)]
+    per_token = [
+        reference_token_scores(lm, "The official language of Italy is", answer, "ig", t, steps=6)
+        for t in range(2)
+    ]
     assert_equivalent(every.scores, (per_token[0] + per_token[1]) / 2)
     assert_equivalent(first.scores, per_token[0])
     assert len(every.answer_tokens) == 2 and len(first.answer_tokens) == 1
@@ -80,7 +85,11 @@ def test_completeness_converges(word_tokenizer, rule):
     delta = float(fine.f_input[0] - fine.f_baseline[0, layer])
     assert abs(delta) > 0.1
     assert abs(float(fine.scores[layer].sum()) - delta) <= 0.01 * abs(delta)
-    assert float(coarse.completeness_residual[0, layer]) > 0.02 * abs(delta) > float(fine.completeness_residual[0, layer])
+    assert (
+        float(coarse.completeness_residual[0, layer])
+        > 0.02 * abs(delta)
+        > float(fine.completeness_residual[0, layer])
+    )
 
 
 def test_integration_points():
@@ -114,9 +123,11 @@ def test_model_is_left_exactly_as_before(word_tokenizer):
         attribute(lm, PROMPT, ANSWER, method, steps=3)
     with torch.no_grad():
         assert torch.equal(lm.model(ids).logits, before)
-    assert all(not lm.mlp_out_proj(l)._forward_pre_hooks for l in range(lm.num_layers))
+    assert all(not lm.mlp_out_proj(layer)._forward_pre_hooks for layer in range(lm.num_layers))
     assert all(not layer._forward_pre_hooks for layer in lm.layers)
-    assert lm.model.lm_head.weight.requires_grad and not any(p.grad is not None for p in lm.model.parameters())
+    assert lm.model.lm_head.weight.requires_grad and not any(
+        p.grad is not None for p in lm.model.parameters()
+    )
 
 
 def test_post_norm_models_warn_for_ig(word_tokenizer):
@@ -162,16 +173,39 @@ def test_smollm2_eiffel_layer0_shows_right_rule_incompleteness(smollm2):
 def test_cli_attribute_writes_scores_and_json(tmp_path, tiny_model_dir):
     out = tmp_path / "scores.npy"
     result = subprocess.run(
-        [sys.executable, "-m", "qloc.cli", "attribute", "--model", str(tiny_model_dir), "--prompt", PROMPT,
-         "--answer", ANSWER, "--method", "amig", "--steps", "5", "--out", str(out), "--json", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "qloc.cli",
+            "attribute",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            PROMPT,
+            "--answer",
+            ANSWER,
+            "--method",
+            "amig",
+            "--steps",
+            "5",
+            "--out",
+            str(out),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     scores = np.load(out)
     assert scores.dtype == np.float32 and scores.shape == (3, 64) and payload["shape"] == [3, 64]
     lm = qloc.load_model(str(tiny_model_dir), device="cpu")
-    assert np.allclose(scores, attribute(lm, PROMPT, ANSWER, "amig", steps=5).scores.numpy(), rtol=0, atol=1e-6)
+    assert np.allclose(
+        scores, attribute(lm, PROMPT, ANSWER, "amig", steps=5).scores.numpy(), rtol=0, atol=1e-6
+    )
     assert payload["kn_set"] == [list(u) for u in kn_set(torch.from_numpy(scores))]
     assert payload["top"][0]["score"] == pytest.approx(float(scores.max()), rel=1e-6)
     assert len(payload["completeness_residual"][0]) == 3
@@ -204,8 +238,8 @@ def test_sig_combination_never_flips_a_sign():
 
     per_word = torch.tensor([[1.0, 0.0, 0.0], [0.0, -4.0, 2.0]])[:, None, :]  # [words, L=1, d_ff=3]
     combined = SIG().combine(per_word)[0]
-    unit = per_word[0, 0] / 1.0 + per_word[1, 0] / 20 ** 0.5
-    torch.testing.assert_close(combined, unit * (1 + 20 ** 0.5) / 2)
+    unit = per_word[0, 0] / 1.0 + per_word[1, 0] / 20**0.5
+    torch.testing.assert_close(combined, unit * (1 + 20**0.5) / 2)
     assert combined.tolist()[0] > 0 and combined.tolist()[1] < 0 < combined.tolist()[2]
     # The literal rescale's KN set was {(0, 1)}: the neuron whose only contribution is negative.
     assert kn_set(combined[None]) == [(0, 0), (0, 2)]

@@ -9,21 +9,34 @@ import transformers
 from qloc.attribution import default_batch_rows
 
 GIB = 2**30
-LLAMA3_8B = dict(vocab_size=128_256, hidden_size=4096, intermediate_size=14_336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8)
+LLAMA3_8B = dict(
+    vocab_size=128_256,
+    hidden_size=4096,
+    intermediate_size=14_336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+)
 
 
 def gpu_model(**config):
     """What default_batch_rows reads of a model: a bf16 Llama of ``config`` on cuda:0."""
     llama = transformers.LlamaConfig(**{**LLAMA3_8B, **config})
-    return SimpleNamespace(device=torch.device("cuda", 0), config=llama, dtype=torch.bfloat16,
-                           num_layers=llama.num_hidden_layers, d_ff=llama.intermediate_size)
+    return SimpleNamespace(
+        device=torch.device("cuda", 0),
+        config=llama,
+        dtype=torch.bfloat16,
+        num_layers=llama.num_hidden_layers,
+        d_ff=llama.intermediate_size,
+    )
 
 
 def rows_with(lm, free: int, reserved: int = 0, allocated: int = 0) -> int:
-    with (mock.patch("torch.cuda.mem_get_info", return_value=(free, 141 * GIB)),
-          mock.patch("torch.cuda.memory_reserved", return_value=reserved),
-          mock.patch("torch.cuda.memory_allocated", return_value=allocated)):
+    with (
+        mock.patch("torch.cuda.mem_get_info", return_value=(free, 141 * GIB)),
+        mock.patch("torch.cuda.memory_reserved", return_value=reserved),
+        mock.patch("torch.cuda.memory_allocated", return_value=allocated),
+    ):
         return default_batch_rows(lm)
 
 

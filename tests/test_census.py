@@ -1,7 +1,6 @@
 """The census (what a model knows) and the --known filter: scores against plain forward passes,
 length bucketing, resume, the filter's choice of facts and queries, and the query an edit edits."""
 
-import json
 import subprocess
 import sys
 
@@ -10,14 +9,21 @@ import pytest
 import torch
 
 import qloc
+from conftest import make_tiny_model
 from qloc.census import (
-    STAGE, FirstTokenScorer, calibration_sample, census_chunks, census_table, census_work, keep_known,
-    parse_known, read_census,
+    STAGE,
+    FirstTokenScorer,
+    calibration_sample,
+    census_chunks,
+    census_table,
+    census_work,
+    keep_known,
+    parse_known,
+    read_census,
 )
 from qloc.errors import QlocError
 from qloc.store import RunStore
 from qloc.sweep import run_sweep
-from conftest import make_tiny_model
 
 RELATIONS = ["P19", "P36", "P103"]
 
@@ -105,8 +111,12 @@ def test_interrupted_census_resumes_to_the_same_table(tmp_path, word_tokenizer, 
     assert (resumed.resumed, resumed.done) == (2, 4)
     columns = ["fact_id", "query_index", "prompt", "answer_token", "rank", "prob", "top_token"]
     order = ["fact_id", "query_index"]
-    assert killed[columns].sort_values(order).reset_index(drop=True).equals(
-        clean[columns].sort_values(order).reset_index(drop=True))
+    assert (
+        killed[columns]
+        .sort_values(order)
+        .reset_index(drop=True)
+        .equals(clean[columns].sort_values(order).reset_index(drop=True))
+    )
 
 
 def test_known_keeps_exactly_the_facts_with_two_queries_below_k(word_tokenizer, tiny_facts):
@@ -148,8 +158,9 @@ def test_parse_known():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "qloc.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "qloc.cli", *map(str, args)], capture_output=True, text=True, timeout=900
+    )
 
 
 def test_cli_census_then_known_localize_then_edit_a_known_query(tmp_path, tiny_model_dir, monkeypatch):
@@ -170,8 +181,24 @@ def test_cli_census_then_known_localize_then_edit_a_known_query(tmp_path, tiny_m
     below = rows[rows["rank"] < k].sort_values(["fact_id", "query_index"])
     expected = {fid: list(g["prompt"]) for fid, g in below.groupby("fact_id") if len(g) >= 2}
     assert 0 < len(expected) < rows["fact_id"].nunique()
-    result = cli("localize", "--run-dir", run, *common, "--methods", "ig", "--steps", "2", "--known", k,
-                 "--census", census_dir, "--known-pool", "6", "--facts-per-relation", "6")
+    result = cli(
+        "localize",
+        "--run-dir",
+        run,
+        *common,
+        "--methods",
+        "ig",
+        "--steps",
+        "2",
+        "--known",
+        k,
+        "--census",
+        census_dir,
+        "--known-pool",
+        "6",
+        "--facts-per-relation",
+        "6",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     kept = f"{len(expected)} of {rows['fact_id'].nunique()} facts have >= 2 queries ranked below {k}"
     assert kept in result.stderr
@@ -201,8 +228,13 @@ def test_cli_census_then_known_localize_then_edit_a_known_query(tmp_path, tiny_m
 
     monkeypatch.setattr(edit_study, "score_cloze", recording)
     lm = localized.model.load()
-    work = edit_work(lm, EditConfig(sets=("self",), unrelated_queries=2, ppl_passages=1, ppl_tokens=16),
-                     localized.knowledge, localized.dataset, passages=["Paris is the capital of France ."])
+    work = edit_work(
+        lm,
+        EditConfig(sets=("self",), unrelated_queries=2, ppl_passages=1, ppl_tokens=16),
+        localized.knowledge,
+        localized.dataset,
+        passages=["Paris is the capital of France ."],
+    )
     from qloc.store import UnitWriter
 
     fact = localized.facts[0]
@@ -227,8 +259,12 @@ def test_known_refusals(tmp_path, tiny_model_dir, tiny_facts):
 
 def test_known_beyond_exact_ranks_needs_a_float32_census(tiny_facts):
     fact = tiny_facts[0]
-    rows = pd.DataFrame([{"fact_id": fact.id, "query_index": i, "prompt": q, "rank": 30,
-                          "scored_in": "bfloat16"} for i, q in enumerate(fact.queries)])
+    rows = pd.DataFrame(
+        [
+            {"fact_id": fact.id, "query_index": i, "prompt": q, "rank": 30, "scored_in": "bfloat16"}
+            for i, q in enumerate(fact.queries)
+        ]
+    )
     assert keep_known(tiny_facts[:1], rows, 10) == []
     with pytest.raises(QlocError, match="--known 11.*float32"):
         keep_known(tiny_facts[:1], rows, 11)

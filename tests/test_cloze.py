@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import qloc
+from conftest import make_tiny_model
 from qloc.errors import DataError
 from test_models import run_cli
-from conftest import make_tiny_model
 
 
 def direct_scores(lm, prompt, answer):
@@ -26,7 +26,11 @@ def direct_scores(lm, prompt, answer):
 
 def test_batched_scores_equal_unbatched(word_tokenizer):
     lm = make_tiny_model("gpt2", word_tokenizer)
-    prompts = ["Paris is the capital of", "The official language of Italy is", "Obsidian Entertainment is based in"]
+    prompts = [
+        "Paris is the capital of",
+        "The official language of Italy is",
+        "Obsidian Entertainment is based in",
+    ]
     answers = ["France", "Italian language", "Irvine"]
     batched = qloc.score_cloze(lm, prompts, answers, batch_size=3)
     for score, prompt, answer in zip(batched, prompts, answers):
@@ -44,11 +48,28 @@ def test_answer_that_tokenizes_to_nothing(word_tokenizer):
 
 
 def test_blank_answers_are_malformed_rows_named_by_the_cli(tmp_path, tiny_model_dir):
-    data = {"P1": [[["X is in [MASK].", " ", "P1(x)"], ["X lies in [MASK].", " ", "P1(x)"]],
-                   [["Paris is the capital of [MASK].", "France", "P1(x)"], ["The capital of France is [MASK].", "France", "P1(x)"]]]}
+    data = {
+        "P1": [
+            [["X is in [MASK].", " ", "P1(x)"], ["X lies in [MASK].", " ", "P1(x)"]],
+            [
+                ["Paris is the capital of [MASK].", "France", "P1(x)"],
+                ["The capital of France is [MASK].", "France", "P1(x)"],
+            ],
+        ]
+    }
     path = tmp_path / "data.json"
     path.write_text(json.dumps(data))
-    result = run_cli("cloze", "--model", str(tiny_model_dir), "--data", str(path), "--run-dir", str(tmp_path / "run"), "--device", "cpu")
+    result = run_cli(
+        "cloze",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(path),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr
     assert "fact P1/0 row 0" in result.stderr and "1 done" in result.stdout
 
@@ -78,8 +99,10 @@ def test_sweep_skips_and_names_untokenizable_answers(tmp_path, word_tokenizer):
     from qloc.sweep import run_sweep
 
     lm = make_tiny_model("llama", NoTokensFor(word_tokenizer, "France"))
-    facts = [qloc.Fact("P1/0", "P1", "P1(x)", "Paris", "France", ("Paris is the capital of", "The capital is")),
-             qloc.Fact("P1/1", "P1", "P1(x)", "Rome", "Italy", ("Rome is the capital of", "Its capital is"))]
+    facts = [
+        qloc.Fact("P1/0", "P1", "P1(x)", "Paris", "France", ("Paris is the capital of", "The capital is")),
+        qloc.Fact("P1/1", "P1", "P1(x)", "Rome", "Italy", ("Rome is the capital of", "Its capital is")),
+    ]
     with qloc.RunStore.open_stage(tmp_path, "cloze", {}) as store:
         summary = run_sweep(store, "cloze", facts, cloze_sweep_work(lm), quiet=True)
         units = store.units("cloze").set_index("unit_id")
@@ -98,8 +121,20 @@ def test_cli_input_errors_exit_2_with_a_message():
 @pytest.mark.parametrize("name, fixture", [("smollm2-135m", "smollm2"), ("gemma3-270m", "gemma3")])
 def test_cli_cloze_matches_direct_forward_pass(name, fixture, request):
     lm = request.getfixturevalue(fixture)
-    result = run_cli("cloze", "--model", name, "--relations", "P36,P19,P103", "--facts-per-relation", "1",
-                     "--seed", "0", "--device", "cpu", "--json")
+    result = run_cli(
+        "cloze",
+        "--model",
+        name,
+        "--relations",
+        "P36,P19,P103",
+        "--facts-per-relation",
+        "1",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len({r["fact_id"] for r in records}) == 3 and len(records) >= 6
@@ -112,10 +147,25 @@ def test_cli_cloze_matches_direct_forward_pass(name, fixture, request):
 
 @pytest.mark.real_model
 def test_single_prompt_json(smollm2):
-    result = run_cli("cloze", "--model", "smollm2-135m", "--prompt", "The Eiffel Tower is located in the city of",
-                     "--answer", "Paris", "--json", "--device", "cpu")
+    result = run_cli(
+        "cloze",
+        "--model",
+        "smollm2-135m",
+        "--prompt",
+        "The Eiffel Tower is located in the city of",
+        "--answer",
+        "Paris",
+        "--json",
+        "--device",
+        "cpu",
+    )
     payload = json.loads(result.stdout)
-    assert payload["rank"] == 0 and payload["answer_tokens"] == smollm2.tokenizer(" Paris", add_special_tokens=False).input_ids
+    assert (
+        payload["rank"] == 0
+        and payload["answer_tokens"] == smollm2.tokenizer(" Paris", add_special_tokens=False).input_ids
+    )
     prob, _, logprob = direct_scores(smollm2, "The Eiffel Tower is located in the city of", "Paris")
-    assert payload["prob"] == pytest.approx(prob, rel=1e-5) and payload["prob"] == pytest.approx(0.70, abs=0.01)
+    assert payload["prob"] == pytest.approx(prob, rel=1e-5) and payload["prob"] == pytest.approx(
+        0.70, abs=0.01
+    )
     assert payload["logprob"] == pytest.approx(logprob, rel=1e-5)

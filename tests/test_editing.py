@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import qloc
-from qloc.editing import answer_embedding, edit_knowledge, perplexity
 from conftest import make_tiny_model
+from qloc.editing import answer_embedding, edit_knowledge, perplexity
 
 PROMPT = "Paris is the capital of"
 
@@ -56,7 +56,7 @@ def before_vector_matrix(saved, lm, layer):
 def test_update_moves_the_answer_towards_the_new_object(word_tokenizer):
     """Tied embeddings (GPT-2): adding e(o') to value vectors raises o''s logit by construction."""
     lm = make_tiny_model("gpt2", word_tokenizer)
-    neurons = [(l, i) for l in range(lm.num_layers) for i in range(0, lm.d_ff, 4)]
+    neurons = [(layer, i) for layer in range(lm.num_layers) for i in range(0, lm.d_ff, 4)]
     before = qloc.score_cloze(lm, [PROMPT, PROMPT], ["France", "Italy"])
     with edit_knowledge(lm, neurons, "France", "Italy"):
         after = qloc.score_cloze(lm, [PROMPT, PROMPT], ["France", "Italy"])
@@ -92,7 +92,12 @@ def test_edit_metrics_on_hand_made_predictions():
     from qloc.edit_study import edit_metrics
 
     update = edit_metrics("update", 1.0, [0.5, 0.0, 1.0], [[1, 2], [3], [4]], [[1, 2], [9], [4]])
-    assert update == {"rel": 1.0, "gen": 0.5, "loc": pytest.approx(2 / 3), "avg": pytest.approx((1 + 0.5 + 2 / 3) / 3)}
+    assert update == {
+        "rel": 1.0,
+        "gen": 0.5,
+        "loc": pytest.approx(2 / 3),
+        "avg": pytest.approx((1 + 0.5 + 2 / 3) / 3),
+    }
     erase = edit_metrics("erase", 1.0, [1.0, 0.0], [[1]], [[1]])
     assert (erase["rel"], erase["gen"], erase["loc"]) == (0.0, 0.5, 1.0)
 
@@ -105,11 +110,33 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
 
     run = tmp_path / "run"
     base = [sys.executable, "-m", "qloc.cli"]
-    subprocess.run(base + ["localize", "--model", str(tiny_model_dir), "--run-dir", str(run), "--relations", "P19,P36,P101",
-                           "--methods", "amig", "--steps", "3", "--device", "cpu", "--quiet"], check=True, capture_output=True)
+    subprocess.run(
+        base
+        + [
+            "localize",
+            "--model",
+            str(tiny_model_dir),
+            "--run-dir",
+            str(run),
+            "--relations",
+            "P19,P36,P101",
+            "--methods",
+            "amig",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+    )
     for mode, options in (("erase", []), ("update", ["--shared-filter", "off", "--edit-sign", "none"])):
-        result = subprocess.run(base + ["edit", "--run-dir", str(run), "--mode", mode, "--device", "cpu", "--quiet"]
-                                + options, capture_output=True, text=True)
+        result = subprocess.run(
+            base + ["edit", "--run-dir", str(run), "--mode", mode, "--device", "cpu", "--quiet"] + options,
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
     with qloc.RunStore.open_existing(run) as store:
         edits = store.frame("edits")
@@ -131,25 +158,42 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
     table3 = pd.read_csv(run / "tables" / "table3.csv")
     assert set(table3["mode"]) == {"erase", "update"} and set(table3["kn_set"]) == {"self", "union", "cas"}
     assert set(pd.read_csv(run / "tables" / "table2.csv")["kn_set"]) == {"self", "union"}
-    assert table3["facts"].sum() == 2 * 3 * 3 and (table3["dppl_median"] <= table3["dppl"].abs().max() + 1e-12).all()
+    assert (
+        table3["facts"].sum() == 2 * 3 * 3
+        and (table3["dppl_median"] <= table3["dppl"].abs().max() + 1e-12).all()
+    )
     assert table3["empty_sets"].sum() == int((edits["kn_size"] == 0).sum())
-    assert {"catastrophic", "moved_right", "prob_before_median", "prob_after_median", "kn_dropped"} <= set(table3)
+    assert {"catastrophic", "moved_right", "prob_before_median", "prob_after_median", "kn_dropped"} <= set(
+        table3
+    )
 
 
 def test_sequential_editing_restores_the_model(word_tokenizer):
-    from qloc.edit_study import EditConfig, sequential_edit, sequential_table
-    from qloc.knsets import FactKnowledge
     import pandas as pd
 
+    from qloc.edit_study import EditConfig, sequential_edit, sequential_table
+    from qloc.knsets import FactKnowledge
+
     lm = make_tiny_model("llama", word_tokenizer)
-    facts = [qloc.Fact(f"P1/{i}", "P1", "P1(x)", s, o, (f"{s} is the capital of", f"The capital {s} belongs to"))
-             for i, (s, o) in enumerate([("Paris", "France"), ("Rome", "Italy"), ("Berlin", "Germany")])]
+    facts = [
+        qloc.Fact(f"P1/{i}", "P1", "P1(x)", s, o, (f"{s} is the capital of", f"The capital {s} belongs to"))
+        for i, (s, o) in enumerate([("Paris", "France"), ("Rome", "Italy"), ("Berlin", "Germany")])
+    ]
     knowledge = {f.id: FactKnowledge([[(0, i), (1, i + 1)], [(0, i)]], [(0, i)]) for i, f in enumerate(facts)}
     before = weights(lm)
     rows = []
     for repeat in range(2):
-        result = sequential_edit(lm, EditConfig(mode="update", unrelated_queries=2), knowledge, facts, facts, "union",
-                                 2, repeat, ["Paris is the capital of France"])
+        result = sequential_edit(
+            lm,
+            EditConfig(mode="update", unrelated_queries=2),
+            knowledge,
+            facts,
+            facts,
+            "union",
+            2,
+            repeat,
+            ["Paris is the capital of France"],
+        )
         assert result["facts"] == 2 and 0 <= result["loc"] <= 1
         rows.append({"method": "ig", "mode": "update", "kn_set": "union", "seed": repeat, **result})
     assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
@@ -163,7 +207,9 @@ def test_case_study_table_and_restore(word_tokenizer):
     lm = make_tiny_model("gpt2", word_tokenizer)
     before = weights(lm)
     queries = ["Paris is the capital of", "Paris, that is the capital city of"]
-    table = case_study(lm, queries, "France", "Italy", method="ig", set_name="union", steps=3, max_new_tokens=4)
+    table = case_study(
+        lm, queries, "France", "Italy", method="ig", set_name="union", steps=3, max_new_tokens=4
+    )
     assert list(table.role) == ["query", "neighbour"] and table.kn_size[0] > 0
     assert table.before[0] == greedy_continuation(lm, queries[0], 4)
     assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
@@ -228,7 +274,7 @@ def test_signs_follow_the_mean_activation():
 
     activations = torch.zeros(3, 2, 4)
     activations[:, 0, 1] = torch.tensor([2.0, -1.0, -0.5])  # mean +0.17
-    activations[:, 1, 3] = torch.tensor([-2.0, 1.0, 0.5])   # mean -0.17
+    activations[:, 1, 3] = torch.tensor([-2.0, 1.0, 0.5])  # mean -0.17
     assert activation_signs(activations, [(0, 1), (1, 3), (1, 0)]) == [1, -1, 0]
     assert activation_signs(activations[1:2], [(0, 1), (1, 3)]) == [-1, 1]  # Self: the edited query alone
 
@@ -253,7 +299,10 @@ def test_shared_filter_drops_neurons_many_facts_hold():
     assert filtered["P1/0"].query_sets[1] == [(1, 0)]
     assert filtered_knowledge(knowledge, None)["P1/0"].kn_set("self") == [(0, 0), common]
     # A neuron of one fact is never shared, however few facts the run has.
-    pair = {"P3/0": FactKnowledge([[(0, 0)], [(0, 0)]], [], "P3"), "P4/0": FactKnowledge([[(1, 1)], [(1, 1)]], [], "P4")}
+    pair = {
+        "P3/0": FactKnowledge([[(0, 0)], [(0, 0)]], [], "P3"),
+        "P4/0": FactKnowledge([[(1, 1)], [(1, 1)]], [], "P4"),
+    }
     assert shared_neurons(pair, 0.1) == {"P3/0": frozenset(), "P4/0": frozenset()}
     with pytest.raises(qloc.QlocError, match="share 1.5"):
         shared_neurons(knowledge, 1.5)
@@ -270,7 +319,9 @@ def test_sign_aware_erasure_on_smollm2_lowers_a_known_answer(smollm2):
     prompt, answer = "The Eiffel Tower is located in the city of", "Paris"
     before = qloc.score_cloze(smollm2, [prompt], [answer])[0]
     assert before.rank == 0
-    with pytest.warns(UserWarning, match="too coarse"):  # layer 29's residual at 10 steps; the set is what counts
+    with pytest.warns(
+        UserWarning, match="too coarse"
+    ):  # layer 29's residual at 10 steps; the set is what counts
         neurons = attribute(smollm2, prompt, answer, "amig", steps=10).kn_set()
     signs = activation_signs(target_activations(smollm2, [prompt], answer), neurons)
     negative = [u for u, sign in zip(neurons, signs) if sign < 0]

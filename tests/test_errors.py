@@ -66,13 +66,30 @@ def assert_refused(result: Result, *fragments: str) -> str:
 
 def snapshot(directory: Path) -> dict[str, str]:
     """Every file and folder under ``directory`` with a hash of its bytes."""
-    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file()
-            else "folder" for path in sorted(directory.rglob("*"))}
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_file()
+        else "folder"
+        for path in sorted(directory.rglob("*"))
+    }
 
 
 def localize_args(model: Path | str, run_dir: Path, *extra: str | Path) -> list[str]:
-    return ["localize", "--model", str(model), "--run-dir", str(run_dir), "--methods", "ig", "--steps", "3",
-            "--device", "cpu", "--quiet", *map(str, extra)]
+    return [
+        "localize",
+        "--model",
+        str(model),
+        "--run-dir",
+        str(run_dir),
+        "--methods",
+        "ig",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+        *map(str, extra),
+    ]
 
 
 def cloze_args(model: Path | str, *extra: str) -> list[str]:
@@ -100,8 +117,10 @@ def write_data(path: Path, relations: dict) -> Path:
 
 
 def usable_fact(subject: str, answer: str = "France") -> list[list[str]]:
-    return [[f"{subject} is the capital of [MASK].", answer, "P1(capital of)"],
-            [f"{subject} is a city of [MASK].", answer, "P1(capital of)"]]
+    return [
+        [f"{subject} is the capital of [MASK].", answer, "P1(capital of)"],
+        [f"{subject} is a city of [MASK].", answer, "P1(capital of)"],
+    ]
 
 
 # -- a read-only finished run directory ---------------------------------------------------------------
@@ -111,8 +130,10 @@ def unprivileged_prefix(probe_dir: Path) -> list[str]:
     prefix = []
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
-            pytest.skip("running as root, and setpriv (util-linux) is missing to drop the file-permission "
-                        "capabilities")
+            pytest.skip(
+                "running as root, and setpriv (util-linux) is missing to drop the file-permission "
+                "capabilities"
+            )
         prefix = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
     if subprocess.run(prefix + ["touch", str(probe_dir / "probe")], capture_output=True).returncode == 0:
         pytest.skip(f"cannot run a process that lacks write access to {probe_dir} here")
@@ -136,8 +157,9 @@ def test_read_only_runs_are_analysed_by_a_user_who_cannot_write_them(tmp_path, t
         before = snapshot(read_only)
 
         def qloc(*args: str | Path) -> subprocess.CompletedProcess:
-            return subprocess.run(prefix + QLOC + [str(a) for a in args], capture_output=True, text=True,
-                                  env=env, timeout=600)
+            return subprocess.run(
+                prefix + QLOC + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=600
+            )
 
         run = read_only / "run"
         analysed = qloc("consistency", "--run-dir", run, "--out", writable / "consistency")
@@ -150,8 +172,19 @@ def test_read_only_runs_are_analysed_by_a_user_who_cannot_write_them(tmp_path, t
         refusals = {
             "consistency": qloc("consistency", "--run-dir", run),  # --out defaults to the run itself
             "report": qloc("report", "--run-dir", run, "--out", read_only / "report.html"),
-            "attribute": qloc("attribute", "--model", tiny_model_dir, "--prompt", PROMPT, "--answer", ANSWER,
-                              "--out", read_only / "scores.npy", "--device", "cpu"),
+            "attribute": qloc(
+                "attribute",
+                "--model",
+                tiny_model_dir,
+                "--prompt",
+                PROMPT,
+                "--answer",
+                ANSWER,
+                "--out",
+                read_only / "scores.npy",
+                "--device",
+                "cpu",
+            ),
         }
         for command, result in refusals.items():
             assert result.returncode == 2, (command, result.stderr[-2000:])
@@ -185,9 +218,11 @@ def test_damaged_store_is_named_by_every_command(tmp_path, tiny_run, qloc_cli, d
     data = store.read_bytes()
     store.write_bytes(os.urandom(len(data)) if damage == "junk" else data[: len(data) // 2])
     before = snapshot(run)
-    for args in (localize_args("no-model-needed", run, *TINY_RUN_SELECTION),
-                 ["consistency", "--run-dir", run, "--out", tmp_path / "c"],
-                 ["report", "--run-dir", run, "--out", tmp_path / "r.html"]):
+    for args in (
+        localize_args("no-model-needed", run, *TINY_RUN_SELECTION),
+        ["consistency", "--run-dir", run, "--out", tmp_path / "c"],
+        ["report", "--run-dir", run, "--out", tmp_path / "r.html"],
+    ):
         assert_refused(qloc_cli(*args), f"run store '{store}' is not a SQLite database")
     assert snapshot(run) == before
     assert not (tmp_path / "c").exists() and not (tmp_path / "r.html").exists()
@@ -229,8 +264,11 @@ def test_damaged_gguf_files_are_named(tmp_path, qloc_cli, monkeypatch):
 def test_model_directory_without_weights_or_with_broken_json(tmp_path, tiny_model_dir, qloc_cli):
     no_weights = tmp_path / "no-weights"
     shutil.copytree(tiny_model_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
-    assert_refused(qloc_cli(*cloze_args(no_weights)), f"model '{no_weights}': cannot load its weights",
-                   "no file named model.safetensors")
+    assert_refused(
+        qloc_cli(*cloze_args(no_weights)),
+        f"model '{no_weights}': cannot load its weights",
+        "no file named model.safetensors",
+    )
     broken = tmp_path / "broken-json"
     shutil.copytree(tiny_model_dir, broken)
     (broken / "config.json").write_text('{"model_type": "llama",')
@@ -278,13 +316,18 @@ def results(run_dir: Path) -> dict[str, pd.DataFrame]:
 def test_second_writer_is_refused_at_once_naming_the_first(tmp_path, tiny_model_dir, qloc_cli):
     run, clean = tmp_path / "run", tmp_path / "clean"
     selection = ("--relations", "P19,P36,P101", "--facts-per-relation", "3")
-    first = subprocess.Popen(QLOC + localize_args(tiny_model_dir, run, *selection), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        QLOC + localize_args(tiny_model_dir, run, *selection),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: stored_units(run) >= 1, first, "its first fact")
         first.send_signal(signal.SIGSTOP)  # it keeps its lock, and cannot finish while the others try
-        second = subprocess.run(QLOC + localize_args(tiny_model_dir, run, *selection), capture_output=True,
-                                text=True, timeout=600)
+        second = subprocess.run(
+            QLOC + localize_args(tiny_model_dir, run, *selection), capture_output=True, text=True, timeout=600
+        )
         # A model that cannot load shows that the lock is tried first.
         third = qloc_cli(*localize_args("no-model-needed", run, *selection))
         first.send_signal(signal.SIGCONT)
@@ -313,9 +356,16 @@ def test_reading_needs_no_lock_and_a_writable_open_takes_it(tmp_path):
             assert reader.params("demo") == {"x": 1}
     with RunStore.open_existing(tmp_path / "run", readonly=False):
         assert (tmp_path / "run" / LOCK_FILE).exists()
-        holder = subprocess.run([sys.executable, "-c", "from qloc.store import RunStore; "
-                                 f"RunStore.open_stage({str(tmp_path / 'run')!r}, 'demo', {{'x': 1}})"],
-                                capture_output=True, text=True)
+        holder = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from qloc.store import RunStore; "
+                f"RunStore.open_stage({str(tmp_path / 'run')!r}, 'demo', {{'x': 1}})",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert "RunDirectoryError" in holder.stderr and f"PID {os.getpid()}" in holder.stderr
     assert not (tmp_path / "run" / LOCK_FILE).exists()
 
@@ -324,14 +374,18 @@ def test_reading_needs_no_lock_and_a_writable_open_takes_it(tmp_path):
 def test_prompts_longer_than_the_context_are_refused_or_skipped(tmp_path, tiny_model_dir, qloc_cli):
     long_prompt = " ".join(["the"] * 200) + " capital of"  # the tiny model reads 128 positions
     for command in ("cloze", "attribute"):
-        result = qloc_cli(command, "--model", tiny_model_dir, "--prompt", long_prompt, "--answer", ANSWER,
-                          "--device", "cpu")
+        result = qloc_cli(
+            command, "--model", tiny_model_dir, "--prompt", long_prompt, "--answer", ANSWER, "--device", "cpu"
+        )
         assert_refused(result, "longer than the 128-token context", "'the the the")
-    too_long = [[f"{long_prompt} [MASK].", "France", "P1(capital of)"],
-                ["Lyon is a city of [MASK].", "France", "P1(capital of)"]]
+    too_long = [
+        [f"{long_prompt} [MASK].", "France", "P1(capital of)"],
+        ["Lyon is a city of [MASK].", "France", "P1(capital of)"],
+    ]
     data = write_data(tmp_path / "data.json", {"P1": [usable_fact("Paris"), too_long]})
-    result = qloc_cli(*localize_args(tiny_model_dir, tmp_path / "run", "--data", data,
-                                     "--facts-per-relation", 2))
+    result = qloc_cli(
+        *localize_args(tiny_model_dir, tmp_path / "run", "--data", data, "--facts-per-relation", 2)
+    )
     assert result.code == 0, result.err
     with RunStore.open_existing(tmp_path / "run") as store:
         units = store.units("localize").set_index("unit_id")
@@ -342,17 +396,21 @@ def test_prompts_longer_than_the_context_are_refused_or_skipped(tmp_path, tiny_m
 # -- empty selections, negative counts ------------------------------------------------------------------
 def test_empty_selections_stop_before_the_model_loads(tmp_path, qloc_cli):
     malformed = write_data(tmp_path / "malformed.json", {"P1": [[["only", "two"]], [[1, 2, 3]]]})
-    cases = {("--facts-per-relation", "0"): "0 facts selected: --facts-per-relation 0",
-             ("--limit", "0"): "0 facts selected: --limit 0",
-             ("--data", str(malformed)): f"0 facts selected: ParaRel file '{malformed}' has no usable fact"}
+    cases = {
+        ("--facts-per-relation", "0"): "0 facts selected: --facts-per-relation 0",
+        ("--limit", "0"): "0 facts selected: --limit 0",
+        ("--data", str(malformed)): f"0 facts selected: ParaRel file '{malformed}' has no usable fact",
+    }
     for option, message in cases.items():
         run = tmp_path / "run"
         assert_refused(qloc_cli(*localize_args("no-model-needed", run, *option)), message)
         assert not run.exists()
 
 
-@pytest.mark.parametrize("option, message", [(("--facts-per-relation", "-1"), "facts_per_relation -1"),
-                                             (("--limit", "-2"), "limit -2")])
+@pytest.mark.parametrize(
+    "option, message",
+    [(("--facts-per-relation", "-1"), "facts_per_relation -1"), (("--limit", "-2"), "limit -2")],
+)
 def test_negative_counts_are_refused(tmp_path, qloc_cli, option, message):
     result = qloc_cli(*localize_args("no-model-needed", tmp_path / "run", *option))
     assert_refused(result, message, "negative")
@@ -363,16 +421,47 @@ def test_negative_counts_are_refused(tmp_path, qloc_cli, option, message):
 def test_output_paths_are_checked_before_computing(tmp_path, tiny_model_dir, tiny_run, qloc_cli):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
-    assert_refused(qloc_cli("attribute", "--model", "no-model-needed", "--prompt", PROMPT, "--answer", ANSWER,
-                            "--out", a_file / "s.npy"), f"cannot write the scores to '{a_file}'", "is a file")
-    assert_refused(qloc_cli("consistency", "--run-dir", tiny_run, "--out", a_file / "c"),
-                   "tables and figures", "is a file")
-    assert_refused(qloc_cli("report", "--run-dir", tiny_run, "--out", a_file / "r.html"), "the report",
-                   "is a file")
+    assert_refused(
+        qloc_cli(
+            "attribute",
+            "--model",
+            "no-model-needed",
+            "--prompt",
+            PROMPT,
+            "--answer",
+            ANSWER,
+            "--out",
+            a_file / "s.npy",
+        ),
+        f"cannot write the scores to '{a_file}'",
+        "is a file",
+    )
+    assert_refused(
+        qloc_cli("consistency", "--run-dir", tiny_run, "--out", a_file / "c"),
+        "tables and figures",
+        "is a file",
+    )
+    assert_refused(
+        qloc_cli("report", "--run-dir", tiny_run, "--out", a_file / "r.html"), "the report", "is a file"
+    )
     # Missing folders of --out are created, as consistency and report do.
     nested = tmp_path / "nodir" / "sub" / "s.npy"
-    result = qloc_cli("attribute", "--model", tiny_model_dir, "--prompt", PROMPT, "--answer", ANSWER,
-                      "--steps", "2", "--device", "cpu", "--quiet", "--out", nested)
+    result = qloc_cli(
+        "attribute",
+        "--model",
+        tiny_model_dir,
+        "--prompt",
+        PROMPT,
+        "--answer",
+        ANSWER,
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        nested,
+    )
     assert result.code == 0, result.err
     assert np.load(nested).shape == (3, 64)
 
@@ -389,10 +478,13 @@ def test_failed_consistency_leaves_no_folder_behind(tmp_path, tiny_model_dir, ql
 
 # -- malformed data files -------------------------------------------------------------------------------
 def test_malformed_rows_are_printed_literally_and_their_relation_named(tmp_path, qloc_cli):
-    data = write_data(tmp_path / "data.json", {
-        "P36": [[["[X] is the capital of [MASK].", 7, "P36(capital)"]]],
-        "P19": [usable_fact("Paris"), usable_fact("[bold]Lyon", "[red]France")],
-    })
+    data = write_data(
+        tmp_path / "data.json",
+        {
+            "P36": [[["[X] is the capital of [MASK].", 7, "P36(capital)"]]],
+            "P19": [usable_fact("Paris"), usable_fact("[bold]Lyon", "[red]France")],
+        },
+    )
     result = qloc_cli("facts", "--data", data, "--relations", "P36")
     assert_refused(result, "relation(s) P36 of", "have no usable fact")
     assert "expected [query, answer, relation] strings" in result.err
@@ -436,15 +528,19 @@ def test_five_kills_at_random_points_then_resume_equal_an_uninterrupted_run(tmp_
     for point in kill_points:
         sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            wait_for(lambda: (killed / LOCK_FILE).exists() and stored_units(killed) >= point, sweep,
-                     f"{point} facts")
+            wait_for(
+                lambda point=point: (killed / LOCK_FILE).exists() and stored_units(killed) >= point,
+                sweep,
+                f"{point} facts",
+            )
         finally:
             sweep.kill()
             sweep.wait()
     assert 0 < stored_units(killed) < 24
     for run in (killed, clean):
-        finished = subprocess.run(QLOC + localize_args(tiny_model_dir, run, *selection), capture_output=True,
-                                  text=True, timeout=600)
+        finished = subprocess.run(
+            QLOC + localize_args(tiny_model_dir, run, *selection), capture_output=True, text=True, timeout=600
+        )
         assert finished.returncode == 0, finished.stderr[-2000:]
     assert stored_units(killed) == 24
     resumed, uninterrupted = results(killed), results(clean)
@@ -456,13 +552,21 @@ def test_five_kills_at_random_points_then_resume_equal_an_uninterrupted_run(tmp_
 # -- unknown model names without network ----------------------------------------------------------------
 def test_unknown_model_without_network_fails_fast_in_one_line(monkeypatch, qloc_cli):
     no_hub = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}  # refused at once
-    unreachable = subprocess.run(QLOC + cloze_args("no-such-org/no-such-model", "--quiet"),
-                                 capture_output=True, text=True, timeout=600, env=no_hub)
+    unreachable = subprocess.run(
+        QLOC + cloze_args("no-such-org/no-such-model", "--quiet"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=no_hub,
+    )
     assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1, unreachable.stderr
     assert "unknown model 'no-such-org/no-such-model'" in unreachable.stderr
     assert "tried the Hugging Face hub at http://127.0.0.1:9, which cannot be reached" in unreachable.stderr
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert_refused(qloc_cli(*cloze_args("no-such-org/no-such-model")),
-                   "unknown model 'no-such-org/no-such-model'", "HF_HUB_OFFLINE is set")
+    assert_refused(
+        qloc_cli(*cloze_args("no-such-org/no-such-model")),
+        "unknown model 'no-such-org/no-such-model'",
+        "HF_HUB_OFFLINE is set",
+    )

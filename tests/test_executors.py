@@ -20,8 +20,23 @@ QLOC = [sys.executable, "-m", "qloc.cli"]
 
 
 def _localize(model, run_dir, *extra, relations="P19,P36,P101", steps="3"):
-    return QLOC + ["localize", "--model", str(model), "--run-dir", str(run_dir), "--relations", relations,
-                   "--methods", "ig,amig", "--steps", steps, "--device", "cpu", "--quiet", *extra]
+    return QLOC + [
+        "localize",
+        "--model",
+        str(model),
+        "--run-dir",
+        str(run_dir),
+        "--relations",
+        relations,
+        "--methods",
+        "ig,amig",
+        "--steps",
+        steps,
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _stored(run_dir: Path) -> pd.DataFrame:
@@ -44,9 +59,17 @@ def test_ray_run_stores_what_a_local_run_stores(tmp_path, tiny_model_dir, model)
     # Ray gives each CPU actor one thread; the local run uses one too, so that both do the same
     # floating-point reductions and the stored numbers can be compared exactly.
     one_thread = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(_localize(name, tmp_path / "local", relations=relations), check=True, capture_output=True, env=one_thread)
-    result = subprocess.run(_localize(name, tmp_path / "ray", "--executor", "ray", "--workers", "2", relations=relations),
-                            capture_output=True, text=True)
+    subprocess.run(
+        _localize(name, tmp_path / "local", relations=relations),
+        check=True,
+        capture_output=True,
+        env=one_thread,
+    )
+    result = subprocess.run(
+        _localize(name, tmp_path / "ray", "--executor", "ray", "--workers", "2", relations=relations),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     local, distributed = _stored(tmp_path / "local"), _stored(tmp_path / "ray")
     assert len(local) > 0
@@ -79,13 +102,21 @@ def _finished(run_dir: Path) -> int:
 def test_killed_worker_loses_no_fact_and_writes_none_twice(tmp_path, tiny_model_dir):
     relations = "P19,P36,P101,P103,P27,P127,P106,P108"
     run = tmp_path / "ray"
-    sweep = subprocess.Popen(_localize(tiny_model_dir, run, "--executor", "ray", "--workers", "2", relations=relations,
-                                       steps="20"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep = subprocess.Popen(
+        _localize(
+            tiny_model_dir, run, "--executor", "ray", "--workers", "2", relations=relations, steps="20"
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while _finished(run) < 1 and sweep.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     workers = _sweep_worker_pids()
-    assert sweep.poll() is None, f"the sweep ended before a worker could be killed: {sweep.communicate()[1][-2000:]}"
+    assert sweep.poll() is None, (
+        f"the sweep ended before a worker could be killed: {sweep.communicate()[1][-2000:]}"
+    )
     assert workers, "no Ray worker process found"
     os.kill(workers[0], signal.SIGKILL)
     stdout, stderr = sweep.communicate(timeout=600)
@@ -93,8 +124,12 @@ def test_killed_worker_loses_no_fact_and_writes_none_twice(tmp_path, tiny_model_
     assert "retried after a worker died" in stdout
     units = _units(run)
     assert units.unit_id.is_unique and (units.status == "done").all() and len(units) == 8
-    subprocess.run(_localize(tiny_model_dir, tmp_path / "local", relations=relations, steps="20"), check=True, capture_output=True,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    subprocess.run(
+        _localize(tiny_model_dir, tmp_path / "local", relations=relations, steps="20"),
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     stored = _stored(run)
     assert not stored.duplicated(["unit_id", "method", "query_index"]).any()
     pd.testing.assert_frame_equal(_stored(tmp_path / "local"), stored)

@@ -30,8 +30,10 @@ def test_unrelated_never_exceeds_the_free_neurons():
 
 
 def test_table_means_medians_and_intervals_per_class_and_overall():
-    rows = [{"method": "ig", "operation": "suppress", "kn_set": "self", "class": c, "dprob": d, "set_size": n}
-            for c, d, n in (("KC", -0.5, 3), ("KC", -0.3, 2), ("KC", 40.0, 1), ("KI", -0.1, 4), ("KI", 0.0, 0))]
+    rows = [
+        {"method": "ig", "operation": "suppress", "kn_set": "self", "class": c, "dprob": d, "set_size": n}
+        for c, d, n in (("KC", -0.5, 3), ("KC", -0.3, 2), ("KC", 40.0, 1), ("KI", -0.1, 4), ("KI", 0.0, 0))
+    ]
     table = mapping_table(pd.DataFrame(rows)).set_index("class")
     assert abs(table.loc["KC", "dprob"] - 39.2 / 3) < 1e-12 and table.loc["KC", "dprob_median"] == -0.3
     assert table.loc["KI", "dprob"] == -0.05 and table.loc["KI", "empty_sets"] == 1
@@ -44,9 +46,32 @@ def test_table_means_medians_and_intervals_per_class_and_overall():
 def test_cli_mapping(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "qloc.cli"]
-    subprocess.run(base + ["localize", "--model", str(tiny_model_dir), "--run-dir", str(run), "--relations", "P19,P36",
-                           "--methods", "ig", "--steps", "3", "--device", "cpu", "--quiet"], check=True, capture_output=True)
-    result = subprocess.run(base + ["mapping", "--run-dir", str(run), "--device", "cpu", "--quiet"], capture_output=True, text=True)
+    subprocess.run(
+        base
+        + [
+            "localize",
+            "--model",
+            str(tiny_model_dir),
+            "--run-dir",
+            str(run),
+            "--relations",
+            "P19,P36",
+            "--methods",
+            "ig",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    result = subprocess.run(
+        base + ["mapping", "--run-dir", str(run), "--device", "cpu", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     with qloc.RunStore.open_existing(run) as store:
         mapping = store.frame("mapping")
@@ -56,6 +81,8 @@ def test_cli_mapping(tmp_path, tiny_model_dir):
     assert (mapping[mapping.kn_set == "unrelated"].set_size.to_numpy() == self_sets.set_size.to_numpy()).all()
     assert (run / "figures" / "fig4_mapping.svg").exists()
     table = pd.read_csv(run / "tables" / "fig4_mapping.csv")
-    assert set(table["class"]) >= {"Avg"} and {"dprob_median", "ci_low", "ci_high", "empty_sets"} <= set(table)
+    assert set(table["class"]) >= {"Avg"} and {"dprob_median", "ci_low", "ci_high", "empty_sets"} <= set(
+        table
+    )
     # The tiny model's KNs are shared by every fact: the default shared filter removes some.
     assert (mapping[mapping.kn_set == "self"].self_dropped > 0).any()

@@ -16,8 +16,13 @@ from qloc.errors import QlocError
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "qloc.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "qloc.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 def write_gguf(path: Path, architecture: str) -> Path:
@@ -74,8 +79,15 @@ def test_directory_without_config_is_named(tmp_path):
 
 
 def test_unsupported_family_directory_fails_before_loading_weights(tmp_path):
-    config = transformers.AutoConfig.for_model("opt", hidden_size=16, ffn_dim=32, num_hidden_layers=1,
-                                               num_attention_heads=2, vocab_size=64, word_embed_proj_dim=16)
+    config = transformers.AutoConfig.for_model(
+        "opt",
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
+        word_embed_proj_dim=16,
+    )
     config.save_pretrained(tmp_path)  # no weights: the family check must come first
     with pytest.raises(qloc.UnsupportedArchitectureError, match="'opt'"):
         qloc.load_model(str(tmp_path), device="cpu")
@@ -83,7 +95,16 @@ def test_unsupported_family_directory_fails_before_loading_weights(tmp_path):
 
 def test_gguf_of_unsupported_architecture_is_named_from_cli(tmp_path):
     path = write_gguf(tmp_path / "odd.gguf", "unknownarch")
-    result = run_cli("cloze", "--model", str(path), "--prompt", "a", "--answer", "b", env={"QLOC_CACHE": str(tmp_path / "cache")})
+    result = run_cli(
+        "cloze",
+        "--model",
+        str(path),
+        "--prompt",
+        "a",
+        "--answer",
+        "b",
+        env={"QLOC_CACHE": str(tmp_path / "cache")},
+    )
     assert result.returncode == 2
     assert "odd.gguf" in result.stderr and "'unknownarch'" in result.stderr
     assert "Traceback" not in result.stderr
@@ -110,7 +131,9 @@ def test_interrupted_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
 def test_gguf_round_trip_gives_identical_logits(smollm2):
     """The cached safetensors conversion holds exactly the weights transformers de-quantises."""
     path = models.BUILTIN_MODELS["smollm2-135m"].locate(models.cache_dir())
-    direct = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    direct = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     ids = smollm2.tokenizer("The Eiffel Tower is located in the city of", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(direct(ids).logits, smollm2.model(ids).logits)
@@ -133,4 +156,6 @@ def test_device_map_loads_through_accelerate_and_attributes_the_same(tiny_model_
     mapped = qloc.load_model(str(tiny_model_dir), device="map")
     for method in ("ig", "amig"):
         expected = qloc.attribute(plain, "The capital of France is", "Paris", method, steps=3).scores
-        torch.testing.assert_close(qloc.attribute(mapped, "The capital of France is", "Paris", method, steps=3).scores, expected)
+        torch.testing.assert_close(
+            qloc.attribute(mapped, "The capital of France is", "Paris", method, steps=3).scores, expected
+        )

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from conftest import SHARED
 from qloc.errors import DataError
 from qloc.pararel import bundled_path, causal_prompt, load_pararel, sample_facts
-from conftest import SHARED
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +81,19 @@ def test_unknown_relation_is_named(pararel):
 
 
 def test_malformed_rows_are_named_counted_and_skipped(tmp_path):
-    good = [["Paris is the capital of [MASK].", "France", "P36(capital)"],
-            ["The capital of France is [MASK].", "France", "P36(capital)"]]
+    good = [
+        ["Paris is the capital of [MASK].", "France", "P36(capital)"],
+        ["The capital of France is [MASK].", "France", "P36(capital)"],
+    ]
     data = {
         "P36": [
             good,
             [["bad row"], *good],  # one malformed row, fact still usable
             "not a fact",
-            [["A is [MASK].", "X", "P36(capital)"], ["B is [MASK].", "Y", "P36(capital)"]],  # answers disagree
+            [
+                ["A is [MASK].", "X", "P36(capital)"],
+                ["B is [MASK].", "Y", "P36(capital)"],
+            ],  # answers disagree
             [["Only one [MASK].", "France", "P36(capital)"]],  # fewer than 2 queries
         ],
         "P99": 5,
@@ -97,8 +102,12 @@ def test_malformed_rows_are_named_counted_and_skipped(tmp_path):
     path.write_text(json.dumps(data))
     loaded = load_pararel(path)
     assert [f.id for f in loaded.facts] == ["P36/0", "P36/1"]
-    assert loaded.skipped == {"malformed row": 1, "malformed fact": 2, "malformed relation": 1,
-                              "fewer than 2 usable queries": 1}
+    assert loaded.skipped == {
+        "malformed row": 1,
+        "malformed fact": 2,
+        "malformed relation": 1,
+        "fewer than 2 usable queries": 1,
+    }
     text = "\n".join(loaded.warnings)
     assert "P36/1 row 0" in text and "P36/2" in text and "P36/3" in text and "'P99'" in text
 
@@ -116,7 +125,9 @@ def test_bundled_wikitext():
     from qloc.wikitext import load_wikitext_test, wikitext_passages
 
     raw = gzip.decompress(bundled_path("wikitext2_test.raw.gz").read_bytes())
-    assert hashlib.sha256(raw).hexdigest() == "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+    assert (
+        hashlib.sha256(raw).hexdigest() == "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+    )
     text = load_wikitext_test()
     assert text.startswith(" = Robert Boulter = ") and "\r" not in text
     passages = wikitext_passages(5, seed=1)

@@ -15,13 +15,12 @@ import pandas as pd
 import pytest
 
 import qloc
+from headless_browser import HeadlessChromium, find_browser
 from qloc.errors import QlocError
 from qloc.report import open_in_browser, read_section, unit_counts, write_report
 from qloc.report_explorer import explorer_run
 from qloc.report_findings import Evidence, load_paper_reference, model_findings, reference_model
 from qloc.report_format import format_number, format_share, script_json
-
-from headless_browser import HeadlessChromium, find_browser
 
 QLOC = [sys.executable, "-m", "qloc.cli"]
 BROWSER = find_browser()
@@ -32,8 +31,20 @@ HOSTILE = "</script><script>alert(1)</script><!-- \u2028"
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory, tiny_model_dir):
     run = tmp_path_factory.mktemp("reproduce") / "run"
-    command = ["reproduce", "--model", str(tiny_model_dir), "--facts", "3", "--run-dir", str(run),
-               "--known", "1000", "--device", "cpu", "--quiet"]
+    command = [
+        "reproduce",
+        "--model",
+        str(tiny_model_dir),
+        "--facts",
+        "3",
+        "--run-dir",
+        str(run),
+        "--known",
+        "1000",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     result = subprocess.run(QLOC + command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return run
@@ -56,14 +67,27 @@ def test_reproduce_runs_every_stage(reproduced):
     with qloc.RunStore.open_existing(reproduced) as store:
         stages = {s["stage"]: s["params"] for s in store.stages()}
         units = store.units()
-    assert set(stages) == {"census", "localize", "edit-erase-amig", "edit-update-amig", "sequential-update-amig",
-                           "mapping-amig", "synapses-amig"}
+    assert set(stages) == {
+        "census",
+        "localize",
+        "edit-erase-amig",
+        "edit-update-amig",
+        "sequential-update-amig",
+        "mapping-amig",
+        "synapses-amig",
+    }
     assert stages["localize"]["methods"] == ["ig", "amig", "sig"] and stages["localize"]["steps"] == 20
     assert (units.status == "done").all()
     for table in ("table1", "table2", "table3", "table7", "fig4_mapping", "fig6_synapses", "table6_cost"):
         assert (reproduced / "tables" / f"{table}.csv").exists(), table
-    for figure in ("fig4_mapping", "fig5_heatmap", "fig6_synapses", "fig9_threshold",
-                   "fig11_dkn_distributions", "violin_sig"):
+    for figure in (
+        "fig4_mapping",
+        "fig5_heatmap",
+        "fig6_synapses",
+        "fig9_threshold",
+        "fig11_dkn_distributions",
+        "violin_sig",
+    ):
         assert (reproduced / "figures" / f"{figure}.png").exists(), figure
     assert (reproduced / "report.html").exists() and (reproduced / "report.md").exists()
 
@@ -71,8 +95,20 @@ def test_reproduce_runs_every_stage(reproduced):
 def test_rerun_resumes_without_recomputing(reproduced, tiny_model_dir):
     with qloc.RunStore.open_existing(reproduced) as store:
         before = store.units()
-    command = QLOC + ["reproduce", "--model", str(tiny_model_dir), "--facts", "3", "--run-dir",
-                      str(reproduced), "--known", "1000", "--device", "cpu", "--quiet"]
+    command = QLOC + [
+        "reproduce",
+        "--model",
+        str(tiny_model_dir),
+        "--facts",
+        "3",
+        "--run-dir",
+        str(reproduced),
+        "--known",
+        "1000",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     # localize, erase, update, mapping, synapses: nothing recomputed
@@ -89,8 +125,15 @@ def test_reproduce_report_opens_with_the_findings_beside_the_paper(reproduced):
     headings = re.findall(r"<h2[^>]*>(.*?)</h2>", page)
     assert headings[0].startswith("At a glance")
     glance = page[page.index("id='glance'") : page.index("Tables and figures")]
-    for claim in ("Table 1 (R_KI", "Table 1 (Welch", "Table 2 (Gen of Self and Union", "Table 2 (dPPL)",
-                  "Table 3 (Avg of CAS", "Figure 4 (dProb", "Figure 6 (dKN"):
+    for claim in (
+        "Table 1 (R_KI",
+        "Table 1 (Welch",
+        "Table 2 (Gen of Self and Union",
+        "Table 2 (dPPL)",
+        "Table 3 (Avg of CAS",
+        "Figure 4 (dProb",
+        "Figure 6 (dKN",
+    ):
         assert claim in glance, claim
     assert "paper (GPT-2)" in glance and "compared with GPT-2" in glance
     assert re.search(r"✓ agrees|✗ differs", glance)
@@ -105,8 +148,19 @@ def test_report_shows_every_table_beside_its_figure_in_the_papers_order(reproduc
     for csv in (reproduced / "tables").glob("*.csv"):
         assert f'download="{csv.name}"' in page
     body = page[page.index("<section id='glance'>") :]
-    titles = ["At a glance", "Table 1: KN consistency", "Figures 3/7/8: CS per relation (IG)", "Figure 9:",
-              "Table 2:", "Table 3:", "Figure 4:", "Figures 6/11:", "Figures 5/10:", "Table 6:", "Table 7:"]
+    titles = [
+        "At a glance",
+        "Table 1: KN consistency",
+        "Figures 3/7/8: CS per relation (IG)",
+        "Figure 9:",
+        "Table 2:",
+        "Table 3:",
+        "Figure 4:",
+        "Figures 6/11:",
+        "Figures 5/10:",
+        "Table 6:",
+        "Table 7:",
+    ]
     positions = [body.index(t) for t in titles]
     assert positions == sorted(positions)
     panels = {
@@ -163,11 +217,24 @@ def test_script_json_round_trips_and_cannot_close_its_element():
     assert json.loads(text) == value
 
 
-@pytest.mark.parametrize("value, text", [
-    (0.60349, "0.603"), (373.68366, "373.68"), (1050.219, "1,050"), (846517.8, "846,518"),
-    (1.2322966e52, "1.2×10^52"), (1.9e-11, "1.9×10^-11"), (-0.0108, "-0.011"), (31.0, "31"), (20, "20"),
-    (9.96e9, "1×10^10"), (float("nan"), "–"), (0.0, "0"), ("KC", "KC"),
-])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (0.60349, "0.603"),
+        (373.68366, "373.68"),
+        (1050.219, "1,050"),
+        (846517.8, "846,518"),
+        (1.2322966e52, "1.2×10^52"),
+        (1.9e-11, "1.9×10^-11"),
+        (-0.0108, "-0.011"),
+        (31.0, "31"),
+        (20, "20"),
+        (9.96e9, "1×10^10"),
+        (float("nan"), "–"),
+        (0.0, "0"),
+        ("KC", "KC"),
+    ],
+)
 def test_numbers_are_written_plainly_unless_extreme(value, text):
     assert format_number(value) == text
 
@@ -177,10 +244,14 @@ def test_format_share_gives_the_count():
 
 
 def test_unit_counts_group_skip_reasons():
-    units = pd.DataFrame({"stage": ["a", "a", "a", "b"], "status": ["done", "skipped", "skipped", "done"],
-                          "reason": [None, "answer not tokenizable: fact 1", "answer not tokenizable: fact 2",
-                                     None],
-                          "seconds": [1.0, None, None, 2.0]})
+    units = pd.DataFrame(
+        {
+            "stage": ["a", "a", "a", "b"],
+            "status": ["done", "skipped", "skipped", "done"],
+            "reason": [None, "answer not tokenizable: fact 1", "answer not tokenizable: fact 2", None],
+            "seconds": [1.0, None, None, 2.0],
+        }
+    )
     counts = unit_counts(units).set_index("stage")
     assert counts.loc["a", "done"] == 1 and counts.loc["a", "skipped"] == 2
     assert counts.loc["a", "skip reasons"] == "2 answer not tokenizable"
@@ -199,9 +270,24 @@ def _table1(**extra) -> pd.DataFrame:
     rows = []
     for method, r_ki in (("ig", 0.3), ("amig", 0.0)):
         for kind in ("static", "otsu"):
-            rows.append(dict(model="m-135m", method=method, threshold=kind, threshold_value=0.1, facts=10,
-                             R_KI=r_ki, R_KC=1 - r_ki, CS_KI=0.05, CS_KC=0.4, t=5.0 if r_ki else float("nan"),
-                             p=0.001 if r_ki else float("nan"), U_KI=0.0, empty_union=0, **extra))
+            rows.append(
+                dict(
+                    model="m-135m",
+                    method=method,
+                    threshold=kind,
+                    threshold_value=0.1,
+                    facts=10,
+                    R_KI=r_ki,
+                    R_KC=1 - r_ki,
+                    CS_KI=0.05,
+                    CS_KC=0.4,
+                    t=5.0 if r_ki else float("nan"),
+                    p=0.001 if r_ki else float("nan"),
+                    U_KI=0.0,
+                    empty_union=0,
+                    **extra,
+                )
+            )
     return pd.DataFrame(rows)
 
 
@@ -231,13 +317,28 @@ def test_table1_findings_mark_the_direction_and_use_the_chance_baseline_when_pre
 
 def test_edit_findings_compare_self_union_and_cas_and_flag_broken_edits():
     rows = []
-    for kind, gens in (("KC", {"self": 0.8, "union": 0.82, "cas": 0.85}),
-                       ("KI", {"self": 0.2, "union": 0.6, "cas": 0.7})):
+    for kind, gens in (
+        ("KC", {"self": 0.8, "union": 0.82, "cas": 0.85}),
+        ("KI", {"self": 0.2, "union": 0.6, "cas": 0.7}),
+    ):
         for kn_set, gen in gens.items():
-            rows.append(dict(method="amig", mode="erase", kn_set=kn_set, **{"class": kind}, rel=0.9, gen=gen,
-                             loc=0.9, avg=(0.9 + gen + 0.9) / 3, dppl=5.0,
-                             dppl_median=2.5 if kn_set == "union" else 0.1, facts=10,
-                             catastrophic=0.6 if kn_set == "union" else 0.0, moved_right=0.8))
+            rows.append(
+                dict(
+                    method="amig",
+                    mode="erase",
+                    kn_set=kn_set,
+                    **{"class": kind},
+                    rel=0.9,
+                    gen=gen,
+                    loc=0.9,
+                    avg=(0.9 + gen + 0.9) / 3,
+                    dppl=5.0,
+                    dppl_median=2.5 if kn_set == "union" else 0.1,
+                    facts=10,
+                    catastrophic=0.6 if kn_set == "union" else 0.0,
+                    moved_right=0.8,
+                )
+            )
     table3 = pd.DataFrame(rows)
     table2 = table3[table3.kn_set != "cas"]
     result, found = _findings(Evidence("m-135m", tables={"table2": table2, "table3": table3}))
@@ -257,12 +358,28 @@ def test_edit_findings_compare_self_union_and_cas_and_flag_broken_edits():
 
 def test_mapping_and_synapse_findings_read_the_order_and_the_signs():
     effect = {"self": -0.9, "union": -0.95, "intersection": -0.3, "refine": -0.5, "unrelated": 0.01}
-    mapping = pd.DataFrame([dict(method="amig", operation="suppress", kn_set=s, **{"class": "KI"}, dprob=v,
-                                 queries=5) for s, v in effect.items()])
-    synapses = pd.DataFrame([dict(method="amig", operation=op, **{"class": "Avg"}, queries=5,
-                                  synapses_mean=3.0, dkn_kn_mean=sign * 0.2, dkn_kn_median=sign * 0.1,
-                                  dprob_mean=sign * 0.3,
-                                  dprob_median=-0.2) for op, sign in (("suppress", -1), ("enhance", 1))])
+    mapping = pd.DataFrame(
+        [
+            dict(method="amig", operation="suppress", kn_set=s, **{"class": "KI"}, dprob=v, queries=5)
+            for s, v in effect.items()
+        ]
+    )
+    synapses = pd.DataFrame(
+        [
+            dict(
+                method="amig",
+                operation=op,
+                **{"class": "Avg"},
+                queries=5,
+                synapses_mean=3.0,
+                dkn_kn_mean=sign * 0.2,
+                dkn_kn_median=sign * 0.1,
+                dprob_mean=sign * 0.3,
+                dprob_median=-0.2,
+            )
+            for op, sign in (("suppress", -1), ("enhance", 1))
+        ]
+    )
     _, found = _findings(Evidence("m-135m", tables={"fig4_mapping": mapping, "fig6_synapses": synapses}))
     order = found["AMIG suppress, KI: mean dProb per KN set, strongest first"]
     assert order.verdict == "agrees" and order.measured.startswith("Union -0.950; Self -0.900")
@@ -276,8 +393,15 @@ def test_mapping_and_synapse_findings_read_the_order_and_the_signs():
 
 
 def test_unknown_facts_and_empty_kn_sets_are_said_in_words():
-    kn_sets = pd.DataFrame({"fact_id": ["a", "a", "b", "b", "c", "c"], "query_index": [0, 1] * 3,
-                            "method": "ig", "rank": [0, 50, 400, 30, 99, 12], "kn_size": [3, 0, 4, 5, 0, 2]})
+    kn_sets = pd.DataFrame(
+        {
+            "fact_id": ["a", "a", "b", "b", "c", "c"],
+            "query_index": [0, 1] * 3,
+            "method": "ig",
+            "rank": [0, 50, 400, 30, 99, 12],
+            "kn_size": [3, 0, 4, 5, 0, 2],
+        }
+    )
     result, _ = _findings(Evidence("m-135m", kn_sets=kn_sets))
     assert any("1 of 3 facts (33.3 %) are known" in line for line in result.context)
     assert any("Most facts are unknown to the model: 2 of 3" in w for w in result.warnings)
@@ -304,13 +428,36 @@ def test_the_closest_paper_model_and_its_values(tmp_path):
 
 def test_explorer_data_is_compact_and_carries_the_columns_a_store_has():
     kn = ["[[0, 1], [2, 3]]", "[[2, 3]]", "[[1, 0]]", "[[1, 0], [2, 3]]"]
-    kn_sets = pd.DataFrame({"fact_id": ["f1", "f1", "f2", "f2"], "relation": "P1", "method": "ig",
-                            "query_index": [0, 1, 0, 1], "prompt": ["a", "b", "c", "d"],
-                            "answer": ["x", "x", "y", "y"], "kn": kn, "prob": [0.5, 0.25, 0.1, 0.1],
-                            "rank": [0, 3, 20, 40]})
-    edits = pd.DataFrame({"fact_id": ["f1"], "method": "ig", "mode": "erase", "kn_set": "self", "kn_size": 2,
-                          "new_object": [None], "rel": 1.0, "gen": 0.5, "loc": 0.9, "avg": 0.8, "dppl": 2.0,
-                          "prob_before": 0.5, "prob_after": 0.01})
+    kn_sets = pd.DataFrame(
+        {
+            "fact_id": ["f1", "f1", "f2", "f2"],
+            "relation": "P1",
+            "method": "ig",
+            "query_index": [0, 1, 0, 1],
+            "prompt": ["a", "b", "c", "d"],
+            "answer": ["x", "x", "y", "y"],
+            "kn": kn,
+            "prob": [0.5, 0.25, 0.1, 0.1],
+            "rank": [0, 3, 20, 40],
+        }
+    )
+    edits = pd.DataFrame(
+        {
+            "fact_id": ["f1"],
+            "method": "ig",
+            "mode": "erase",
+            "kn_set": "self",
+            "kn_size": 2,
+            "new_object": [None],
+            "rel": 1.0,
+            "gen": 0.5,
+            "loc": 0.9,
+            "avg": 0.8,
+            "dppl": 2.0,
+            "prob_before": 0.5,
+            "prob_after": 0.01,
+        }
+    )
     run = explorer_run("run", "m", {"kn_sets": kn_sets, "edits": edits}, (3, 8))
     first, second = run["facts"]
     assert first["kn"]["ig"] == [[1, 19], [19]]  # layer * 8 + neuron, sorted
@@ -330,8 +477,9 @@ def test_report_open_uses_the_browser_only_where_there_is_a_display(reproduced, 
     browser.chmod(0o755)
     headless = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     command = QLOC + ["report", "--run-dir", str(reproduced), "--out", str(tmp_path / "r.html"), "--open"]
-    result = subprocess.run(command, capture_output=True, text=True,
-                            env=headless | {"DISPLAY": ":99", "BROWSER": str(browser)})
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=headless | {"DISPLAY": ":99", "BROWSER": str(browser)}
+    )
     assert result.returncode == 0, result.stderr
     assert opened.read_text() == (tmp_path / "r.html").resolve().as_uri()
     if sys.platform.startswith("linux"):  # elsewhere a display is taken for granted
@@ -371,7 +519,7 @@ def test_report_works_in_headless_chromium_figures_and_explorer(hostile_run, tmp
         for fact in facts:
             state = browser.evaluate(f"""(() => {{
                 const list = document.querySelector('#qloc-explorer select[size]');
-                const prefix = {json.dumps(fact + ' ')};
+                const prefix = {json.dumps(fact + " ")};
                 const option = Array.from(list.options).find(o => o.text.startsWith(prefix));
                 list.value = option.value;
                 list.dispatchEvent(new Event('change'));
@@ -387,8 +535,10 @@ def test_report_works_in_headless_chromium_figures_and_explorer(hostile_run, tmp
             assert shown == fact and cells == queries[fact] ** 2 and inked > 0 and strips == 1, state[:4]
             assert "Edits (AMIG KN sets)" in text and "Query-KN mapping" in text
         # The hostile prompt is shown as text, and never ran.
-        browser.evaluate("(() => { const list = document.querySelector('#qloc-explorer select[size]'); "
-                         "list.value = '0'; list.dispatchEvent(new Event('change')); })()")
+        browser.evaluate(
+            "(() => { const list = document.querySelector('#qloc-explorer select[size]'); "
+            "list.value = '0'; list.dispatchEvent(new Event('change')); })()"
+        )
         assert HOSTILE.split("<!--")[0] in browser.evaluate(
             "document.getElementById('qloc-explorer').innerText"
         )
@@ -418,7 +568,9 @@ def test_paper_ranges_stand_in_for_cells_that_were_not_transcribed():
     paper = load_paper_reference()
     assert paper.value("ki_share", "GPT-2", "amig static") is None
     assert paper.value_text("ki_share", "GPT-2", "amig static", share=True).startswith("44")
-    assert "0.14" in paper.value_text("ki_share", "GPT-2", "amig static CS_KC")  # the most specific range wins
+    assert "0.14" in paper.value_text(
+        "ki_share", "GPT-2", "amig static CS_KC"
+    )  # the most specific range wins
     assert paper.value_text("ki_share", "GPT-2", "amig otsu") == "not transcribed"
     assert "0.18" in paper.value_text("dppl", "LLaMA3-8b", "erase KI self")
     assert paper.value_text("dppl", "LLaMA3-8b", "erase KI union") == "not transcribed"

@@ -16,14 +16,29 @@ from qloc.store import RunStore
 from qloc.sweep import SkipFact, run_sweep
 
 PARAMS = {"model": "tiny", "seed": 0, "limit": 3}
-FACTS = [Fact(id=f"P1/{i}", relation="P1", relation_label="P1(x)", subject=f"s{i}", object=f"o{i}", queries=("a", "b"))
-         for i in range(5)]
+FACTS = [
+    Fact(
+        id=f"P1/{i}",
+        relation="P1",
+        relation_label="P1(x)",
+        subject=f"s{i}",
+        object=f"o{i}",
+        queries=("a", "b"),
+    )
+    for i in range(5)
+]
 
 
 def write_rows(fact, writer):
     if fact.id == "P1/3":
         raise SkipFact("answer not tokenizable", f"fact {fact.id}: answer 'o3'")
-    writer.add("scores", [{"fact_id": fact.id, "query": q, "value": float(i), "tokens": [1, 2]} for i, q in enumerate(fact.queries)])
+    writer.add(
+        "scores",
+        [
+            {"fact_id": fact.id, "query": q, "value": float(i), "tokens": [1, 2]}
+            for i, q in enumerate(fact.queries)
+        ],
+    )
 
 
 def test_sweep_stores_resumes_and_counts_skips(tmp_path):
@@ -79,8 +94,23 @@ def test_foreign_directories_are_refused(tmp_path):
 
 
 def _cloze_command(model_dir, run_dir):
-    return [sys.executable, "-m", "qloc.cli", "cloze", "--model", str(model_dir), "--run-dir", str(run_dir),
-            "--limit", "1500", "--seed", "1", "--device", "cpu", "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "qloc.cli",
+        "cloze",
+        "--model",
+        str(model_dir),
+        "--run-dir",
+        str(run_dir),
+        "--limit",
+        "1500",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
 
 
 def _done_units(run_dir) -> int:
@@ -97,7 +127,9 @@ def kill_midway(command: list[str], run_dir, units: int, timeout: float = 300) -
     deadline = time.time() + timeout
     while _done_units(run_dir) < units and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    assert proc.poll() is None, f"sweep ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.poll() is None, (
+        f"sweep ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return _done_units(run_dir)
@@ -114,8 +146,12 @@ def test_kill_9_midway_then_resume_equals_uninterrupted_run(tmp_path, tiny_model
         resumed_units, clean_units = killed.units("cloze"), clean.units("cloze")
         assert resumed_units["unit_id"].is_unique and len(resumed_units) == len(clean_units) == 1500
         columns = ["fact_id", "query_index", "prompt", "answer", "prob", "rank", "logprob"]
-        resumed = killed.frame("cloze")[columns].sort_values(["fact_id", "query_index"]).reset_index(drop=True)
-        uninterrupted = clean.frame("cloze")[columns].sort_values(["fact_id", "query_index"]).reset_index(drop=True)
+        resumed = (
+            killed.frame("cloze")[columns].sort_values(["fact_id", "query_index"]).reset_index(drop=True)
+        )
+        uninterrupted = (
+            clean.frame("cloze")[columns].sort_values(["fact_id", "query_index"]).reset_index(drop=True)
+        )
     assert resumed.equals(uninterrupted)
 
 
@@ -126,6 +162,9 @@ def test_out_of_memory_names_the_fact_and_keeps_finished_ones(tmp_path):
         write_rows(fact, writer)
 
     with RunStore.open_stage(tmp_path, "demo", PARAMS) as store:
-        with pytest.raises(QlocError, match=r"out of memory on fact P1/2 \('s2' -> 'o2'\).*2 units finished.*--max-batch-rows"):
+        with pytest.raises(
+            QlocError,
+            match=r"out of memory on fact P1/2 \('s2' -> 'o2'\).*2 units finished.*--max-batch-rows",
+        ):
             run_sweep(store, "demo", FACTS, runs_out_on_the_third, quiet=True)
         assert store.finished_units("demo") == {"P1/0", "P1/1"}

@@ -11,13 +11,12 @@ import torch
 import transformers
 
 import qloc
+from conftest import FAMILY_MODEL_TYPES, make_tiny_model, tiny_config
 from qloc.attention import attention_hooks, attention_probe, record_attention, scale_attention
 from qloc.attribution import AnswerProbability, frozen_parameters, integration_points
 from qloc.errors import QlocError
 from qloc.synapses import attribute_attention, cost_table, effects_table, knowledge_synapses
 from qloc.tokens import encode_query
-
-from conftest import FAMILY_MODEL_TYPES, make_tiny_model, tiny_config
 
 PROMPT, ANSWER = "The capital of France is", "Paris"
 
@@ -30,8 +29,13 @@ def _ids(lm, length=20):
 def test_scaling_every_probability_by_one_leaves_logits_identical(word_tokenizer, model_type):
     lm = make_tiny_model(model_type, word_tokenizer)
     ids = _ids(lm)  # 20 tokens: past the tiny Gemmas' 16-token sliding window
-    every = [(l, h, i, j) for l in range(lm.num_layers) for h in range(lm.config.num_attention_heads)
-             for i in range(20) for j in range(20)]
+    every = [
+        (layer, h, i, j)
+        for layer in range(lm.num_layers)
+        for h in range(lm.config.num_attention_heads)
+        for i in range(20)
+        for j in range(20)
+    ]
     with torch.no_grad():
         stock = lm.model(input_ids=ids).logits
         with scale_attention(lm, every, 1.0):
@@ -47,7 +51,10 @@ def test_suppressing_one_entry_equals_hand_computed_masked_attention(word_tokeni
     layer, head, i, j = 1, 2, 5, 3
     attn = lm.attention(layer)
     seen = {}
-    attn.register_forward_pre_hook(lambda m, args, kwargs: seen.update(x=kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True)
+    attn.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(x=kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True,
+    )
     attn.register_forward_hook(lambda m, args, output: seen.update(out=output[0]))
     with torch.no_grad(), scale_attention(lm, [(layer, head, i, j)], 0.0):
         lm.model(input_ids=ids)
@@ -62,12 +69,16 @@ def test_suppressing_one_entry_equals_hand_computed_masked_attention(word_tokeni
     probs[:, head, i, j] = 0
     expected = attn.c_proj((probs @ v).transpose(1, 2).reshape(2, 7, -1))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(out[:, i], attn.c_proj((torch.softmax(logits, -1) @ v).transpose(1, 2).reshape(2, 7, -1))[:, i])
+    assert not torch.allclose(
+        out[:, i], attn.c_proj((torch.softmax(logits, -1) @ v).transpose(1, 2).reshape(2, 7, -1))[:, i]
+    )
 
 
 def test_interventions_restore_the_model_also_on_errors(word_tokenizer):
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", len(word_tokenizer)), attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(
+        tiny_config("llama", len(word_tokenizer)), attn_implementation="sdpa"
+    )
     lm = qloc.wrap_model(model, word_tokenizer)
     ids = _ids(lm, 9)
     with torch.no_grad():
@@ -90,7 +101,11 @@ def test_interventions_restore_the_model_also_on_errors(word_tokenizer):
 
 def test_synapse_positions_outside_the_input_are_named(word_tokenizer):
     lm = make_tiny_model("llama", word_tokenizer)
-    with pytest.raises(QlocError, match="outside"), torch.no_grad(), scale_attention(lm, [(0, 0, 30, 0)], 0.0):
+    with (
+        pytest.raises(QlocError, match="outside"),
+        torch.no_grad(),
+        scale_attention(lm, [(0, 0, 30, 0)], 0.0),
+    ):
         lm.model(input_ids=_ids(lm, 5))
 
 
@@ -129,7 +144,7 @@ def test_attention_attribution_equals_the_per_layer_reference(word_tokenizer, mo
 def test_attention_attribution_is_complete_at_200_steps(word_tokenizer, model_type):
     lm = make_tiny_model(model_type, word_tokenizer)
     result = attribute_attention(lm, PROMPT, ANSWER, steps=200, rule="midpoint")
-    delta = (result.f_input[:, None] - result.f_zero)
+    delta = result.f_input[:, None] - result.f_zero
     assert float(delta.abs().max()) > 0  # the test is not vacuous
     assert float(result.completeness_residual.max()) <= 0.01 * float(delta.abs().max())
 
@@ -152,10 +167,28 @@ def test_knowledge_synapses_threshold():
 def _effects():
     rows = []
     for query, kind in ((0, "KC"), (1, "KI")):
-        for operation, dkn, dprob in (("none", 0.0, 0.0), ("suppress", -0.5 - query, -0.4), ("enhance", 0.2, 0.1)):
-            rows.append({"fact_id": "f", "method": "ig", "class": kind, "query_index": query, "operation": operation,
-                         "n_synapses": 4, "dkn_kn": dkn, "dkn_neighbour": dkn / 10, "dkn_random": 0.0, "dprob": dprob,
-                         "seconds": 0.1 * (1 + query), "peak_mb": 2.0 + query, "memory_measure": "cpu rss"})
+        for operation, dkn, dprob in (
+            ("none", 0.0, 0.0),
+            ("suppress", -0.5 - query, -0.4),
+            ("enhance", 0.2, 0.1),
+        ):
+            rows.append(
+                {
+                    "fact_id": "f",
+                    "method": "ig",
+                    "class": kind,
+                    "query_index": query,
+                    "operation": operation,
+                    "n_synapses": 4,
+                    "dkn_kn": dkn,
+                    "dkn_neighbour": dkn / 10,
+                    "dkn_random": 0.0,
+                    "dprob": dprob,
+                    "seconds": 0.1 * (1 + query),
+                    "peak_mb": 2.0 + query,
+                    "memory_measure": "cpu rss",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -173,8 +206,27 @@ def test_effects_and_cost_tables_on_hand_made_rows():
 def test_cli_synapses_end_to_end_and_resume(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "qloc.cli"]
-    subprocess.run(base + ["localize", "--model", str(tiny_model_dir), "--run-dir", str(run), "--relations", "P19,P36",
-                           "--methods", "ig", "--steps", "3", "--device", "cpu", "--quiet"], check=True, capture_output=True)
+    subprocess.run(
+        base
+        + [
+            "localize",
+            "--model",
+            str(tiny_model_dir),
+            "--run-dir",
+            str(run),
+            "--relations",
+            "P19,P36",
+            "--methods",
+            "ig",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+    )
     command = base + ["synapses", "--run-dir", str(run), "--steps", "3", "--device", "cpu", "--quiet"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -199,7 +251,9 @@ def test_suppressing_smollm2_synapses_lowers_the_answer(smollm2):
     result = attribute_attention(smollm2, "The Eiffel Tower is located in the city of", "Paris", steps=5)
     synapses = [s for s, _ in result.synapses()]
     assert synapses and float(result.f_input[0]) > 0.5
-    ids = torch.tensor([list(encode_query(smollm2, "The Eiffel Tower is located in the city of", "Paris").input_ids)])
+    ids = torch.tensor(
+        [list(encode_query(smollm2, "The Eiffel Tower is located in the city of", "Paris").input_ids)]
+    )
     token = encode_query(smollm2, "x", "Paris").answer_ids[0]
     with torch.no_grad():
         with attention_probe(smollm2):
@@ -217,7 +271,9 @@ def test_multi_token_answers_manipulate_only_synapses_of_the_first_tokens_prefix
     from qloc.synapses import SynapseConfig, synapse_work
 
     lm = make_tiny_model("llama", word_tokenizer)
-    fact = Fact("P1/0", "P1", "test", "France", "New York", ("The capital of France is", "France has its capital in"))
+    fact = Fact(
+        "P1/0", "P1", "test", "France", "New York", ("The capital of France is", "France has its capital in")
+    )
     knowledge = {fact.id: FactKnowledge([[(0, 1), (1, 2)], [(1, 2), (2, 3)]], [])}
     writer = UnitWriter()
     synapse_work(lm, SynapseConfig(steps=3, threshold=0.0001, answer_tokens="all"), knowledge)(fact, writer)

@@ -54,7 +54,9 @@ def probed_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention (as the stock eager functions compute it) with a hook on the probabilities."""
     if kwargs.get("s_aux") is not None:
-        raise QlocError(f"{type(module).__name__} uses attention sinks, which qloc's attention probe does not model")
+        raise QlocError(
+            f"{type(module).__name__} uses attention sinks, which qloc's attention probe does not model"
+        )
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
@@ -130,7 +132,9 @@ def attention_hooks(lm: LoadedModel, fns: Mapping[int, ProbabilityFn]) -> Iterat
 
 
 @contextlib.contextmanager
-def record_attention(lm: LoadedModel, layers: Sequence[int] | None = None) -> Iterator[dict[int, torch.Tensor]]:
+def record_attention(
+    lm: LoadedModel, layers: Sequence[int] | None = None
+) -> Iterator[dict[int, torch.Tensor]]:
     """Yields a dict filled with layer -> probabilities [batch, heads, query, key] once the model ran."""
     recorded: dict[int, torch.Tensor] = {}
 

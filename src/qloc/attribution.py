@@ -93,7 +93,9 @@ class Attribution:
         return [(l, i, float(self.scores[l, i])) for l, i in top_k(self.scores, k)]
 
 
-def kn_set(scores: torch.Tensor, threshold: float = 0.2, top_k_neurons: int | None = None) -> list[tuple[int, int]]:
+def kn_set(
+    scores: torch.Tensor, threshold: float = 0.2, top_k_neurons: int | None = None
+) -> list[tuple[int, int]]:
     """K_q = {(l, i) : score >= t * max score} (Dai et al., t = 0.2); with ``top_k_neurons``, the
     k highest-scoring neurons instead. Empty where no score is positive (nothing to localize)."""
     if top_k_neurons is not None:
@@ -143,12 +145,18 @@ def capture_layer_calls(lm: LoadedModel) -> Iterator[list[LayerCall]]:
     def capture(layer: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            calls[layer] = LayerCall(hidden.detach(), args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            calls[layer] = LayerCall(
+                hidden.detach(),
+                args[1:] if args else (),
+                {k: v for k, v in kwargs.items() if k != "hidden_states"},
+            )
 
         return hook
 
     ordered: list[LayerCall] = []
-    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
+    handles = [
+        layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(lm.layers)
+    ]
     try:
         yield ordered
     finally:
@@ -227,7 +235,9 @@ class PathEngine:
         ids_t = torch.tensor([list(ids[: target + 1])], device=device)
         with capture_layer_calls(lm) as calls, torch.no_grad():
             prefix_cache = (
-                lm.model(input_ids=ids_t[:, :target], use_cache=True, logits_to_keep=1).cache if target > 0 else None
+                lm.model(input_ids=ids_t[:, :target], use_cache=True, logits_to_keep=1).cache
+                if target > 0
+                else None
             )
             with record_activations(lm, positions=torch.tensor([0])) as acts:
                 out = lm.model(input_ids=ids_t[:, target:], cache=copy.deepcopy(prefix_cache), use_cache=True)
@@ -278,7 +288,9 @@ class PathEngine:
             rows = torch.arange(start, min(start + self.max_batch_rows, total), device=device)
             row_l, row_b, row_k = rows // rows_per_layer, (rows // steps) % num_baselines, rows % steps
             start_points = baselines[row_b, row_l]
-            points = (start_points + path_alphas[row_k, None] * (activations[row_l] - start_points)).requires_grad_(True)
+            points = (
+                start_points + path_alphas[row_k, None] * (activations[row_l] - start_points)
+            ).requires_grad_(True)
             logits = self.replay(clean, row_l, points)
             f = AnswerProbability.apply(logits, clean.answer_token)
             (grad,) = torch.autograd.grad(f[row_k > 0].sum(), points)
@@ -402,7 +414,9 @@ class SIG(NeuronAttributionMethod):
 
     def baselines(self, lm, query, target_index):
         tok = lm.tokenizer
-        replacement = next((t for t in (tok.mask_token_id, tok.pad_token_id, tok.eos_token_id) if t is not None), None)
+        replacement = next(
+            (t for t in (tok.mask_token_id, tok.pad_token_id, tok.eos_token_id) if t is not None), None
+        )
         if replacement is None:
             raise DataError(f"SIG needs a mask, pad or EOS token; {lm.name!r}'s tokenizer has none")
         return word_baselines(lm, query, target_index, replacement)
@@ -495,8 +509,13 @@ def attribute(
         completeness_residual=torch.stack(residuals),
         steps=steps,
         rule=rule,
-        params={"method": method, "steps": steps, "rule": rule, "answer_tokens": answer_tokens,
-                "baselines": len(per_baseline)},
+        params={
+            "method": method,
+            "steps": steps,
+            "rule": rule,
+            "answer_tokens": answer_tokens,
+            "baselines": len(per_baseline),
+        },
     )
     _warn_if_incomplete(result)
     return result

@@ -14,9 +14,13 @@ import torch
 from .attribution import kn_set
 
 
-def cas_scores(per_query_scores: Sequence[torch.Tensor], beta1: float = 1.0, beta2: float = 1.0) -> torch.Tensor:
+def cas_scores(
+    per_query_scores: Sequence[torch.Tensor], beta1: float = 1.0, beta2: float = 1.0
+) -> torch.Tensor:
     """CAS(u) for every neuron: [L, d_ff] from the fact's per-query [L, d_ff] scores."""
-    stacked = torch.stack([s / s.max() if float(s.max()) > 0 else torch.zeros_like(s) for s in per_query_scores]).float()
+    stacked = torch.stack(
+        [s / s.max() if float(s.max()) > 0 else torch.zeros_like(s) for s in per_query_scores]
+    ).float()
     return beta1 * stacked.mean(0) - beta2 * stacked.var(0, unbiased=False)
 
 

@@ -120,8 +120,11 @@ class FirstTokenScorer:
             if not ids:
                 raise DataError(f"prompt {index} tokenizes to no tokens")
             by_length[len(ids)].append(index)
-        return [rows[start : start + self.batch_size] for _, rows in sorted(by_length.items())
-                for start in range(0, len(rows), self.batch_size)]
+        return [
+            rows[start : start + self.batch_size]
+            for _, rows in sorted(by_length.items())
+            for start in range(0, len(rows), self.batch_size)
+        ]
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[Sequence[int]], answer_tokens: Sequence[int]) -> list[FirstTokenScore]:
@@ -195,8 +198,11 @@ def census_chunks(facts: Sequence[Fact], chunk_facts: int = CHUNK_FACTS) -> list
     by_relation: dict[str, list[Fact]] = defaultdict(list)
     for fact in facts:
         by_relation[fact.relation].append(fact)
-    return [CensusChunk(tuple(group[start : start + chunk_facts])) for group in by_relation.values()
-            for start in range(0, len(group), chunk_facts)]
+    return [
+        CensusChunk(tuple(group[start : start + chunk_facts]))
+        for group in by_relation.values()
+        for start in range(0, len(group), chunk_facts)
+    ]
 
 
 def calibration_sample(facts: Sequence[Fact], count: int = CALIBRATION_QUERIES) -> list[tuple[str, str]]:
@@ -229,23 +235,41 @@ def census_work(lm: LoadedModel, precision: str, batch_size: int, calibration: S
                 if not all(prompt_ids):
                     raise DataError(f"a prompt of fact {fact.id} tokenizes to no tokens")
             except DataError as exc:
-                writer.add("census_skipped",
-                           {"fact_id": fact.id, "relation": fact.relation, "reason": str(exc)})
+                writer.add(
+                    "census_skipped", {"fact_id": fact.id, "relation": fact.relation, "reason": str(exc)}
+                )
                 continue
             queries += [(fact, i, ids, answer) for i, ids in enumerate(prompt_ids)]
         scores = scorer.score([q[2] for q in queries], [q[3] for q in queries])
         if queries:
-            writer.add(STAGE, [
-                {"fact_id": fact.id, "relation": fact.relation, "query_index": index,
-                 "prompt": fact.queries[index], "answer": fact.object, "answer_token": answer,
-                 "prob": s.prob, "rank": s.rank, "top_token": decode(s.top_token), "scored_in": s.scored_in}
-                for (fact, index, _, answer), s in zip(queries, scores)
-            ])
-        writer.add("census_precision", {
-            "precision": scorer.precision, "margin": scorer.margin,
-            "calibrated_error": scorer.calibrated_error, "queries": len(queries),
-            "float32_queries": sum(s.scored_in == "float32" for s in scores),
-        })
+            writer.add(
+                STAGE,
+                [
+                    {
+                        "fact_id": fact.id,
+                        "relation": fact.relation,
+                        "query_index": index,
+                        "prompt": fact.queries[index],
+                        "answer": fact.object,
+                        "answer_token": answer,
+                        "prob": s.prob,
+                        "rank": s.rank,
+                        "top_token": decode(s.top_token),
+                        "scored_in": s.scored_in,
+                    }
+                    for (fact, index, _, answer), s in zip(queries, scores)
+                ],
+            )
+        writer.add(
+            "census_precision",
+            {
+                "precision": scorer.precision,
+                "margin": scorer.margin,
+                "calibrated_error": scorer.calibrated_error,
+                "queries": len(queries),
+                "float32_queries": sum(s.scored_in == "float32" for s in scores),
+            },
+        )
 
     return work
 
@@ -254,8 +278,15 @@ def _answer_token(lm: LoadedModel, answer: str) -> int:
     return answer_token_ids(lm, answer)[0]
 
 
-def census_plan(run_dir: Path, model: str, device: str, facts: Sequence[Fact], params: dict, precision: str,
-                batch_size: int) -> SweepPlan:
+def census_plan(
+    run_dir: Path,
+    model: str,
+    device: str,
+    facts: Sequence[Fact],
+    params: dict,
+    precision: str,
+    batch_size: int,
+) -> SweepPlan:
     """The census of ``facts`` as a sweep (local or Ray), stage ``census`` in ``run_dir``."""
     if precision not in PRECISIONS:
         raise QlocError(f"--census-dtype {precision!r}: choose {', '.join(PRECISIONS)}")
@@ -263,8 +294,15 @@ def census_plan(run_dir: Path, model: str, device: str, facts: Sequence[Fact], p
         raise QlocError(f"--batch-size {batch_size}: must be at least 1")
     calibration = calibration_sample(facts) if precision != "float32" else []
     build = partial(census_work, precision=precision, batch_size=batch_size, calibration=calibration)
-    return SweepPlan(run_dir, STAGE, {**params, "precision": precision}, census_chunks(facts), build,
-                     ModelSpec(model, device, "float32"), f"census {model} (queries)")
+    return SweepPlan(
+        run_dir,
+        STAGE,
+        {**params, "precision": precision},
+        census_chunks(facts),
+        build,
+        ModelSpec(model, device, "float32"),
+        f"census {model} (queries)",
+    )
 
 
 # -- reading a census: the known filter, the per-relation table and figure ----------------------
@@ -289,8 +327,10 @@ def read_census(run_dir: Path, facts: Sequence[Fact], expected: dict) -> pd.Data
         params = store.params(STAGE)
         for key in LOOKUP_PARAMS:
             if params.get(key) != expected.get(key):
-                raise QlocError(f"census {str(run_dir)!r} was made with {key} {params.get(key)!r}; "
-                                f"this run uses {expected.get(key)!r}")
+                raise QlocError(
+                    f"census {str(run_dir)!r} was made with {key} {params.get(key)!r}; "
+                    f"this run uses {expected.get(key)!r}"
+                )
         tables = store.tables()
         empty = pd.DataFrame(columns=["fact_id", "query_index", "prompt", "rank"])
         rows = store.frame(STAGE) if STAGE in tables else empty
@@ -299,9 +339,11 @@ def read_census(run_dir: Path, facts: Sequence[Fact], expected: dict) -> pd.Data
     missing = [f for f in facts if f.id not in covered]
     if missing:
         relations = ",".join(sorted({f.relation for f in missing}))
-        raise QlocError(f"census {str(run_dir)!r} has not scored {len(missing)} of the {len(facts)} facts to "
-                        f"filter (e.g. {missing[0].id}); run `qloc census --run-dir {run_dir} --relations "
-                        f"{relations}` with its model first, or leave out --census to score them here")
+        raise QlocError(
+            f"census {str(run_dir)!r} has not scored {len(missing)} of the {len(facts)} facts to "
+            f"filter (e.g. {missing[0].id}); run `qloc census --run-dir {run_dir} --relations "
+            f"{relations}` with its model first, or leave out --census to score them here"
+        )
     return rows[rows["fact_id"].isin({f.id for f in facts})]
 
 
@@ -309,8 +351,10 @@ def keep_known(facts: Sequence[Fact], census: pd.DataFrame, k: int) -> list[Fact
     """Each fact with only its queries whose first answer token ranks below ``k`` (in query
     order), and only the facts left with at least MIN_KNOWN_QUERIES of them."""
     if k > EXACT_RANKS and "scored_in" in census and (census["scored_in"] == "bfloat16").any():
-        raise QlocError(f"--known {k}: the census scored some queries in bfloat16, whose ranks are exact "
-                        f"only below {EXACT_RANKS}; use a census made with --census-dtype float32")
+        raise QlocError(
+            f"--known {k}: the census scored some queries in bfloat16, whose ranks are exact "
+            f"only below {EXACT_RANKS}; use a census made with --census-dtype float32"
+        )
     rows = {(r.fact_id, r.query_index): r for r in census.itertuples()}
     kept = []
     for fact in facts:
@@ -320,8 +364,10 @@ def keep_known(facts: Sequence[Fact], census: pd.DataFrame, k: int) -> list[Fact
             if row is None:
                 continue  # the census skipped the fact: its answer has no tokens
             if row.prompt != prompt:
-                raise QlocError(f"the census's query {index} of fact {fact.id} is {row.prompt!r}, the "
-                                f"data's is {prompt!r}: the census was made from other data")
+                raise QlocError(
+                    f"the census's query {index} of fact {fact.id} is {row.prompt!r}, the "
+                    f"data's is {prompt!r}: the census was made from other data"
+                )
             if row.rank < k:
                 known.append(prompt)
         if len(known) >= MIN_KNOWN_QUERIES:
@@ -333,24 +379,36 @@ def census_table(census: pd.DataFrame, labels: dict[str, str] | None = None) -> 
     """Per relation and for all: facts, queries, the shares of queries whose answer ranks top-1
     and top-10, the shares of facts with >= 2 such queries, and the median rank and probability."""
     census = census.assign(top1=census["rank"] < 1, top10=census["rank"] < 10)
-    per_fact = census.groupby("fact_id").agg(relation=("relation", "first"), top1=("top1", "sum"),
-                                             top10=("top10", "sum"))
+    per_fact = census.groupby("fact_id").agg(
+        relation=("relation", "first"), top1=("top1", "sum"), top10=("top10", "sum")
+    )
 
     def summary(queries: pd.DataFrame, facts: pd.DataFrame) -> dict:
         return {
-            "facts": len(facts), "queries": len(queries),
-            "queries_top1": queries["top1"].mean(), "queries_top10": queries["top10"].mean(),
+            "facts": len(facts),
+            "queries": len(queries),
+            "queries_top1": queries["top1"].mean(),
+            "queries_top10": queries["top10"].mean(),
             "facts_top1": (facts["top1"] >= MIN_KNOWN_QUERIES).mean(),
             "facts_top10": (facts["top10"] >= MIN_KNOWN_QUERIES).mean(),
-            "median_rank": float(queries["rank"].median()), "median_prob": float(queries["prob"].median()),
+            "median_rank": float(queries["rank"].median()),
+            "median_prob": float(queries["prob"].median()),
         }
 
-    rows = [{"relation": relation, "label": (labels or {}).get(relation, ""),
-             **summary(group, per_fact[per_fact["relation"] == relation])}
-            for relation, group in census.groupby("relation", sort=False)]
+    rows = [
+        {
+            "relation": relation,
+            "label": (labels or {}).get(relation, ""),
+            **summary(group, per_fact[per_fact["relation"] == relation]),
+        }
+        for relation, group in census.groupby("relation", sort=False)
+    ]
     # Wikidata order (P19 before P103); other relation names after them, alphabetically.
-    rows.sort(key=lambda r: (0, int(r["relation"][1:]), "") if r["relation"][1:].isdigit()
-              else (1, 0, r["relation"]))
+    rows.sort(
+        key=lambda r: (
+            (0, int(r["relation"][1:]), "") if r["relation"][1:].isdigit() else (1, 0, r["relation"])
+        )
+    )
     rows.append({"relation": "all", "label": "", **summary(census, per_fact)})
     return pd.DataFrame(rows)
 
@@ -365,8 +423,10 @@ def census_figure(table: pd.DataFrame, model: str):
 
     overall = table[table["relation"] == "all"].iloc[0]
     table = table[table["relation"] != "all"].sort_values("queries_top10")
-    names = [f"{r.relation} {r.label.split('(', 1)[-1].rstrip(')')}".strip() if r.label else r.relation
-             for r in table.itertuples()]
+    names = [
+        f"{r.relation} {r.label.split('(', 1)[-1].rstrip(')')}".strip() if r.label else r.relation
+        for r in table.itertuples()
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.24 * len(table) + 1.6), sharey=True)
     for ax, unit in zip(axes, ("queries", "facts")):
         ax.barh(names, 100 * table[f"{unit}_top10"], color="#9ecae1", label="top-10")
@@ -379,9 +439,11 @@ def census_figure(table: pd.DataFrame, model: str):
         ax.grid(axis="x", linewidth=0.4, alpha=0.5)
         ax.tick_params(axis="y", labelsize=7)
     axes[0].legend(loc="lower right", fontsize=8, frameon=False)
-    fig.suptitle(f"What {model} knows of ParaRel: the answer's first token ranked top-1 / top-10\n"
-                 f"{int(overall['queries']):,} queries of {int(overall['facts']):,} facts; "
-                 "dashed lines: all relations",
-                 fontsize=9)
+    fig.suptitle(
+        f"What {model} knows of ParaRel: the answer's first token ranked top-1 / top-10\n"
+        f"{int(overall['queries']):,} queries of {int(overall['facts']):,} facts; "
+        "dashed lines: all relations",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-from functools import partial
 import sys
 import tempfile
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -27,49 +27,121 @@ out = Console()
 err = Console(stderr=True)
 
 # -- options shared by every command that loads a model or reads facts -------------------
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name (see `qloc models`), .gguf file, local directory or Hugging Face id.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, auto, or map (one model over several GPUs, accelerate's device_map=auto).")]
-DtypeOpt = Annotated[str, typer.Option(help="Model weights: float32, bfloat16 or float16 (softmax and attribution arithmetic stay fp32).")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="A data_all_allbags.json(.gz) file; default: the ParaRel copy shipped with qloc.")]
-RelationsOpt = Annotated[Optional[str], typer.Option(help="Comma-separated relation ids, e.g. P19,P36.")]
-PerRelationOpt = Annotated[Optional[int], typer.Option("--facts-per-relation", help="Seeded sample of at most N facts per relation.")]
-LimitOpt = Annotated[Optional[int], typer.Option(help="Seeded sample of at most N facts in all (after --facts-per-relation).")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Built-in name (see `qloc models`), .gguf file, local directory or Hugging Face id.",
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        help="cpu, cuda, cuda:N, auto, or map (one model over several GPUs, accelerate's device_map=auto)."
+    ),
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Model weights: float32, bfloat16 or float16 (softmax and attribution arithmetic stay fp32)."
+    ),
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data", help="A data_all_allbags.json(.gz) file; default: the ParaRel copy shipped with qloc."
+    ),
+]
+RelationsOpt = Annotated[str | None, typer.Option(help="Comma-separated relation ids, e.g. P19,P36.")]
+PerRelationOpt = Annotated[
+    int | None, typer.Option("--facts-per-relation", help="Seeded sample of at most N facts per relation.")
+]
+LimitOpt = Annotated[
+    int | None, typer.Option(help="Seeded sample of at most N facts in all (after --facts-per-relation).")
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed for every sampling step.")]
-QueryFilterOpt = Annotated[str, typer.Option(help="mask_final: [MASK] ends the query (METHODS.md); mask_period: the query ends with '[MASK].'.")]
+QueryFilterOpt = Annotated[
+    str,
+    typer.Option(
+        help="mask_final: [MASK] ends the query (METHODS.md); mask_period: the query ends with '[MASK].'."
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
-RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Store results here (resumable).")]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Store results here (resumable).")]
 BatchOpt = Annotated[int, typer.Option(help="Queries per forward pass.")]
 # -- attribution options, shared by `attribute` and `localize` -------------------------------
 StepsOpt = Annotated[int, typer.Option(help="Integration steps m.")]
 RuleOpt = Annotated[str, typer.Option(help="right (the paper's eq. 8), midpoint or gauss (Gauss-Legendre).")]
-AnswerTokensOpt = Annotated[str, typer.Option(help="first: F = P(first answer token), the default; all: average over teacher-forced answer tokens.")]
+AnswerTokensOpt = Annotated[
+    str,
+    typer.Option(
+        help="first: F = P(first answer token), the default; all: average over teacher-forced answer tokens."
+    ),
+]
 ThresholdOpt = Annotated[float, typer.Option(help="KN set: score >= threshold * max score.")]
-TopKOpt = Annotated[Optional[int], typer.Option(help="KN set: the k best neurons instead of the threshold.")]
-MaxRowsOpt = Annotated[Optional[int], typer.Option(help="Rows per forward/backward chunk (default: automatic).")]
+TopKOpt = Annotated[int | None, typer.Option(help="KN set: the k best neurons instead of the threshold.")]
+MaxRowsOpt = Annotated[int | None, typer.Option(help="Rows per forward/backward chunk (default: automatic).")]
 # -- the experiments that read a localize run ---------------------------------------------------
-LocalizedRunOpt = Annotated[Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")]
-KnMethodOpt = Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")]
-SharedFilterOpt = Annotated[str, typer.Option(
-    "--shared-filter", help="Drop KNs held by more than this share of the relation's facts before the experiment "
-    "(Dai et al.: 0.1; relations with under 10 facts in the run count over all its facts), or off.")]
+LocalizedRunOpt = Annotated[
+    Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")
+]
+KnMethodOpt = Annotated[str | None, typer.Option(help="Whose KN sets (default: the run's first method).")]
+SharedFilterOpt = Annotated[
+    str,
+    typer.Option(
+        "--shared-filter",
+        help="Drop KNs held by more than this share of the relation's facts before the experiment "
+        "(Dai et al.: 0.1; relations with under 10 facts in the run count over all its facts), or off.",
+    ),
+]
 # -- where a sweep runs, shared by every sweep command ------------------------------------------
-ExecutorOpt = Annotated[str, typer.Option(help="local (this process) or ray (one model replica per GPU, or per CPU core with --workers).")]
-RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster: auto, HOST:PORT (default: start a local one).")]
-WorkersOpt = Annotated[Optional[int], typer.Option(help="Ray: model replicas (default: one per GPU, else one per CPU core).")]
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        help="local (this process) or ray (one model replica per GPU, or per CPU core with --workers)."
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option("--ray-address", help="Ray cluster: auto, HOST:PORT (default: start a local one)."),
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option(help="Ray: model replicas (default: one per GPU, else one per CPU core).")
+]
 # -- the census and the known filter (METHODS.md section 9) --------------------------------------
-CensusDtypeOpt = Annotated[str, typer.Option(
-    "--census-dtype", help="auto (float32 on CPUs, bfloat16 on GPUs), float32, or bfloat16 (queries near the "
-    "top-10 re-scored in fp32: ranks below 10 stay exact).")]
-KnownOpt = Annotated[str, typer.Option(
-    help="Keep the queries whose answer's first token ranks below K (known at top-K) and the facts with >= 2 "
-    "of them, then sample; all: no filter.")]
-CensusDirOpt = Annotated[Optional[Path], typer.Option(
-    "--census", help="With --known: a census run of the same model, data and query filter (default: census "
-    "the candidate facts into --run-dir).")]
-KnownPoolOpt = Annotated[Optional[int], typer.Option(
-    "--known-pool", help="With --known: census a seeded sample of N facts per relation and sample among its "
-    "known facts (default: every fact).")]
+CensusDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--census-dtype",
+        help="auto (float32 on CPUs, bfloat16 on GPUs), float32, or bfloat16 (queries near the "
+        "top-10 re-scored in fp32: ranks below 10 stay exact).",
+    ),
+]
+KnownOpt = Annotated[
+    str,
+    typer.Option(
+        help="Keep the queries whose answer's first token ranks below K (known at top-K) and the facts with >= 2 "
+        "of them, then sample; all: no filter."
+    ),
+]
+CensusDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--census",
+        help="With --known: a census run of the same model, data and query filter (default: census "
+        "the candidate facts into --run-dir).",
+    ),
+]
+KnownPoolOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--known-pool",
+        help="With --known: census a seeded sample of N facts per relation and sample among its "
+        "known facts (default: every fact).",
+    ),
+]
 
 
 INTERRUPTED = "interrupted; finished facts are stored and the same command resumes"
@@ -113,21 +185,33 @@ def _select(data, relations, facts_per_relation, limit, seed, query_filter, quie
     for warning in dataset.warnings[:20]:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if len(dataset.warnings) > 20:
-        err.print(f"[yellow]warning:[/] ... and {len(dataset.warnings) - 20} more malformed rows", highlight=False)
+        err.print(
+            f"[yellow]warning:[/] ... and {len(dataset.warnings) - 20} more malformed rows", highlight=False
+        )
     rel_list = [r.strip() for r in relations.split(",") if r.strip()] if relations else None
     source = f"ParaRel file {str(data)!r}" if data else "the bundled ParaRel"
     usable = set(dataset.relations)
     if unusable := [r for r in rel_list or [] if r in dataset.file_relations and r not in usable]:
-        raise QlocError(f"relation(s) {', '.join(unusable)} of {source} have no usable fact: their rows are "
-                        "malformed or leave fewer than 2 usable queries per fact (see the warnings)")
+        raise QlocError(
+            f"relation(s) {', '.join(unusable)} of {source} have no usable fact: their rows are "
+            "malformed or leave fewer than 2 usable queries per fact (see the warnings)"
+        )
     facts = sample_facts(dataset.facts, rel_list, facts_per_relation, limit, seed)
     skipped = ", ".join(f"{n} {reason}" for reason, n in dataset.skipped.items()) or "none"
     if not facts:
-        why = ("--facts-per-relation 0" if facts_per_relation == 0 else "--limit 0" if limit == 0
-               else f"{source} has no usable fact (skipped: {skipped})")
+        why = (
+            "--facts-per-relation 0"
+            if facts_per_relation == 0
+            else "--limit 0"
+            if limit == 0
+            else f"{source} has no usable fact (skipped: {skipped})"
+        )
         raise QlocError(f"0 facts selected: {why}; nothing to do")
     if not quiet:
-        err.print(f"{len(facts)} facts selected of {len(dataset.facts)} usable (skipped: {skipped})", highlight=False)
+        err.print(
+            f"{len(facts)} facts selected of {len(dataset.facts)} usable (skipped: {skipped})",
+            highlight=False,
+        )
     return dataset, facts
 
 
@@ -142,8 +226,24 @@ def _sampling_params(data, relations, facts_per_relation, limit, seed, query_fil
     }
 
 
-def _select_known(k, census_dir, known_pool, run_dir, model, device, executor, ray_address, workers,
-                  data, relations, facts_per_relation, limit, seed, query_filter, quiet):
+def _select_known(
+    k,
+    census_dir,
+    known_pool,
+    run_dir,
+    model,
+    device,
+    executor,
+    ray_address,
+    workers,
+    data,
+    relations,
+    facts_per_relation,
+    limit,
+    seed,
+    query_filter,
+    quiet,
+):
     """The facts of --known K: the candidates (every fact of the relations, or a seeded pool of
     --known-pool per relation) are looked up in the census (scored first, into the run directory,
     unless --census names one); each keeps its queries ranked below K, facts with >= 2 survive,
@@ -154,22 +254,34 @@ def _select_known(k, census_dir, known_pool, run_dir, model, device, executor, r
     if known_pool is not None and known_pool < 1:
         raise QlocError(f"--known-pool {known_pool}: must be at least 1")
     _, candidates = _select(data, relations, known_pool, None, seed, query_filter, quiet=True)
-    census_params = {"model": model,
-                     **_sampling_params(data, relations, known_pool, None, seed, query_filter)}
+    census_params = {
+        "model": model,
+        **_sampling_params(data, relations, known_pool, None, seed, query_filter),
+    }
     if census_dir is None:
         # Ranks from 10 on are exact only in float32 (a bfloat16 census re-scores just the top).
         precision = "float32" if k > EXACT_RANKS else "auto"
-        _execute(census_plan(run_dir, model, device, candidates, census_params, precision, batch_size=128),
-                 executor, ray_address, workers, quiet)
+        _execute(
+            census_plan(run_dir, model, device, candidates, census_params, precision, batch_size=128),
+            executor,
+            ray_address,
+            workers,
+            quiet,
+        )
     rows = read_census(census_dir or run_dir, candidates, census_params)
     kept = keep_known(candidates, rows, k)
     selected = sample_facts(kept, None, facts_per_relation, limit, seed)
     kept_queries = sum(len(f.queries) for f in kept)
-    err.print(f"--known {k}: {len(kept)} of {len(candidates)} facts have >= 2 queries ranked below {k} "
-              f"({kept_queries} of {len(rows)} queries kept); {len(selected)} facts sampled", highlight=False)
+    err.print(
+        f"--known {k}: {len(kept)} of {len(candidates)} facts have >= 2 queries ranked below {k} "
+        f"({kept_queries} of {len(rows)} queries kept); {len(selected)} facts sampled",
+        highlight=False,
+    )
     if not selected:
-        raise QlocError(f"--known {k}: no fact of the selected relations has >= 2 queries ranked below {k}; "
-                        "try a larger K, more relations or a larger --known-pool")
+        raise QlocError(
+            f"--known {k}: no fact of the selected relations has >= 2 queries ranked below {k}; "
+            "try a larger K, more relations or a larger --known-pool"
+        )
     return selected
 
 
@@ -179,8 +291,13 @@ def models(json_out: JsonOpt = False) -> None:
     from .models import BUILTIN_MODELS, DEFAULT_MODEL
 
     rows = [
-        {"name": m.name, "installed": m.installed(), "default": m.name == DEFAULT_MODEL, "description": m.description,
-         "install": m.install_command()}
+        {
+            "name": m.name,
+            "installed": m.installed(),
+            "default": m.name == DEFAULT_MODEL,
+            "description": m.description,
+            "install": m.install_command(),
+        }
         for m in BUILTIN_MODELS.values()
     ]
     if json_out:
@@ -188,7 +305,12 @@ def models(json_out: JsonOpt = False) -> None:
         return
     table = Table("name", "installed", "description", "install with")
     for r in rows:
-        table.add_row(r["name"] + (" (default)" if r["default"] else ""), "yes" if r["installed"] else "no", r["description"], r["install"])
+        table.add_row(
+            r["name"] + (" (default)" if r["default"] else ""),
+            "yes" if r["installed"] else "no",
+            r["description"],
+            r["install"],
+        )
     out.print(table)
     out.print("Any Hugging Face id, local model directory or .gguf file also works as --model.")
 
@@ -205,10 +327,14 @@ def facts(
     json_out: JsonOpt = False,
 ) -> None:
     """Browse and count the ParaRel facts (usable facts, queries per relation)."""
-    dataset, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet=json_out)
+    dataset, selected = _select(
+        data, relations, facts_per_relation, limit, seed, query_filter, quiet=json_out
+    )
     per_relation: dict[str, dict] = {}
     for fact in selected:
-        row = per_relation.setdefault(fact.relation, {"relation": fact.relation, "label": fact.relation_label, "facts": 0, "queries": 0})
+        row = per_relation.setdefault(
+            fact.relation, {"relation": fact.relation, "label": fact.relation_label, "facts": 0, "queries": 0}
+        )
         row["facts"] += 1
         row["queries"] += len(fact.queries)
     if json_out:
@@ -217,14 +343,21 @@ def facts(
             "selected_facts": len(selected),
             "skipped": dict(dataset.skipped),
             "relations": list(per_relation.values()),
-            "facts": [{"id": f.id, "subject": f.subject, "object": f.object, "queries": list(f.queries)} for f in selected[:show]],
+            "facts": [
+                {"id": f.id, "subject": f.subject, "object": f.object, "queries": list(f.queries)}
+                for f in selected[:show]
+            ],
         }
         out.print_json(json.dumps(payload))
         return
     table = Table("relation", "label", "facts", "queries", "queries/fact")
     for r in per_relation.values():
-        table.add_row(r["relation"], r["label"], str(r["facts"]), str(r["queries"]), f"{r['queries'] / r['facts']:.1f}")
-    table.add_row("all", "", str(len(selected)), str(sum(r["queries"] for r in per_relation.values())), "", style="bold")
+        table.add_row(
+            r["relation"], r["label"], str(r["facts"]), str(r["queries"]), f"{r['queries'] / r['facts']:.1f}"
+        )
+    table.add_row(
+        "all", "", str(len(selected)), str(sum(r["queries"] for r in per_relation.values())), "", style="bold"
+    )
     out.print(table)
     for fact in selected[:show]:
         subject, answer = escape(repr(fact.subject)), escape(repr(fact.object))
@@ -236,8 +369,12 @@ def facts(
 @app.command()
 def cloze(
     model: ModelOpt = "smollm2-135m",
-    prompt: Annotated[Optional[str], typer.Option(help="Score this prompt (needs --answer) instead of ParaRel queries.")] = None,
-    answer: Annotated[Optional[str], typer.Option(help="The answer to score after --prompt (a leading space is added).")] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Score this prompt (needs --answer) instead of ParaRel queries.")
+    ] = None,
+    answer: Annotated[
+        str | None, typer.Option(help="The answer to score after --prompt (a leading space is added).")
+    ] = None,
     run_dir: RunDirOpt = None,
     data: DataOpt = None,
     relations: RelationsOpt = None,
@@ -265,11 +402,18 @@ def cloze(
         if json_out:
             out.print_json(json.dumps(score.to_dict()))
         else:
-            out.print(f"P({answer!r} | {prompt!r}) = {score.prob:.4f}, rank {score.rank}, log P(answer) = {score.logprob:.4f}, top token {score.top_token!r}", highlight=False)
+            out.print(
+                f"P({answer!r} | {prompt!r}) = {score.prob:.4f}, rank {score.rank}, log P(answer) = {score.logprob:.4f}, top token {score.top_token!r}",
+                highlight=False,
+            )
         return
 
     _, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet or json_out)
-    params = {"model": model, "dtype": dtype, **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter)}
+    params = {
+        "model": model,
+        "dtype": dtype,
+        **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter),
+    }
     with contextlib.ExitStack() as scratch:
         # Without --run-dir, results go to a temporary run that is removed afterwards.
         directory = run_dir or Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="qloc-cloze-")))
@@ -278,12 +422,14 @@ def cloze(
         RunStore.check_stage(directory, "cloze", params)
         lm = _load(model, device, dtype, quiet or json_out)
         with RunStore.open_stage(directory, "cloze", params, _env(lm)) as store:
-            summary = run_sweep(store, "cloze", selected, cloze_sweep_work(lm, batch_size), quiet=quiet or json_out)
+            summary = run_sweep(
+                store, "cloze", selected, cloze_sweep_work(lm, batch_size), quiet=quiet or json_out
+            )
             frame = store.frame("cloze") if "cloze" in store.tables() else None
     if frame is not None:
         frame = frame[frame["fact_id"].isin({f.id for f in selected})]
     if json_out:
-        for record in ([] if frame is None else frame.drop(columns=["stage", "unit_id"]).to_dict("records")):
+        for record in [] if frame is None else frame.drop(columns=["stage", "unit_id"]).to_dict("records"):
             out.print(json.dumps(record, ensure_ascii=False), highlight=False, soft_wrap=True)
         return
     _print_cloze_summary(frame, summary)
@@ -324,10 +470,17 @@ def census(
     from .store import RunStore
 
     dataset, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet)
-    params = {"model": model,
-              **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter)}
-    summary = _execute(census_plan(run_dir, model, device, selected, params, census_dtype, batch_size),
-                       executor, ray_address, workers, quiet)
+    params = {
+        "model": model,
+        **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter),
+    }
+    summary = _execute(
+        census_plan(run_dir, model, device, selected, params, census_dtype, batch_size),
+        executor,
+        ray_address,
+        workers,
+        quiet,
+    )
     with RunStore.open_existing(run_dir) as store:
         if STAGE not in store.tables():
             raise QlocError(f"no fact of {str(run_dir)!r} could be scored ({dict(summary.skip_reasons)})")
@@ -337,10 +490,12 @@ def census(
     png = save_figure(census_figure(table, model), run_dir / "figures", "census_relations")
     out.print(markdown_table(table), highlight=False, soft_wrap=True)
     rescored = (rows["scored_in"] == "float32").mean()
-    out.print(f"chunks: {summary.describe()}; {len(rows)} queries in {seconds:.0f} s of scoring "
-              f"({len(rows) / max(seconds, 1e-9):.1f} queries/s; {100 * rescored:.0f}% scored in float32); "
-              f"{csv}, {png}",
-              highlight=False)
+    out.print(
+        f"chunks: {summary.describe()}; {len(rows)} queries in {seconds:.0f} s of scoring "
+        f"({len(rows) / max(seconds, 1e-9):.1f} queries/s; {100 * rescored:.0f}% scored in float32); "
+        f"{csv}, {png}",
+        highlight=False,
+    )
 
 
 def _env(lm) -> dict:
@@ -349,7 +504,7 @@ def _env(lm) -> dict:
     return model_environment(lm)
 
 
-def _execute(plan, executor: str, ray_address: Optional[str], workers: Optional[int], quiet: bool):
+def _execute(plan, executor: str, ray_address: str | None, workers: int | None, quiet: bool):
     """Run a sweep plan locally or on Ray; the store and resume work the same either way."""
     import transformers
 
@@ -389,7 +544,9 @@ def attribute(
     threshold: ThresholdOpt = 0.2,
     top_k: TopKOpt = None,
     top: Annotated[int, typer.Option(help="How many top neurons to print.")] = 10,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the float32 [num_layers, d_ff] scores as .npy.")] = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write the float32 [num_layers, d_ff] scores as .npy.")
+    ] = None,
     max_batch_rows: MaxRowsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
@@ -410,8 +567,16 @@ def attribute(
     lm = _load(model, device, dtype, quiet or json_out)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = attribute_scores(lm, prompt, answer, method, steps=steps, rule=rule, answer_tokens=answer_tokens,
-                                  max_batch_rows=max_batch_rows)
+        result = attribute_scores(
+            lm,
+            prompt,
+            answer,
+            method,
+            steps=steps,
+            rule=rule,
+            answer_tokens=answer_tokens,
+            max_batch_rows=max_batch_rows,
+        )
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             err.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
@@ -422,46 +587,69 @@ def attribute(
     residual = result.completeness_residual.max(0).values
     if json_out:
         payload = {
-            "model": model, "prompt": prompt, "answer": answer, **result.params,
-            "answer_tokens": result.answer_tokens, "shape": list(result.scores.shape),
-            "f_input": result.f_input.tolist(), "f_baseline": result.f_baseline.tolist(),
+            "model": model,
+            "prompt": prompt,
+            "answer": answer,
+            **result.params,
+            "answer_tokens": result.answer_tokens,
+            "shape": list(result.scores.shape),
+            "f_input": result.f_input.tolist(),
+            "f_baseline": result.f_baseline.tolist(),
             "completeness_residual": result.completeness_residual.tolist(),
             "top": [{"layer": l, "neuron": i, "score": v} for l, i, v in result.top(top)],
-            "kn_set": [list(u) for u in kn], "out": str(out_file) if out_file else None,
+            "kn_set": [list(u) for u in kn],
+            "out": str(out_file) if out_file else None,
         }
         out.print_json(json.dumps(payload))
         return
-    table = Table("rank", "layer", "neuron", "score", title=f"top {top} neurons ({method}, {steps} steps, {rule} rule)")
+    table = Table(
+        "rank", "layer", "neuron", "score", title=f"top {top} neurons ({method}, {steps} steps, {rule} rule)"
+    )
     for rank, (layer, neuron, value) in enumerate(result.top(top)):
         table.add_row(str(rank), str(layer), str(neuron), f"{value:.4g}")
     out.print(table)
-    out.print(f"KN set ({'top ' + str(top_k) if top_k else f'score >= {threshold} x max'}): {len(kn)} neurons "
-              + ", ".join(f"L{l}.{i}" for l, i in kn[:30]) + (" ..." if len(kn) > 30 else ""), highlight=False)
+    out.print(
+        f"KN set ({'top ' + str(top_k) if top_k else f'score >= {threshold} x max'}): {len(kn)} neurons "
+        + ", ".join(f"L{l}.{i}" for l, i in kn[:30])
+        + (" ..." if len(kn) > 30 else ""),
+        highlight=False,
+    )
     title = "completeness per layer (mean over answer tokens; residual: worst token)"
     if method == "sig":
-        title += "; SIG scores are normalised per token path, the residual is of the raw per-path integrals summed"
+        title += (
+            "; SIG scores are normalised per token path, the residual is of the raw per-path integrals summed"
+        )
     layers = Table("layer", "sum of scores", "F(input) - F(baseline)", "residual", title=title)
     sums = result.scores.sum(1)
     deltas = (result.f_input[:, None] - result.f_baseline).mean(0)
     for layer in range(result.scores.shape[0]):
         delta = float(deltas[layer])
-        layers.add_row(str(layer), f"{float(sums[layer]):.4g}", f"{delta:.4g}", f"{float(residual[layer]):.3g}")
+        layers.add_row(
+            str(layer), f"{float(sums[layer]):.4g}", f"{delta:.4g}", f"{float(residual[layer]):.3g}"
+        )
     out.print(layers)
-    out.print(f"F(input) = {', '.join(f'{v:.4f}' for v in result.f_input.tolist())} for answer tokens {result.answer_tokens}"
-              + (f"; scores written to {out_file}" if out_file else ""), highlight=False)
+    out.print(
+        f"F(input) = {', '.join(f'{v:.4f}' for v in result.f_input.tolist())} for answer tokens {result.answer_tokens}"
+        + (f"; scores written to {out_file}" if out_file else ""),
+        highlight=False,
+    )
 
 
 @app.command()
 def localize(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory (created, or resumed).")],
     model: ModelOpt = "smollm2-135m",
-    methods: Annotated[str, typer.Option(help="Comma-separated attribution methods: ig, amig, sig.")] = "ig,amig,sig",
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated attribution methods: ig, amig, sig.")
+    ] = "ig,amig,sig",
     steps: StepsOpt = 20,
     rule: RuleOpt = "right",
     answer_tokens: AnswerTokensOpt = "first",
     threshold: ThresholdOpt = 0.2,
     top_k: TopKOpt = None,
-    save_scores: Annotated[bool, typer.Option("--save-scores", help="Also store dense scores (fp16, compressed).")] = False,
+    save_scores: Annotated[
+        bool, typer.Option("--save-scores", help="Also store dense scores (fp16, compressed).")
+    ] = False,
     data: DataOpt = None,
     relations: RelationsOpt = None,
     facts_per_relation: PerRelationOpt = 1,
@@ -487,40 +675,82 @@ def localize(
     from .localize import STAGE, LocalizeConfig, localize_work
     from .store import RunStore
 
-    config = LocalizeConfig(methods=tuple(m.strip() for m in methods.split(",") if m.strip()), steps=steps, rule=rule,
-                            answer_tokens=answer_tokens, threshold=threshold, top_k=top_k, save_scores=save_scores)
+    config = LocalizeConfig(
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        steps=steps,
+        rule=rule,
+        answer_tokens=answer_tokens,
+        threshold=threshold,
+        top_k=top_k,
+        save_scores=save_scores,
+    )
     known_k = parse_known(known)
-    params = {"model": model, "dtype": dtype, **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter),
-              **config.params()}
+    params = {
+        "model": model,
+        "dtype": dtype,
+        **_sampling_params(data, relations, facts_per_relation, limit, seed, query_filter),
+        **config.params(),
+    }
     if known_k is None:
         if census_dir is not None or known_pool is not None:
-            raise QlocError("--census and --known-pool choose the census of --known; "
-                            "give --known K with them")
+            raise QlocError(
+                "--census and --known-pool choose the census of --known; give --known K with them"
+            )
         _, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet)
     else:
         # Without --known the parameters stay as before, so runs made before --known resume.
         params.update(known=known_k, known_pool=known_pool)
         RunStore.check_stage(run_dir, STAGE, params)  # refuse another localize run before the census
-        selected = _select_known(known_k, census_dir, known_pool, run_dir, model, device, executor,
-                                 ray_address, workers, data, relations, facts_per_relation, limit, seed,
-                                 query_filter, quiet)
-    plan = SweepPlan(run_dir, STAGE, params, selected, partial(localize_work, config=config, max_batch_rows=max_batch_rows),
-                     ModelSpec(model, device, dtype), f"localize {model}")
+        selected = _select_known(
+            known_k,
+            census_dir,
+            known_pool,
+            run_dir,
+            model,
+            device,
+            executor,
+            ray_address,
+            workers,
+            data,
+            relations,
+            facts_per_relation,
+            limit,
+            seed,
+            query_filter,
+            quiet,
+        )
+    plan = SweepPlan(
+        run_dir,
+        STAGE,
+        params,
+        selected,
+        partial(localize_work, config=config, max_batch_rows=max_batch_rows),
+        ModelSpec(model, device, dtype),
+        f"localize {model}",
+    )
     summary = _execute(plan, executor, ray_address, workers, quiet)
     out.print(f"facts: {summary.describe()}; results in {run_dir}", highlight=False)
 
 
 @app.command()
 def consistency(
-    run_dirs: Annotated[list[Path], typer.Option("--run-dir", help="A localize run; repeat for several models.")],
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where tables/ and figures/ go (default: the first run).")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Classify by strict CS (intersection / union).")] = False,
+    run_dirs: Annotated[
+        list[Path], typer.Option("--run-dir", help="A localize run; repeat for several models.")
+    ],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Where tables/ and figures/ go (default: the first run).")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Classify by strict CS (intersection / union).")
+    ] = False,
 ) -> None:
     """KN-consistency scores, KC/KI classes (static 0.1 and Otsu), Welch's t-test, Table 1 and
     Figures 3/7/8/9 from one or more localize runs."""
     from .consistency import write_consistency_report
 
-    written = write_consistency_report(run_dirs, out_dir or run_dirs[0], "cs_strict" if strict else "cs_relaxed")
+    written = write_consistency_report(
+        run_dirs, out_dir or run_dirs[0], "cs_strict" if strict else "cs_relaxed"
+    )
     table = (written["table1"].with_suffix(".md")).read_text()
     out.print(table, highlight=False, soft_wrap=True)
     for name, path in written.items():
@@ -543,7 +773,7 @@ class LocalizedRun:
         return ModelSpec(self.params["model"], self.device, self.params["dtype"])
 
 
-def _localized_run(run_dir: Path, method: Optional[str], device: str, quiet: bool) -> LocalizedRun:
+def _localized_run(run_dir: Path, method: str | None, device: str, quiet: bool) -> LocalizedRun:
     """What the experiments on a localize run need: its KN sets for ``method`` (default: the
     run's first), its facts within the full dataset, and which model to load."""
     from .knsets import knowledge_from_store
@@ -583,24 +813,30 @@ def mapping(
     """The query-KN mapping experiment (Figure 4): suppress (x0) and enhance (x2) the Self, Union,
     Intersection, Refine and Unrelated sets of every query; dProb per set and class (mean, median,
     bootstrap 95 % interval)."""
-    from .outputs import markdown_table, save_figure, write_table
     from .executors import SweepPlan
     from .mapping import MappingConfig, mapping_figure, mapping_table, mapping_work
+    from .outputs import markdown_table, save_figure, write_table
     from .store import RunStore
 
     run = _localized_run(run_dir, method, device, quiet)
     config = MappingConfig(method=run.method, seed=seed, shared_filter=_shared_filter(shared_filter))
     params = {"model": run.params["model"], "dtype": run.params["dtype"], **config.params()}
-    plan = SweepPlan(run_dir, config.stage, params, run.facts, partial(mapping_work, config=config, knowledge=run.knowledge),
-                     run.model, f"mapping {run.method}")
+    plan = SweepPlan(
+        run_dir,
+        config.stage,
+        params,
+        run.facts,
+        partial(mapping_work, config=config, knowledge=run.knowledge),
+        run.model,
+        f"mapping {run.method}",
+    )
     summary = _execute(plan, executor, ray_address, workers, quiet)
     with RunStore.open_existing(run_dir) as store:
         table = mapping_table(store.frame("mapping"))
     csv = write_table(table, run_dir / "tables", "fig4_mapping")
     png = save_figure(mapping_figure(table), run_dir / "figures", "fig4_mapping")
     out.print(markdown_table(table), highlight=False, soft_wrap=True)
-    out.print(f"facts: {summary.describe()}; "
-              f"{csv}, {png}", highlight=False)
+    out.print(f"facts: {summary.describe()}; {csv}, {png}", highlight=False)
 
 
 @app.command()
@@ -610,8 +846,15 @@ def synapses(
     steps: StepsOpt = 20,
     rule: RuleOpt = "right",
     answer_tokens: AnswerTokensOpt = "first",
-    threshold: Annotated[float, typer.Option(help="Knowledge synapses: score >= threshold * max score.")] = 0.3,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N of the run's facts in a seeded order (raise it later to extend the run).")] = None,
+    threshold: Annotated[
+        float, typer.Option(help="Knowledge synapses: score >= threshold * max score.")
+    ] = 0.3,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Only the first N of the run's facts in a seeded order (raise it later to extend the run)."
+        ),
+    ] = None,
     heatmaps: Annotated[int, typer.Option(help="Facts drawn as KN-activation heatmaps (Figures 5, 10).")] = 3,
     seed: SeedOpt = 0,
     max_batch_rows: MaxRowsOpt = None,
@@ -633,14 +876,21 @@ def synapses(
     from .synapses import SynapseConfig, cost_table, effects_table, synapse_work, write_synapse_report
 
     run = _localized_run(run_dir, method, device, quiet)
-    config = SynapseConfig(method=run.method, steps=steps, rule=rule, answer_tokens=answer_tokens, threshold=threshold, seed=seed)
+    config = SynapseConfig(
+        method=run.method, steps=steps, rule=rule, answer_tokens=answer_tokens, threshold=threshold, seed=seed
+    )
     facts = list(run.facts)
     random.Random(seed).shuffle(facts)  # a prefix of one fixed order, so that a larger --limit extends a run
     facts = facts[:limit] if limit is not None else facts
     params = {"model": run.params["model"], "dtype": run.params["dtype"], **config.params()}
     build = partial(synapse_work, config=config, knowledge=run.knowledge, max_batch_rows=max_batch_rows)
-    summary = _execute(SweepPlan(run_dir, config.stage, params, facts, build, run.model, f"synapses {run.method}"),
-                       executor, ray_address, workers, quiet)
+    summary = _execute(
+        SweepPlan(run_dir, config.stage, params, facts, build, run.model, f"synapses {run.method}"),
+        executor,
+        ray_address,
+        workers,
+        quiet,
+    )
     with RunStore.open_existing(run_dir) as store:
         if "synapse_effects" not in store.tables():
             raise QlocError(f"no fact of {str(run_dir)!r} could be processed ({dict(summary.skip_reasons)})")
@@ -657,21 +907,41 @@ def synapses(
 
 @app.command()
 def edit(
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="erase or update (METHODS.md section 5); default erase, or update with --new.")] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used."),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(help="erase or update (METHODS.md section 5); default erase, or update with --new."),
+    ] = None,
     sets: Annotated[str, typer.Option(help="KN sets to edit through: self, union, cas.")] = "self,union,cas",
     method: KnMethodOpt = None,
     lambda1: Annotated[float, typer.Option(help="Weight of the old answer's removal (Dai et al.: 1).")] = 1.0,
-    lambda2: Annotated[float, typer.Option(help="Weight of the new answer's addition (Dai et al.: 8).")] = 8.0,
-    edit_sign: Annotated[str, typer.Option(
-        help="activation: each KN's change times the sign of its activation (gated MLPs have negative ones); "
-        "none: the literal equation.")] = "activation",
+    lambda2: Annotated[
+        float, typer.Option(help="Weight of the new answer's addition (Dai et al.: 8).")
+    ] = 8.0,
+    edit_sign: Annotated[
+        str,
+        typer.Option(
+            help="activation: each KN's change times the sign of its activation (gated MLPs have negative ones); "
+            "none: the literal equation."
+        ),
+    ] = "activation",
     shared_filter: SharedFilterOpt = "0.1",
-    sequential: Annotated[int, typer.Option(help="Edit N sampled facts one after another (Table 7); 0: one at a time.")] = 0,
+    sequential: Annotated[
+        int, typer.Option(help="Edit N sampled facts one after another (Table 7); 0: one at a time.")
+    ] = 0,
     seeds: Annotated[int, typer.Option(help="Sequential editing: repeats with different samples.")] = 5,
-    case: Annotated[Optional[str], typer.Option(help="Case study (Table 8): edit the fact this query asks, print greedy continuations.")] = None,
-    new: Annotated[Optional[str], typer.Option(help="Case study: the new object (omit to erase).")] = None,
-    answer: Annotated[Optional[str], typer.Option(help="Case study: the current object (default: ParaRel's, if the query is in it).")] = None,
+    case: Annotated[
+        str | None,
+        typer.Option(help="Case study (Table 8): edit the fact this query asks, print greedy continuations."),
+    ] = None,
+    new: Annotated[str | None, typer.Option(help="Case study: the new object (omit to erase).")] = None,
+    answer: Annotated[
+        str | None,
+        typer.Option(help="Case study: the current object (default: ParaRel's, if the query is in it)."),
+    ] = None,
     model: ModelOpt = "smollm2-135m",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -683,9 +953,16 @@ def edit(
     """Knowledge erasure or update through KN sets: Rel, Gen, Loc, Avg and perplexity change per
     fact (resumable), then Table 2 (Self, Union) and Table 3 (with CAS) for KC and KI facts.
     With --sequential N: N facts edited without restoring in between, --seeds times (Table 7)."""
-    from .outputs import markdown_table, write_table
-    from .edit_study import EditConfig, SequentialUnit, edit_table, edit_work, sequential_table, sequential_work
+    from .edit_study import (
+        EditConfig,
+        SequentialUnit,
+        edit_table,
+        edit_work,
+        sequential_table,
+        sequential_work,
+    )
     from .executors import SweepPlan
+    from .outputs import markdown_table, write_table
     from .store import RunStore
     from .wikitext import wikitext_passages
 
@@ -695,16 +972,27 @@ def edit(
             raise QlocError("a --case update needs --new (the object to write); an erasure takes none")
         if sequential:
             raise QlocError("--case edits one fact; it does not combine with --sequential")
-        _case_study(case, answer, new, model, method or "ig", sets.split(",")[0], edit_sign, run_dir, device, quiet)
+        _case_study(
+            case, answer, new, model, method or "ig", sets.split(",")[0], edit_sign, run_dir, device, quiet
+        )
         return
     if run_dir is None:
         raise QlocError("--run-dir (a localize run) is needed, except for a --case study")
     if answer is not None or new is not None:
-        raise QlocError("--answer and --new are for --case studies; a run's updates draw o' from the relation")
+        raise QlocError(
+            "--answer and --new are for --case studies; a run's updates draw o' from the relation"
+        )
     run = _localized_run(run_dir, method, device, quiet)
-    config = EditConfig(mode=mode, sets=tuple(s.strip() for s in sets.split(",") if s.strip()), method=run.method,
-                        lambda1=lambda1, lambda2=lambda2, seed=seed, edit_sign=edit_sign,
-                        shared_filter=_shared_filter(shared_filter))
+    config = EditConfig(
+        mode=mode,
+        sets=tuple(s.strip() for s in sets.split(",") if s.strip()),
+        method=run.method,
+        lambda1=lambda1,
+        lambda2=lambda2,
+        seed=seed,
+        edit_sign=edit_sign,
+        shared_filter=_shared_filter(shared_filter),
+    )
     localized, knowledge, dataset, facts = run.params, run.knowledge, run.dataset, run.facts
     passages = wikitext_passages(config.ppl_passages, seed=seed)
     params = {"model": localized["model"], "dtype": localized["dtype"], **config.params()}
@@ -713,10 +1001,24 @@ def edit(
         stage = f"sequential-{config.mode}-{config.method}"
         # Seed-major, so that an interrupted run has every KN set for the seeds it finished.
         units = [SequentialUnit(name, repeat) for repeat in range(seeds) for name in config.sets]
-        build = partial(sequential_work, config=config, knowledge=knowledge, dataset=dataset, facts=facts, count=sequential,
-                        passages=passages)
-        plan = SweepPlan(run_dir, stage, {**params, "sequential": sequential, "seeds": seeds}, units, build, run.model,
-                         f"sequential {mode}")
+        build = partial(
+            sequential_work,
+            config=config,
+            knowledge=knowledge,
+            dataset=dataset,
+            facts=facts,
+            count=sequential,
+            passages=passages,
+        )
+        plan = SweepPlan(
+            run_dir,
+            stage,
+            {**params, "sequential": sequential, "seeds": seeds},
+            units,
+            build,
+            run.model,
+            f"sequential {mode}",
+        )
         _execute(plan, executor, ray_address, workers, quiet)
         with RunStore.open_existing(run_dir) as store:
             table = sequential_table(store.frame("sequential"))
@@ -724,21 +1026,37 @@ def edit(
         out.print(markdown_table(table), highlight=False, soft_wrap=True)
         return
     build = partial(edit_work, config=config, knowledge=knowledge, dataset=dataset, passages=passages)
-    summary = _execute(SweepPlan(run_dir, config.stage, params, facts, build, run.model, f"{mode} via {','.join(config.sets)}"),
-                       executor, ray_address, workers, quiet)
+    summary = _execute(
+        SweepPlan(
+            run_dir, config.stage, params, facts, build, run.model, f"{mode} via {','.join(config.sets)}"
+        ),
+        executor,
+        ray_address,
+        workers,
+        quiet,
+    )
     with RunStore.open_existing(run_dir) as store:
         edits = store.frame("edits")
     for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
         write_table(edit_table(edits, chosen), tables, name)
     out.print(markdown_table(edit_table(edits, config.sets)), highlight=False, soft_wrap=True)
-    out.print(f"facts: {summary.describe()}; "
-              f"tables in {tables}", highlight=False)
+    out.print(f"facts: {summary.describe()}; tables in {tables}", highlight=False)
 
 
-def _case_study(query: str, answer: Optional[str], new: Optional[str], model: str, method: str, set_name: str,
-                edit_sign: str, run_dir: Optional[Path], device: str, quiet: bool) -> None:
-    from .outputs import write_table
+def _case_study(
+    query: str,
+    answer: str | None,
+    new: str | None,
+    model: str,
+    method: str,
+    set_name: str,
+    edit_sign: str,
+    run_dir: Path | None,
+    device: str,
+    quiet: bool,
+) -> None:
     from .edit_study import case_study
+    from .outputs import write_table
     from .pararel import causal_prompt, load_pararel
 
     dtype = "float32"
@@ -759,7 +1077,13 @@ def _case_study(query: str, answer: Optional[str], new: Optional[str], model: st
     table = case_study(lm, queries, answer, new, method, set_name, edit_sign=edit_sign)
     if run_dir is not None:
         write_table(table, run_dir / "tables", "table8")
-    view = Table("", "prompt", "before", "after", title=f"{answer!r} -> {new!r} via {set_name} ({method}, {table.kn_size[0]} KNs)")
+    view = Table(
+        "",
+        "prompt",
+        "before",
+        "after",
+        title=f"{answer!r} -> {new!r} via {set_name} ({method}, {table.kn_size[0]} KNs)",
+    )
     for row in table.itertuples():
         view.add_row(row.role, row.prompt, row.before, row.after)
     out.print(view)
@@ -767,9 +1091,23 @@ def _case_study(query: str, answer: Optional[str], new: Optional[str], model: st
 
 @app.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Option("--run-dir", help="A run directory, or a directory with tables/ and figures/; repeat for several.")],
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="The HTML file (default: report.html in the first directory); the Markdown goes beside it.")] = None,
-    open_page: Annotated[bool, typer.Option("--open", help="Open the HTML file in the default browser (where there is a display).")] = False,
+    run_dirs: Annotated[
+        list[Path],
+        typer.Option(
+            "--run-dir", help="A run directory, or a directory with tables/ and figures/; repeat for several."
+        ),
+    ],
+    out_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="The HTML file (default: report.html in the first directory); the Markdown goes beside it.",
+        ),
+    ] = None,
+    open_page: Annotated[
+        bool,
+        typer.Option("--open", help="Open the HTML file in the default browser (where there is a display)."),
+    ] = False,
 ) -> None:
     """One self-contained HTML report (figures embedded; opens from disk): what the runs found beside
     the paper, every table beside its figure, a per-fact explorer, and each run's parameters,
@@ -780,7 +1118,9 @@ def report(
     for name, path in written.items():
         out.print(f"{name}: {path}", highlight=False)
     if open_page and not open_in_browser(written["html"]):
-        out.print(f"No display or browser here: open {written['html']} on a machine with one.", highlight=False)
+        out.print(
+            f"No display or browser here: open {written['html']} on a machine with one.", highlight=False
+        )
 
 
 DEMO_KNOWN_POOL = 64
@@ -788,21 +1128,42 @@ DEMO_KNOWN_POOL = 64
 SCALES = {
     # sample: a few facts through every stage, within an hour on 2 CPU cores for a 135M model.
     # With --known, the facts come from a census of DEMO_KNOWN_POOL facts per relation, not of all of ParaRel.
-    "sample": {"facts_per_relation": 1, "limit": 4, "sequential": 4, "seeds": 2, "synapse_facts": 2,
-               "known_pool": DEMO_KNOWN_POOL},
+    "sample": {
+        "facts_per_relation": 1,
+        "limit": 4,
+        "sequential": 4,
+        "seeds": 2,
+        "synapse_facts": 2,
+        "known_pool": DEMO_KNOWN_POOL,
+    },
     # full: every fact of ParaRel with >= 2 usable queries, the paper's sequential setting.
-    "full": {"facts_per_relation": None, "limit": None, "sequential": 20, "seeds": 5, "synapse_facts": None,
-             "known_pool": None},
+    "full": {
+        "facts_per_relation": None,
+        "limit": None,
+        "sequential": 20,
+        "seeds": 5,
+        "synapse_facts": None,
+        "known_pool": None,
+    },
 }
 
 
 @app.command()
 def reproduce(
     model: ModelOpt = "smollm2-135m",
-    scale: Annotated[str, typer.Option(help="sample (4 facts, within an hour on 2 CPU cores for a 135M model) or full (all of ParaRel).")] = "sample",
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Default: runs/<model>-<scale>.")] = None,
-    facts: Annotated[Optional[int], typer.Option("--facts", help="Override the scale's number of facts.")] = None,
-    method: Annotated[str, typer.Option(help="Whose KN sets the editing, mapping and synapse experiments use.")] = "amig",
+    scale: Annotated[
+        str,
+        typer.Option(
+            help="sample (4 facts, within an hour on 2 CPU cores for a 135M model) or full (all of ParaRel)."
+        ),
+    ] = "sample",
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Default: runs/<model>-<scale>.")] = None,
+    facts: Annotated[
+        int | None, typer.Option("--facts", help="Override the scale's number of facts.")
+    ] = None,
+    method: Annotated[
+        str, typer.Option(help="Whose KN sets the editing, mapping and synapse experiments use.")
+    ] = "amig",
     known: KnownOpt = "1",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -820,22 +1181,80 @@ def reproduce(
         raise QlocError(f"--scale {scale!r}: choose {' or '.join(SCALES)}")
     settings = dict(SCALES[scale], **({"limit": facts} if facts is not None else {}))
     run_dir = run_dir or Path("runs") / f"{Path(model).name.removesuffix('.gguf')}-{scale}"
-    sweep = {"device": device, "executor": executor, "ray_address": ray_address, "workers": workers, "quiet": quiet}
+    sweep = {
+        "device": device,
+        "executor": executor,
+        "ray_address": ray_address,
+        "workers": workers,
+        "quiet": quiet,
+    }
     steps = [
-        ("localize (IG, AMIG, SIG)", lambda: localize(
-            run_dir=run_dir, model=model, methods="ig,amig,sig", steps=20, rule="right", answer_tokens="first", threshold=0.2,
-            top_k=None, save_scores=False, data=None, relations=None, facts_per_relation=settings["facts_per_relation"],
-            limit=settings["limit"], seed=seed, query_filter="mask_final", max_batch_rows=None, dtype=dtype,
-            known=known, census_dir=None, known_pool=_pool_for(known, settings["known_pool"]), **sweep)),
+        (
+            "localize (IG, AMIG, SIG)",
+            lambda: localize(
+                run_dir=run_dir,
+                model=model,
+                methods="ig,amig,sig",
+                steps=20,
+                rule="right",
+                answer_tokens="first",
+                threshold=0.2,
+                top_k=None,
+                save_scores=False,
+                data=None,
+                relations=None,
+                facts_per_relation=settings["facts_per_relation"],
+                limit=settings["limit"],
+                seed=seed,
+                query_filter="mask_final",
+                max_batch_rows=None,
+                dtype=dtype,
+                known=known,
+                census_dir=None,
+                known_pool=_pool_for(known, settings["known_pool"]),
+                **sweep,
+            ),
+        ),
         ("KN consistency", lambda: consistency(run_dirs=[run_dir], out_dir=run_dir, strict=False)),
-        ("erasure", lambda: edit(run_dir=run_dir, mode="erase", method=method, seed=seed, **_EDIT_DEFAULTS, **sweep)),
-        ("update", lambda: edit(run_dir=run_dir, mode="update", method=method, seed=seed, **_EDIT_DEFAULTS, **sweep)),
-        ("sequential update", lambda: edit(run_dir=run_dir, mode="update", method=method, seed=seed,
-                                           **dict(_EDIT_DEFAULTS, sequential=settings["sequential"], seeds=settings["seeds"]), **sweep)),
-        ("query-KN mapping", lambda: mapping(run_dir=run_dir, method=method, shared_filter="0.1", seed=seed, **sweep)),
-        ("knowledge synapses", lambda: synapses(
-            run_dir=run_dir, method=method, steps=20, rule="right", answer_tokens="first", threshold=0.3,
-            limit=settings["synapse_facts"], heatmaps=3, seed=seed, max_batch_rows=None, **sweep)),
+        (
+            "erasure",
+            lambda: edit(run_dir=run_dir, mode="erase", method=method, seed=seed, **_EDIT_DEFAULTS, **sweep),
+        ),
+        (
+            "update",
+            lambda: edit(run_dir=run_dir, mode="update", method=method, seed=seed, **_EDIT_DEFAULTS, **sweep),
+        ),
+        (
+            "sequential update",
+            lambda: edit(
+                run_dir=run_dir,
+                mode="update",
+                method=method,
+                seed=seed,
+                **dict(_EDIT_DEFAULTS, sequential=settings["sequential"], seeds=settings["seeds"]),
+                **sweep,
+            ),
+        ),
+        (
+            "query-KN mapping",
+            lambda: mapping(run_dir=run_dir, method=method, shared_filter="0.1", seed=seed, **sweep),
+        ),
+        (
+            "knowledge synapses",
+            lambda: synapses(
+                run_dir=run_dir,
+                method=method,
+                steps=20,
+                rule="right",
+                answer_tokens="first",
+                threshold=0.3,
+                limit=settings["synapse_facts"],
+                heatmaps=3,
+                seed=seed,
+                max_batch_rows=None,
+                **sweep,
+            ),
+        ),
         ("report", lambda: report(run_dirs=[run_dir], out_file=None)),
     ]
     for number, (name, run_step) in enumerate(steps, 1):
@@ -843,15 +1262,26 @@ def reproduce(
         run_step()
 
 
-def _pool_for(known: str, pool: Optional[int]) -> Optional[int]:
+def _pool_for(known: str, pool: int | None) -> int | None:
     """The census pool of a --known filter; none without one."""
     from .census import parse_known
 
     return None if parse_known(known) is None else pool
 
 
-_EDIT_DEFAULTS = {"sets": "self,union,cas", "lambda1": 1.0, "lambda2": 8.0, "edit_sign": "activation", "shared_filter": "0.1",
-                  "sequential": 0, "seeds": 5, "case": None, "new": None, "answer": None, "model": "smollm2-135m"}
+_EDIT_DEFAULTS = {
+    "sets": "self,union,cas",
+    "lambda1": 1.0,
+    "lambda2": 8.0,
+    "edit_sign": "activation",
+    "shared_filter": "0.1",
+    "sequential": 0,
+    "seeds": 5,
+    "case": None,
+    "new": None,
+    "answer": None,
+    "model": "smollm2-135m",
+}
 
 
 @app.command()
@@ -868,13 +1298,35 @@ def demo(
     """The main job, small: localize knowledge neurons of a few sampled ParaRel facts that the
     model knows (--known, from a census of 64 facts per relation) on the default model and report
     their KN consistency (Table 1 and figures). Resumable."""
-    localize(run_dir=run_dir, model=model, methods=methods, steps=20, rule="right", answer_tokens="first", threshold=0.2,
-             top_k=None, save_scores=False, data=None, relations=None, facts_per_relation=1, limit=facts, seed=seed,
-             query_filter="mask_final", max_batch_rows=None, known=known, census_dir=None,
-             known_pool=_pool_for(known, DEMO_KNOWN_POOL), device=device, dtype="float32", quiet=quiet)
+    localize(
+        run_dir=run_dir,
+        model=model,
+        methods=methods,
+        steps=20,
+        rule="right",
+        answer_tokens="first",
+        threshold=0.2,
+        top_k=None,
+        save_scores=False,
+        data=None,
+        relations=None,
+        facts_per_relation=1,
+        limit=facts,
+        seed=seed,
+        query_filter="mask_final",
+        max_batch_rows=None,
+        known=known,
+        census_dir=None,
+        known_pool=_pool_for(known, DEMO_KNOWN_POOL),
+        device=device,
+        dtype="float32",
+        quiet=quiet,
+    )
     consistency(run_dirs=[run_dir], out_dir=None, strict=False)
-    out.print(f"KN sets: qloc.RunStore.open_existing({str(run_dir)!r}).frame('kn_sets'); full study: qloc localize --help",
-              highlight=False)
+    out.print(
+        f"KN sets: qloc.RunStore.open_existing({str(run_dir)!r}).frame('kn_sets'); full study: qloc localize --help",
+        highlight=False,
+    )
 
 
 if __name__ == "__main__":

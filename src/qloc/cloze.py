@@ -85,6 +85,7 @@ def _score_batch(lm: LoadedModel, queries: list[EncodedQuery]) -> list[ClozeScor
 
 def cloze_sweep_work(lm: LoadedModel, batch_size: int = 16):
     """Sweep work for ``qloc cloze``: score every usable query of a fact, one row per query."""
+
     def work(fact: Fact, writer: UnitWriter) -> None:
         try:
             scores = score_cloze(lm, fact.queries, [fact.object] * len(fact.queries), batch_size)

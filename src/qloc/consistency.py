@@ -65,14 +65,23 @@ def fact_consistency(kn_frame: pd.DataFrame) -> pd.DataFrame:
     column where several runs are combined."""
     frame = kn_frame if "model" in kn_frame else kn_frame.assign(model="model")
     rows = []
-    for (model, fact_id, relation, method), group in frame.groupby(["model", "fact_id", "relation", "method"], sort=False):
+    for (model, fact_id, relation, method), group in frame.groupby(
+        ["model", "fact_id", "relation", "method"], sort=False
+    ):
         sets = [json.loads(k) if isinstance(k, str) else k for k in group.sort_values("query_index")["kn"]]
         union = set().union(*(map(tuple, s) for s in sets))
-        rows.append({
-            "model": model, "fact_id": fact_id, "relation": relation, "method": method,
-            "queries": len(sets), "union_size": len(union),
-            "cs_relaxed": consistency_score(sets), "cs_strict": consistency_score(sets, strict=True),
-        })
+        rows.append(
+            {
+                "model": model,
+                "fact_id": fact_id,
+                "relation": relation,
+                "method": method,
+                "queries": len(sets),
+                "union_size": len(union),
+                "cs_relaxed": consistency_score(sets),
+                "cs_strict": consistency_score(sets, strict=True),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -81,8 +90,10 @@ def _query_sets(kn_frame: pd.DataFrame) -> dict[tuple[str, str], list[list[froze
     frame = kn_frame if "model" in kn_frame else kn_frame.assign(model="model")
     runs: dict[tuple[str, str], list[list[frozenset]]] = {}
     for (model, method, _), group in frame.groupby(["model", "method", "fact_id"], sort=False):
-        sets = [frozenset(map(tuple, json.loads(k) if isinstance(k, str) else k))
-                for k in group.sort_values("query_index")["kn"]]
+        sets = [
+            frozenset(map(tuple, json.loads(k) if isinstance(k, str) else k))
+            for k in group.sort_values("query_index")["kn"]
+        ]
         runs.setdefault((model, method), []).append(sets)
     return runs
 
@@ -108,11 +119,13 @@ def null_consistency(kn_frame: pd.DataFrame, groups: int = NULL_GROUPS, seed: in
 def null_summary(null: pd.DataFrame) -> pd.DataFrame:
     """Per (model, method): the null's mean CS, 5th and 95th percentiles."""
     grouped = null.groupby(["model", "method"], sort=False)["cs"]
-    return pd.DataFrame({
-        "cs_null_mean": grouped.mean(),
-        "cs_null_p5": grouped.quantile(0.05),
-        f"cs_null_p{NULL_PERCENTILE}": grouped.quantile(NULL_PERCENTILE / 100),
-    }).reset_index()
+    return pd.DataFrame(
+        {
+            "cs_null_mean": grouped.mean(),
+            "cs_null_p5": grouped.quantile(0.05),
+            f"cs_null_p{NULL_PERCENTILE}": grouped.quantile(NULL_PERCENTILE / 100),
+        }
+    ).reset_index()
 
 
 def otsu_threshold(values: Sequence[float], bins: int = 256) -> float:
@@ -135,7 +148,10 @@ def otsu_threshold(values: Sequence[float], bins: int = 256) -> float:
 
 
 def classify(
-    cs_frame: pd.DataFrame, static: float = STATIC_THRESHOLD, score: str = "cs_relaxed", null: pd.DataFrame | None = None
+    cs_frame: pd.DataFrame,
+    static: float = STATIC_THRESHOLD,
+    score: str = "cs_relaxed",
+    null: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Adds KC/KI classes under the static threshold and under Otsu's threshold computed per
     (model, method) run, and the Otsu threshold used; with ``null`` (:func:`null_consistency`
@@ -166,24 +182,40 @@ def table1(classified: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
     the null's CS, share of facts above it) and whether the method is degenerate on the model's
     architecture (``degenerate``; such rows are left out of U_KI)."""
     rows = []
-    degenerate = classified["degenerate"] if "degenerate" in classified else pd.Series(False, index=classified.index)
+    degenerate = (
+        classified["degenerate"] if "degenerate" in classified else pd.Series(False, index=classified.index)
+    )
     for kind in ("static", "otsu"):
         column = f"class_{kind}"
         for model, by_model in classified.groupby("model", sort=False):
             sound = by_model[~degenerate.loc[by_model.index].astype(bool)]
-            per_fact = sound.pivot_table(index="fact_id", columns="method", values=column, aggfunc="first").dropna()
-            u_ki = (float((per_fact == "KI").all(axis=1).mean()) if sound["method"].nunique() > 1 and len(per_fact)
-                    else float("nan"))
+            per_fact = sound.pivot_table(
+                index="fact_id", columns="method", values=column, aggfunc="first"
+            ).dropna()
+            u_ki = (
+                float((per_fact == "KI").all(axis=1).mean())
+                if sound["method"].nunique() > 1 and len(per_fact)
+                else float("nan")
+            )
             for method, group in by_model.groupby("method", sort=False):
                 ki, kc = group[group[column] == "KI"][score], group[group[column] == "KC"][score]
                 t, p = welch(kc.tolist(), ki.tolist())
                 row = {
-                    "model": model, "method": method, "threshold": kind,
-                    "threshold_value": STATIC_THRESHOLD if kind == "static" else float(group["otsu_threshold"].iloc[0]),
-                    "facts": len(group), "R_KI": len(ki) / len(group), "R_KC": len(kc) / len(group),
+                    "model": model,
+                    "method": method,
+                    "threshold": kind,
+                    "threshold_value": STATIC_THRESHOLD
+                    if kind == "static"
+                    else float(group["otsu_threshold"].iloc[0]),
+                    "facts": len(group),
+                    "R_KI": len(ki) / len(group),
+                    "R_KC": len(kc) / len(group),
                     "CS_KI": float(ki.mean()) if len(ki) else float("nan"),
                     "CS_KC": float(kc.mean()) if len(kc) else float("nan"),
-                    "t": t, "p": p, "U_KI": u_ki, "empty_union": int((group["union_size"] == 0).sum()),
+                    "t": t,
+                    "p": p,
+                    "U_KI": u_ki,
+                    "empty_union": int((group["union_size"] == 0).sum()),
                 }
                 if "above_null" in group:
                     row["cs_null_mean"] = float(group["cs_null_mean"].iloc[0])
@@ -194,14 +226,22 @@ def table1(classified: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def ki_share_curve(cs_frame: pd.DataFrame, thresholds: Sequence[float] = SWEEP_THRESHOLDS, score: str = "cs_relaxed") -> pd.DataFrame:
+def ki_share_curve(
+    cs_frame: pd.DataFrame, thresholds: Sequence[float] = SWEEP_THRESHOLDS, score: str = "cs_relaxed"
+) -> pd.DataFrame:
     """Figure 9's data: share of KI facts per (model, method) as the static threshold runs."""
     rows = []
     for (model, method), group in cs_frame.groupby(["model", "method"], sort=False):
         values = group[score].to_numpy()
         for threshold in thresholds:
-            rows.append({"model": model, "method": method, "threshold": float(threshold),
-                         "ki_share": float((values < threshold).mean())})
+            rows.append(
+                {
+                    "model": model,
+                    "method": method,
+                    "threshold": float(threshold),
+                    "ki_share": float((values < threshold).mean()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -214,13 +254,18 @@ def relation_summary(cs_frame: pd.DataFrame, method: str, score: str = "cs_relax
     """The data behind a violin plot: per (model, relation) the facts, mean, median and KI share."""
     data = cs_frame[cs_frame["method"] == method]
     summary = data.groupby(["model", "relation"], sort=False)[score].agg(
-        facts="size", mean="mean", median="median", ki_share=lambda v: float((v < STATIC_THRESHOLD).mean()))
+        facts="size", mean="mean", median="median", ki_share=lambda v: float((v < STATIC_THRESHOLD).mean())
+    )
     summary = summary.reset_index()
-    summary["order"] = summary["relation"].map({r: i for i, r in enumerate(relation_order(summary["relation"]))})
+    summary["order"] = summary["relation"].map(
+        {r: i for i, r in enumerate(relation_order(summary["relation"]))}
+    )
     return summary.sort_values(["model", "order"]).drop(columns="order").reset_index(drop=True)
 
 
-def violin_figure(cs_frame: pd.DataFrame, method: str, score: str = "cs_relaxed", null: pd.DataFrame | None = None):
+def violin_figure(
+    cs_frame: pd.DataFrame, method: str, score: str = "cs_relaxed", null: pd.DataFrame | None = None
+):
     """Figures 3/7/8: CS per relation for one method (one panel per model); with ``null``
     (:func:`null_consistency` rows), the chance band (5th-95th percentile, mean) behind it."""
     import matplotlib
@@ -233,19 +278,45 @@ def violin_figure(cs_frame: pd.DataFrame, method: str, score: str = "cs_relaxed"
     models = list(data["model"].unique())
     relations = relation_order(data["relation"])
     chance = null_summary(null).set_index(["model", "method"]) if null is not None and len(null) else None
-    fig, axes = plt.subplots(len(models), 1, figsize=(max(8, 0.45 * len(relations)), 3.2 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(models), 1, figsize=(max(8, 0.45 * len(relations)), 3.2 * len(models)), squeeze=False
+    )
     for ax, model in zip(axes[:, 0], models):
         panel = data[data["model"] == model]
         if chance is not None and (model, method) in chance.index:
             band = chance.loc[(model, method)]
-            ax.axhspan(band["cs_null_p5"], band[f"cs_null_p{NULL_PERCENTILE}"], color="#bbbbbb", alpha=0.35, linewidth=0,
-                       label=f"chance: CS of queries from different facts (5-{NULL_PERCENTILE}th pct.)")
+            ax.axhspan(
+                band["cs_null_p5"],
+                band[f"cs_null_p{NULL_PERCENTILE}"],
+                color="#bbbbbb",
+                alpha=0.35,
+                linewidth=0,
+                label=f"chance: CS of queries from different facts (5-{NULL_PERCENTILE}th pct.)",
+            )
             ax.axhline(band["cs_null_mean"], color="#777777", linewidth=0.8)
-        sns.violinplot(data=panel, x="relation", y=score, order=relations, ax=ax,
-                       cut=0, density_norm="width", inner=None, color="#8fb8de", linewidth=0.8)
+        sns.violinplot(
+            data=panel,
+            x="relation",
+            y=score,
+            order=relations,
+            ax=ax,
+            cut=0,
+            density_norm="width",
+            inner=None,
+            color="#8fb8de",
+            linewidth=0.8,
+        )
         # Facts as dots too: a sampled run has few facts per relation, where a violin alone says little.
-        sns.stripplot(data=panel, x="relation", y=score, order=relations, ax=ax, color="#1f3b57", size=3, jitter=0.15)
-        ax.axhline(STATIC_THRESHOLD, color="#c0392b", linestyle="--", linewidth=1, label=f"static threshold {STATIC_THRESHOLD}")
+        sns.stripplot(
+            data=panel, x="relation", y=score, order=relations, ax=ax, color="#1f3b57", size=3, jitter=0.15
+        )
+        ax.axhline(
+            STATIC_THRESHOLD,
+            color="#c0392b",
+            linestyle="--",
+            linewidth=1,
+            label=f"static threshold {STATIC_THRESHOLD}",
+        )
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{model}: KN consistency per relation ({method.upper()})")
         ax.set_xlabel("relation")
@@ -265,7 +336,13 @@ def threshold_figure(curve: pd.DataFrame):
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (model, method), group in curve.groupby(["model", "method"], sort=False):
-        ax.plot(group["threshold"], group["ki_share"], marker="o", markersize=2.5, label=f"{model} {method.upper()}")
+        ax.plot(
+            group["threshold"],
+            group["ki_share"],
+            marker="o",
+            markersize=2.5,
+            label=f"{model} {method.upper()}",
+        )
     ax.axvline(STATIC_THRESHOLD, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("static threshold")
     ax.set_ylabel("share of KI facts")
@@ -307,17 +384,21 @@ def load_kn_sets(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
             model = model_label(store.params("localize")["model"])
             degenerate = _degenerate_methods(store)
             frame = store.frame("kn_sets")
-            frames.append(frame.assign(model=model, run_dir=str(run_dir), degenerate=frame["method"].isin(degenerate)))
+            frames.append(
+                frame.assign(model=model, run_dir=str(run_dir), degenerate=frame["method"].isin(degenerate))
+            )
     combined = pd.concat(frames, ignore_index=True)
     duplicated = combined.duplicated(["model", "method", "fact_id", "query_index"])
     if duplicated.any():
         row = combined[duplicated].iloc[0]
-        raise QlocError(f"runs {sorted(set(combined.run_dir))} both hold {row.method} KN sets of {row.model} fact "
-                        f"{row.fact_id}; give each (model, method) once")
+        raise QlocError(
+            f"runs {sorted(set(combined.run_dir))} both hold {row.method} KN sets of {row.model} fact "
+            f"{row.fact_id}; give each (model, method) once"
+        )
     return combined
 
 
-def _rule_kn_set(scores: "torch.Tensor", rule: str) -> list[tuple[int, int]]:
+def _rule_kn_set(scores: torch.Tensor, rule: str) -> list[tuple[int, int]]:
     from .attribution import kn_set
 
     if rule.startswith("top"):
@@ -346,9 +427,19 @@ def dense_kn_sets(run_dirs: Sequence[str | Path], rules: Sequence[str] = KN_RULE
                 scores = torch.from_numpy(load_dense_scores(row.scores_npz).astype(np.float32))
                 for rule in rules:
                     kn = _rule_kn_set(scores, rule)
-                    rows.append({"model": model, "fact_id": row.fact_id, "relation": relation[row.fact_id],
-                                 "method": row.method, "query_index": row.query_index, "kn": kn, "kn_size": len(kn),
-                                 "kn_rule": rule, "degenerate": row.method in degenerate})
+                    rows.append(
+                        {
+                            "model": model,
+                            "fact_id": row.fact_id,
+                            "relation": relation[row.fact_id],
+                            "method": row.method,
+                            "query_index": row.query_index,
+                            "kn": kn,
+                            "kn_size": len(kn),
+                            "kn_rule": rule,
+                            "degenerate": row.method in degenerate,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -363,21 +454,35 @@ def threshold_sensitivity(dense: pd.DataFrame, score: str = "cs_relaxed") -> pd.
         degenerate = frame.groupby(["model", "method"])["degenerate"].any()
         for (model, method), group in classified.groupby(["model", "method"], sort=False):
             static_ki = group["class_static"] == "KI"
-            rows.append({
-                "model": model, "method": method, "kn_rule": rule, "facts": len(group),
-                "mean_kn_size": float(sizes[(model, method)]),
-                "R_KI_static": float(static_ki.mean()), "R_KI_otsu": float((group["class_otsu"] == "KI").mean()),
-                "otsu_threshold": float(group["otsu_threshold"].iloc[0]),
-                "CS_KC": float(group.loc[~static_ki, score].mean()) if (~static_ki).any() else float("nan"),
-                "CS_KI": float(group.loc[static_ki, score].mean()) if static_ki.any() else float("nan"),
-                "cs_mean": float(group[score].mean()),
-                "cs_null_mean": float(group["cs_null_mean"].iloc[0]) if "cs_null_mean" in group else float("nan"),
-                "R_above_null": float(group["above_null"].mean()) if "above_null" in group else float("nan"),
-                "degenerate": bool(degenerate[(model, method)]),
-            })
+            rows.append(
+                {
+                    "model": model,
+                    "method": method,
+                    "kn_rule": rule,
+                    "facts": len(group),
+                    "mean_kn_size": float(sizes[(model, method)]),
+                    "R_KI_static": float(static_ki.mean()),
+                    "R_KI_otsu": float((group["class_otsu"] == "KI").mean()),
+                    "otsu_threshold": float(group["otsu_threshold"].iloc[0]),
+                    "CS_KC": float(group.loc[~static_ki, score].mean())
+                    if (~static_ki).any()
+                    else float("nan"),
+                    "CS_KI": float(group.loc[static_ki, score].mean()) if static_ki.any() else float("nan"),
+                    "cs_mean": float(group[score].mean()),
+                    "cs_null_mean": float(group["cs_null_mean"].iloc[0])
+                    if "cs_null_mean" in group
+                    else float("nan"),
+                    "R_above_null": float(group["above_null"].mean())
+                    if "above_null" in group
+                    else float("nan"),
+                    "degenerate": bool(degenerate[(model, method)]),
+                }
+            )
     table = pd.DataFrame(rows)
     table["rule_order"] = table["kn_rule"].map({r: i for i, r in enumerate(KN_RULES)})
-    return table.sort_values(["model", "method", "rule_order"]).drop(columns="rule_order").reset_index(drop=True)
+    return (
+        table.sort_values(["model", "method", "rule_order"]).drop(columns="rule_order").reset_index(drop=True)
+    )
 
 
 def sensitivity_figure(table: pd.DataFrame):
@@ -436,8 +541,21 @@ class ConsistencyStudy:
         return threshold_figure(self.curve)
 
     def per_fact(self) -> pd.DataFrame:
-        columns = ["model", "fact_id", "relation", "method", "queries", "union_size", "cs_relaxed", "cs_strict",
-                   "otsu_threshold", "class_static", "class_otsu", "above_null", "degenerate"]
+        columns = [
+            "model",
+            "fact_id",
+            "relation",
+            "method",
+            "queries",
+            "union_size",
+            "cs_relaxed",
+            "cs_strict",
+            "otsu_threshold",
+            "class_static",
+            "class_otsu",
+            "above_null",
+            "degenerate",
+        ]
         return self.classified[[c for c in columns if c in self.classified]]
 
 
@@ -447,12 +565,20 @@ def consistency_study(kn_frame: pd.DataFrame, score: str = "cs_relaxed") -> Cons
     null = null_consistency(kn_frame)
     classified = classify(fact_consistency(kn_frame), score=score, null=null)
     if "degenerate" in kn_frame:
-        degenerate = kn_frame.drop_duplicates(["model", "method"]).set_index(["model", "method"])["degenerate"]
-        classified["degenerate"] = [bool(degenerate[key]) for key in zip(classified["model"], classified["method"])]
-    return ConsistencyStudy(classified, null, table1(classified, score), ki_share_curve(classified, score=score), score)
+        degenerate = kn_frame.drop_duplicates(["model", "method"]).set_index(["model", "method"])[
+            "degenerate"
+        ]
+        classified["degenerate"] = [
+            bool(degenerate[key]) for key in zip(classified["model"], classified["method"])
+        ]
+    return ConsistencyStudy(
+        classified, null, table1(classified, score), ki_share_curve(classified, score=score), score
+    )
 
 
-def write_consistency_report(run_dirs: Sequence[str | Path], out_dir: str | Path, score: str = "cs_relaxed") -> dict[str, Path]:
+def write_consistency_report(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, score: str = "cs_relaxed"
+) -> dict[str, Path]:
     """Table 1 with its chance baseline, per-fact scores and Figures 3/7/8/9 under ``out_dir``/tables
     and /figures; the threshold-sensitivity table and figure where the runs kept dense scores."""
     out_dir = Path(out_dir)
@@ -475,5 +601,7 @@ def write_consistency_report(run_dirs: Sequence[str | Path], out_dir: str | Path
     if len(dense):
         sensitivity = threshold_sensitivity(dense, score)
         written["threshold_sensitivity"] = write_table(sensitivity, tables, "threshold_sensitivity")
-        written["threshold_sensitivity_fig"] = save_figure(sensitivity_figure(sensitivity), figures, "threshold_sensitivity")
+        written["threshold_sensitivity_fig"] = save_figure(
+            sensitivity_figure(sensitivity), figures, "threshold_sensitivity"
+        )
     return written

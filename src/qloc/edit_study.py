@@ -25,7 +25,15 @@ from .attribution import attribute, kn_set
 from .cas import cas_set
 from .cloze import ClozeScore, score_cloze
 from .consistency import STATIC_THRESHOLD
-from .editing import EDIT_SIGNS, LAMBDA1, LAMBDA2, activation_signs, edit_knowledge, perplexity, target_activations
+from .editing import (
+    EDIT_SIGNS,
+    LAMBDA1,
+    LAMBDA2,
+    activation_signs,
+    edit_knowledge,
+    perplexity,
+    target_activations,
+)
 from .errors import DataError, QlocError
 from .knsets import SHARED_FILTER, FactKnowledge, filtered_knowledge
 from .models import LoadedModel
@@ -87,7 +95,9 @@ class EditCase:
     unrelated: list[tuple[str, str]]
 
     @classmethod
-    def draw(cls, fact: Fact, config: "EditConfig", by_relation: dict[str, list[Fact]], dataset: list[Fact]) -> "EditCase":
+    def draw(
+        cls, fact: Fact, config: EditConfig, by_relation: dict[str, list[Fact]], dataset: list[Fact]
+    ) -> EditCase:
         rng = random.Random(f"{config.seed}:{fact.id}")
         new_object = None
         if config.mode == "update":
@@ -96,16 +106,20 @@ class EditCase:
                 raise SkipFact("no other object in the relation", f"fact {fact.id}: relation {fact.relation}")
             new_object = rng.choice(candidates)
         others = [f for f in dataset if f.id != fact.id]
-        unrelated = [(f.queries[0], f.object) for f in rng.sample(others, min(config.unrelated_queries, len(others)))]
+        unrelated = [
+            (f.queries[0], f.object) for f in rng.sample(others, min(config.unrelated_queries, len(others)))
+        ]
         return cls(fact, config.mode, new_object, unrelated)
 
-    def measure(self, lm: LoadedModel) -> "Measurement":
+    def measure(self, lm: LoadedModel) -> Measurement:
         """Cloze scores of the fact's queries (the edited one first) for the old object and, for
         updates, the new one, and of the unrelated queries for their own answers."""
         queries = list(self.fact.queries)
         answers = [self.fact.object] + ([self.new_object] if self.new_object is not None else [])
         prompts = [q for _ in answers for q in queries] + [p for p, _ in self.unrelated]
-        scores = score_cloze(lm, prompts, [a for a in answers for _ in queries] + [o for _, o in self.unrelated])
+        scores = score_cloze(
+            lm, prompts, [a for a in answers for _ in queries] + [o for _, o in self.unrelated]
+        )
         n = len(queries)
         new = scores[n : 2 * n] if self.new_object is not None else None
         return Measurement(scores[:n], new, scores[len(answers) * n :])
@@ -142,12 +156,20 @@ def edit_evidence(mode: str, before: Measurement, after: Measurement) -> dict[st
     direction = 1 if mode == "update" else -1
     moved = [direction * (a.prob - b.prob) > 0 for b, a in zip(target_before, target_after)]
     return {
-        **edit_metrics(mode, target_after[0].accuracy, [s.accuracy for s in target_after[1:]],
-                       [s.argmax_tokens for s in before.unrelated], [s.argmax_tokens for s in after.unrelated]),
-        "prob_before": before.old[0].prob, "prob_after": after.old[0].prob,
+        **edit_metrics(
+            mode,
+            target_after[0].accuracy,
+            [s.accuracy for s in target_after[1:]],
+            [s.argmax_tokens for s in before.unrelated],
+            [s.argmax_tokens for s in after.unrelated],
+        ),
+        "prob_before": before.old[0].prob,
+        "prob_after": after.old[0].prob,
         "new_prob_before": before.new[0].prob if before.new is not None else float("nan"),
         "new_prob_after": after.new[0].prob if after.new is not None else float("nan"),
-        "moved_right": float(moved[0]), "neighbours": len(moved) - 1, "neighbours_moved": int(sum(moved[1:])),
+        "moved_right": float(moved[0]),
+        "neighbours": len(moved) - 1,
+        "neighbours_moved": int(sum(moved[1:])),
     }
 
 
@@ -157,12 +179,31 @@ def _signs(activations: torch.Tensor, set_name: str, neurons: list) -> list[int]
     return activation_signs(activations[:1] if set_name == "self" else activations, neurons)
 
 
-_NOT_EDITED = {key: float("nan") for key in (
-    "rel", "gen", "loc", "avg", "prob_before", "prob_after", "new_prob_before", "new_prob_after", "moved_right",
-    "ppl_after", "dppl")}
+_NOT_EDITED = {
+    key: float("nan")
+    for key in (
+        "rel",
+        "gen",
+        "loc",
+        "avg",
+        "prob_before",
+        "prob_after",
+        "new_prob_before",
+        "new_prob_after",
+        "moved_right",
+        "ppl_after",
+        "dppl",
+    )
+}
 
 
-def edit_work(lm: LoadedModel, config: EditConfig, knowledge: dict[str, FactKnowledge], dataset: list[Fact], passages: list[str]):
+def edit_work(
+    lm: LoadedModel,
+    config: EditConfig,
+    knowledge: dict[str, FactKnowledge],
+    dataset: list[Fact],
+    passages: list[str],
+):
     """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
     by_relation = _by_relation(dataset)
     filtered = filtered_knowledge(knowledge, config.shared_filter)
@@ -183,22 +224,47 @@ def edit_work(lm: LoadedModel, config: EditConfig, knowledge: dict[str, FactKnow
             neurons = known.kn_set(set_name)
             signs = _signs(activations, set_name, neurons)  # recorded with the literal equation too
             row = {
-                "fact_id": fact.id, "relation": fact.relation, "method": config.method, "mode": config.mode,
-                "kn_set": set_name, "class": kind, "cs": original.consistency, "kn_size": len(neurons),
+                "fact_id": fact.id,
+                "relation": fact.relation,
+                "method": config.method,
+                "mode": config.mode,
+                "kn_set": set_name,
+                "class": kind,
+                "cs": original.consistency,
+                "kn_size": len(neurons),
                 "kn_dropped": len(original.kn_set(set_name)) - len(neurons),
                 "kn_negative": sum(1 for sign in signs if sign < 0),
-                "object": fact.object, "new_object": case.new_object, "query": fact.queries[0],
+                "object": fact.object,
+                "new_object": case.new_object,
+                "query": fact.queries[0],
                 "ppl_before": ppl_before,
             }
             if not neurons:  # nothing to edit through: no measurement, counted as an empty set
-                writer.add("edits", {**row, **_NOT_EDITED, "neighbours": len(fact.queries) - 1, "neighbours_moved": 0})
+                writer.add(
+                    "edits",
+                    {**row, **_NOT_EDITED, "neighbours": len(fact.queries) - 1, "neighbours_moved": 0},
+                )
                 continue
-            with edit_knowledge(lm, neurons, fact.object, case.new_object, config.lambda1, config.lambda2,
-                                signs if config.edit_sign == "activation" else None):
+            with edit_knowledge(
+                lm,
+                neurons,
+                fact.object,
+                case.new_object,
+                config.lambda1,
+                config.lambda2,
+                signs if config.edit_sign == "activation" else None,
+            ):
                 after = case.measure(lm)
                 ppl = perplexity(lm, passages, config.ppl_tokens)
-            writer.add("edits", {**row, **edit_evidence(config.mode, before, after),
-                                 "ppl_after": ppl, "dppl": (ppl - ppl_before) / ppl_before})
+            writer.add(
+                "edits",
+                {
+                    **row,
+                    **edit_evidence(config.mode, before, after),
+                    "ppl_after": ppl,
+                    "dppl": (ppl - ppl_before) / ppl_before,
+                },
+            )
 
     return work
 
@@ -237,9 +303,14 @@ def sequential_edit(
             signs = None
             if config.edit_sign == "activation":
                 signs = _signs(target_activations(lm, fact.queries, fact.object), set_name, neurons)
-            edits.enter_context(edit_knowledge(lm, neurons, fact.object, case.new_object, config.lambda1,
-                                               config.lambda2, signs))
-        per_fact = [edit_evidence(config.mode, measured, case.measure(lm)) for case, measured in zip(cases, before)]
+            edits.enter_context(
+                edit_knowledge(
+                    lm, neurons, fact.object, case.new_object, config.lambda1, config.lambda2, signs
+                )
+            )
+        per_fact = [
+            edit_evidence(config.mode, measured, case.measure(lm)) for case, measured in zip(cases, before)
+        ]
         ppl_after = perplexity(lm, passages, config.ppl_tokens)
     keys = ("rel", "gen", "loc", "avg", "moved_right")
     means = {key: float(np.nanmean([m[key] for m in per_fact])) if per_fact else float("nan") for key in keys}
@@ -275,9 +346,20 @@ def sequential_work(
     """Work function for :func:`qloc.sweep.run_sweep` over :class:`SequentialUnit` s."""
 
     def work(unit: SequentialUnit, writer: UnitWriter) -> None:
-        result = sequential_edit(lm, config, knowledge, dataset, facts, unit.set_name, count, unit.repeat, passages)
-        writer.add("sequential", {"method": config.method, "mode": config.mode, "kn_set": unit.set_name,
-                                  "seed": unit.repeat, "requested": count, **result})
+        result = sequential_edit(
+            lm, config, knowledge, dataset, facts, unit.set_name, count, unit.repeat, passages
+        )
+        writer.add(
+            "sequential",
+            {
+                "method": config.method,
+                "mode": config.mode,
+                "kn_set": unit.set_name,
+                "seed": unit.repeat,
+                "requested": count,
+                **result,
+            },
+        )
 
     return work
 
@@ -298,8 +380,13 @@ def sequential_table(sequential: pd.DataFrame) -> pd.DataFrame:
 @torch.no_grad()
 def greedy_continuation(lm: LoadedModel, prompt: str, max_new_tokens: int = 8) -> str:
     ids = torch.tensor([lm.tokenizer(prompt).input_ids], device=lm.device)
-    output = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=pad_token_id(lm))
+    output = lm.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id(lm),
+    )
     return lm.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
 
@@ -321,15 +408,28 @@ def case_study(
     scores = [attribute(lm, q, answer, method, steps=steps).scores for q in queries]
     query_sets = [kn_set(s) for s in scores]
     neurons = FactKnowledge(query_sets, cas_set(scores)).kn_set(set_name)
-    signs = _signs(target_activations(lm, queries, answer), set_name, neurons) if edit_sign == "activation" else None
+    signs = (
+        _signs(target_activations(lm, queries, answer), set_name, neurons)
+        if edit_sign == "activation"
+        else None
+    )
     before = [greedy_continuation(lm, q, max_new_tokens) for q in queries]
     with edit_knowledge(lm, neurons, answer, new, signs=signs):
         after = [greedy_continuation(lm, q, max_new_tokens) for q in queries]
-    return pd.DataFrame({
-        "role": ["query"] + ["neighbour"] * (len(queries) - 1), "prompt": queries, "before": before, "after": after,
-        "answer": answer, "new": new, "kn_set": set_name, "kn_size": len(neurons), "method": method,
-        "edit_sign": edit_sign,
-    })
+    return pd.DataFrame(
+        {
+            "role": ["query"] + ["neighbour"] * (len(queries) - 1),
+            "prompt": queries,
+            "before": before,
+            "after": after,
+            "answer": answer,
+            "new": new,
+            "kn_set": set_name,
+            "kn_size": len(neurons),
+            "method": method,
+            "edit_sign": edit_sign,
+        }
+    )
 
 
 def edit_metrics(
@@ -345,7 +445,11 @@ def edit_metrics(
     success = (lambda acc: acc) if mode == "update" else (lambda acc: 1 - acc)
     rel = success(query_accuracy)
     gen = success(float(np.mean(neighbour_accuracies))) if neighbour_accuracies else float("nan")
-    loc = float(np.mean([a == b for a, b in zip(unrelated_before, unrelated_after)])) if unrelated_before else float("nan")
+    loc = (
+        float(np.mean([a == b for a, b in zip(unrelated_before, unrelated_after)]))
+        if unrelated_before
+        else float("nan")
+    )
     return {"rel": rel, "gen": gen, "loc": loc, "avg": float(np.nanmean([rel, gen, loc]))}
 
 
@@ -356,7 +460,14 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     median probabilities before and after, the mean KN-set size, KNs removed by the shared filter,
     and how many sets were empty (not edited)."""
     frame = edits[edits["kn_set"].isin(sets)].copy()
-    numeric = METRICS + ["moved_right", "prob_before", "prob_after", "new_prob_before", "new_prob_after", "kn_dropped"]
+    numeric = METRICS + [
+        "moved_right",
+        "prob_before",
+        "prob_after",
+        "new_prob_before",
+        "new_prob_after",
+        "kn_dropped",
+    ]
     for column in numeric:
         # NaN is stored as NULL (a column of only NULLs reads back as objects); a store written
         # before a column was recorded has none of it.
@@ -376,4 +487,6 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     order = {name: i for i, name in enumerate(KN_SETS)}
     table = table.reset_index()
     table["order"] = table["kn_set"].map(order)
-    return table.sort_values(["method", "mode", "class", "order"]).drop(columns="order").reset_index(drop=True)
+    return (
+        table.sort_values(["method", "mode", "class", "order"]).drop(columns="order").reset_index(drop=True)
+    )

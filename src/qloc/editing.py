@@ -115,7 +115,9 @@ def edit_knowledge(
 
 
 @torch.no_grad()
-def perplexity(lm: LoadedModel, passages: Sequence[str], max_tokens: int = 256, positions_per_chunk: int = 32) -> float:
+def perplexity(
+    lm: LoadedModel, passages: Sequence[str], max_tokens: int = 256, positions_per_chunk: int = 32
+) -> float:
     """Perplexity over passages, each cut to its first ``max_tokens`` tokens (one batch).
 
     The output head runs on ``positions_per_chunk`` positions at a time: the full
@@ -123,12 +125,18 @@ def perplexity(lm: LoadedModel, passages: Sequence[str], max_tokens: int = 256, 
     sequences = [tuple(lm.tokenizer(p).input_ids[:max_tokens]) for p in passages]
     batch = pad_batch(sequences, pad_token_id(lm), lm.device)
     captured = {}
-    handle = lm.final_norm.register_forward_pre_hook(lambda module, args: captured.setdefault("hidden", args[0]))
+    handle = lm.final_norm.register_forward_pre_hook(
+        lambda module, args: captured.setdefault("hidden", args[0])
+    )
     try:
         lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1)
     finally:
         handle.remove()
-    hidden, targets, mask = captured["hidden"][:, :-1], batch.input_ids[:, 1:], batch.attention_mask[:, 1:].bool()
+    hidden, targets, mask = (
+        captured["hidden"][:, :-1],
+        batch.input_ids[:, 1:],
+        batch.attention_mask[:, 1:].bool(),
+    )
     total = 0.0
     for start in range(0, hidden.shape[1], positions_per_chunk):
         part = slice(start, start + positions_per_chunk)

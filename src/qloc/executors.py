@@ -83,8 +83,9 @@ def execute(
         if executor == "local":
             lm = lm or plan.model.load()
             with RunStore.open_stage(plan.run_dir, plan.stage, plan.params, model_environment(lm)) as store:
-                return run_sweep(store, plan.stage, plan.units, plan.build(lm), quiet=quiet,
-                                 description=plan.description)
+                return run_sweep(
+                    store, plan.stage, plan.units, plan.build(lm), quiet=quiet, description=plan.description
+                )
         with RayPool(plan.model, plan.build, ray_address, workers) as pool:
             with RunStore.open_stage(plan.run_dir, plan.stage, plan.params, pool.environment()) as store:
                 return pool.run(store, plan.stage, plan.units, quiet=quiet, description=plan.description)
@@ -125,7 +126,9 @@ class SweepWorker:
 class RayPool:
     """Model replicas on Ray actors, fed units by the driver (this process)."""
 
-    def __init__(self, model: ModelSpec, build: WorkBuilder, address: str | None = None, workers: int | None = None) -> None:
+    def __init__(
+        self, model: ModelSpec, build: WorkBuilder, address: str | None = None, workers: int | None = None
+    ) -> None:
         try:
             import ray
         except ImportError:
@@ -158,7 +161,7 @@ class RayPool:
     def _new_actor(self):
         return self._actor_class.remote(self._model, self._build)
 
-    def __enter__(self) -> "RayPool":
+    def __enter__(self) -> RayPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -177,7 +180,14 @@ class RayPool:
     def pids(self) -> list[int]:
         return self.ray.get([actor.pid.remote() for actor in self.actors])
 
-    def run(self, store: RunStore, stage: str, units: Sequence[U], quiet: bool = False, description: str | None = None) -> SweepSummary:
+    def run(
+        self,
+        store: RunStore,
+        stage: str,
+        units: Sequence[U],
+        quiet: bool = False,
+        description: str | None = None,
+    ) -> SweepSummary:
         ray = self.ray
         summary = SweepSummary()
         finished = store.finished_units(stage)
@@ -196,7 +206,11 @@ class RayPool:
                 slot, unit = in_flight.pop(ref)
                 try:
                     status, payload, seconds = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError):
+                except (
+                    ray.exceptions.RayActorError,
+                    ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.ObjectLostError,
+                ):
                     attempts[unit.id] += 1
                     self.actors[slot] = self._new_actor()
                     summary.retried += 1
@@ -204,10 +218,15 @@ class RayPool:
                     if attempts[unit.id] < MAX_ATTEMPTS:
                         pending.appendleft(unit)  # another (or the fresh) replica takes it next
                         continue
-                    status, payload = "skipped", ("worker died", f"{unit.label}: its worker died {MAX_ATTEMPTS} times")
+                    status, payload = (
+                        "skipped",
+                        ("worker died", f"{unit.label}: its worker died {MAX_ATTEMPTS} times"),
+                    )
                 except ray.exceptions.RayTaskError as exc:
-                    raise QlocError(f"{unit.label} failed on a Ray worker; finished units are stored in "
-                                    f"{str(store.run_dir)!r}: {exc.cause!r}") from None
+                    raise QlocError(
+                        f"{unit.label} failed on a Ray worker; finished units are stored in "
+                        f"{str(store.run_dir)!r}: {exc.cause!r}"
+                    ) from None
                 else:
                     idle.append(slot)
                 if status == "oom":
@@ -223,6 +242,9 @@ class RayPool:
                     store.skip(stage, unit.id, reason)
                     summary.skipped += 1
                     summary.skip_reasons[kind] += 1
-                progress.update(task, advance=unit_size(unit),
-                                status=f"done {summary.done} skipped {summary.skipped} ({self.size} workers)")
+                progress.update(
+                    task,
+                    advance=unit_size(unit),
+                    status=f"done {summary.done} skipped {summary.skipped} ({self.size} workers)",
+                )
         return summary

@@ -53,12 +53,17 @@ class FactKnowledge:
 
     def without(self, neurons: set[Neuron] | frozenset[Neuron]) -> FactKnowledge:
         """The same KN sets with ``neurons`` removed (the fact's class stays that of the original)."""
-        return FactKnowledge([[u for u in s if u not in neurons] for s in self.query_sets],
-                             [u for u in self.cas if u not in neurons], self.relation)
+        return FactKnowledge(
+            [[u for u in s if u not in neurons] for s in self.query_sets],
+            [u for u in self.cas if u not in neurons],
+            self.relation,
+        )
 
 
 def shared_neurons(
-    knowledge: Mapping[str, FactKnowledge], share: float = SHARED_FILTER, min_facts: int = SHARED_FILTER_MIN_FACTS
+    knowledge: Mapping[str, FactKnowledge],
+    share: float = SHARED_FILTER,
+    min_facts: int = SHARED_FILTER_MIN_FACTS,
 ) -> dict[str, frozenset[Neuron]]:
     """Per fact id, the neurons the shared-neuron filter removes: those held (in any query's KN set)
     by more than ``share`` of the facts of the fact's relation in the run, or of all the run's
@@ -80,13 +85,17 @@ def shared_neurons(
         relation = known.relation
         if relation not in cache:
             local = facts_in[relation] >= min_facts
-            counts, total = (by_relation[relation], facts_in[relation]) if local else (overall, len(knowledge))
+            counts, total = (
+                (by_relation[relation], facts_in[relation]) if local else (overall, len(knowledge))
+            )
             cache[relation] = frozenset(u for u, c in counts.items() if c > max(1.0, share * total))
         dropped[fact_id] = cache[relation] & held[fact_id]
     return dropped
 
 
-def filtered_knowledge(knowledge: Mapping[str, FactKnowledge], share: float | None) -> dict[str, FactKnowledge]:
+def filtered_knowledge(
+    knowledge: Mapping[str, FactKnowledge], share: float | None
+) -> dict[str, FactKnowledge]:
     """The KN sets after the shared-neuron filter (``share`` None: unfiltered)."""
     if share is None:
         return dict(knowledge)
@@ -94,12 +103,17 @@ def filtered_knowledge(knowledge: Mapping[str, FactKnowledge], share: float | No
     return {fact_id: known.without(removed[fact_id]) for fact_id, known in knowledge.items()}
 
 
-def knowledge_from_store(kn_frame: pd.DataFrame, cas_frame: pd.DataFrame, method: str) -> dict[str, FactKnowledge]:
+def knowledge_from_store(
+    kn_frame: pd.DataFrame, cas_frame: pd.DataFrame, method: str
+) -> dict[str, FactKnowledge]:
     """Per fact id, the KN sets the localize run stored for ``method``."""
     kn_frame = kn_frame[kn_frame["method"] == method]
     if kn_frame.empty:
         raise QlocError(f"the localize run has no KN sets for method {method!r}")
-    cas = {row.fact_id: [tuple(u) for u in json.loads(row.kn)] for row in cas_frame[cas_frame["method"] == method].itertuples()}
+    cas = {
+        row.fact_id: [tuple(u) for u in json.loads(row.kn)]
+        for row in cas_frame[cas_frame["method"] == method].itertuples()
+    }
     result = {}
     for fact_id, group in kn_frame.groupby("fact_id", sort=False):
         sets = [[tuple(u) for u in json.loads(k)] for k in group.sort_values("query_index")["kn"]]

@@ -77,25 +77,59 @@ def localize_work(lm: LoadedModel, config: LocalizeConfig, max_batch_rows: int |
                 with warnings.catch_warnings():
                     # The residual is stored with every query; per-query warnings would flood a sweep.
                     warnings.simplefilter("ignore", UserWarning)
-                    result = attribute(lm, prompt, fact.object, method, steps=config.steps, rule=config.rule,
-                                       answer_tokens=config.answer_tokens, max_batch_rows=max_batch_rows)
+                    result = attribute(
+                        lm,
+                        prompt,
+                        fact.object,
+                        method,
+                        steps=config.steps,
+                        rule=config.rule,
+                        answer_tokens=config.answer_tokens,
+                        max_batch_rows=max_batch_rows,
+                    )
                 per_query.append(result.scores)
                 kn = result.kn_set(config.threshold, config.top_k)
-                writer.add("kn_sets", {
-                    "fact_id": fact.id, "relation": fact.relation, "method": method, "query_index": index,
-                    "prompt": prompt, "answer": fact.object, "kn": [list(u) for u in kn], "kn_size": len(kn),
-                    "max_score": float(result.scores.max()),
-                    "top": [[l, i, round(v, 8)] for l, i, v in result.top(config.top_scores)],
-                    "prob": knows.prob, "rank": knows.rank, "f_input": float(result.f_input[0]),
-                    "max_residual": float(result.completeness_residual.max()),
-                    "seconds": round(time.perf_counter() - started, 3),
-                })
+                writer.add(
+                    "kn_sets",
+                    {
+                        "fact_id": fact.id,
+                        "relation": fact.relation,
+                        "method": method,
+                        "query_index": index,
+                        "prompt": prompt,
+                        "answer": fact.object,
+                        "kn": [list(u) for u in kn],
+                        "kn_size": len(kn),
+                        "max_score": float(result.scores.max()),
+                        "top": [[l, i, round(v, 8)] for l, i, v in result.top(config.top_scores)],
+                        "prob": knows.prob,
+                        "rank": knows.rank,
+                        "f_input": float(result.f_input[0]),
+                        "max_residual": float(result.completeness_residual.max()),
+                        "seconds": round(time.perf_counter() - started, 3),
+                    },
+                )
                 if config.save_scores:
-                    writer.add("dense_scores", {"fact_id": fact.id, "method": method, "query_index": index,
-                                                "scores_npz": _compress(result.scores.numpy())})
+                    writer.add(
+                        "dense_scores",
+                        {
+                            "fact_id": fact.id,
+                            "method": method,
+                            "query_index": index,
+                            "scores_npz": _compress(result.scores.numpy()),
+                        },
+                    )
             cas = cas_set(per_query, config.cas_beta1, config.cas_beta2, config.cas_threshold)
-            writer.add("cas_sets", {"fact_id": fact.id, "relation": fact.relation, "method": method,
-                                    "kn": [list(u) for u in cas], "kn_size": len(cas)})
+            writer.add(
+                "cas_sets",
+                {
+                    "fact_id": fact.id,
+                    "relation": fact.relation,
+                    "method": method,
+                    "kn": [list(u) for u in cas],
+                    "kn_size": len(cas),
+                },
+            )
 
     return work
 

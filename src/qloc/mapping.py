@@ -24,8 +24,8 @@ import torch
 from .cloze import score_cloze
 from .consistency import STATIC_THRESHOLD
 from .errors import DataError, QlocError
-from .knsets import SHARED_FILTER, FactKnowledge, filtered_knowledge
 from .interventions import scale_neurons
+from .knsets import SHARED_FILTER, FactKnowledge, filtered_knowledge
 from .models import LoadedModel
 from .pararel import Fact
 from .statistics import bootstrap_mean_ci
@@ -106,17 +106,29 @@ def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, Fa
             prob_before = score_cloze(lm, [prompt], [fact.object])[0].prob
             position = torch.tensor([query.target_positions[0]])
             dropped = len(original.query_sets[index]) - len(known.query_sets[index])
-            for set_name, neurons in mapping_sets(known.query_sets, index, shape, rng, original.neurons).items():
+            for set_name, neurons in mapping_sets(
+                known.query_sets, index, shape, rng, original.neurons
+            ).items():
                 for operation, factor in (("suppress", config.suppress), ("enhance", config.enhance)):
                     with scale_neurons(lm, neurons, factor, positions=position):
                         after = score_cloze(lm, [prompt], [fact.object])[0].prob
-                    writer.add("mapping", {
-                        "fact_id": fact.id, "relation": fact.relation, "method": config.method, "class": kind,
-                        "query_index": index, "kn_set": set_name, "operation": operation, "set_size": len(neurons),
-                        "self_dropped": dropped,
-                        "prob_before": prob_before, "prob_after": after,
-                        "dprob": (after - prob_before) / prob_before if prob_before > 0 else float("nan"),
-                    })
+                    writer.add(
+                        "mapping",
+                        {
+                            "fact_id": fact.id,
+                            "relation": fact.relation,
+                            "method": config.method,
+                            "class": kind,
+                            "query_index": index,
+                            "kn_set": set_name,
+                            "operation": operation,
+                            "set_size": len(neurons),
+                            "self_dropped": dropped,
+                            "prob_before": prob_before,
+                            "prob_after": after,
+                            "dprob": (after - prob_before) / prob_before if prob_before > 0 else float("nan"),
+                        },
+                    )
 
     return work
 
@@ -126,15 +138,25 @@ def mapping_table(mapping: pd.DataFrame) -> pd.DataFrame:
     bootstrap 95 % interval of the mean, queries, and how many of the sets were empty."""
     mapping = mapping.assign(empty=mapping["set_size"] == 0)
     keys = ["method", "operation", "kn_set"]
-    parts = [mapping.groupby(keys + ["class"], sort=False),
-             mapping.assign(**{"class": "Avg"}).groupby(keys + ["class"], sort=False)]
+    parts = [
+        mapping.groupby(keys + ["class"], sort=False),
+        mapping.assign(**{"class": "Avg"}).groupby(keys + ["class"], sort=False),
+    ]
     rows = []
     for grouped in parts:
         for key, group in grouped:
             low, high = bootstrap_mean_ci(group["dprob"])
-            rows.append({**dict(zip(keys + ["class"], key)), "dprob": group["dprob"].mean(),
-                         "dprob_median": group["dprob"].median(), "ci_low": low, "ci_high": high,
-                         "queries": len(group), "empty_sets": int(group["empty"].sum())})
+            rows.append(
+                {
+                    **dict(zip(keys + ["class"], key)),
+                    "dprob": group["dprob"].mean(),
+                    "dprob_median": group["dprob"].median(),
+                    "ci_low": low,
+                    "ci_high": high,
+                    "queries": len(group),
+                    "empty_sets": int(group["empty"].sum()),
+                }
+            )
     table = pd.DataFrame(rows)
     table["set_order"] = table["kn_set"].map({s: i for i, s in enumerate(SETS)})
     table["class_order"] = table["class"].map({"KC": 0, "KI": 1, "Avg": 2})
@@ -159,12 +181,21 @@ def mapping_figure(table: pd.DataFrame):
             rows = [part[(part["class"] == c) & (part["kn_set"] == set_name)] for c in classes]
             values = [r["dprob"].mean() for r in rows]
             if "ci_low" in part:  # whiskers: the bootstrap 95 % interval of the mean
-                errors = [[v - r["ci_low"].mean() for v, r in zip(values, rows)],
-                          [r["ci_high"].mean() - v for v, r in zip(values, rows)]]
+                errors = [
+                    [v - r["ci_low"].mean() for v, r in zip(values, rows)],
+                    [r["ci_high"].mean() - v for v, r in zip(values, rows)],
+                ]
             else:
                 errors = None
-            ax.bar([i + (k - 2) * width for i in range(len(classes))], values, width, label=set_name.capitalize(),
-                   yerr=errors, capsize=2, error_kw={"linewidth": 0.7})
+            ax.bar(
+                [i + (k - 2) * width for i in range(len(classes))],
+                values,
+                width,
+                label=set_name.capitalize(),
+                yerr=errors,
+                capsize=2,
+                error_kw={"linewidth": 0.7},
+            )
         ax.axhline(0, color="black", linewidth=0.6)
         if part["dprob"].abs().max() > 10:  # enhancing can multiply a tiny probability many times
             ax.set_yscale("symlog", linthresh=1)

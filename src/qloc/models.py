@@ -17,10 +17,11 @@ import shutil
 import socket
 import tempfile
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -198,11 +199,15 @@ def _get_path(root: nn.Module, dotted: str) -> Any:
     return reduce(getattr, dotted.split("."), root)
 
 
-def wrap_model(model: nn.Module, tokenizer: Any = None, name: str | None = None, source: str = "") -> LoadedModel:
+def wrap_model(
+    model: nn.Module, tokenizer: Any = None, name: str | None = None, source: str = ""
+) -> LoadedModel:
     """Wrap an already constructed Hugging Face causal LM (e.g. a tiny test config)."""
     arch = architecture_for(model.config.model_type)
     model.eval()
-    return LoadedModel(name=name or model.config.model_type, model=model, tokenizer=tokenizer, arch=arch, source=source)
+    return LoadedModel(
+        name=name or model.config.model_type, model=model, tokenizer=tokenizer, arch=arch, source=source
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -231,7 +236,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise QlocError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}") from None
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "float32") -> LoadedModel:
+def load_model(
+    name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "float32"
+) -> LoadedModel:
     """Load a model by built-in name, ``.gguf`` file, local directory or Hugging Face id, on
     ``device`` (cpu, cuda, cuda:N, auto, or map: spread over the GPUs by accelerate)."""
     # "map": accelerate spreads the layers over every visible GPU (and the CPU where they are
@@ -250,7 +257,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
     elif Path(name).is_dir():
         directory = Path(name)
         if not (directory / "config.json").exists():
-            raise QlocError(f"model directory {name!r} has no config.json (not a Hugging Face model directory)")
+            raise QlocError(
+                f"model directory {name!r} has no config.json (not a Hugging Face model directory)"
+            )
         _check_json_files(directory)
     elif Path(name).exists() or name.startswith((".", "/", "~")):
         raise QlocError(f"model {name!r} is neither a directory nor a .gguf file")
@@ -291,8 +300,10 @@ def _hub_unreachable() -> str | None:
 def _load_config(name: str, source: str):
     from transformers import AutoConfig
 
-    unknown = (f"unknown model {name!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), a .gguf file, a local "
-               f"directory, or a Hugging Face id that can be downloaded or found in the local cache")
+    unknown = (
+        f"unknown model {name!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), a .gguf file, a local "
+        f"directory, or a Hugging Face id that can be downloaded or found in the local cache"
+    )
     try:
         if Path(source).is_dir():
             return AutoConfig.from_pretrained(source)
@@ -385,7 +396,9 @@ def convert_gguf(path: Path) -> Path:
 
     architecture = gguf_architecture(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError) as exc:
         raise QlocError(

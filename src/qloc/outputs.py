@@ -14,6 +14,7 @@ from .errors import QlocError
 
 def markdown_table(frame: pd.DataFrame) -> str:
     """A Markdown table without the optional tabulate dependency."""
+
     def cell(value) -> str:
         if isinstance(value, float):
             if np.isnan(value):

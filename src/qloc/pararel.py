@@ -98,18 +98,30 @@ def load_pararel(
     rows and facts are named in ``warnings``, counted in ``skipped`` and left out; the rest loads.
     """
     if path is None:
-        data_path, pairs_path = bundled_path("pararel_allbags.json.gz"), bundled_path("pararel_query_pairs.json.gz")
+        data_path, pairs_path = (
+            bundled_path("pararel_allbags.json.gz"),
+            bundled_path("pararel_query_pairs.json.gz"),
+        )
     else:
         data_path = Path(path)
         if not data_path.is_file():
             raise DataError(f"ParaRel file {str(data_path)!r} does not exist")
-        pairs_path = next((p for p in (data_path.parent / "query_pairs.json", data_path.parent / "query_pairs.json.gz") if p.is_file()), None)
+        pairs_path = next(
+            (
+                p
+                for p in (data_path.parent / "query_pairs.json", data_path.parent / "query_pairs.json.gz")
+                if p.is_file()
+            ),
+            None,
+        )
     try:
         raw = _read_json(data_path)
     except (OSError, ValueError) as exc:
         raise DataError(f"ParaRel file {str(data_path)!r} is not readable JSON: {exc}") from None
     if not isinstance(raw, dict):
-        raise DataError(f"ParaRel file {str(data_path)!r}: expected an object mapping relation -> list of facts")
+        raise DataError(
+            f"ParaRel file {str(data_path)!r}: expected an object mapping relation -> list of facts"
+        )
     pairs = _read_json(pairs_path) if pairs_path else {}
 
     result = ParaRel(facts=[], file_relations=list(raw))
@@ -121,7 +133,14 @@ def load_pararel(
         subjects = pairs.get(relation, [])
         for index, bag in enumerate(bags):
             fact_id = f"{relation}/{index}"
-            fact = _parse_bag(fact_id, relation, bag, subjects[index][0] if index < len(subjects) else None, result, query_filter)
+            fact = _parse_bag(
+                fact_id,
+                relation,
+                bag,
+                subjects[index][0] if index < len(subjects) else None,
+                result,
+                query_filter,
+            )
             if fact is None:
                 continue
             if len(fact.queries) < min_queries:
@@ -133,15 +152,24 @@ def load_pararel(
 
 def _parse_bag(fact_id, relation, bag, subject, result: ParaRel, query_filter) -> Fact | None:
     if not isinstance(bag, list) or not bag:
-        result.warnings.append(f"fact {fact_id}: not a non-empty list of [query, answer, relation] rows; skipped")
+        result.warnings.append(
+            f"fact {fact_id}: not a non-empty list of [query, answer, relation] rows; skipped"
+        )
         result.skipped["malformed fact"] += 1
         return None
     prompts: list[str] = []
     objects, labels = set(), set()
     dropped = 0
     for row_index, row in enumerate(bag):
-        if not (isinstance(row, list) and len(row) == 3 and all(isinstance(x, str) for x in row) and row[1].strip()):
-            result.warnings.append(f"fact {fact_id} row {row_index}: expected [query, answer, relation] strings, got {row!r}; row skipped")
+        if not (
+            isinstance(row, list)
+            and len(row) == 3
+            and all(isinstance(x, str) for x in row)
+            and row[1].strip()
+        ):
+            result.warnings.append(
+                f"fact {fact_id} row {row_index}: expected [query, answer, relation] strings, got {row!r}; row skipped"
+            )
             result.skipped["malformed row"] += 1
             continue
         query, obj, label = row
@@ -155,7 +183,9 @@ def _parse_bag(fact_id, relation, bag, subject, result: ParaRel, query_filter) -
             prompts.append(prompt)
     if len(objects) != 1:
         if objects:
-            result.warnings.append(f"fact {fact_id}: rows disagree on the answer ({sorted(objects)}); skipped")
+            result.warnings.append(
+                f"fact {fact_id}: rows disagree on the answer ({sorted(objects)}); skipped"
+            )
         result.skipped["malformed fact"] += 1
         return None
     label = sorted(labels)[0]

@@ -25,7 +25,7 @@ import webbrowser
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,7 +117,7 @@ def read_section(directory: Path) -> RunSection:
     return section
 
 
-def _png(fig: "matplotlib.figure.Figure") -> bytes:
+def _png(fig: matplotlib.figure.Figure) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -507,7 +507,7 @@ def _environment_html(section: RunSection) -> str:
 def _stages_html(section: RunSection) -> str:
     items = []
     for stage in section.stages:
-        created = datetime.fromtimestamp(stage["created"], timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        created = datetime.fromtimestamp(stage["created"], UTC).strftime("%Y-%m-%d %H:%M UTC")
         params = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(stage["params"].items()))
         items.append(
             f"<li><b>{escape(stage['stage'])}</b> <span class='note'>(started {created})</span>: "
@@ -539,7 +539,7 @@ def gather_evidence(sections: list[RunSection]) -> list[Evidence]:
     for section in sorted(with_table1, key=lambda s: s.tables["table1"].computed):
         table1 = section.tables["table1"].frame
         label = section.model or section.directory.name
-        for model, rows in (table1.groupby("model", sort=False) if "model" in table1 else [(label, table1)]):
+        for model, rows in table1.groupby("model", sort=False) if "model" in table1 else [(label, table1)]:
             found = evidence(str(model))
             found.sources.append(str(section.directory))
             found.tables.setdefault("table1", rows.reset_index(drop=True))
@@ -684,7 +684,7 @@ def write_report(run_dirs: list[Path], out: Path, paper_reference: Path | None =
     paper = load_paper_reference(paper_reference)
     sections = [read_section(Path(d)) for d in run_dirs]
     results = [model_findings(e, paper) for e in gather_evidence(sections)]
-    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     models = ", ".join(r.model for r in results) or ", ".join(s.directory.name for s in sections)
     explorer, _ = _explorer_html(sections)
     toc = ["<li><a href='#glance'>At a glance</a></li>"]

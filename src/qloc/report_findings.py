@@ -66,10 +66,15 @@ class PaperReference:
         matching = [p for p in self.claims[claim].get("ranges", {}) if set(p.split()) <= words]
         if not matching:
             return "not transcribed"
-        quoted = self.claims[claim]["ranges"][max(matching, key=lambda p: len(p.split()))]  # the most specific
+        quoted = self.claims[claim]["ranges"][
+            max(matching, key=lambda p: len(p.split()))
+        ]  # the most specific
         low, high = quoted["low"], quoted["high"]
-        shown = (f"{format_share(low)}-{format_share(high)}" if quoted.get("share")
-                 else f"{format_number(low)}-{format_number(high)}")
+        shown = (
+            f"{format_share(low)}-{format_share(high)}"
+            if quoted.get("share")
+            else f"{format_number(low)}-{format_number(high)}"
+        )
         return f"{shown} (range over the paper's models)"
 
     def where(self, claim: str) -> str:
@@ -204,7 +209,9 @@ class _Rules:
             for row in rows.itertuples(index=False):
                 facts = int(row.facts)
                 measure = f"{label}: KI share, {row.threshold} threshold {format_number(row.threshold_value)}"
-                paper = self.paper.value_text("ki_share", self.reference, f"{method} {row.threshold}", share=True)
+                paper = self.paper.value_text(
+                    "ki_share", self.reference, f"{method} {row.threshold}", share=True
+                )
                 if degenerate:
                     verdict, note = "open", "method degenerate here"
                 elif row.R_KI > 0:
@@ -500,7 +507,7 @@ class _Rules:
                 ]
                 self.add(
                     "mapping",
-                    f"{method.upper()} {operation}, {kind}: {statistic} dProb per KN set, " "strongest first",
+                    f"{method.upper()} {operation}, {kind}: {statistic} dProb per KN set, strongest first",
                     measured,
                     paper,
                     "agrees" if not misses else "differs",
@@ -533,7 +540,7 @@ class _Rules:
                 note = (
                     ""
                     if all(right)
-                    else (f"query's KN activation {_sign_word(dkn)}, " f"P(answer) {_sign_word(dprob)}")
+                    else (f"query's KN activation {_sign_word(dkn)}, P(answer) {_sign_word(dprob)}")
                 )
                 self.add(
                     "synapses",

@@ -86,7 +86,8 @@ def _check_store_file(path: Path) -> None:
         header = f.read(100)
     if not header.startswith(_SQLITE_MAGIC):
         raise RunDirectoryError(
-            f"run store {str(path)!r} is not a SQLite database: it does not begin with SQLite's header")
+            f"run store {str(path)!r} is not a SQLite database: it does not begin with SQLite's header"
+        )
     page_size = int.from_bytes(header[16:18], "big")
     page_size = 65536 if page_size == 1 else page_size
     pages = int.from_bytes(header[28:32], "big")
@@ -94,8 +95,10 @@ def _check_store_file(path: Path) -> None:
     # With a -wal file beside it the main file may lag behind its WAL, so it is checked only at rest.
     counted = len(header) == 100 and header[24:28] == header[92:96] and pages > 0
     if counted and not Path(f"{path}-wal").exists() and size < pages * page_size:
-        raise RunDirectoryError(f"run store {str(path)!r} is not a SQLite database: it is truncated "
-                                f"({size:,} of {pages * page_size:,} bytes)")
+        raise RunDirectoryError(
+            f"run store {str(path)!r} is not a SQLite database: it is truncated "
+            f"({size:,} of {pages * page_size:,} bytes)"
+        )
 
 
 def _check_identifier(name: str) -> str:
@@ -141,7 +144,7 @@ def _reads_store(method: _Method) -> _Method:
     """Report a damaged store file as the user's input problem, naming the file."""
 
     @functools.wraps(method)
-    def reading(self: "RunStore", *args: Any, **kwargs: Any) -> Any:
+    def reading(self: RunStore, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
@@ -174,7 +177,7 @@ class RunLock:
     it opens later shares it. Directories the lock had to create are removed again on release
     where nothing was stored in them, so a command that fails early leaves no folder behind."""
 
-    _held: ClassVar[dict[Path, "RunLock"]] = {}
+    _held: ClassVar[dict[Path, RunLock]] = {}
 
     def __init__(self, run_dir: Path, key: Path) -> None:
         self.run_dir = run_dir
@@ -184,7 +187,7 @@ class RunLock:
         self._created: list[Path] = []
 
     @classmethod
-    def acquire(cls, run_dir: str | Path) -> "RunLock":
+    def acquire(cls, run_dir: str | Path) -> RunLock:
         key = Path(run_dir).resolve()
         lock = cls._held.get(key)
         if lock is None:
@@ -207,7 +210,7 @@ class RunLock:
         self._fd = None
         self._remove_created()
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -236,7 +239,8 @@ class RunLock:
         except OSError as exc:
             self._remove_created()
             raise RunDirectoryError(
-                f"cannot write to run directory {str(self.run_dir)!r}: {exc.strerror}") from None
+                f"cannot write to run directory {str(self.run_dir)!r}: {exc.strerror}"
+            ) from None
         except BaseException:
             self._remove_created()
             raise
@@ -283,7 +287,7 @@ class RunStore:
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
-    def open_existing(cls, run_dir: str | Path, readonly: bool = True) -> "RunStore":
+    def open_existing(cls, run_dir: str | Path, readonly: bool = True) -> RunStore:
         """Open a run to read its results. Read-only (the default), the database is opened with
         SQLite's ``mode=ro`` and nothing in the directory is created or changed, so it works on
         read-only copies; ``readonly=False`` opens it for writing, under the run's :class:`RunLock`."""
@@ -302,7 +306,7 @@ class RunStore:
     @classmethod
     def open_stage(
         cls, run_dir: str | Path, stage: str, params: Mapping[str, Any], env: Mapping[str, Any] | None = None
-    ) -> "RunStore":
+    ) -> RunStore:
         """Create the run directory or resume it; refuse parameters that differ from the stored ones.
         The store holds the run's :class:`RunLock` until it is closed."""
         run_dir = Path(run_dir)
@@ -373,7 +377,8 @@ class RunStore:
         if self._db.execute("SELECT 1 FROM stages WHERE stage = ?", (stage,)).fetchone() is None:
             with self._transaction():
                 self._db.execute(
-                    "INSERT INTO stages VALUES (?, ?, ?, ?)", (stage, json.dumps(params), json.dumps(env), time.time())
+                    "INSERT INTO stages VALUES (?, ?, ?, ?)",
+                    (stage, json.dumps(params), json.dumps(env), time.time()),
                 )
             self._write_sidecars()
             return
@@ -414,7 +419,7 @@ class RunStore:
             self._lock.release()
             self._lock = None
 
-    def __enter__(self) -> "RunStore":
+    def __enter__(self) -> RunStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -431,8 +436,13 @@ class RunStore:
     @_reads_store
     def stages(self) -> list[dict[str, Any]]:
         """Every stage run in this directory, oldest first: name, parameters, environment, start time."""
-        rows = self._db.execute("SELECT stage, params, environment, created FROM stages ORDER BY created").fetchall()
-        return [{"stage": s, "params": json.loads(p), "environment": json.loads(e), "created": c} for s, p, e, c in rows]
+        rows = self._db.execute(
+            "SELECT stage, params, environment, created FROM stages ORDER BY created"
+        ).fetchall()
+        return [
+            {"stage": s, "params": json.loads(p), "environment": json.loads(e), "created": c}
+            for s, p, e, c in rows
+        ]
 
     @_reads_store
     def finished_units(self, stage: str) -> set[str]:
@@ -455,7 +465,9 @@ class RunStore:
     def frame(self, table: str) -> pd.DataFrame:
         """A results table as a DataFrame (one call: ``RunStore.open_existing(d).frame("cloze")``)."""
         if table not in self.tables():
-            raise RunDirectoryError(f"run directory {str(self.run_dir)!r} has no table {table!r}; it has {self.tables()}")
+            raise RunDirectoryError(
+                f"run directory {str(self.run_dir)!r} has no table {table!r}; it has {self.tables()}"
+            )
         return pd.read_sql_query(f"SELECT * FROM {_check_identifier(table)} ORDER BY rowid", self._db)
 
     # -- writing -------------------------------------------------------------------------
@@ -478,7 +490,9 @@ class RunStore:
         yield writer
         self.commit_unit(stage, unit_id, writer.rows, time.perf_counter() - started)
 
-    def commit_unit(self, stage: str, unit_id: str, rows: Mapping[str, Sequence[Mapping[str, Any]]], seconds: float | None) -> None:
+    def commit_unit(
+        self, stage: str, unit_id: str, rows: Mapping[str, Sequence[Mapping[str, Any]]], seconds: float | None
+    ) -> None:
         """Write a finished unit's rows (table -> rows) and mark it done, in one transaction.
         A unit already marked is refused by the units table's key, so it is never written twice."""
         with self._transaction():
@@ -492,7 +506,8 @@ class RunStore:
 
     def _mark(self, stage: str, unit_id: str, status: str, reason: str | None, seconds: float | None) -> None:
         self._db.execute(
-            "INSERT INTO units VALUES (?, ?, ?, ?, ?, ?)", (stage, unit_id, status, reason, seconds, time.time())
+            "INSERT INTO units VALUES (?, ?, ?, ?, ?, ?)",
+            (stage, unit_id, status, reason, seconds, time.time()),
         )
 
     def _insert(self, table: str, stage: str, unit_id: str, rows: list[dict[str, Any]]) -> None:

@@ -15,7 +15,14 @@ from typing import Protocol, TypeVar
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from .errors import ContextLengthError, QlocError
 from .store import RunStore, UnitWriter
@@ -68,8 +75,11 @@ class SweepSummary:
 
     def describe(self) -> str:
         reasons = ", ".join(f"{n} {k}" for k, n in self.skip_reasons.items())
-        return (f"{self.done} done, {self.resumed} already stored, {self.skipped} skipped" + (f" ({reasons})" if reasons else "")
-                + (f", {self.retried} retried after a worker died" if self.retried else ""))
+        return (
+            f"{self.done} done, {self.resumed} already stored, {self.skipped} skipped"
+            + (f" ({reasons})" if reasons else "")
+            + (f", {self.retried} retried after a worker died" if self.retried else "")
+        )
 
 
 def make_progress(quiet: bool, console: Console | None = None) -> Progress:
@@ -116,7 +126,7 @@ def run_sweep(
                     f"stored in {str(store.run_dir)!r}. Rerun the same command with a smaller --max-batch-rows "
                     "(or --batch-size) to resume."
                 ) from None
-            progress.update(task, advance=unit_size(unit),
-                            status=f"done {summary.done} skipped {summary.skipped}")
+            progress.update(
+                task, advance=unit_size(unit), status=f"done {summary.done} skipped {summary.skipped}"
+            )
     return summary
-

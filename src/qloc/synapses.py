@@ -31,7 +31,12 @@ import torch
 
 from .attention import Synapse, attention_hooks, attention_probe, record_attention, scale_attention
 from .attribution import (
-    AnswerProbability, capture_layer_calls, free_gpu_bytes, frozen_parameters, integration_points, replay_layers,
+    AnswerProbability,
+    capture_layer_calls,
+    free_gpu_bytes,
+    frozen_parameters,
+    integration_points,
+    replay_layers,
 )
 from .consistency import STATIC_THRESHOLD
 from .errors import DataError, QlocError
@@ -103,7 +108,12 @@ def _replace_probabilities(rows: slice, points: torch.Tensor):
 
 
 def _integrate_attention(
-    lm: LoadedModel, ids: Sequence[int], answer_token: int, alphas: torch.Tensor, weights: torch.Tensor, max_rows: int | None
+    lm: LoadedModel,
+    ids: Sequence[int],
+    answer_token: int,
+    alphas: torch.Tensor,
+    weights: torch.Tensor,
+    max_rows: int | None,
 ) -> tuple[torch.Tensor, float, torch.Tensor]:
     """(scores [L, H, T, T], F(input), F with each layer's attention zeroed [L]) for one answer
     token predicted after ``ids``."""
@@ -254,7 +264,9 @@ def _relative_change(before: float, after: float) -> float:
     return (after - before) / abs(before) if before != 0 else float("nan")
 
 
-def _neuron_classes(known: FactKnowledge, query: int, shape: tuple[int, int], rng: random.Random) -> dict[str, list[Neuron]]:
+def _neuron_classes(
+    known: FactKnowledge, query: int, shape: tuple[int, int], rng: random.Random
+) -> dict[str, list[Neuron]]:
     own = sorted(set(known.query_sets[query]))
     everything = set().union(*map(set, known.query_sets))
     free = shape[0] * shape[1] - len(everything)
@@ -274,7 +286,12 @@ def heatmap_neurons(known: FactKnowledge, limit: int = 64) -> list[Neuron]:
     return sorted(chosen)
 
 
-def synapse_work(lm: LoadedModel, config: SynapseConfig, knowledge: dict[str, FactKnowledge], max_batch_rows: int | None = None):
+def synapse_work(
+    lm: LoadedModel,
+    config: SynapseConfig,
+    knowledge: dict[str, FactKnowledge],
+    max_batch_rows: int | None = None,
+):
     """Per-fact work function for :func:`qloc.sweep.run_sweep`: KS of every query, then for each
     operation (none / suppress / enhance) the KN activation changes, dProb, time and memory."""
     shape = (lm.num_layers, lm.d_ff)
@@ -288,19 +305,29 @@ def synapse_work(lm: LoadedModel, config: SynapseConfig, knowledge: dict[str, Fa
         for index, prompt in enumerate(fact.queries):
             try:
                 query = encode_query(lm, prompt, fact.object)
-                scores = attribute_attention(lm, prompt, fact.object, config.steps, config.rule, config.answer_tokens,
-                                             max_batch_rows)
+                scores = attribute_attention(
+                    lm, prompt, fact.object, config.steps, config.rule, config.answer_tokens, max_batch_rows
+                )
             except DataError as exc:
                 raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
             synapses = scores.synapses(config.threshold)
-            writer.add("synapses", {
-                "fact_id": fact.id, "relation": fact.relation, "method": config.method, "class": kind,
-                "query_index": index, "prompt": prompt, "answer": fact.object, "n_synapses": len(synapses),
-                "synapses": [list(s) + [v] for s, v in synapses],
-                "f_input": float(scores.f_input[0]),
-                "max_residual": float(scores.completeness_residual.max()),
-                "heatmap_neurons": [list(u) for u in columns],
-            })
+            writer.add(
+                "synapses",
+                {
+                    "fact_id": fact.id,
+                    "relation": fact.relation,
+                    "method": config.method,
+                    "class": kind,
+                    "query_index": index,
+                    "prompt": prompt,
+                    "answer": fact.object,
+                    "n_synapses": len(synapses),
+                    "synapses": [list(s) + [v] for s, v in synapses],
+                    "f_input": float(scores.f_input[0]),
+                    "max_residual": float(scores.completeness_residual.max()),
+                    "heatmap_neurons": [list(u) for u in columns],
+                },
+            )
             classes = _neuron_classes(known, index, shape, rng)
             target = query.target_positions[0]
             ids = torch.tensor([list(query.input_ids[: target + 1])], device=lm.device)
@@ -312,8 +339,12 @@ def synapse_work(lm: LoadedModel, config: SynapseConfig, knowledge: dict[str, Fa
             for operation, factor in factors.items():
                 chosen = in_prefix if factor is not None else []
                 intervention = scale_attention(lm, chosen, factor) if chosen else attention_probe(lm)
-                with torch.no_grad(), intervention, record_activations(lm, positions=position) as acts, \
-                        peak_memory(lm.device) as memory:
+                with (
+                    torch.no_grad(),
+                    intervention,
+                    record_activations(lm, positions=position) as acts,
+                    peak_memory(lm.device) as memory,
+                ):
                     started = time.perf_counter()
                     logits = lm.model(input_ids=ids, logits_to_keep=1).logits
                     if lm.device.type == "cuda":
@@ -324,10 +355,18 @@ def synapse_work(lm: LoadedModel, config: SynapseConfig, knowledge: dict[str, Fa
                 measured[operation] = (activations, prob)
                 before, prob_before = measured["none"]
                 row = {
-                    "fact_id": fact.id, "relation": fact.relation, "method": config.method, "class": kind,
-                    "query_index": index, "operation": operation, "n_synapses": len(chosen),
-                    "seconds": seconds, "peak_mb": memory["peak_mb"], "memory_measure": _memory_measure(lm.device),
-                    "prob": prob, "dprob": _relative_change(prob_before, prob) if operation != "none" else 0.0,
+                    "fact_id": fact.id,
+                    "relation": fact.relation,
+                    "method": config.method,
+                    "class": kind,
+                    "query_index": index,
+                    "operation": operation,
+                    "n_synapses": len(chosen),
+                    "seconds": seconds,
+                    "peak_mb": memory["peak_mb"],
+                    "memory_measure": _memory_measure(lm.device),
+                    "prob": prob,
+                    "dprob": _relative_change(prob_before, prob) if operation != "none" else 0.0,
                     "heatmap": [float(activations[l, i]) for l, i in columns],
                 }
                 for name, neurons in classes.items():
@@ -336,7 +375,9 @@ def synapse_work(lm: LoadedModel, config: SynapseConfig, knowledge: dict[str, Fa
                         layers, cols = map(list, zip(*neurons))
                         old, new = before[layers, cols], activations[layers, cols]
                         row[f"dkn_{name}"] = _relative_change(float(old.mean()), float(new.mean()))
-                        row[f"dkn_{name}_abs"] = _relative_change(float(old.abs().mean()), float(new.abs().mean()))
+                        row[f"dkn_{name}_abs"] = _relative_change(
+                            float(old.abs().mean()), float(new.abs().mean())
+                        )
                     else:
                         row[f"dkn_{name}"] = row[f"dkn_{name}_abs"] = float("nan")
                 writer.add("synapse_effects", row)
@@ -380,7 +421,9 @@ def effects_table(effects: pd.DataFrame, measure: str = "signed") -> pd.DataFram
         parts.append(table.assign(**{"class": class_name}).reset_index())
     table = pd.concat(parts, ignore_index=True)
     order = {"suppress": 0, "enhance": 1}
-    table = table.sort_values(["method", "operation"], key=lambda c: c.map(order) if c.name == "operation" else c, kind="stable")
+    table = table.sort_values(
+        ["method", "operation"], key=lambda c: c.map(order) if c.name == "operation" else c, kind="stable"
+    )
     front = ["method", "operation", "class", "queries", "synapses_mean"]
     return table[front + [c for c in table.columns if c not in front]].reset_index(drop=True)
 
@@ -397,11 +440,19 @@ def _ci_high(values: pd.Series) -> float:
 def cost_table(effects: pd.DataFrame) -> pd.DataFrame:
     """Table 6: time and peak memory of one forward pass with none / suppressed / enhanced KS."""
     grouped = effects.groupby(["method", "operation", "memory_measure"], sort=False)
-    table = grouped.agg(seconds_mean=("seconds", "mean"), seconds_median=("seconds", "median"),
-                        peak_mb_mean=("peak_mb", "mean"), peak_mb_max=("peak_mb", "max"),
-                        passes=("seconds", "size")).reset_index()
+    table = grouped.agg(
+        seconds_mean=("seconds", "mean"),
+        seconds_median=("seconds", "median"),
+        peak_mb_mean=("peak_mb", "mean"),
+        peak_mb_max=("peak_mb", "max"),
+        passes=("seconds", "size"),
+    ).reset_index()
     table["operation"] = pd.Categorical(table["operation"], OPERATIONS, ordered=True)
-    return table.sort_values(["method", "operation"]).reset_index(drop=True).assign(operation=lambda t: t["operation"].astype(str))
+    return (
+        table.sort_values(["method", "operation"])
+        .reset_index(drop=True)
+        .assign(operation=lambda t: t["operation"].astype(str))
+    )
 
 
 def _pyplot():
@@ -413,7 +464,12 @@ def _pyplot():
     return plt
 
 
-LABELS = {"dkn_kn": "query's KNs", "dkn_neighbour": "neighbour KNs", "dkn_random": "random non-KNs", "dprob": "answer prob."}
+LABELS = {
+    "dkn_kn": "query's KNs",
+    "dkn_neighbour": "neighbour KNs",
+    "dkn_random": "random non-KNs",
+    "dprob": "answer prob.",
+}
 LABELS.update({f"{k}_abs": f"{v} |a|" for k, v in LABELS.items() if k.startswith("dkn")})
 
 
@@ -435,7 +491,9 @@ def effects_figure(effects: pd.DataFrame, measure: str = "signed"):
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks(range(len(classes)), classes)
         ax.set_ylabel("relative change (mean)")
-        ax.set_title(f"{operation.capitalize()} knowledge synapses ({', '.join(sorted(set(part['method'])))} KNs)")
+        ax.set_title(
+            f"{operation.capitalize()} knowledge synapses ({', '.join(sorted(set(part['method'])))} KNs)"
+        )
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(columns), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -469,29 +527,49 @@ def heatmap_figure(synapses: pd.DataFrame, effects: pd.DataFrame, fact_id: str):
     plt = _pyplot()
     neurons = synapses[synapses["fact_id"] == fact_id]["heatmap_neurons"].iloc[0]
     fact_effects = effects[effects["fact_id"] == fact_id].sort_values("query_index")
-    matrices = {op: np.array(fact_effects[fact_effects["operation"] == op]["heatmap"].tolist(), dtype=float)
-                for op in OPERATIONS}
+    matrices = {
+        op: np.array(fact_effects[fact_effects["operation"] == op]["heatmap"].tolist(), dtype=float)
+        for op in OPERATIONS
+    }
     if not len(neurons) or matrices["none"].size == 0:
         raise QlocError(f"fact {fact_id} has no KNs to draw")
     limit = float(np.nanmax(np.abs(np.concatenate([m.ravel() for m in matrices.values()])))) or 1.0
     rows = matrices["none"].shape[0]
-    fig, axes = plt.subplots(1, 3, figsize=(min(20, max(10, 0.06 * len(neurons) * 3 + 3)), 2.2 + 0.25 * rows), squeeze=False,
-                             sharey=True, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        3,
+        figsize=(min(20, max(10, 0.06 * len(neurons) * 3 + 3)), 2.2 + 0.25 * rows),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
     image = None
     for ax, operation in zip(axes[0], OPERATIONS):
-        image = ax.imshow(matrices[operation], aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        image = ax.imshow(
+            matrices[operation],
+            aspect="auto",
+            cmap="RdBu_r",
+            vmin=-limit,
+            vmax=limit,
+            interpolation="nearest",
+        )
         layers = [l for l, _ in neurons]
         starts = [k for k in range(len(layers)) if k == 0 or layers[k] != layers[k - 1]]
         ax.set_xticks(starts, [f"L{layers[k]}" for k in starts], fontsize=6, rotation=90)
         for k in starts[1:]:
             ax.axvline(k - 0.5, color="grey", linewidth=0.4)
-        ax.set_title({"none": "no manipulation", "suppress": "KS suppressed", "enhance": "KS enhanced"}[operation], fontsize=9)
+        ax.set_title(
+            {"none": "no manipulation", "suppress": "KS suppressed", "enhance": "KS enhanced"}[operation],
+            fontsize=9,
+        )
         ax.set_xlabel("knowledge neuron (by layer)")
     axes[0, 0].set_yticks(range(rows), [f"q{i}" for i in range(rows)], fontsize=7)
     axes[0, 0].set_ylabel("neighbour query")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, pad=0.01, label="activation")
     relation = fact_effects["relation"].iloc[0]
-    fig.suptitle(f"KN activations of fact {fact_id} ({relation}, {fact_effects['class'].iloc[0]})", fontsize=10)
+    fig.suptitle(
+        f"KN activations of fact {fact_id} ({relation}, {fact_effects['class'].iloc[0]})", fontsize=10
+    )
     return fig
 
 
@@ -499,7 +577,9 @@ def heatmap_facts(effects: pd.DataFrame, count: int) -> list[str]:
     """Facts to draw: alternately KI and KC facts, so that both classes appear, those with the
     most queries first (the clearest picture; ties in run order); no selection by outcome."""
     queries = effects[effects["operation"] == "none"].groupby("fact_id", sort=False)
-    eligible = sorted(((fid, g["class"].iloc[0], len(g)) for fid, g in queries if len(g) >= 2), key=lambda f: -f[2])
+    eligible = sorted(
+        ((fid, g["class"].iloc[0], len(g)) for fid, g in queries if len(g) >= 2), key=lambda f: -f[2]
+    )
     eligible = [(fid, kind) for fid, kind, _ in eligible]
     by_class = {c: [fid for fid, k in eligible if k == c] for c in ("KI", "KC")}
     chosen = []
@@ -520,7 +600,9 @@ def decode_json_columns(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataF
     return frame
 
 
-def write_synapse_report(synapses: pd.DataFrame, effects: pd.DataFrame, directory: Path, heatmaps: int = 3) -> dict[str, Path]:
+def write_synapse_report(
+    synapses: pd.DataFrame, effects: pd.DataFrame, directory: Path, heatmaps: int = 3
+) -> dict[str, Path]:
     """Figure 6's data (for each dKN measure) and Table 6 (CSV + Markdown under ``directory/tables``),
     Figures 6, 11 (each measure) and the heatmaps of Figures 5/10 (PNG + SVG under
     ``directory/figures``) from the stored rows."""
@@ -534,9 +616,15 @@ def write_synapse_report(synapses: pd.DataFrame, effects: pd.DataFrame, director
     written = {"table6_cost": write_table(cost_table(effects), tables, "table6_cost")}
     for measure in MEASURES:  # METHODS.md's signed means, and the magnitude variant beside them
         suffix = "" if measure == "signed" else f"_{measure}"
-        written[f"fig6_synapses{suffix}"] = write_table(effects_table(effects, measure), tables, f"fig6_synapses{suffix}")
-        written[f"fig6{suffix}"] = save_figure(effects_figure(effects, measure), figures, f"fig6_synapses{suffix}")
-        written[f"fig11{suffix}"] = save_figure(distributions_figure(effects, measure), figures, f"fig11_dkn_distributions{suffix}")
+        written[f"fig6_synapses{suffix}"] = write_table(
+            effects_table(effects, measure), tables, f"fig6_synapses{suffix}"
+        )
+        written[f"fig6{suffix}"] = save_figure(
+            effects_figure(effects, measure), figures, f"fig6_synapses{suffix}"
+        )
+        written[f"fig11{suffix}"] = save_figure(
+            distributions_figure(effects, measure), figures, f"fig11_dkn_distributions{suffix}"
+        )
     for k, fact_id in enumerate(heatmap_facts(effects, heatmaps)):
         name = "fig5_heatmap" if k == 0 else f"fig10_heatmap_{k}"
         written[name] = save_figure(heatmap_figure(synapses, effects, fact_id), figures, name)

@@ -56,7 +56,11 @@ def encode_query(lm: LoadedModel, prompt: str, answer: str) -> EncodedQuery:
 def answer_token_ids(lm: LoadedModel, answer: str) -> tuple[int, ...]:
     """``tokenizer(" " + answer)`` without special tokens: the leading space makes the answer a
     continuation word, as it is after a prompt."""
-    ids = tuple(lm.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids) if answer.strip() else ()
+    ids = (
+        tuple(lm.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids)
+        if answer.strip()
+        else ()
+    )
     if not ids:
         raise DataError(f"answer {answer!r} tokenizes to no tokens with {lm.name!r}'s tokenizer")
     return ids

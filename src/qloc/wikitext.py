@@ -17,6 +17,9 @@ def load_wikitext_test() -> str:
 def wikitext_passages(count: int = 5, min_chars: int = 1200, seed: int = 0) -> list[str]:
     """``count`` seeded passages: article paragraphs (lines that are not ``= heading =``) of at
     least ``min_chars`` characters, enough for 256 tokens with the usual tokenizers."""
-    paragraphs = [line.strip() for line in load_wikitext_test().split("\n")
-                  if len(line.strip()) >= min_chars and not line.strip().startswith("=")]
+    paragraphs = [
+        line.strip()
+        for line in load_wikitext_test().split("\n")
+        if len(line.strip()) >= min_chars and not line.strip().startswith("=")
+    ]
     return random.Random(seed).sample(paragraphs, count)
