@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import qloc  # noqa: E402
-from qloc.attribution import attribute, kn_set  # noqa: E402
-from qloc.tokens import encode_query  # noqa: E402
+from qloc.engine.attribution import attribute, kn_set  # noqa: E402
+from qloc.engine.tokens import encode_query  # noqa: E402
 from reference_attribution import reference_scores  # noqa: E402
 
 

@@ -26,9 +26,9 @@ import time
 import pandas as pd
 
 import qloc
-from qloc.census import CHUNK_FACTS, CensusChunk, calibration_sample, census_work
-from qloc.cloze import cloze_sweep_work
-from qloc.store import UnitWriter
+from qloc.runs.store import UnitWriter
+from qloc.studies.census import CHUNK_FACTS, CensusChunk, calibration_sample, census_work
+from qloc.studies.cloze import cloze_sweep_work
 
 
 def sample_facts(facts: list[qloc.Fact], queries: int, seed: int) -> tuple[list[qloc.Fact], list[qloc.Fact]]:

@@ -56,14 +56,14 @@ BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS.parent / "tests"))
 sys.path.insert(0, str(BENCHMARKS))
 import qloc  # noqa: E402
-from qloc.attribution import (  # noqa: E402
+from qloc.engine.attribution import (  # noqa: E402
     PathEngine,
     attribute,
     default_batch_rows,
     frozen_parameters,
     integration_points,
 )
-from qloc.models import LoadedModel  # noqa: E402
+from qloc.engine.models import LoadedModel  # noqa: E402
 from reference_attribution import reference_scores  # noqa: E402
 from throughput import PARAREL_FACTS, PARAREL_QUERIES, Shape, query_flops  # noqa: E402
 
@@ -412,7 +412,7 @@ def jaccard(a: Iterable[Sequence[int]], b: Iterable[Sequence[int]]) -> float:
 
 def smollm2_config() -> dict[str, Any]:
     """smollm2-135m's configuration as the converted GGUF checkpoint states it, less its provenance."""
-    from qloc.models import BUILTIN_MODELS, cache_dir, convert_gguf
+    from qloc.engine.models import BUILTIN_MODELS, cache_dir, convert_gguf
 
     directory = convert_gguf(BUILTIN_MODELS["smollm2-135m"].locate(cache_dir()))
     config = transformers.AutoConfig.from_pretrained(directory).to_diff_dict()
@@ -706,7 +706,7 @@ def main() -> None:
     warnings.simplefilter("ignore")  # random weights leave completeness residuals that are no news here
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    device, dtype = torch.device(args.device), qloc.models.resolve_dtype(args.dtype)
+    device, dtype = torch.device(args.device), qloc.engine.models.resolve_dtype(args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32 for the comparison with the CPU
     results: dict[str, Any] = dict(machine=machine(device), args={k: str(v) for k, v in vars(args).items()})
     print(", ".join(f"{k} {v}" for k, v in results["machine"].items()))

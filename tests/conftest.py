@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import qloc
-from qloc.pararel import load_pararel
+from qloc.data.pararel import load_pararel
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()

@@ -5,8 +5,8 @@ in qloc is tested against this."""
 
 import torch
 
-from qloc.attribution import integration_points
-from qloc.tokens import encode_query
+from qloc.engine.attribution import integration_points
+from qloc.engine.tokens import encode_query
 
 
 def _forward_with_replacement(lm, ids, layer, target, values):

@@ -11,7 +11,7 @@ import torch
 
 import qloc
 from conftest import FAMILY_MODEL_TYPES, make_tiny_model
-from qloc.attribution import attribute, integration_points, kn_set, top_k
+from qloc.engine.attribution import attribute, integration_points, kn_set, top_k
 from qloc.errors import QlocError
 from reference_attribution import reference_scores, reference_token_scores
 
@@ -234,7 +234,7 @@ def test_sig_combination_never_flips_a_sign():
     """The synthetic case: per-word attributions [1, 0, 0] and [0, -4, 2]. The literal rescale to the
     raw total (-1) over the normalised total (+0.553) gave [-1.81, 1.62, -0.81]; the combination
     keeps each neuron's sign of sum_j IG_j / ||IG_j||."""
-    from qloc.attribution import SIG
+    from qloc.engine.attribution import SIG
 
     per_word = torch.tensor([[1.0, 0.0, 0.0], [0.0, -4.0, 2.0]])[:, None, :]  # [words, L=1, d_ff=3]
     combined = SIG().combine(per_word)[0]
@@ -251,7 +251,7 @@ def test_sig_combination_never_flips_a_sign():
 
 def test_random_sig_combinations_keep_signs():
     generator = torch.Generator().manual_seed(0)
-    from qloc.attribution import SIG
+    from qloc.engine.attribution import SIG
 
     for _ in range(50):
         per_word = torch.randn(4, 2, 5, generator=generator) * torch.rand(4, 1, 1, generator=generator) * 10

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qloc.cas import cas_scores, cas_set
+from qloc.studies.knsets import cas_scores, cas_set
 
 
 def test_cas_rewards_neurons_every_query_uses():

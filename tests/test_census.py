@@ -10,7 +10,10 @@ import torch
 
 import qloc
 from conftest import make_tiny_model
-from qloc.census import (
+from qloc.errors import QlocError
+from qloc.runs.store import RunStore
+from qloc.runs.sweep import run_sweep
+from qloc.studies.census import (
     STAGE,
     FirstTokenScorer,
     calibration_sample,
@@ -21,9 +24,6 @@ from qloc.census import (
     parse_known,
     read_census,
 )
-from qloc.errors import QlocError
-from qloc.store import RunStore
-from qloc.sweep import run_sweep
 
 RELATIONS = ["P19", "P36", "P103"]
 
@@ -50,7 +50,7 @@ def tiny_facts():
 
 
 def census_rows(lm, facts, chunk_facts=256, batch_size=128) -> pd.DataFrame:
-    from qloc.store import UnitWriter
+    from qloc.runs.store import UnitWriter
 
     work, writer = census_work(lm, "float32", batch_size, []), UnitWriter()
     for chunk in census_chunks(facts, chunk_facts):
@@ -214,8 +214,8 @@ def test_cli_census_then_known_localize_then_edit_a_known_query(tmp_path, tiny_m
     # The experiments rebuild each fact from the run's queries: the edited query (Self, query 0)
     # is the first known query, and Gen measures the other known queries.
     from qloc import cli as qloc_cli
-    from qloc import edit_study
-    from qloc.edit_study import EditConfig, edit_work
+    from qloc.studies import editing as edit_study
+    from qloc.studies.editing import EditConfig, edit_work
 
     localized = qloc_cli._localized_run(run, None, "cpu", quiet=True)
     assert {f.id: list(f.queries) for f in localized.facts} == expected
@@ -235,7 +235,7 @@ def test_cli_census_then_known_localize_then_edit_a_known_query(tmp_path, tiny_m
         localized.dataset,
         passages=["Paris is the capital of France ."],
     )
-    from qloc.store import UnitWriter
+    from qloc.runs.store import UnitWriter
 
     fact = localized.facts[0]
     work(fact, UnitWriter())

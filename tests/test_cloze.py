@@ -95,8 +95,8 @@ class NoTokensFor:
 
 
 def test_sweep_skips_and_names_untokenizable_answers(tmp_path, word_tokenizer):
-    from qloc.cloze import cloze_sweep_work
-    from qloc.sweep import run_sweep
+    from qloc.runs.sweep import run_sweep
+    from qloc.studies.cloze import cloze_sweep_work
 
     lm = make_tiny_model("llama", NoTokensFor(word_tokenizer, "France"))
     facts = [

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from qloc.consistency import (
+from qloc.runs.store import RunStore
+from qloc.studies.consistency import (
     classify,
     consistency_score,
     fact_consistency,
@@ -23,7 +24,6 @@ from qloc.consistency import (
     violin_figure,
     welch,
 )
-from qloc.store import RunStore
 from test_store import kill_midway
 
 
@@ -284,7 +284,7 @@ def test_table1_reports_the_null_and_keeps_degenerate_methods_out_of_u_ki():
 def test_threshold_sensitivity_recomputes_sets_per_rule():
     import torch
 
-    from qloc.attribution import kn_set
+    from qloc.engine.attribution import kn_set
 
     generator = torch.Generator().manual_seed(0)
     rows = []

@@ -5,7 +5,7 @@ import torch
 
 import qloc
 from conftest import make_tiny_model
-from qloc.editing import answer_embedding, edit_knowledge, perplexity
+from qloc.engine.editing import answer_embedding, edit_knowledge, perplexity
 
 PROMPT = "Paris is the capital of"
 
@@ -89,7 +89,7 @@ def test_perplexity_matches_a_direct_computation(word_tokenizer):
 
 
 def test_edit_metrics_on_hand_made_predictions():
-    from qloc.edit_study import edit_metrics
+    from qloc.studies.editing import edit_metrics
 
     update = edit_metrics("update", 1.0, [0.5, 0.0, 1.0], [[1, 2], [3], [4]], [[1, 2], [9], [4]])
     assert update == {
@@ -171,8 +171,8 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
 def test_sequential_editing_restores_the_model(word_tokenizer):
     import pandas as pd
 
-    from qloc.edit_study import EditConfig, sequential_edit, sequential_table
-    from qloc.knsets import FactKnowledge
+    from qloc.studies.editing import EditConfig, sequential_edit, sequential_table
+    from qloc.studies.knsets import FactKnowledge
 
     lm = make_tiny_model("llama", word_tokenizer)
     facts = [
@@ -202,7 +202,7 @@ def test_sequential_editing_restores_the_model(word_tokenizer):
 
 
 def test_case_study_table_and_restore(word_tokenizer):
-    from qloc.edit_study import case_study, greedy_continuation
+    from qloc.studies.editing import case_study, greedy_continuation
 
     lm = make_tiny_model("gpt2", word_tokenizer)
     before = weights(lm)
@@ -237,7 +237,7 @@ def test_sign_aware_erasure_lowers_the_answer_on_a_gated_model(word_tokenizer, s
     """Gated activations are signed. Eq. (2) applied literally to neurons with a < 0 adds
     |a| ||v|| e(o) / ||e(o)|| to the residual stream and raises the answer; following each
     activation's sign lowers it."""
-    from qloc.editing import activation_signs, target_activations
+    from qloc.engine.editing import activation_signs, target_activations
 
     lm = tied_gated_model(word_tokenizer, seed)
     answer = "France"
@@ -270,7 +270,7 @@ def test_sign_zero_leaves_a_neuron_unedited(word_tokenizer):
 
 
 def test_signs_follow_the_mean_activation():
-    from qloc.editing import activation_signs
+    from qloc.engine.editing import activation_signs
 
     activations = torch.zeros(3, 2, 4)
     activations[:, 0, 1] = torch.tensor([2.0, -1.0, -0.5])  # mean +0.17
@@ -280,7 +280,7 @@ def test_signs_follow_the_mean_activation():
 
 
 def test_shared_filter_drops_neurons_many_facts_hold():
-    from qloc.knsets import FactKnowledge, filtered_knowledge, shared_neurons
+    from qloc.studies.knsets import FactKnowledge, filtered_knowledge, shared_neurons
 
     common, relation_only = (9, 9), (8, 8)
     knowledge = {}
@@ -313,8 +313,8 @@ def test_sign_aware_erasure_on_smollm2_lowers_a_known_answer(smollm2):
     """SmolLM2 ranks Paris first here (P = 0.70). Erasing through the query's own AMIG KN set with
     the signs of its activations lowers P(Paris); about half of the set has negative activations,
     and the literal equation through those alone raises it."""
-    from qloc.attribution import attribute
-    from qloc.editing import activation_signs, target_activations
+    from qloc.engine.attribution import attribute
+    from qloc.engine.editing import activation_signs, target_activations
 
     prompt, answer = "The Eiffel Tower is located in the city of", "Paris"
     before = qloc.score_cloze(smollm2, [prompt], [answer])[0]

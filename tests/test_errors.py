@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 
 from qloc import cli
-from qloc.store import LOCK_FILE, STORE_FILE, RunStore
+from qloc.runs.store import LOCK_FILE, STORE_FILE, RunStore
 
 QLOC = [sys.executable, "-m", "qloc.cli"]
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "smollm2-135m"
@@ -360,7 +360,7 @@ def test_reading_needs_no_lock_and_a_writable_open_takes_it(tmp_path):
             [
                 sys.executable,
                 "-c",
-                "from qloc.store import RunStore; "
+                "from qloc.runs.store import RunStore; "
                 f"RunStore.open_stage({str(tmp_path / 'run')!r}, 'demo', {{'x': 1}})",
             ],
             capture_output=True,

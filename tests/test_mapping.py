@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 
 import qloc
-from qloc.mapping import mapping_sets, mapping_table
+from qloc.studies.mapping import mapping_sets, mapping_table
 
 KN = [[(0, 1), (0, 2), (1, 5)], [(0, 1), (2, 2)], [(0, 1), (2, 2), (3, 3)], [(0, 1), (1, 5)]]
 

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import qloc
-from qloc import models
+from qloc.engine import models
 from qloc.errors import QlocError
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import SHARED
+from qloc.data.pararel import bundled_path, causal_prompt, load_pararel, sample_facts
 from qloc.errors import DataError
-from qloc.pararel import bundled_path, causal_prompt, load_pararel, sample_facts
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_unreadable_file_is_named(tmp_path):
 
 
 def test_bundled_wikitext():
-    from qloc.wikitext import load_wikitext_test, wikitext_passages
+    from qloc.data.wikitext import load_wikitext_test, wikitext_passages
 
     raw = gzip.decompress(bundled_path("wikitext2_test.raw.gz").read_bytes())
     assert (

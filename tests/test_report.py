@@ -18,9 +18,9 @@ import qloc
 from headless_browser import HeadlessChromium, find_browser
 from qloc.errors import QlocError
 from qloc.report import open_in_browser, read_section, unit_counts, write_report
-from qloc.report_explorer import explorer_run
-from qloc.report_findings import Evidence, load_paper_reference, model_findings, reference_model
-from qloc.report_format import format_number, format_share, script_json
+from qloc.report.explorer import explorer_run
+from qloc.report.findings import Evidence, load_paper_reference, model_findings, reference_model
+from qloc.report.format import format_number, format_share, script_json
 
 QLOC = [sys.executable, "-m", "qloc.cli"]
 BROWSER = find_browser()
@@ -563,7 +563,7 @@ def test_report_works_in_headless_chromium_figures_and_explorer(hostile_run, tmp
 
 
 def test_paper_ranges_stand_in_for_cells_that_were_not_transcribed():
-    from qloc.report_findings import load_paper_reference
+    from qloc.report.findings import load_paper_reference
 
     paper = load_paper_reference()
     assert paper.value("ki_share", "GPT-2", "amig static") is None

@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
+from qloc.data.pararel import Fact
 from qloc.errors import QlocError, RunDirectoryError
-from qloc.pararel import Fact
-from qloc.store import RunStore
-from qloc.sweep import SkipFact, run_sweep
+from qloc.runs.store import RunStore
+from qloc.runs.sweep import SkipFact, run_sweep
 
 PARAMS = {"model": "tiny", "seed": 0, "limit": 3}
 FACTS = [

@@ -12,11 +12,11 @@ import transformers
 
 import qloc
 from conftest import FAMILY_MODEL_TYPES, make_tiny_model, tiny_config
-from qloc.attention import attention_hooks, attention_probe, record_attention, scale_attention
-from qloc.attribution import AnswerProbability, frozen_parameters, integration_points
+from qloc.engine.attention import attention_hooks, attention_probe, record_attention, scale_attention
+from qloc.engine.attribution import AnswerProbability, frozen_parameters, integration_points
+from qloc.engine.tokens import encode_query
 from qloc.errors import QlocError
-from qloc.synapses import attribute_attention, cost_table, effects_table, knowledge_synapses
-from qloc.tokens import encode_query
+from qloc.studies.synapses import attribute_attention, cost_table, effects_table, knowledge_synapses
 
 PROMPT, ANSWER = "The capital of France is", "Paris"
 
@@ -265,10 +265,10 @@ def test_suppressing_smollm2_synapses_lowers_the_answer(smollm2):
 
 
 def test_multi_token_answers_manipulate_only_synapses_of_the_first_tokens_prefix(word_tokenizer):
-    from qloc.knsets import FactKnowledge
-    from qloc.pararel import Fact
-    from qloc.store import UnitWriter
-    from qloc.synapses import SynapseConfig, synapse_work
+    from qloc.data.pararel import Fact
+    from qloc.runs.store import UnitWriter
+    from qloc.studies.knsets import FactKnowledge
+    from qloc.studies.synapses import SynapseConfig, synapse_work
 
     lm = make_tiny_model("llama", word_tokenizer)
     fact = Fact(

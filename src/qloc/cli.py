@@ -168,7 +168,7 @@ def main() -> None:
 def _load(model: str, device: str, dtype: str, quiet: bool):
     import transformers
 
-    from .models import load_model
+    from .engine.models import load_model
 
     transformers.utils.logging.disable_progress_bar()  # qloc shows its own progress
     if not quiet:
@@ -177,7 +177,7 @@ def _load(model: str, device: str, dtype: str, quiet: bool):
 
 
 def _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet):
-    from .pararel import load_pararel, sample_facts
+    from .data.pararel import load_pararel, sample_facts
 
     if query_filter not in ("mask_final", "mask_period"):
         raise QlocError(f"--query-filter {query_filter!r}: choose mask_final or mask_period")
@@ -248,8 +248,8 @@ def _select_known(
     --known-pool per relation) are looked up in the census (scored first, into the run directory,
     unless --census names one); each keeps its queries ranked below K, facts with >= 2 survive,
     and the seeded --facts-per-relation / --limit sample is drawn from the survivors."""
-    from .census import EXACT_RANKS, census_plan, keep_known, read_census
-    from .pararel import sample_facts
+    from .data.pararel import sample_facts
+    from .studies.census import EXACT_RANKS, census_plan, keep_known, read_census
 
     if known_pool is not None and known_pool < 1:
         raise QlocError(f"--known-pool {known_pool}: must be at least 1")
@@ -288,7 +288,7 @@ def _select_known(
 @app.command()
 def models(json_out: JsonOpt = False) -> None:
     """List the built-in models and whether they are installed."""
-    from .models import BUILTIN_MODELS, DEFAULT_MODEL
+    from .engine.models import BUILTIN_MODELS, DEFAULT_MODEL
 
     rows = [
         {
@@ -390,9 +390,10 @@ def cloze(
 ) -> None:
     """Score answers after cloze prompts: probability and rank of the first answer token and the
     teacher-forced log-probability of the whole answer."""
-    from .cloze import cloze_sweep_work, score_cloze
-    from .store import RunLock, RunStore
-    from .sweep import run_sweep
+    from .engine.cloze import score_cloze
+    from .runs.store import RunLock, RunStore
+    from .runs.sweep import run_sweep
+    from .studies.cloze import cloze_sweep_work
 
     if (prompt is None) != (answer is None):
         raise QlocError("--prompt and --answer go together")
@@ -465,9 +466,9 @@ def census(
     """What the model knows: rank and probability of the answer's first token after every usable
     query of the selected facts (default: all of ParaRel), in chunks of 256 facts (resumable);
     tables/census_relations.csv|md and figures/census_relations.png|svg per relation."""
-    from .census import STAGE, census_figure, census_plan, census_table
-    from .outputs import markdown_table, save_figure, write_table
-    from .store import RunStore
+    from .runs.outputs import markdown_table, save_figure, write_table
+    from .runs.store import RunStore
+    from .studies.census import STAGE, census_figure, census_plan, census_table
 
     dataset, selected = _select(data, relations, facts_per_relation, limit, seed, query_filter, quiet)
     params = {
@@ -499,7 +500,7 @@ def census(
 
 
 def _env(lm) -> dict:
-    from .executors import model_environment
+    from .runs.executors import model_environment
 
     return model_environment(lm)
 
@@ -508,7 +509,7 @@ def _execute(plan, executor: str, ray_address: str | None, workers: int | None, 
     """Run a sweep plan locally or on Ray; the store and resume work the same either way."""
     import transformers
 
-    from .executors import execute
+    from .runs.executors import execute
 
     transformers.utils.logging.disable_progress_bar()  # qloc shows its own progress
     if executor == "local" and not quiet:
@@ -559,8 +560,8 @@ def attribute(
 
     import numpy as np
 
-    from .attribution import attribute as attribute_scores
-    from .outputs import check_writable
+    from .engine.attribution import attribute as attribute_scores
+    from .runs.outputs import check_writable
 
     if out_file is not None:
         check_writable(out_file.parent, "the scores")  # before the attribution, not after it
@@ -670,10 +671,10 @@ def localize(
     """The localization sweep: KN sets of every usable query of every sampled fact, with each
     method (resumable; one transaction per fact). The default samples 1 fact per relation; with
     --known K, only among the facts the model knows (a census comes first)."""
-    from .census import parse_known
-    from .executors import ModelSpec, SweepPlan
-    from .localize import STAGE, LocalizeConfig, localize_work
-    from .store import RunStore
+    from .runs.executors import ModelSpec, SweepPlan
+    from .runs.store import RunStore
+    from .studies.census import parse_known
+    from .studies.localize import STAGE, LocalizeConfig, localize_work
 
     config = LocalizeConfig(
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
@@ -746,7 +747,7 @@ def consistency(
 ) -> None:
     """KN-consistency scores, KC/KI classes (static 0.1 and Otsu), Welch's t-test, Table 1 and
     Figures 3/7/8/9 from one or more localize runs."""
-    from .consistency import write_consistency_report
+    from .studies.consistency import write_consistency_report
 
     written = write_consistency_report(
         run_dirs, out_dir or run_dirs[0], "cs_strict" if strict else "cs_relaxed"
@@ -768,7 +769,7 @@ class LocalizedRun:
 
     @property
     def model(self):
-        from .executors import ModelSpec
+        from .runs.executors import ModelSpec
 
         return ModelSpec(self.params["model"], self.device, self.params["dtype"])
 
@@ -776,10 +777,10 @@ class LocalizedRun:
 def _localized_run(run_dir: Path, method: str | None, device: str, quiet: bool) -> LocalizedRun:
     """What the experiments on a localize run need: its KN sets for ``method`` (default: the
     run's first), its facts within the full dataset, and which model to load."""
-    from .knsets import knowledge_from_store
-    from .localize import STAGE
-    from .pararel import load_pararel
-    from .store import RunStore
+    from .data.pararel import load_pararel
+    from .runs.store import RunStore
+    from .studies.knsets import knowledge_from_store
+    from .studies.localize import STAGE
 
     with RunStore.open_existing(run_dir) as store:
         localized = store.params(STAGE)
@@ -813,10 +814,10 @@ def mapping(
     """The query-KN mapping experiment (Figure 4): suppress (x0) and enhance (x2) the Self, Union,
     Intersection, Refine and Unrelated sets of every query; dProb per set and class (mean, median,
     bootstrap 95 % interval)."""
-    from .executors import SweepPlan
-    from .mapping import MappingConfig, mapping_figure, mapping_table, mapping_work
-    from .outputs import markdown_table, save_figure, write_table
-    from .store import RunStore
+    from .runs.executors import SweepPlan
+    from .runs.outputs import markdown_table, save_figure, write_table
+    from .runs.store import RunStore
+    from .studies.mapping import MappingConfig, mapping_figure, mapping_table, mapping_work
 
     run = _localized_run(run_dir, method, device, quiet)
     config = MappingConfig(method=run.method, seed=seed, shared_filter=_shared_filter(shared_filter))
@@ -870,10 +871,10 @@ def synapses(
     answer's probability (Figures 5, 6, 10, 11; Table 6). Resumable per fact."""
     import random
 
-    from .executors import SweepPlan
-    from .outputs import markdown_table
-    from .store import RunStore
-    from .synapses import SynapseConfig, cost_table, effects_table, synapse_work, write_synapse_report
+    from .runs.executors import SweepPlan
+    from .runs.outputs import markdown_table
+    from .runs.store import RunStore
+    from .studies.synapses import SynapseConfig, cost_table, effects_table, synapse_work, write_synapse_report
 
     run = _localized_run(run_dir, method, device, quiet)
     config = SynapseConfig(
@@ -953,7 +954,11 @@ def edit(
     """Knowledge erasure or update through KN sets: Rel, Gen, Loc, Avg and perplexity change per
     fact (resumable), then Table 2 (Self, Union) and Table 3 (with CAS) for KC and KI facts.
     With --sequential N: N facts edited without restoring in between, --seeds times (Table 7)."""
-    from .edit_study import (
+    from .data.wikitext import wikitext_passages
+    from .runs.executors import SweepPlan
+    from .runs.outputs import markdown_table, write_table
+    from .runs.store import RunStore
+    from .studies.editing import (
         EditConfig,
         SequentialUnit,
         edit_table,
@@ -961,10 +966,6 @@ def edit(
         sequential_table,
         sequential_work,
     )
-    from .executors import SweepPlan
-    from .outputs import markdown_table, write_table
-    from .store import RunStore
-    from .wikitext import wikitext_passages
 
     mode = mode or ("update" if new is not None else "erase")
     if case is not None:
@@ -1055,14 +1056,14 @@ def _case_study(
     device: str,
     quiet: bool,
 ) -> None:
-    from .edit_study import case_study
-    from .outputs import write_table
-    from .pararel import causal_prompt, load_pararel
+    from .data.pararel import causal_prompt, load_pararel
+    from .runs.outputs import write_table
+    from .studies.editing import case_study
 
     dtype = "float32"
     if run_dir is not None and (run_dir / "qloc.sqlite").exists():
-        from .localize import STAGE
-        from .store import RunStore
+        from .runs.store import RunStore
+        from .studies.localize import STAGE
 
         with RunStore.open_existing(run_dir) as store:  # the case is about the run's model
             localized = store.params(STAGE)
@@ -1264,7 +1265,7 @@ def reproduce(
 
 def _pool_for(known: str, pool: int | None) -> int | None:
     """The census pool of a --known filter; none without one."""
-    from .census import parse_known
+    from .studies.census import parse_known
 
     return None if parse_known(known) is None else pool
 

@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .attribution import METHODS, attribute, integration_points
-from .cas import cas_set
-from .cloze import score_cloze
-from .errors import DataError, QlocError
-from .models import LoadedModel
-from .pararel import Fact
-from .store import UnitWriter
-from .sweep import SkipFact
+from ..data.pararel import Fact
+from ..engine.attribution import METHODS, attribute, integration_points
+from ..engine.cloze import score_cloze
+from ..engine.models import LoadedModel
+from ..errors import DataError, QlocError
+from ..runs.store import UnitWriter
+from ..runs.sweep import SkipFact
+from .knsets import cas_set
 
 STAGE = "localize"
 

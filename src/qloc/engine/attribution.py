@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
+from ..errors import DataError, QlocError
 from .architectures import ArchitectureSpec
-from .errors import DataError, QlocError
 from .interventions import activation_hooks, record_activations
 from .models import LoadedModel
 from .tokens import EncodedQuery, encode_query

@@ -12,11 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import DataError
 from .models import LoadedModel
-from .pararel import Fact
-from .store import UnitWriter
-from .sweep import SkipFact
 from .tokens import EncodedQuery, encode_query, pad_batch, pad_token_id
 
 
@@ -81,33 +77,3 @@ def _score_batch(lm: LoadedModel, queries: list[EncodedQuery]) -> list[ClozeScor
             )
         )
     return results
-
-
-def cloze_sweep_work(lm: LoadedModel, batch_size: int = 16):
-    """Sweep work for ``qloc cloze``: score every usable query of a fact, one row per query."""
-
-    def work(fact: Fact, writer: UnitWriter) -> None:
-        try:
-            scores = score_cloze(lm, fact.queries, [fact.object] * len(fact.queries), batch_size)
-        except DataError as exc:
-            raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
-        writer.add(
-            "cloze",
-            [
-                {
-                    "fact_id": fact.id,
-                    "relation": fact.relation,
-                    "query_index": i,
-                    "prompt": s.prompt,
-                    "answer": s.answer,
-                    "answer_tokens": s.answer_tokens,
-                    "prob": s.prob,
-                    "rank": s.rank,
-                    "logprob": s.logprob,
-                    "top_token": s.top_token,
-                }
-                for i, s in enumerate(scores)
-            ],
-        )
-
-    return work

@@ -29,8 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .attention import Synapse, attention_hooks, attention_probe, record_attention, scale_attention
-from .attribution import (
+from ..data.pararel import Fact
+from ..engine.attention import Synapse, attention_hooks, attention_probe, record_attention, scale_attention
+from ..engine.attribution import (
     AnswerProbability,
     capture_layer_calls,
     free_gpu_bytes,
@@ -38,16 +39,15 @@ from .attribution import (
     integration_points,
     replay_layers,
 )
+from ..engine.interventions import record_activations
+from ..engine.models import LoadedModel
+from ..engine.tokens import encode_query
+from ..errors import DataError, QlocError
+from ..runs.store import UnitWriter
+from ..runs.sweep import SkipFact
 from .consistency import STATIC_THRESHOLD
-from .errors import DataError, QlocError
-from .interventions import record_activations
 from .knsets import FactKnowledge
-from .models import LoadedModel
-from .pararel import Fact
 from .statistics import bootstrap_mean_ci
-from .store import UnitWriter
-from .sweep import SkipFact
-from .tokens import encode_query
 
 OPERATIONS = ("none", "suppress", "enhance")
 NEURON_CLASSES = ("kn", "neighbour", "random")
@@ -606,7 +606,7 @@ def write_synapse_report(
     """Figure 6's data (for each dKN measure) and Table 6 (CSV + Markdown under ``directory/tables``),
     Figures 6, 11 (each measure) and the heatmaps of Figures 5/10 (PNG + SVG under
     ``directory/figures``) from the stored rows."""
-    from .outputs import save_figure, write_table
+    from ..runs.outputs import save_figure, write_table
 
     if effects.empty:
         raise QlocError("the synapses run has no stored queries yet")

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import ContextLengthError, QlocError
-from .models import LoadedModel, load_model
+from ..engine.models import LoadedModel, load_model
+from ..errors import ContextLengthError, QlocError
 from .store import RunLock, RunStore, UnitWriter, environment
 from .sweep import SkipFact, SweepSummary, U, make_progress, run_sweep, unit_size, unit_skip
 

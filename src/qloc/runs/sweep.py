@@ -24,7 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .errors import ContextLengthError, QlocError
+from ..errors import ContextLengthError, QlocError
 from .store import RunStore, UnitWriter
 
 

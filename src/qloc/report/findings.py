@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import QlocError
-from .report_format import format_number, format_share
+from ..errors import QlocError
+from .format import format_number, format_share
 
 SIGNIFICANCE = 0.05
 BROKEN_DPPL = 1.0
@@ -86,7 +86,7 @@ class PaperReference:
 
 def load_paper_reference(path: Path | None = None) -> PaperReference:
     """The reference shipped with qloc, or another file of the same form."""
-    source = path or resources.files("qloc") / "data" / "paper_reference.json"
+    source = path or resources.files("qloc.data") / "paper_reference.json"
     try:
         data = json.loads(Path(str(source)).read_text(encoding="utf-8"))
         claims = data["claims"]

@@ -1,17 +1,26 @@
-"""KN sets of a localize run, per fact, as the editing and mapping experiments read them, and the
-shared-neuron filter applied before those experiments."""
+"""KN sets of a localize run, per fact, as the editing and mapping experiments read them; the
+shared-neuron filter applied before those experiments; and Consistency-Aware KN selection
+(METHODS.md section 8, the paper's eq. 5), the fact-level KN set that localize stores beside the
+per-query ones.
+
+CAS: for a fact with per-query score tensors, s_j(u) = score_j(u) / max score_j; CAS(u) = beta1 *
+mean_j s_j(u) - beta2 * var_j s_j(u); K_CAS = {u : CAS(u) >= t * max CAS}. Neurons that score
+high for every paraphrase are kept, those that matter for one phrasing only are penalised.
+"""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
+import torch
 
+from ..engine.attribution import kn_set
+from ..errors import QlocError
 from .consistency import consistency_score
-from .errors import QlocError
 
 Neuron = tuple[int, int]
 SHARED_FILTER = 0.10
@@ -119,3 +128,20 @@ def knowledge_from_store(
         sets = [[tuple(u) for u in json.loads(k)] for k in group.sort_values("query_index")["kn"]]
         result[fact_id] = FactKnowledge(sets, cas.get(fact_id, []), str(group["relation"].iloc[0]))
     return result
+
+
+def cas_scores(
+    per_query_scores: Sequence[torch.Tensor], beta1: float = 1.0, beta2: float = 1.0
+) -> torch.Tensor:
+    """CAS(u) for every neuron: [L, d_ff] from the fact's per-query [L, d_ff] scores."""
+    stacked = torch.stack(
+        [s / s.max() if float(s.max()) > 0 else torch.zeros_like(s) for s in per_query_scores]
+    ).float()
+    return beta1 * stacked.mean(0) - beta2 * stacked.var(0, unbiased=False)
+
+
+def cas_set(
+    per_query_scores: Sequence[torch.Tensor], beta1: float = 1.0, beta2: float = 1.0, threshold: float = 0.3
+) -> list[tuple[int, int]]:
+    """K_CAS = {u : CAS(u) >= threshold * max CAS}."""
+    return kn_set(cas_scores(per_query_scores, beta1, beta2), threshold)

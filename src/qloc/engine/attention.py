@@ -27,7 +27,7 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .errors import QlocError
+from ..errors import QlocError
 from .models import LoadedModel
 
 PROBE_IMPLEMENTATION = "qloc_probe"

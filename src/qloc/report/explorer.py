@@ -16,8 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from .consistency import STATIC_THRESHOLD, classify, fact_consistency
-from .report_format import rounded
+from ..studies.consistency import STATIC_THRESHOLD, classify, fact_consistency
+from .format import rounded
 
 EDIT_COLUMNS = (
     "mode",

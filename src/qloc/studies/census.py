@@ -29,12 +29,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .errors import DataError, QlocError
-from .executors import ModelSpec, SweepPlan
-from .models import LoadedModel
-from .pararel import Fact
-from .store import RunStore, UnitWriter
-from .tokens import answer_token_ids
+from ..data.pararel import Fact
+from ..engine.models import LoadedModel
+from ..engine.tokens import answer_token_ids
+from ..errors import DataError, QlocError
+from ..runs.executors import ModelSpec, SweepPlan
+from ..runs.store import RunStore, UnitWriter
 
 STAGE = "census"
 PRECISIONS = ("auto", "float32", "bfloat16")

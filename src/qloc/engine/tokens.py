@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ContextLengthError, DataError
+from ..errors import ContextLengthError, DataError
 from .models import LoadedModel
 
 

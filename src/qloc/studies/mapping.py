@@ -21,17 +21,17 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 import torch
 
-from .cloze import score_cloze
+from ..data.pararel import Fact
+from ..engine.cloze import score_cloze
+from ..engine.interventions import scale_neurons
+from ..engine.models import LoadedModel
+from ..engine.tokens import encode_query
+from ..errors import DataError, QlocError
+from ..runs.store import UnitWriter
+from ..runs.sweep import SkipFact
 from .consistency import STATIC_THRESHOLD
-from .errors import DataError, QlocError
-from .interventions import scale_neurons
 from .knsets import SHARED_FILTER, FactKnowledge, filtered_knowledge
-from .models import LoadedModel
-from .pararel import Fact
 from .statistics import bootstrap_mean_ci
-from .store import UnitWriter
-from .sweep import SkipFact
-from .tokens import encode_query
 
 SETS = ("self", "union", "intersection", "refine", "unrelated")
 Neuron = tuple[int, int]

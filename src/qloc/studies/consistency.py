@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .errors import QlocError
-from .outputs import check_writable, save_figure, write_table
-from .store import RunStore
+from ..errors import QlocError
+from ..runs.outputs import check_writable, save_figure, write_table
+from ..runs.store import RunStore
 
 if TYPE_CHECKING:
     import torch
@@ -360,9 +360,9 @@ def model_label(model: str) -> str:
 
 def _degenerate_methods(store: RunStore) -> set[str]:
     """Methods degenerate on the architecture of the run's model (from its stored environment)."""
-    from .architectures import architecture_for
-    from .attribution import METHODS
-    from .errors import UnsupportedArchitectureError
+    from ..engine.architectures import architecture_for
+    from ..engine.attribution import METHODS
+    from ..errors import UnsupportedArchitectureError
 
     localize = next((stage for stage in store.stages() if stage["stage"] == "localize"), None)
     model_type = ((localize or {}).get("environment") or {}).get("model", {}).get("model_type")
@@ -399,7 +399,7 @@ def load_kn_sets(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
 
 
 def _rule_kn_set(scores: torch.Tensor, rule: str) -> list[tuple[int, int]]:
-    from .attribution import kn_set
+    from ..engine.attribution import kn_set
 
     if rule.startswith("top"):
         return kn_set(scores, top_k_neurons=int(rule.removeprefix("top")))

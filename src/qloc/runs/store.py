@@ -31,7 +31,7 @@ from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
 
-from .errors import RunDirectoryError
+from ..errors import RunDirectoryError
 
 STORE_FILE = "qloc.sqlite"
 LOCK_FILE = "qloc.lock"

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .errors import QlocError
+from ..errors import QlocError
 from .interventions import record_activations
 from .models import LoadedModel
 from .tokens import answer_token_ids, encode_query, pad_batch, pad_token_id

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import QlocError
 from .architectures import ArchitectureSpec, architecture_for
-from .errors import QlocError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import DataError
+from ..errors import DataError
 
 MASK = "[MASK]"
 QueryFilter = Literal["mask_final", "mask_period"]
@@ -84,7 +84,7 @@ def _read_json(path: Path) -> Any:
 
 
 def bundled_path(name: str) -> Path:
-    return Path(str(resources.files("qloc").joinpath("data", name)))
+    return Path(str(resources.files("qloc.data").joinpath(name)))
 
 
 def load_pararel(

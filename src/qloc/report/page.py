@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .consistency import model_label
-from .errors import QlocError
-from .outputs import check_writable
-from .report_explorer import explorer_run
-from .report_findings import (
+from ..errors import QlocError
+from ..runs.outputs import check_writable
+from ..runs.store import STORE_FILE, RunStore
+from ..studies.consistency import model_label
+from .explorer import explorer_run
+from .findings import (
     VERDICTS,
     Evidence,
     ModelFindings,
@@ -44,8 +45,7 @@ from .report_findings import (
     load_paper_reference,
     model_findings,
 )
-from .report_format import escape, format_number, number_html, script_json
-from .store import STORE_FILE, RunStore
+from .format import escape, format_number, number_html, script_json
 
 if TYPE_CHECKING:
     import matplotlib.figure
@@ -129,7 +129,7 @@ def _png(fig: matplotlib.figure.Figure) -> bytes:
 def _add_consistency(section: RunSection) -> None:
     """Table 1 (with its chance baseline), the per-fact scores and Figures 3/7/8/9 from the store's
     KN sets, as ``qloc consistency`` would write them for this one run."""
-    from .consistency import consistency_study, load_kn_sets
+    from ..studies.consistency import consistency_study, load_kn_sets
 
     study = consistency_study(load_kn_sets([section.directory]).assign(model=section.model))
     computed = {"table1": study.table1, "consistency": study.per_fact(), "fig9_ki_share": study.curve}
@@ -639,7 +639,7 @@ def _findings_markdown(results: list[ModelFindings], paper: PaperReference) -> s
 
 
 def _asset(name: str) -> str:
-    return (resources.files("qloc") / "report_assets" / name).read_text(encoding="utf-8")
+    return (resources.files("qloc.report") / "assets" / name).read_text(encoding="utf-8")
 
 
 def _explorer_html(sections: list[RunSection]) -> tuple[str, int]:

@@ -21,11 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .attribution import attribute, kn_set
-from .cas import cas_set
-from .cloze import ClozeScore, score_cloze
-from .consistency import STATIC_THRESHOLD
-from .editing import (
+from ..data.pararel import Fact
+from ..engine.attribution import attribute, kn_set
+from ..engine.cloze import ClozeScore, score_cloze
+from ..engine.editing import (
     EDIT_SIGNS,
     LAMBDA1,
     LAMBDA2,
@@ -34,13 +33,13 @@ from .editing import (
     perplexity,
     target_activations,
 )
-from .errors import DataError, QlocError
-from .knsets import SHARED_FILTER, FactKnowledge, filtered_knowledge
-from .models import LoadedModel
-from .pararel import Fact
-from .store import UnitWriter
-from .sweep import SkipFact
-from .tokens import answer_token_ids, pad_token_id
+from ..engine.models import LoadedModel
+from ..engine.tokens import answer_token_ids, pad_token_id
+from ..errors import DataError, QlocError
+from ..runs.store import UnitWriter
+from ..runs.sweep import SkipFact
+from .consistency import STATIC_THRESHOLD
+from .knsets import SHARED_FILTER, FactKnowledge, cas_set, filtered_knowledge
 
 KN_SETS = ("self", "union", "cas")
 METRICS = ["rel", "gen", "loc", "avg", "dppl"]

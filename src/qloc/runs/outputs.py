@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import QlocError
+from ..errors import QlocError
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
