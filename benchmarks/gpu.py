@@ -56,14 +56,10 @@ BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS.parent / "tests"))
 sys.path.insert(0, str(BENCHMARKS))
 import qloc  # noqa: E402
-from qloc.engine.attribution import (  # noqa: E402
-    PathEngine,
-    attribute,
-    default_batch_rows,
-    frozen_parameters,
-    integration_points,
-)
+from qloc.engine.attribution import attribute  # noqa: E402
 from qloc.engine.models import LoadedModel  # noqa: E402
+from qloc.engine.paths import PathIntegrator, default_batch_rows, frozen_parameters, integration_points  # noqa: E402
+from qloc.engine.sites import NEURONS  # noqa: E402
 from reference_attribution import reference_scores  # noqa: E402
 from throughput import PARAREL_FACTS, PARAREL_QUERIES, Shape, query_flops  # noqa: E402
 
@@ -342,14 +338,14 @@ def measure_row_memory(lm: LoadedModel, prompt_tokens: int, steps: int, meter: P
     ids = [(7 * i + 11) % lm.config.vocab_size for i in range(prompt_tokens)]
     alphas, weights = integration_points(steps)
     with frozen_parameters(lm):
-        clean = PathEngine(lm, half).clean_pass(ids, prompt_tokens - 1, ids[0])  # integrate leaves it intact
+        clean = PathIntegrator(lm, NEURONS, half).clean_run(ids, ids[0])  # integrate leaves it intact
         # Twice over, keeping the second: the first use of a batch shape allocates workspaces for good
         # (oneDNN's on the CPU, cuBLAS's on a GPU).
         for _ in range(2):
             peaks = []
             for batch_rows in (half, 2 * half, 2 * rows_per_layer):
                 meter.reset()
-                PathEngine(lm, batch_rows).integrate(clean, None, alphas, weights)
+                PathIntegrator(lm, NEURONS, batch_rows).integrate(clean, None, alphas, weights)
                 peaks.append(meter.peak())
     full_row = (peaks[1] - peaks[0]) / half  # L a + h
     fixed = peaks[0] - half * full_row

@@ -5,7 +5,7 @@ in qloc is tested against this."""
 
 import torch
 
-from qloc.engine.attribution import integration_points
+from qloc.engine.paths import integration_points
 from qloc.engine.tokens import encode_query
 
 

@@ -7,7 +7,7 @@ import transformers
 
 import qloc
 from conftest import FAMILY_MODEL_TYPES, make_tiny_model
-from qloc.engine.interventions import record_activations, scale_neurons
+from qloc import record_activations, scale_neurons
 
 INPUT = torch.tensor([[5, 17, 42, 7, 99, 3, 250]])
 

@@ -11,7 +11,8 @@ import torch
 
 import qloc
 from conftest import FAMILY_MODEL_TYPES, make_tiny_model
-from qloc.engine.attribution import attribute, integration_points, kn_set, top_k
+from qloc.engine.attribution import attribute, kn_set, top_k
+from qloc.engine.paths import integration_points
 from qloc.errors import QlocError
 from reference_attribution import reference_scores, reference_token_scores
 

@@ -6,7 +6,7 @@ from unittest import mock
 import torch
 import transformers
 
-from qloc.engine.attribution import default_batch_rows
+from qloc.engine.paths import default_batch_rows
 
 GIB = 2**30
 LLAMA3_8B = dict(

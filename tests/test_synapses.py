@@ -12,11 +12,12 @@ import transformers
 
 import qloc
 from conftest import FAMILY_MODEL_TYPES, make_tiny_model, tiny_config
-from qloc.engine.attention import attention_hooks, attention_probe, record_attention, scale_attention
-from qloc.engine.attribution import AnswerProbability, frozen_parameters, integration_points
+from qloc import attention_hooks, attention_probe, record_attention, scale_attention
+from qloc.engine.attribution import attribute_attention, knowledge_synapses
+from qloc.engine.paths import AnswerProbability, frozen_parameters, integration_points
 from qloc.engine.tokens import encode_query
 from qloc.errors import QlocError
-from qloc.studies.synapses import attribute_attention, cost_table, effects_table, knowledge_synapses
+from qloc.studies.synapses import cost_table, effects_table
 
 PROMPT, ANSWER = "The capital of France is", "Paris"
 

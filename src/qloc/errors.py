@@ -1,5 +1,9 @@
 """Errors qloc reports to users: each names the input it is about."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
 
 class QlocError(Exception):
     """An error caused by user input or environment, with a message meant for the user."""
@@ -20,3 +24,20 @@ class RunDirectoryError(QlocError):
 class ContextLengthError(QlocError):
     """A prompt that, with its answer, is longer than the model's context. A sweep skips the unit
     it belongs to, with this message as the reason; elsewhere it is an input error."""
+
+
+class ConfigError(QlocError):
+    """A setting qloc cannot use. The message names each setting by its Python name (a field of a
+    study's config, an argument); the command line shows its flag there instead.
+
+    ``describe`` writes the message given a function that names a setting: ``ConfigError(lambda
+    name: f"{name('steps')} must be at least 1")``; :meth:`invalid` writes the usual form."""
+
+    def __init__(self, describe: Callable[[Callable[[str], str]], str]) -> None:
+        self.describe = describe
+        super().__init__(describe(str))
+
+    @classmethod
+    def invalid(cls, setting: str, value: object, problem: str) -> ConfigError:
+        """``<setting> <value>: <problem>``."""
+        return cls(lambda name: f"{name(setting)} {value!r}: {problem}")

@@ -1,4 +1,5 @@
-"""Where each model family keeps its knowledge neurons, value vectors and attention.
+"""Where each model family keeps its intervention sites: knowledge neurons, value vectors and
+attention probabilities.
 
 Architectures are data: one :class:`ArchitectureSpec` per family, looked up by the Hugging Face
 ``config.model_type``. Everything that hooks or edits a model goes through this table, so adding
@@ -16,6 +17,12 @@ from typing import Literal
 
 from ..errors import UnsupportedArchitectureError
 
+SiteName = Literal["neuron_activation", "value_vectors", "attention_probabilities"]
+"""The sites every family has in each decoder layer. ``neuron_activation``: the input of the MLP
+output projection, [batch, seq, d_ff]; ``value_vectors``: that projection's weight, one vector of
+d_model per neuron; ``attention_probabilities``: the post-softmax attention of the attention module,
+[batch, heads, query, key]. :mod:`qloc.engine.sites` records and changes the two activation sites."""
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -24,18 +31,24 @@ class ArchitectureSpec:
     layers: str
     """Dotted path from the ``*ForCausalLM`` model to the ``ModuleList`` of decoder layers."""
     mlp_out_proj: str
-    """Dotted path inside a decoder layer to the MLP output projection; its input is hooked."""
+    """Dotted path inside a decoder layer to the MLP output projection: the neuron-activation site
+    is its input, the value-vector site its weight."""
     value_vector_axis: Literal["column", "row"]
     """``column``: nn.Linear weight [d_model, d_ff]; ``row``: GPT-2 Conv1D weight [d_ff, d_model]."""
     attention: str
-    """Dotted path inside a decoder layer to the attention module (probabilities are computed
-    by transformers' attention interface inside it)."""
+    """Dotted path inside a decoder layer to the attention module, the attention-probability site
+    (probabilities are computed by transformers' attention interface inside it)."""
     final_norm: str
     """Dotted path from the model to the norm between the last decoder layer and the output head."""
     mlp_output_normalized: bool = False
     """True where the MLP output is normalised before the residual add (Gemma 2/3
     post-feedforward norm): F is then flat in a uniform scaling of the activation, so plain IG
     with a zero baseline sums to about 0."""
+
+    def site_path(self, site: SiteName) -> str:
+        """Dotted path inside a decoder layer to the module that holds ``site``: the MLP output
+        projection (its input: the neurons; its weight: their value vectors) or the attention."""
+        return self.attention if site == "attention_probabilities" else self.mlp_out_proj
 
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (

@@ -27,8 +27,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..errors import QlocError
-from .interventions import record_activations
 from .models import LoadedModel
+from .sites import NEURONS
 from .tokens import answer_token_ids, encode_query, pad_batch, pad_token_id
 
 LAMBDA1 = 1.0
@@ -55,7 +55,7 @@ def target_activations(lm: LoadedModel, prompts: Sequence[str], answer: str) -> 
         query = encode_query(lm, prompt, answer)
         target = query.target_positions[0]
         ids = torch.tensor([list(query.input_ids[: target + 1])], device=lm.device)
-        with record_activations(lm, positions=torch.tensor([target])) as acts:
+        with NEURONS.record(lm, positions=torch.tensor([target])) as acts:
             lm.model(input_ids=ids, logits_to_keep=1)
         rows.append(torch.stack([acts[layer][0].float().cpu() for layer in range(lm.num_layers)]))
     return torch.stack(rows)

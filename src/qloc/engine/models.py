@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import QlocError
-from .architectures import ArchitectureSpec, architecture_for
+from .architectures import ArchitectureSpec, SiteName, architecture_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -159,11 +159,15 @@ class LoadedModel:
     def d_ff(self) -> int:
         return self.value_vectors(0).shape[0]
 
+    def site_module(self, site: SiteName, layer: int) -> nn.Module:
+        """The module of ``layer`` that holds ``site`` (the architecture table says where)."""
+        return _get_path(self.layers[layer], self.arch.site_path(site))
+
     def mlp_out_proj(self, layer: int) -> nn.Module:
-        return _get_path(self.layers[layer], self.arch.mlp_out_proj)
+        return self.site_module("neuron_activation", layer)
 
     def attention(self, layer: int) -> nn.Module:
-        return _get_path(self.layers[layer], self.arch.attention)
+        return self.site_module("attention_probabilities", layer)
 
     @property
     def final_norm(self) -> nn.Module:

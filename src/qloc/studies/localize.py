@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..data.pararel import Fact
-from ..engine.attribution import METHODS, attribute, integration_points
+from ..engine.attribution import METHODS, attribute
 from ..engine.cloze import score_cloze
 from ..engine.models import LoadedModel
+from ..engine.paths import integration_points
 from ..errors import DataError, QlocError
 from ..runs.store import UnitWriter
 from ..runs.sweep import SkipFact

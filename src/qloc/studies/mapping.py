@@ -23,8 +23,8 @@ import torch
 
 from ..data.pararel import Fact
 from ..engine.cloze import score_cloze
-from ..engine.interventions import scale_neurons
 from ..engine.models import LoadedModel
+from ..engine.sites import NEURONS
 from ..engine.tokens import encode_query
 from ..errors import DataError, QlocError
 from ..runs.store import UnitWriter
@@ -110,7 +110,7 @@ def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, Fa
                 known.query_sets, index, shape, rng, original.neurons
             ).items():
                 for operation, factor in (("suppress", config.suppress), ("enhance", config.enhance)):
-                    with scale_neurons(lm, neurons, factor, positions=position):
+                    with NEURONS.scale(lm, neurons, factor, positions=position):
                         after = score_cloze(lm, [prompt], [fact.object])[0].prob
                     writer.add(
                         "mapping",

@@ -1,12 +1,7 @@
 """Knowledge synapses (``qloc synapses``; METHODS.md section 7, the paper's section 3.2).
 
-Attribution of attention probabilities. For each layer l on its own, all its heads' post-softmax
-probabilities A^(l) are scaled by alpha_k (no renormalisation) and
-S^(l,h)_{i,j} = A_{i,j} * sum_k w_k dF(alpha_k A^(l)) / dA_{i,j}; the knowledge synapses of a query
-are the entries with S >= tau * max S (tau = 0.3). Scaling layer l's attention changes every
-position from layer l up, so, unlike the neuron engine, a row carries the whole prompt; it still
-joins at its own layer (the layers below are the clean run's) and all (layer, step) rows of a
-query share one batched forward and backward per chunk.
+The knowledge synapses of a query are its attention probabilities whose integrated-gradient score
+(:func:`qloc.engine.attribution.attribute_attention`) reaches tau * max (tau = 0.3).
 
 The experiment, per query q of a fact: suppress (x0) or enhance (x2) q's synapses and measure, at
 q's target position, the relative change of the mean activation of q's KNs, of the neighbour KNs
@@ -17,11 +12,11 @@ synapses lowers q's KN activations much more than the others', and the answer's 
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
+import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,19 +25,13 @@ import pandas as pd
 import torch
 
 from ..data.pararel import Fact
-from ..engine.attention import Synapse, attention_hooks, attention_probe, record_attention, scale_attention
-from ..engine.attribution import (
-    AnswerProbability,
-    capture_layer_calls,
-    free_gpu_bytes,
-    frozen_parameters,
-    integration_points,
-    replay_layers,
-)
-from ..engine.interventions import record_activations
+from ..engine.attribution import attribute_attention, check_answer_tokens
 from ..engine.models import LoadedModel
+from ..engine.paths import integration_points
+from ..engine.sites import ATTENTION, NEURONS
 from ..engine.tokens import encode_query
 from ..errors import DataError, QlocError
+from ..runs.profiling import memory_measure, peak_memory
 from ..runs.store import UnitWriter
 from ..runs.sweep import SkipFact
 from .consistency import STATIC_THRESHOLD
@@ -52,144 +41,6 @@ from .statistics import bootstrap_mean_ci
 OPERATIONS = ("none", "suppress", "enhance")
 NEURON_CLASSES = ("kn", "neighbour", "random")
 Neuron = tuple[int, int]
-
-
-@dataclass
-class AttentionAttribution:
-    """Scores of one (prompt, answer) query; ``scores`` is float32 [L, heads, T, T] on the CPU,
-    T = prompt tokens (plus teacher-forced answer tokens where the answer has several)."""
-
-    prompt: str
-    answer: str
-    answer_tokens: list[int]
-    scores: torch.Tensor
-    f_input: torch.Tensor
-    """F at the input, per answer token used: [tokens]."""
-    f_zero: torch.Tensor
-    """F with layer l's attention probabilities all 0, per token and layer: [tokens, L]."""
-    completeness_residual: torch.Tensor
-    """|sum of layer l's scores - (F(input) - F(zero))| per token and layer: [tokens, L]."""
-    steps: int
-    rule: str
-
-    def synapses(self, threshold: float = 0.3) -> list[tuple[Synapse, float]]:
-        return knowledge_synapses(self.scores, threshold)
-
-
-def knowledge_synapses(scores: torch.Tensor, threshold: float = 0.3) -> list[tuple[Synapse, float]]:
-    """KS = {(l, h, i, j) : S >= tau * max S} with their scores, best first; empty where no score
-    is positive."""
-    peak = float(scores.max())
-    if peak <= 0:
-        return []
-    index = torch.nonzero(scores >= threshold * peak)
-    found = [(tuple(int(v) for v in row), float(scores[tuple(row)])) for row in index]
-    return sorted(found, key=lambda item: -item[1])
-
-
-def _default_rows(lm: LoadedModel, tokens: int) -> int:
-    """Rows per chunk: about 1024 token positions on the CPU; on a GPU, half of the free memory by
-    a per-token estimate of what the backward keeps for every layer."""
-    if lm.device.type != "cuda":
-        return max(1, 1024 // tokens)
-    element = torch.finfo(lm.dtype).bits // 8
-    per_token = lm.num_layers * (10 * lm.config.hidden_size + 4 * lm.d_ff) * element
-    per_row = tokens * per_token + 3 * lm.config.vocab_size * 4
-    return max(1, int(0.5 * free_gpu_bytes(lm.device) / per_row))
-
-
-def _replace_probabilities(rows: slice, points: torch.Tensor):
-    def fn(probs: torch.Tensor) -> torch.Tensor:
-        replaced = probs.clone()
-        replaced[rows] = points[rows].to(probs.device, probs.dtype)  # layers may sit on several devices
-        return replaced
-
-    return fn
-
-
-def _integrate_attention(
-    lm: LoadedModel,
-    ids: Sequence[int],
-    answer_token: int,
-    alphas: torch.Tensor,
-    weights: torch.Tensor,
-    max_rows: int | None,
-) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """(scores [L, H, T, T], F(input), F with each layer's attention zeroed [L]) for one answer
-    token predicted after ``ids``."""
-    device, num_layers = lm.device, lm.num_layers
-    ids_t = torch.tensor([list(ids)], device=device)
-    with attention_probe(lm):
-        with capture_layer_calls(lm) as calls, record_attention(lm) as probs, torch.no_grad():
-            out = lm.model(input_ids=ids_t, use_cache=False)
-        f_input = float(torch.softmax(out.logits[0, -1].float(), -1)[answer_token])
-        clean = torch.stack([probs[l][0].to(device) for l in range(num_layers)]).float()  # [L, H, T, T]
-        path_alphas = torch.cat([torch.zeros(1), alphas]).to(device)
-        path_weights = torch.cat([torch.zeros(1), weights]).to(device)
-        steps = len(path_alphas)
-        grad_sums = torch.zeros_like(clean)
-        f_zero = torch.zeros(num_layers, device=device)
-        total = num_layers * steps
-        chunk = max_rows or _default_rows(lm, len(ids))
-        for start in range(0, total, chunk):
-            rows = torch.arange(start, min(start + chunk, total), device=device)
-            row_l, row_k = rows // steps, rows % steps
-            points = (path_alphas[row_k, None, None, None] * clean[row_l]).requires_grad_(True)
-
-            def intervene(layer: int, joining: slice):
-                return attention_hooks(lm, {layer: _replace_probabilities(joining, points)})
-
-            hidden = replay_layers(lm, calls, row_l, intervene)
-            f = AnswerProbability.apply(lm.logits_from_final_hidden(hidden[:, -1]), answer_token)
-            (grad,) = torch.autograd.grad(f[row_k > 0].sum(), points)
-            grad_sums.index_add_(0, row_l, grad.float() * path_weights[row_k, None, None, None])
-            starts = row_k == 0
-            f_zero[row_l[starts]] = f[starts].detach()
-    return (clean * grad_sums).cpu(), f_input, f_zero.cpu()
-
-
-def attribute_attention(
-    lm: LoadedModel,
-    prompt: str,
-    answer: str,
-    steps: int = 20,
-    rule: str = "right",
-    answer_tokens: str = "first",
-    max_batch_rows: int | None = None,
-) -> AttentionAttribution:
-    """Integrated-gradient scores of every attention probability for ``answer`` after ``prompt``.
-
-    Multi-token answers are teacher forced; the per-token scores (over the token's own prefix)
-    are averaged, entries beyond a token's prefix counting as 0."""
-    if answer_tokens not in ("all", "first"):
-        raise QlocError(f"answer_tokens={answer_tokens!r}: choose all or first")
-    query = encode_query(lm, prompt, answer)
-    alphas, weights = integration_points(steps, rule)
-    token_indices = range(1 if answer_tokens == "first" else len(query.answer_ids))
-    size = query.target_positions[token_indices[-1]] + 1
-    total = torch.zeros(lm.num_layers, lm.config.num_attention_heads, size, size)
-    f_inputs, f_zeros, residuals = [], [], []
-    with frozen_parameters(lm):
-        for t in token_indices:
-            target = query.target_positions[t]
-            scores, f_input, f_zero = _integrate_attention(
-                lm, query.input_ids[: target + 1], query.answer_ids[t], alphas, weights, max_batch_rows
-            )
-            total[:, :, : target + 1, : target + 1] += scores
-            f_inputs.append(f_input)
-            f_zeros.append(f_zero)
-            residuals.append((scores.sum((1, 2, 3)) - (f_input - f_zero)).abs())
-    return AttentionAttribution(
-        prompt=prompt,
-        answer=answer,
-        answer_tokens=list(query.answer_ids[: len(token_indices)]),
-        scores=total / len(token_indices),
-        f_input=torch.tensor(f_inputs),
-        f_zero=torch.stack(f_zeros),
-        completeness_residual=torch.stack(residuals),
-        steps=steps,
-        rule=rule,
-    )
 
 
 # -- the experiment ---------------------------------------------------------------------------
@@ -210,54 +61,17 @@ class SynapseConfig:
     """KC/KI split of the fact (relaxed CS), as in the consistency study."""
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Reject bad settings before they are stored as the run's parameters."""
+        integration_points(self.steps, self.rule)
+        check_answer_tokens(self.answer_tokens)
+
     @property
     def stage(self) -> str:
         return f"synapses-{self.method}"
 
     def params(self) -> dict:
         return asdict(self)
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
-    """Yields a dict that holds, after the block, ``peak_mb``: the peak memory above the level at
-    entry (CUDA: allocated by torch; CPU on Linux: resident set, via /proc's resettable peak), or
-    NaN where neither can be measured."""
-    result = {"peak_mb": float("nan")}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        yield result
-        torch.cuda.synchronize(device)
-        result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
-        return
-    status = Path("/proc/self/status")
-    try:
-        _release_freed_memory()  # so that reused heap does not hide what the block allocates
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        start = _status_kb(status, "VmRSS")
-    except OSError:
-        yield result
-        return
-    yield result
-    result["peak_mb"] = (_status_kb(status, "VmHWM") - start) / 1024
-
-
-def _release_freed_memory() -> None:
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def _status_kb(status: Path, field: str) -> int:
-    for line in status.read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"no {field} in {status}")
 
 
 def _relative_change(before: float, after: float) -> float:
@@ -295,7 +109,7 @@ def synapse_work(
     """Per-fact work function for :func:`qloc.sweep.run_sweep`: KS of every query, then for each
     operation (none / suppress / enhance) the KN activation changes, dProb, time and memory."""
     shape = (lm.num_layers, lm.d_ff)
-    factors = {"none": None, "suppress": config.suppress, "enhance": config.enhance}
+    factors = {"none": 1.0, "suppress": config.suppress, "enhance": config.enhance}
 
     def work(fact: Fact, writer: UnitWriter) -> None:
         known = knowledge[fact.id]
@@ -305,9 +119,18 @@ def synapse_work(
         for index, prompt in enumerate(fact.queries):
             try:
                 query = encode_query(lm, prompt, fact.object)
-                scores = attribute_attention(
-                    lm, prompt, fact.object, config.steps, config.rule, config.answer_tokens, max_batch_rows
-                )
+                with warnings.catch_warnings():
+                    # The residual is stored with every query; per-query warnings would flood a sweep.
+                    warnings.simplefilter("ignore", UserWarning)
+                    scores = attribute_attention(
+                        lm,
+                        prompt,
+                        fact.object,
+                        config.steps,
+                        config.rule,
+                        config.answer_tokens,
+                        max_batch_rows,
+                    )
             except DataError as exc:
                 raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
             synapses = scores.synapses(config.threshold)
@@ -337,12 +160,11 @@ def synapse_work(
             in_prefix = [s for s, _ in synapses if s[2] <= target]
             measured = {}
             for operation, factor in factors.items():
-                chosen = in_prefix if factor is not None else []
-                intervention = scale_attention(lm, chosen, factor) if chosen else attention_probe(lm)
+                chosen = in_prefix if operation != "none" else []
                 with (
                     torch.no_grad(),
-                    intervention,
-                    record_activations(lm, positions=position) as acts,
+                    ATTENTION.scale(lm, chosen, factor),  # with no synapse chosen: the probe alone
+                    NEURONS.record(lm, positions=position) as acts,
                     peak_memory(lm.device) as memory,
                 ):
                     started = time.perf_counter()
@@ -350,7 +172,7 @@ def synapse_work(
                     if lm.device.type == "cuda":
                         torch.cuda.synchronize(lm.device)
                     seconds = time.perf_counter() - started
-                activations = torch.stack([acts[l][0].cpu() for l in range(lm.num_layers)]).float()
+                activations = torch.stack([acts[layer][0].cpu() for layer in range(lm.num_layers)]).float()
                 prob = float(torch.softmax(logits[0, -1].float(), -1)[query.answer_ids[0]])
                 measured[operation] = (activations, prob)
                 before, prob_before = measured["none"]
@@ -364,7 +186,7 @@ def synapse_work(
                     "n_synapses": len(chosen),
                     "seconds": seconds,
                     "peak_mb": memory["peak_mb"],
-                    "memory_measure": _memory_measure(lm.device),
+                    "memory_measure": memory_measure(lm.device),
                     "prob": prob,
                     "dprob": _relative_change(prob_before, prob) if operation != "none" else 0.0,
                     "heatmap": [float(activations[l, i]) for l, i in columns],
@@ -383,10 +205,6 @@ def synapse_work(
                 writer.add("synapse_effects", row)
 
     return work
-
-
-def _memory_measure(device: torch.device) -> str:
-    return "cuda allocated" if device.type == "cuda" else "cpu rss"
 
 
 # -- tables and figures -----------------------------------------------------------------------

@@ -1,0 +1,314 @@
+"""The path integrator behind every attribution method, for neurons and attention alike.
+
+For one answer token and a site (:mod:`qloc.engine.sites`), each layer l on its own has its site
+tensor moved along straight paths from start points s_l (the baselines) to its clean value v_l,
+and the integrator returns, per start point and layer, sum_k w_k dF(s_l + alpha_k (v_l - s_l)) /
+dv_l and F at the path's start (METHODS.md sections 3 and 7).
+
+How it is computed fast. A path point of layer l changes nothing below layer l, so the integrator
+runs the clean input once, records how the stock forward calls each decoder layer (hidden state
+in, mask, position embeddings) and its site tensors, and then pushes (layer, start point, step)
+rows as one batch through the stock decoder-layer modules, each row joining at its own layer from
+that layer's clean input and replacing the site tensor there; one backward gives every gradient.
+Where the site acts at the target position only (neurons), the positions before it are the same
+for every row too: they are run once into a KV cache that every row shares, and a row carries the
+target position alone. Attention at layer l changes every position from layer l up, so its rows
+carry the whole prompt. Only the output head (final norm, unembedding, soft-capping) is applied
+by qloc, from the architecture table.
+
+Rows are ordered by layer and cut into chunks of at most ``max_batch_rows`` (default: what
+:func:`default_batch_rows` estimates fits); within a chunk the batch grows as it climbs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache
+
+from ..errors import ConfigError
+from .models import LoadedModel
+from .sites import Site, SiteFn
+
+Rule = Literal["right", "midpoint", "gauss"]
+RULES = ("right", "midpoint", "gauss")
+CPU_ROW_TOKENS = 1024
+"""Token positions per chunk on a CPU: larger chunks gain nothing there and cost memory."""
+ESTIMATED_PROMPT_TOKENS = 64
+"""Positions of keys and values a row is budgeted for on a GPU (its prefix cache, or its own)."""
+
+
+def integration_points(steps: int, rule: Rule = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Points alpha_k in (0, 1] and weights w_k with sum_k w_k g(alpha_k) ~ integral_0^1 g.
+
+    ``right``: alpha_k = k/m, w_k = 1/m (Dai et al.'s eq. 8, the paper's default);
+    ``midpoint``: alpha_k = (k - 0.5)/m; ``gauss``: Gauss-Legendre nodes mapped to [0, 1]."""
+    if steps < 1:
+        raise ConfigError.invalid("steps", steps, "must be at least 1")
+    if rule == "right":
+        alphas = np.arange(1, steps + 1) / steps
+        weights = np.full(steps, 1 / steps)
+    elif rule == "midpoint":
+        alphas = (np.arange(1, steps + 1) - 0.5) / steps
+        weights = np.full(steps, 1 / steps)
+    elif rule == "gauss":
+        nodes, gl_weights = np.polynomial.legendre.leggauss(steps)
+        alphas, weights = (nodes + 1) / 2, gl_weights / 2
+    else:
+        raise ConfigError.invalid("rule", rule, f"choose {', '.join(RULES)}")
+    return torch.tensor(alphas, dtype=torch.float32), torch.tensor(weights, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def frozen_parameters(lm: LoadedModel) -> Iterator[None]:
+    """Gradients only with respect to activations: weight gradients would double the backward."""
+    flags = [(p, p.requires_grad) for p in lm.model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class AnswerProbability(torch.autograd.Function):
+    """F = softmax(logits)[:, token] in fp32, with the analytic backward dF/dz = F (e_token - p).
+
+    Autograd's generic softmax or logsumexp backward makes several passes over the
+    [rows, vocabulary] tensors, which cost more than the output head's matmul on the CPU;
+    this one reuses the saved probabilities in place."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, token: int) -> torch.Tensor:
+        probs = torch.softmax(logits.float(), -1)
+        ctx.save_for_backward(probs)
+        ctx.token, ctx.logits_dtype = token, logits.dtype
+        return probs[:, token].clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (probs,) = ctx.saved_tensors
+        coefficient = grad * probs[:, ctx.token]
+        grad_logits = probs.mul_(-coefficient[:, None])  # the graph is not kept: probs is free to reuse
+        grad_logits[:, ctx.token] += coefficient
+        return grad_logits.to(ctx.logits_dtype), None
+
+
+@dataclass
+class LayerCall:
+    """How the stock forward called one decoder layer (batch 1)."""
+
+    hidden: torch.Tensor  # the layer's input hidden state [1, positions, d_model]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@contextlib.contextmanager
+def capture_layer_calls(lm: LoadedModel) -> Iterator[list[LayerCall]]:
+    """Record how the stock forward calls each decoder layer (input hidden state, mask, position
+    embeddings, cache); the yielded list is filled once the model has run (the last call wins)."""
+    calls: dict[int, LayerCall] = {}
+
+    def capture(layer: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            calls[layer] = LayerCall(hidden.detach(), args[1:] if args else (), rest)
+
+        return hook
+
+    ordered: list[LayerCall] = []
+    handles = [
+        layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(lm.layers)
+    ]
+    try:
+        yield ordered
+    finally:
+        for handle in handles:
+            handle.remove()
+    ordered.extend(calls[layer] for layer in range(lm.num_layers))
+
+
+def replay_layers(
+    lm: LoadedModel,
+    layer_calls: Sequence[LayerCall],
+    row_layers: torch.Tensor,
+    intervene: Callable[[int, slice], contextlib.AbstractContextManager[None]],
+    cache: Any = None,
+) -> torch.Tensor:
+    """Push rows through the stock decoder layers as recorded in ``layer_calls``, each row joining
+    at its own intervention layer (``row_layers``, sorted) from the clean input of that layer;
+    ``intervene(layer, rows)`` is entered around the layer where the batch rows ``rows`` join.
+    Returns the last layer's output hidden states [rows, positions, d_model]."""
+    joining = torch.bincount(row_layers, minlength=lm.num_layers).tolist()
+    active = list(itertools.accumulate(joining))  # rows running at each layer
+    hidden = None
+    for layer in range(int(row_layers[0]), lm.num_layers):
+        call = layer_calls[layer]
+        if joining[layer]:
+            new_rows = call.hidden.expand(joining[layer], *call.hidden.shape[1:])
+            hidden = new_rows if hidden is None else torch.cat([hidden, new_rows])
+        args = tuple(cache if isinstance(a, Cache) else a for a in call.args)
+        kwargs = {k: cache if isinstance(v, Cache) else v for k, v in call.kwargs.items()}
+        rows = slice(active[layer] - joining[layer], active[layer])
+        with intervene(layer, rows) if joining[layer] else contextlib.nullcontext():
+            hidden = lm.layers[layer](hidden, *args, **kwargs)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    assert hidden is not None
+    return hidden
+
+
+def default_batch_rows(lm: LoadedModel, row_tokens: int = 1) -> int:
+    """Rows per chunk for rows of ``row_tokens`` positions. On the CPU, CPU_ROW_TOKENS positions.
+    On a GPU, what fits in half of the free memory by a per-row estimate: the activations every
+    layer saves for the backward, keys and values of ESTIMATED_PROMPT_TOKENS positions (a row's
+    copy of the prefix cache, or its own), and the fp32 output distribution three times over."""
+    if lm.device.type != "cuda":
+        return max(1, CPU_ROW_TOKENS // row_tokens)
+    config = lm.config
+    d_model = config.hidden_size
+    # Keys and values are those of the key-value heads only: a quarter of d_model wide under
+    # Llama-3-8B's grouped-query attention (8 of 32 heads).
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d_model // heads
+    kv_width = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    element = torch.finfo(lm.dtype).bits // 8
+    kv_tokens = max(ESTIMATED_PROMPT_TOKENS, row_tokens)
+    per_layer = (row_tokens * (8 * d_model + 4 * lm.d_ff) + 2 * kv_tokens * kv_width) * element
+    per_row = lm.num_layers * per_layer + 3 * config.vocab_size * 4
+    return max(1 if row_tokens > 1 else 8, int(0.5 * free_gpu_bytes(lm.device) / per_row))
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """Memory this process can still allocate on ``device``: what the driver reports free, plus the
+    blocks torch's caching allocator holds from earlier work but no tensor uses (the driver counts
+    them as taken, so without them every query would see less free memory than the one before)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+@dataclass
+class CleanRun:
+    """The unintervened run of one answer token: the decoder-layer calls to replay above each row's
+    layer, the site tensors the paths end at, and (where rows share it) the prefix cache."""
+
+    layer_calls: list[LayerCall]
+    answer_token: int
+    values: torch.Tensor
+    """The site's clean tensor per layer, fp32: [L, d_ff] at the target (neurons), [L, heads, T, T]
+    (attention)."""
+    f_input: float
+    row_positions: int
+    """Positions a replayed row carries: 1 over a shared prefix cache, else the whole prompt."""
+    prefix_cache: Any = None
+    """A transformers Cache of the positions before the target, shared by every row; None where
+    rows carry the whole prompt, or the target is position 0."""
+
+
+@dataclass
+class PathIntegrals:
+    """What the integrator returns for one answer token: per start point b and layer l, the
+    weighted sum of gradients along the path, and F at the path's start."""
+
+    values: torch.Tensor  # [L, *site] v_l
+    grad_sums: torch.Tensor  # [B, L, *site] sum_k w_k dF/dv at s + alpha_k (v - s)
+    f_input: float
+    f_start: torch.Tensor  # [B, L]
+
+
+def _replace_rows(rows: slice, points: torch.Tensor) -> SiteFn:
+    """A site function for one layer: batch rows ``rows`` take their path points."""
+
+    def fn(tensor: torch.Tensor) -> torch.Tensor:
+        replaced = tensor.clone()
+        # Layers may sit on several devices; a neuron row's tensor is its one target position.
+        replaced[rows] = points[rows].to(tensor.device, tensor.dtype).reshape(replaced[rows].shape)
+        return replaced
+
+    return fn
+
+
+class PathIntegrator:
+    """Batched path integration at one site of one model (see the module docstring). For a site
+    that needs a context (attention: the probe), both steps run inside ``site.active(lm)``."""
+
+    def __init__(self, lm: LoadedModel, site: Site, max_batch_rows: int | None = None) -> None:
+        self.lm, self.site, self.max_batch_rows = lm, site, max_batch_rows
+
+    def clean_run(self, ids: Sequence[int], answer_token: int) -> CleanRun:
+        """The decoder-layer calls, the site tensors and F(input) for ``answer_token`` predicted
+        after ``ids`` (at their last position)."""
+        lm, shared_prefix = self.lm, self.site.one_position
+        ids_t = torch.tensor([list(ids)], device=lm.device)
+        target = ids_t.shape[1] - 1
+        with capture_layer_calls(lm) as calls, torch.no_grad():
+            prefix_cache = None
+            if shared_prefix and target > 0:
+                prefix = lm.model(input_ids=ids_t[:, :target], use_cache=True, logits_to_keep=1)
+                prefix_cache = prefix.cache
+            run_ids = ids_t[:, target:] if shared_prefix else ids_t
+            positions = torch.tensor([0]) if shared_prefix else None
+            with self.site.record(lm, positions=positions) as recorded:
+                out = lm.model(input_ids=run_ids, cache=copy.deepcopy(prefix_cache), use_cache=shared_prefix)
+        f_input = float(torch.softmax(out.logits[0, -1].float(), -1)[answer_token])
+        values = torch.stack([recorded[layer][0].to(lm.device) for layer in range(lm.num_layers)]).float()
+        return CleanRun(calls, answer_token, values, f_input, run_ids.shape[1], prefix_cache)
+
+    def replay(self, clean: CleanRun, row_layers: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Logits at the last position [rows, vocab] for rows sorted by layer (``row_layers``),
+        row r's site tensor at its layer replaced by ``points[r]``."""
+        num_layers = self.lm.num_layers
+        active = list(itertools.accumulate(torch.bincount(row_layers, minlength=num_layers).tolist()))
+        cache = copy.deepcopy(clean.prefix_cache)
+        if cache is not None:
+            for layer in range(num_layers):
+                if active[layer]:
+                    cache.layers[layer].batch_repeat_interleave(active[layer])
+
+        def intervene(layer: int, rows: slice) -> contextlib.AbstractContextManager[None]:
+            return self.site.replace(self.lm, {layer: _replace_rows(rows, points)})
+
+        hidden = replay_layers(self.lm, clean.layer_calls, row_layers, intervene, cache)
+        return self.lm.logits_from_final_hidden(hidden[:, -1])
+
+    def integrate(
+        self, clean: CleanRun, starts: torch.Tensor | None, alphas: torch.Tensor, weights: torch.Tensor
+    ) -> PathIntegrals:
+        """Integrate from each start point ([B, L, *site] fp32, or None for zeros) to the clean site
+        tensors, every layer on its own."""
+        num_layers, device = self.lm.num_layers, self.lm.device
+        values = clean.values.to(device)
+        starts = (torch.zeros((1, *values.shape)) if starts is None else starts).to(device)
+        num_starts = starts.shape[0]
+        # Row = (layer l, start b, step k), ordered by layer so that a chunk holds nearby layers;
+        # step 0 is alpha = 0, the path's start, kept for F(start) and left out of the gradient sum.
+        path_alphas = torch.cat([torch.zeros(1), alphas]).to(device)
+        path_weights = torch.cat([torch.zeros(1), weights]).to(device)
+        per_row = (-1,) + (1,) * (values.dim() - 1)  # broadcasts a row's scalar over its site tensor
+        steps = len(path_alphas)
+        rows_per_layer = num_starts * steps
+        grad_sums = torch.zeros((num_starts, *values.shape), device=device)
+        f_start = torch.zeros((num_starts, num_layers), device=device)
+        total = num_layers * rows_per_layer
+        chunk = self.max_batch_rows or default_batch_rows(self.lm, clean.row_positions)
+        for first in range(0, total, chunk):
+            rows = torch.arange(first, min(first + chunk, total), device=device)
+            row_l, row_b, row_k = rows // rows_per_layer, (rows // steps) % num_starts, rows % steps
+            start_points = starts[row_b, row_l]
+            alpha = path_alphas[row_k].view(per_row)
+            points = (start_points + alpha * (values[row_l] - start_points)).requires_grad_(True)
+            f = AnswerProbability.apply(self.replay(clean, row_l, points), clean.answer_token)
+            (grad,) = torch.autograd.grad(f[row_k > 0].sum(), points)
+            weighted = grad.float() * path_weights[row_k].view(per_row)
+            grad_sums.index_put_((row_b, row_l), weighted, accumulate=True)
+            at_start = row_k == 0
+            f_start[row_b[at_start], row_l[at_start]] = f[at_start].detach()
+        return PathIntegrals(values.cpu(), grad_sums.cpu(), clean.f_input, f_start.cpu())
