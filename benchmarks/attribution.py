@@ -19,11 +19,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repository, for tests.reference_attribution
+from tests.reference_attribution import reference_scores  # noqa: E402
+
 import qloc  # noqa: E402
 from qloc.engine.attribution import attribute, kn_set  # noqa: E402
 from qloc.engine.tokens import encode_query  # noqa: E402
-from reference_attribution import reference_scores  # noqa: E402
 
 
 def timed(fn):

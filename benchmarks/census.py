@@ -26,7 +26,7 @@ import time
 import pandas as pd
 
 import qloc
-from qloc.runs.store import UnitWriter
+from qloc.runs.rows import UnitWriter
 from qloc.studies.census import CHUNK_FACTS, CensusChunk, calibration_sample, census_work
 from qloc.studies.cloze import cloze_sweep_work
 

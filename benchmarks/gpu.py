@@ -53,14 +53,15 @@ import torch
 import transformers
 
 BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS.parent / "tests"))
+sys.path.insert(0, str(BENCHMARKS.parent))  # the repository, for tests.reference_attribution
 sys.path.insert(0, str(BENCHMARKS))
+from tests.reference_attribution import reference_scores  # noqa: E402
+
 import qloc  # noqa: E402
 from qloc.engine.attribution import attribute  # noqa: E402
 from qloc.engine.models import LoadedModel  # noqa: E402
 from qloc.engine.paths import PathIntegrator, default_batch_rows, frozen_parameters, integration_points  # noqa: E402
 from qloc.engine.sites import NEURONS  # noqa: E402
-from reference_attribution import reference_scores  # noqa: E402
 from throughput import PARAREL_FACTS, PARAREL_QUERIES, Shape, query_flops  # noqa: E402
 
 LLAMA3_8B = dict(
@@ -408,7 +409,7 @@ def jaccard(a: Iterable[Sequence[int]], b: Iterable[Sequence[int]]) -> float:
 
 def smollm2_config() -> dict[str, Any]:
     """smollm2-135m's configuration as the converted GGUF checkpoint states it, less its provenance."""
-    from qloc.engine.models import BUILTIN_MODELS, cache_dir, convert_gguf
+    from qloc.engine.gguf import BUILTIN_MODELS, cache_dir, convert_gguf
 
     directory = convert_gguf(BUILTIN_MODELS["smollm2-135m"].locate(cache_dir()))
     config = transformers.AutoConfig.from_pretrained(directory).to_diff_dict()

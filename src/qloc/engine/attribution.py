@@ -18,18 +18,17 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import ConfigError, DataError
 from .architectures import ArchitectureSpec
 from .models import LoadedModel
-from .paths import PathIntegrator, Rule, frozen_parameters, integration_points
+from .paths import PathIntegrator, frozen_parameters, integration_points
 from .sites import ATTENTION, NEURONS, Site, Synapse
 from .tokens import EncodedQuery, encode_query
 
-AnswerTokens = Literal["all", "first"]
 ANSWER_TOKENS = ("all", "first")
 RESIDUAL_WARNING = 0.05
 """Warn when a layer's completeness residual exceeds this fraction of F(input)."""
@@ -52,6 +51,19 @@ class PathScores:
     answer_tokens: list[int]
     baselines: int
 
+    def result_fields(self, prompt: str, answer: str, steps: int, rule: str) -> dict[str, Any]:
+        """The fields every attribution result has, for this query."""
+        return {
+            "prompt": prompt,
+            "answer": answer,
+            "answer_tokens": self.answer_tokens,
+            "scores": self.scores,
+            "f_input": self.f_input,
+            "completeness_residual": self.completeness_residual,
+            "steps": steps,
+            "rule": rule,
+        }
+
 
 class PathMethod:
     """Base of every attribution method: the site, where paths start, how per-start scores combine."""
@@ -73,8 +85,8 @@ class PathMethod:
         prompt: str,
         answer: str,
         steps: int,
-        rule: Rule,
-        answer_tokens: AnswerTokens,
+        rule: str,
+        answer_tokens: str,
         max_batch_rows: int | None,
     ) -> PathScores:
         """Scores of ``answer`` after ``prompt``. F is the probability of the answer's first token
@@ -121,7 +133,8 @@ class PathMethod:
             warnings.warn(
                 f"{self.name} on {prompt!r} / {answer!r}: layer {layer}'s scores miss F(input) - "
                 f"F(baseline) by {float(worst[layer]):.3g} (F(input) = {float(found.f_input.max()):.3g}); "
-                f"the {steps}-step {rule} rule is too coarse here: raise --steps or use --rule midpoint/gauss",
+                f"the {steps}-step {rule} rule is too coarse here: raise --steps or use --rule "
+                "midpoint/gauss",
                 stacklevel=3,
             )
 
@@ -316,16 +329,19 @@ def attribute(
     answer: str,
     method: str = "ig",
     steps: int = 20,
-    rule: Rule = "right",
-    answer_tokens: AnswerTokens = "first",
+    rule: str = "right",
+    answer_tokens: str = "first",
     max_batch_rows: int | None = None,
+    warn: bool = True,
 ) -> Attribution:
-    """Attribution scores of every neuron for ``answer`` after ``prompt`` (METHODS.md section 3)."""
+    """Attribution scores of every neuron for ``answer`` after ``prompt`` (METHODS.md section 3).
+    ``warn``: about a method degenerate on the model and about scores that miss completeness (a
+    sweep turns it off: it stores every query's residual instead)."""
     if method not in METHODS:
         raise ConfigError.invalid("method", method, f"choose {', '.join(METHODS)}")
     check_answer_tokens(answer_tokens)
     algorithm = METHODS[method]()
-    if algorithm.degenerate_on(lm.arch):
+    if warn and algorithm.degenerate_on(lm.arch):
         warnings.warn(
             f"{lm.name!r} ({lm.arch.family}) normalises the MLP output before the residual add, so F is "
             "flat in a uniform scaling of the activations and IG scores with a zero baseline sum to "
@@ -333,25 +349,14 @@ def attribute(
             stacklevel=2,
         )
     found = algorithm.scores(lm, prompt, answer, steps, rule, answer_tokens, max_batch_rows)
-    algorithm.warn_if_incomplete(found, prompt, answer, steps, rule)
+    if warn:
+        algorithm.warn_if_incomplete(found, prompt, answer, steps, rule)
+    params = {"method": method, "steps": steps, "rule": rule, "answer_tokens": answer_tokens}
     return Attribution(
         method=method,
-        prompt=prompt,
-        answer=answer,
-        answer_tokens=found.answer_tokens,
-        scores=found.scores,
-        f_input=found.f_input,
         f_baseline=found.f_start,
-        completeness_residual=found.completeness_residual,
-        steps=steps,
-        rule=rule,
-        params={
-            "method": method,
-            "steps": steps,
-            "rule": rule,
-            "answer_tokens": answer_tokens,
-            "baselines": found.baselines,
-        },
+        params={**params, "baselines": found.baselines},
+        **found.result_fields(prompt, answer, steps, rule),
     )
 
 
@@ -365,27 +370,13 @@ def attribute_many(
 
 
 def attribute_attention(
-    lm: LoadedModel,
-    prompt: str,
-    answer: str,
-    steps: int = 20,
-    rule: Rule = "right",
-    answer_tokens: AnswerTokens = "first",
-    max_batch_rows: int | None = None,
-) -> AttentionAttribution:
+    lm: LoadedModel, prompt: str, answer: str, steps: int = 20, rule: str = "right",
+    answer_tokens: str = "first", max_batch_rows: int | None = None, warn: bool = True,
+) -> AttentionAttribution:  # fmt: skip
     """Integrated-gradient scores of every attention probability for ``answer`` after ``prompt``
-    (METHODS.md section 7)."""
+    (METHODS.md section 7); ``warn`` as for :func:`attribute`."""
     algorithm = AttentionIG()
     found = algorithm.scores(lm, prompt, answer, steps, rule, answer_tokens, max_batch_rows)
-    algorithm.warn_if_incomplete(found, prompt, answer, steps, rule)
-    return AttentionAttribution(
-        prompt=prompt,
-        answer=answer,
-        answer_tokens=found.answer_tokens,
-        scores=found.scores,
-        f_input=found.f_input,
-        f_zero=found.f_start,
-        completeness_residual=found.completeness_residual,
-        steps=steps,
-        rule=rule,
-    )
+    if warn:
+        algorithm.warn_if_incomplete(found, prompt, answer, steps, rule)
+    return AttentionAttribution(f_zero=found.f_start, **found.result_fields(prompt, answer, steps, rule))

@@ -124,7 +124,7 @@ def perplexity(
     [passages, tokens, vocabulary] logits of a 262k-vocabulary model would take over a GB."""
     sequences = [tuple(lm.tokenizer(p).input_ids[:max_tokens]) for p in passages]
     batch = pad_batch(sequences, pad_token_id(lm), lm.device)
-    captured = {}
+    captured: dict[str, torch.Tensor] = {}
     handle = lm.final_norm.register_forward_pre_hook(
         lambda module, args: captured.setdefault("hidden", args[0])
     )

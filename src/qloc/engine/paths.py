@@ -27,7 +27,7 @@ import copy
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +37,6 @@ from ..errors import ConfigError
 from .models import LoadedModel
 from .sites import Site, SiteFn
 
-Rule = Literal["right", "midpoint", "gauss"]
 RULES = ("right", "midpoint", "gauss")
 CPU_ROW_TOKENS = 1024
 """Token positions per chunk on a CPU: larger chunks gain nothing there and cost memory."""
@@ -45,7 +44,7 @@ ESTIMATED_PROMPT_TOKENS = 64
 """Positions of keys and values a row is budgeted for on a GPU (its prefix cache, or its own)."""
 
 
-def integration_points(steps: int, rule: Rule = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def integration_points(steps: int, rule: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Points alpha_k in (0, 1] and weights w_k with sum_k w_k g(alpha_k) ~ integral_0^1 g.
 
     ``right``: alpha_k = k/m, w_k = 1/m (Dai et al.'s eq. 8, the paper's default);

@@ -136,7 +136,7 @@ class Site:
                     f"{self.unit_axes} up to {highest} lie outside the "
                     f"{' x '.join(map(str, sizes))} {self.name} of this input"
                 )
-            index = (Ellipsis, *(axis.to(tensor.device) for axis in axes))
+            index: tuple[Any, ...] = (Ellipsis, *(axis.to(tensor.device) for axis in axes))
             scaled = tensor.clone()
             scaled[index] = tensor[index] * factor
             return scaled

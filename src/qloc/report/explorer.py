@@ -16,7 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from ..studies.consistency import STATIC_THRESHOLD, classify, fact_consistency
+from ..studies.consistency import classify, fact_consistency
+from ..studies.knsets import STATIC_THRESHOLD
 from .format import rounded
 
 EDIT_COLUMNS = (
@@ -84,7 +85,7 @@ def _synapses(found: pd.DataFrame, effects: pd.DataFrame | None) -> dict:
     queries = []
     for _, row in found.iterrows():
         synapses = _json_column(row["synapses"])[:SYNAPSES_SHOWN]
-        entry = {
+        entry: dict[str, Any] = {
             "index": int(row["query_index"]),
             "count": int(row["n_synapses"]),
             "synapses": [[int(v) for v in s[:4]] + [rounded(s[4], 3)] for s in synapses],

@@ -2,34 +2,53 @@
 
 Both executors share one contract with the run store: a unit's rows are written by the process
 that holds the store (this one), in one transaction per unit, and finished units are skipped on
-resume. With Ray, each actor holds one model replica (one GPU each, or one CPU core with
-``--workers N``) and computes units it is sent; it returns the unit's rows, and the driver writes
-them. An actor that dies has its unit sent to another (a fresh replica replaces it); a driver
-that dies resumes from the store when the command is rerun. A unit is never written twice: the
-store's units table refuses a second mark of the same unit.
+resume (:func:`qloc.runs.sweep.drive`, the one sweep loop). With Ray, each actor holds one model
+replica (one GPU each, or one CPU core with ``workers``) and computes units it is sent; it returns
+the unit's rows, and the driver writes them. An actor that dies has its unit sent to another (a
+fresh replica replaces it); a driver that dies resumes from the store when the command is rerun.
+A unit is never written twice: the store's units table refuses a second mark of the same unit.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from pathlib import Path
+from typing import Any
 
-from ..engine.models import LoadedModel, load_model
-from ..errors import ContextLengthError, QlocError
-from .store import RunLock, RunStore, UnitWriter, environment
-from .sweep import SkipFact, SweepSummary, U, make_progress, run_sweep, unit_size, unit_skip
+from ..engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, LoadedModel, load_model
+from ..errors import ConfigError, QlocError
+from ..settings import setting
+from .store import RunLock, RunStore, environment
+from .sweep import Display, SweepSummary, UnitResult, WorkFn, drive, run_sweep, run_unit
 
-WorkFn = Callable[[Any, UnitWriter], None]
 WorkBuilder = Callable[[LoadedModel], WorkFn]
 """Builds a sweep's work function from a loaded model; sent to every Ray actor, so it must pickle
 (a module-level function or a ``functools.partial`` of one)."""
-Executor = Literal["local", "ray"]
+EXECUTORS = ("local", "ray")
 MAX_ATTEMPTS = 3
 """A unit whose worker died this many times is recorded as skipped, with the reason."""
+log = logging.getLogger("qloc")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where a sweep runs, and whether it shows progress."""
+
+    executor: str = setting(
+        "local", "local (this process) or ray (one model replica per GPU, or per CPU core with --workers)."
+    )
+    ray_address: str | None = setting(None, "Ray cluster: auto, HOST:PORT (default: start a local one).")
+    workers: int | None = setting(None, "Ray: model replicas (default: one per GPU, else one per CPU core).")
+    quiet: bool = setting(False)
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ConfigError.invalid("executor", self.executor, "choose local or ray")
 
 
 @dataclass(frozen=True)
@@ -37,14 +56,15 @@ class ModelSpec:
     """What a worker loads: :func:`qloc.load_model` arguments."""
 
     name: str
-    device: str = "auto"
-    dtype: str = "float32"
+    device: str = DEFAULT_DEVICE
+    dtype: str = DEFAULT_DTYPE
 
     def load(self) -> LoadedModel:
+        log.info("loading %s ...", self.name)
         return load_model(self.name, device=self.device, dtype=self.dtype)
 
 
-def model_environment(lm: LoadedModel) -> dict:
+def model_environment(lm: LoadedModel) -> dict[str, Any]:
     """The environment stored beside a stage's parameters: versions, machine, model."""
     return {**environment(), "model": lm.describe()}
 
@@ -53,9 +73,9 @@ def model_environment(lm: LoadedModel) -> dict:
 class SweepPlan:
     """One sweep: which stage, its parameters, its units, and how to build its work function."""
 
-    run_dir: Any
+    run_dir: Path
     stage: str
-    params: dict
+    params: dict[str, Any]
     units: Sequence[Any]
     build: WorkBuilder
     model: ModelSpec
@@ -63,32 +83,26 @@ class SweepPlan:
 
 
 def execute(
-    plan: SweepPlan,
-    executor: Executor = "local",
-    lm: LoadedModel | None = None,
-    ray_address: str | None = None,
-    workers: int | None = None,
-    quiet: bool = False,
+    plan: SweepPlan, execution: Execution = Execution(), lm: LoadedModel | None = None
 ) -> SweepSummary:
     """Run ``plan`` with the chosen executor; ``lm`` (local only) reuses an already loaded model.
 
     This process (Ray's driver) holds the run directory's lock from before the model loads until the
     sweep ends, so a second sweep on the same directory is refused at once, before loading anything."""
-    if executor not in ("local", "ray"):
-        raise QlocError(f"--executor {executor!r}: choose local or ray")
     if not plan.units:
         raise QlocError(f"0 units selected for {plan.description}: nothing to run")
     with RunLock.acquire(plan.run_dir):
         RunStore.check_stage(plan.run_dir, plan.stage, plan.params)
-        if executor == "local":
+        quiet = execution.quiet
+        if execution.executor == "local":
             lm = lm or plan.model.load()
             with RunStore.open_stage(plan.run_dir, plan.stage, plan.params, model_environment(lm)) as store:
-                return run_sweep(
-                    store, plan.stage, plan.units, plan.build(lm), quiet=quiet, description=plan.description
-                )
-        with RayPool(plan.model, plan.build, ray_address, workers) as pool:
+                return run_sweep(store, plan.stage, plan.units, plan.build(lm), quiet, plan.description)
+        with RayPool(plan.model, plan.build, execution.ray_address, execution.workers) as pool:
             with RunStore.open_stage(plan.run_dir, plan.stage, plan.params, pool.environment()) as store:
-                return pool.run(store, plan.stage, plan.units, quiet=quiet, description=plan.description)
+                results = partial(pool.results, run_dir=plan.run_dir)
+                display = Display(quiet, plan.description, pool.size)
+                return drive(store, plan.stage, plan.units, results, display)
 
 
 class SweepWorker:
@@ -107,20 +121,8 @@ class SweepWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, unit) -> tuple[str, Any, float]:
-        """("done", rows, seconds), ("skipped", (kind, reason), seconds) or ("oom", message, seconds)."""
-        import torch
-
-        writer = UnitWriter()
-        started = time.perf_counter()
-        try:
-            self.work(unit, writer)
-        except (SkipFact, ContextLengthError) as exc:
-            skip = unit_skip(unit, exc)
-            return "skipped", (skip.kind, str(skip)), time.perf_counter() - started
-        except torch.OutOfMemoryError as exc:
-            return "oom", str(exc).splitlines()[0], time.perf_counter() - started
-        return "done", writer.rows, time.perf_counter() - started
+    def run(self, unit: Any) -> UnitResult:
+        return run_unit(self.work, unit)
 
 
 class RayPool:
@@ -132,7 +134,9 @@ class RayPool:
         try:
             import ray
         except ImportError:
-            raise QlocError("--executor ray needs Ray: pip install 'qloc[ray]'") from None
+            raise ConfigError(
+                lambda name: f"{name('executor')} ray needs Ray: pip install 'qloc[ray]'"
+            ) from None
         self.ray = ray
         self._started_here = not ray.is_initialized()
         if self._started_here:
@@ -140,31 +144,33 @@ class RayPool:
             # compute, and must not starve behind other work on a shared machine.
             os.environ.setdefault("RAY_worker_niceness", "0")
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+                ray.init(
+                    address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+                )
             except ConnectionError as exc:
-                raise QlocError(f"--ray-address {address!r}: no Ray cluster there ({exc})") from None
+                raise ConfigError.invalid("ray_address", address, f"no Ray cluster there ({exc})") from None
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if model.device.startswith("cuda") and not gpus:
-            raise QlocError(f"--device {model.device}: the Ray cluster has no GPU")
+            raise ConfigError.invalid("device", model.device, "the Ray cluster has no GPU")
         if gpus and (model.device == "auto" or model.device.startswith("cuda")):
-            resources = {"num_gpus": 1, "num_cpus": 1}
+            gpus_per_worker = 1
             model = ModelSpec(model.name, "cuda", model.dtype)  # each actor sees its one GPU as cuda:0
             self.size = workers or gpus
         else:
-            resources = {"num_gpus": 0, "num_cpus": 1}
+            gpus_per_worker = 0
             self.size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         # Dead actors are replaced by the driver (with their unit resent), not restarted by Ray.
-        self._actor_class = ray.remote(max_restarts=0, **resources)(SweepWorker)
+        self._actor_class = ray.remote(max_restarts=0, num_gpus=gpus_per_worker, num_cpus=1)(SweepWorker)
         self._model, self._build = model, build
         self.actors = [self._new_actor() for _ in range(self.size)]
 
-    def _new_actor(self):
+    def _new_actor(self) -> Any:
         return self._actor_class.remote(self._model, self._build)
 
     def __enter__(self) -> RayPool:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for actor in self.actors:
             self.ray.kill(actor)
         if self._started_here:
@@ -180,71 +186,44 @@ class RayPool:
     def pids(self) -> list[int]:
         return self.ray.get([actor.pid.remote() for actor in self.actors])
 
-    def run(
-        self,
-        store: RunStore,
-        stage: str,
-        units: Sequence[U],
-        quiet: bool = False,
-        description: str | None = None,
-    ) -> SweepSummary:
+    def results(
+        self, pending: list[Any], summary: SweepSummary, run_dir: Path
+    ) -> Iterator[tuple[Any, UnitResult]]:
+        """Send ``pending`` units to the actors and yield each (unit, result) as it comes back; a
+        unit whose actor died goes to a fresh one (counted in ``summary.retried``), up to
+        MAX_ATTEMPTS times."""
         ray = self.ray
-        summary = SweepSummary()
-        finished = store.finished_units(stage)
-        pending = deque(u for u in units if u.id not in finished)
-        summary.resumed = len(units) - len(pending)
-        attempts: Counter = Counter()
+        queue = deque(pending)
+        attempts: Counter[str] = Counter()
         in_flight: dict[Any, tuple[int, Any]] = {}  # object ref -> (actor slot, unit)
         idle = list(range(len(self.actors)))
-        with make_progress(quiet) as progress:
-            task = progress.add_task(description or stage, total=sum(map(unit_size, pending)), status="")
-            while pending or in_flight:
-                while pending and idle:
-                    slot, unit = idle.pop(), pending.popleft()
-                    in_flight[self.actors[slot].run.remote(unit)] = (slot, unit)
-                (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-                slot, unit = in_flight.pop(ref)
-                try:
-                    status, payload, seconds = ray.get(ref)
-                except (
-                    ray.exceptions.RayActorError,
-                    ray.exceptions.WorkerCrashedError,
-                    ray.exceptions.ObjectLostError,
-                ):
-                    attempts[unit.id] += 1
-                    self.actors[slot] = self._new_actor()
-                    summary.retried += 1
-                    idle.append(slot)
-                    if attempts[unit.id] < MAX_ATTEMPTS:
-                        pending.appendleft(unit)  # another (or the fresh) replica takes it next
-                        continue
-                    status, payload = (
-                        "skipped",
-                        ("worker died", f"{unit.label}: its worker died {MAX_ATTEMPTS} times"),
-                    )
-                except ray.exceptions.RayTaskError as exc:
-                    raise QlocError(
-                        f"{unit.label} failed on a Ray worker; finished units are stored in "
-                        f"{str(store.run_dir)!r}: {exc.cause!r}"
-                    ) from None
-                else:
-                    idle.append(slot)
-                if status == "oom":
-                    raise QlocError(
-                        f"out of memory on {unit.label} ({payload}); the {summary.done} units finished in this session "
-                        f"are stored in {str(store.run_dir)!r}. Rerun with a smaller --max-batch-rows to resume."
-                    )
-                if status == "done":
-                    store.commit_unit(stage, unit.id, payload, seconds)
-                    summary.done += 1
-                else:
-                    kind, reason = payload
-                    store.skip(stage, unit.id, reason)
-                    summary.skipped += 1
-                    summary.skip_reasons[kind] += 1
-                progress.update(
-                    task,
-                    advance=unit_size(unit),
-                    status=f"done {summary.done} skipped {summary.skipped} ({self.size} workers)",
-                )
-        return summary
+        while queue or in_flight:
+            while queue and idle:
+                slot, unit = idle.pop(), queue.popleft()
+                in_flight[self.actors[slot].run.remote(unit)] = (slot, unit)
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            slot, unit = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (
+                ray.exceptions.RayActorError,
+                ray.exceptions.WorkerCrashedError,
+                ray.exceptions.ObjectLostError,
+            ):
+                attempts[unit.id] += 1
+                self.actors[slot] = self._new_actor()
+                summary.retried += 1
+                idle.append(slot)
+                if attempts[unit.id] < MAX_ATTEMPTS:
+                    queue.appendleft(unit)  # another (or the fresh) replica takes it next
+                    continue
+                reason = ("worker died", f"{unit.label}: its worker died {MAX_ATTEMPTS} times")
+                result = UnitResult("skipped", reason=reason)
+            except ray.exceptions.RayTaskError as exc:
+                raise QlocError(
+                    f"{unit.label} failed on a Ray worker; finished units are stored in "
+                    f"{str(run_dir)!r}: {exc.cause!r}"
+                ) from None
+            else:
+                idle.append(slot)
+            yield unit, result

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from ..errors import QlocError
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 def markdown_table(frame: pd.DataFrame) -> str:
     """A Markdown table without the optional tabulate dependency."""
 
-    def cell(value) -> str:
+    def cell(value: object) -> str:
         if isinstance(value, float):
             if np.isnan(value):
                 return "nan"
@@ -46,10 +51,20 @@ def write_table(table: pd.DataFrame, directory: Path, name: str) -> Path:
     return directory / f"{name}.csv"
 
 
-def save_figure(fig, directory: Path, name: str) -> Path:
-    """``directory/name.png`` and ``.svg``, then close the figure; returns the PNG's path."""
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot, imported when a figure is drawn, on the Agg backend: qloc draws
+    figures into files only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Figure, directory: Path, name: str) -> Path:
+    """``directory/name.png`` and ``.svg``, then close the figure; returns the PNG's path."""
+    plt = pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     for suffix in ("png", "svg"):
         fig.savefig(directory / f"{name}.{suffix}", dpi=150)

@@ -10,33 +10,32 @@ One process writes a run directory at a time: a writer holds :class:`RunLock` (`
 for its whole sweep, and a second writer is refused at once. Readers take no lock and open the
 database read-only, so that analysing a run never changes its directory.
 
-Results tables are created from the first rows written to them (column types from the Python
-values; lists and dicts are stored as JSON) and load into pandas with :meth:`RunStore.frame`.
+Results tables are created from their row classes (:mod:`qloc.runs.rows`: the explicit schema
+of each table) and load into pandas with :meth:`RunStore.frame`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
-import os
 import platform
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import pandas as pd
 
 from ..errors import RunDirectoryError
+from .lock import LOCK_FILE, STORE_FILE, RunLock
+from .rows import PlainRow, Row, check_identifier, table_layout
 
-STORE_FILE = "qloc.sqlite"
-LOCK_FILE = "qloc.lock"
+__all__ = ["LOCK_FILE", "STORE_FILE", "RunLock", "RunStore", "environment"]
+
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-_IDENT_OK = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stages (
@@ -51,7 +50,7 @@ CREATE TABLE IF NOT EXISTS units (
 
 def environment() -> dict[str, Any]:
     """Versions and machine facts stored beside every stage's parameters."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("qloc", "torch", "transformers", "numpy", "scipy", "pandas"):
         try:
             versions[package] = metadata.version(package)
@@ -101,40 +100,15 @@ def _check_store_file(path: Path) -> None:
         )
 
 
-def _check_identifier(name: str) -> str:
-    if not name or not set(name) <= _IDENT_OK or name[0].isdigit():
-        raise ValueError(f"invalid table or column name {name!r}")
-    return name
-
-
-def _sql_type(value: Any) -> str:
-    if isinstance(value, bool | int):
-        return "INTEGER"
-    if isinstance(value, float):
-        return "REAL"
-    if isinstance(value, bytes):
-        return "BLOB"
-    return "TEXT"
-
-
-def _sql_value(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float | bytes):
-        return value
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalar
-        return value.item()
-    return json.dumps(value)
-
-
 def _damaged_store(path: Path, exc: BaseException) -> RunDirectoryError | None:
     """The user-facing error for a store file SQLite cannot read as a database (junk, truncated),
     or None for any other error. ``exc`` may be pandas' wrapper of SQLite's error."""
-    if not isinstance(exc, sqlite3.DatabaseError):
-        exc = exc.__cause__
+    cause = exc if isinstance(exc, sqlite3.DatabaseError) else exc.__cause__
     # SQLITE_NOTADB and SQLITE_CORRUPT raise the base class itself; its subclasses
     # (OperationalError, IntegrityError, ...) are about queries, locks and permissions.
-    if type(exc) is not sqlite3.DatabaseError:
+    if type(cause) is not sqlite3.DatabaseError:
         return None
-    return RunDirectoryError(f"run store {str(path)!r} is not a SQLite database: {exc}")
+    return RunDirectoryError(f"run store {str(path)!r} is not a SQLite database: {cause}")
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -154,125 +128,6 @@ def _reads_store(method: _Method) -> _Method:
             raise damaged from None
 
     return reading  # type: ignore[return-value]
-
-
-def _refuse_foreign_directory(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirectoryError(f"run directory {str(run_dir)!r} is a file")
-    # A lock file alone is what a sweep killed before it created its store leaves behind.
-    foreign = run_dir.is_dir() and not (run_dir / STORE_FILE).exists()
-    if foreign and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        raise RunDirectoryError(
-            f"{str(run_dir)!r} is not empty and is not a qloc run directory (no {STORE_FILE}); "
-            "choose a new or empty directory"
-        )
-
-
-class RunLock:
-    """The right to write a run directory: an exclusive advisory ``flock`` on its ``qloc.lock``,
-    which holds the writer's PID. The OS drops the lock when the writer dies, so a killed sweep
-    never blocks the next one; a live writer makes a second one fail at once, naming its PID.
-
-    Re-entrant within a process: a sweep takes the lock before it loads its model, and the store
-    it opens later shares it. Directories the lock had to create are removed again on release
-    where nothing was stored in them, so a command that fails early leaves no folder behind."""
-
-    _held: ClassVar[dict[Path, RunLock]] = {}
-
-    def __init__(self, run_dir: Path, key: Path) -> None:
-        self.run_dir = run_dir
-        self._key = key
-        self._fd: int | None = None
-        self._depth = 0
-        self._created: list[Path] = []
-
-    @classmethod
-    def acquire(cls, run_dir: str | Path) -> RunLock:
-        key = Path(run_dir).resolve()
-        lock = cls._held.get(key)
-        if lock is None:
-            lock = cls(Path(run_dir), key)
-            lock._take()
-            cls._held[key] = lock
-        lock._depth += 1
-        return lock
-
-    def release(self) -> None:
-        self._depth -= 1
-        if self._depth:
-            return
-        del RunLock._held[self._key]
-        # Removed while still locked: a process that opened this file meanwhile finds, once it
-        # holds the lock, that the path no longer names it, and takes the lock again (see _take).
-        with contextlib.suppress(FileNotFoundError):
-            (self.run_dir / LOCK_FILE).unlink()
-        os.close(self._fd)
-        self._fd = None
-        self._remove_created()
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def _take(self) -> None:
-        _refuse_foreign_directory(self.run_dir)
-        self._created = [d for d in (self.run_dir, *self.run_dir.absolute().parents) if not d.exists()]
-        path = self.run_dir / LOCK_FILE
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            while True:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-                    os.close(fd)
-                    raise RunDirectoryError(
-                        f"run directory {str(self.run_dir)!r} is being written by another qloc process "
-                        f"(PID {holder}); wait for it to finish, or choose another run directory"
-                    ) from None
-                if self._names(path, fd):
-                    break
-                os.close(fd)
-        except OSError as exc:
-            self._remove_created()
-            raise RunDirectoryError(
-                f"cannot write to run directory {str(self.run_dir)!r}: {exc.strerror}"
-            ) from None
-        except BaseException:
-            self._remove_created()
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    @staticmethod
-    def _names(path: Path, fd: int) -> bool:
-        """Whether ``path`` still names the file open as ``fd`` (its last holder may have removed it)."""
-        try:
-            return os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            return False
-
-    def _remove_created(self) -> None:
-        for directory in self._created:  # deepest first; stops at the first one that holds something
-            try:
-                directory.rmdir()
-            except OSError:
-                break
-
-
-class UnitWriter:
-    """Collects the rows of one unit of work; they are written when the unit commits."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, list[dict[str, Any]]] = {}
-
-    def add(self, table: str, rows: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
-        rows = [rows] if isinstance(rows, Mapping) else rows
-        self.rows.setdefault(_check_identifier(table), []).extend(dict(r) for r in rows)
 
 
 class RunStore:
@@ -393,8 +248,8 @@ class RunStore:
         if differing:
             details = "; ".join(f"{k}: stored {stored.get(k)!r}, given {params.get(k)!r}" for k in differing)
             raise RunDirectoryError(
-                f"run directory {str(self.run_dir)!r} holds a {stage!r} run with other parameters ({details}). "
-                "Use the same parameters to resume, or another --run-dir for a new run."
+                f"run directory {str(self.run_dir)!r} holds a {stage!r} run with other parameters "
+                f"({details}). Use the same parameters to resume, or another run directory for a new run."
             )
 
     def _write_sidecars(self) -> None:
@@ -422,7 +277,7 @@ class RunStore:
     def __enter__(self) -> RunStore:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- reading -------------------------------------------------------------------------
@@ -451,6 +306,7 @@ class RunStore:
 
     @_reads_store
     def units(self, stage: str | None = None) -> pd.DataFrame:
+        args: tuple[str, ...]
         query, args = "SELECT * FROM units", ()
         if stage is not None:
             query, args = query + " WHERE stage = ?", (stage,)
@@ -468,7 +324,7 @@ class RunStore:
             raise RunDirectoryError(
                 f"run directory {str(self.run_dir)!r} has no table {table!r}; it has {self.tables()}"
             )
-        return pd.read_sql_query(f"SELECT * FROM {_check_identifier(table)} ORDER BY rowid", self._db)
+        return pd.read_sql_query(f"SELECT * FROM {check_identifier(table)} ORDER BY rowid", self._db)
 
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -481,23 +337,14 @@ class RunStore:
             raise
         self._db.execute("COMMIT")
 
-    @contextlib.contextmanager
-    def unit(self, stage: str, unit_id: str) -> Iterator[UnitWriter]:
-        """Collect a unit's rows; on a clean exit write them and mark the unit done in one
-        transaction. An exception writes nothing."""
-        writer = UnitWriter()
-        started = time.perf_counter()
-        yield writer
-        self.commit_unit(stage, unit_id, writer.rows, time.perf_counter() - started)
-
     def commit_unit(
-        self, stage: str, unit_id: str, rows: Mapping[str, Sequence[Mapping[str, Any]]], seconds: float | None
+        self, stage: str, unit_id: str, rows: Mapping[str, Sequence[Row | PlainRow]], seconds: float | None
     ) -> None:
         """Write a finished unit's rows (table -> rows) and mark it done, in one transaction.
         A unit already marked is refused by the units table's key, so it is never written twice."""
         with self._transaction():
             for table, table_rows in rows.items():
-                self._insert(_check_identifier(table), stage, unit_id, [dict(r) for r in table_rows])
+                self._insert(check_identifier(table), stage, unit_id, table_rows)
             self._mark(stage, unit_id, "done", None, seconds)
 
     def skip(self, stage: str, unit_id: str, reason: str) -> None:
@@ -510,16 +357,16 @@ class RunStore:
             (stage, unit_id, status, reason, seconds, time.time()),
         )
 
-    def _insert(self, table: str, stage: str, unit_id: str, rows: list[dict[str, Any]]) -> None:
+    def _insert(self, table: str, stage: str, unit_id: str, rows: Sequence[Row | PlainRow]) -> None:
         if not rows:
             return
-        columns = ["stage", "unit_id"] + [_check_identifier(c) for c in rows[0]]
-        if any(row.keys() != rows[0].keys() for row in rows):
-            raise ValueError(f"rows for table {table!r} do not all have the columns {list(rows[0])}")
+        schema, values = table_layout(table, rows)
+        columns = ["stage", "unit_id"] + [column for column, _ in schema]
         existing = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})")]
         if not existing:
-            types = ["TEXT", "TEXT"] + [_sql_type(v) for v in rows[0].values()]
-            spec = ", ".join(f"{c} {t}" for c, t in zip(columns, types))
+            spec = ", ".join(
+                f"{column} {kind}" for column, kind in [("stage", "TEXT"), ("unit_id", "TEXT"), *schema]
+            )
             self._db.execute(f"CREATE TABLE {table} ({spec})")
             self._db.execute(f"CREATE INDEX {table}_unit ON {table} (stage, unit_id)")
         elif missing := [c for c in columns if c not in existing]:
@@ -527,5 +374,5 @@ class RunStore:
         placeholders = ", ".join("?" for _ in columns)
         self._db.executemany(
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})",
-            [[stage, unit_id] + [_sql_value(r.get(c)) for c in columns[2:]] for r in rows],
+            [[stage, unit_id, *row] for row in values],
         )

@@ -5,171 +5,47 @@ first token at the last prompt position, and the model's own top-1 token (METHOD
 Only the prompt is read (no teacher-forced answer tokens), queries are grouped by exact prompt
 length so that a batch holds no padding, and only the last position goes through the output head.
 
-Precision: ``float32`` scores everything in fp32. ``bfloat16`` runs a bf16 copy of the model and
-re-scores in fp32 every query whose answer logit lies within a calibrated margin of the
-``EXACT_RANKS``-th best logit, so that every rank below ``EXACT_RANKS`` (and so top-1 and top-10
-membership) is the fp32 one; the margin is twice the worst bf16 error of logit differences seen on
-a calibration sample, plus a floor. ``auto`` is float32 on CPUs (bf16 with the re-scoring is slower
-there: benchmarks/NOTES.md) and bfloat16 on GPUs that support it.
-
-``--known K`` (:func:`keep_known`) keeps the queries whose first answer token ranks below K and
-the facts with at least two of them; sampling comes after that filter.
+The scoring itself is :class:`qloc.engine.cloze.FirstTokenScorer` (batched by prompt length;
+float32, or bfloat16 with fp32 re-scoring near the top; ``auto`` picks the faster exact mode).
+The known filter (:mod:`qloc.studies.known`) reads a census to keep the facts a model knows.
 """
 
 from __future__ import annotations
 
-import copy
-import math
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 
 from ..data.pararel import Fact
-from ..engine.models import LoadedModel
+from ..data.selection import Selection
+from ..engine.cloze import PRECISIONS, FirstTokenScorer
+from ..engine.models import DEFAULT_DEVICE, DEFAULT_MODEL, LoadedModel
 from ..engine.tokens import answer_token_ids
-from ..errors import DataError, QlocError
-from ..runs.executors import ModelSpec, SweepPlan
-from ..runs.store import RunStore, UnitWriter
+from ..errors import ConfigError, DataError, QlocError
+from ..runs.executors import Execution, ModelSpec, SweepPlan, execute
+from ..runs.outputs import save_figure, write_table
+from ..runs.rows import Row, UnitWriter
+from ..runs.store import RunStore
+from ..runs.sweep import WorkFn
+from ..settings import setting
+from .registry import Outcome, Panel, Study
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STAGE = "census"
-PRECISIONS = ("auto", "float32", "bfloat16")
-EXACT_RANKS = 10
-"""bfloat16 census: a rank below this is the fp32 rank; a larger one is bf16's (approximate)."""
-MARGIN_FLOOR = 0.5
-"""Logits added to the calibrated bf16 margin, for errors larger than any in the sample."""
+BATCH_SIZE = 128
 CALIBRATION_QUERIES = 256
 CHUNK_FACTS = 256
 MIN_KNOWN_QUERIES = 2
 """A fact is known when at least this many of its queries are (as a fact needs 2 queries to be used)."""
-LOOKUP_PARAMS = ("model", "data", "query_filter")
-"""What a census given with ``--census`` must share with the localize run that reads it."""
-
-
-@dataclass(frozen=True)
-class FirstTokenScore:
-    rank: int
-    """Rank of the answer's first token among the vocabulary, 0 = top-1 (ties rank best)."""
-    prob: float
-    """P(answer token 0 | prompt), softmax in fp32."""
-    top_token: int
-    """The model's top-1 next token."""
-    scored_in: str
-    """float32, or bfloat16 where the bf16 numbers were kept (rank >= EXACT_RANKS for certain)."""
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> the faster of the exact modes on ``device``; float32 and bfloat16 stay."""
-    if precision not in PRECISIONS:
-        raise QlocError(f"--census-dtype {precision!r}: choose {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-
-
-class FirstTokenScorer:
-    """Rank and probability of answer token 0 after many prompts, batched by prompt length.
-
-    ``lm`` must hold float32 weights (the reference every precision is exact against). With
-    ``precision="bfloat16"`` a bf16 copy of the model is made and ``calibration`` (prompt ids,
-    answer token) pairs set the margin inside which a query is re-scored in fp32."""
-
-    def __init__(
-        self,
-        lm: LoadedModel,
-        precision: str = "float32",
-        batch_size: int = 128,
-        calibration: Sequence[tuple[Sequence[int], int]] = (),
-    ) -> None:
-        if lm.dtype != torch.float32:
-            raise QlocError(f"the census scores against float32 weights; {lm.name!r} is loaded in {lm.dtype}")
-        if batch_size < 1:
-            raise QlocError(f"--batch-size {batch_size}: must be at least 1")
-        self.lm, self.batch_size = lm, batch_size
-        self.precision = resolve_precision(precision, lm.device)
-        self.fast_model = None
-        self.margin = math.nan
-        self.calibrated_error = math.nan
-        if self.precision == "bfloat16":
-            if not calibration:
-                raise QlocError("a bfloat16 census needs calibration queries to set its fp32 margin")
-            self.fast_model = copy.deepcopy(lm.model).to(torch.bfloat16)
-            self.calibrated_error = self._calibrate(calibration)
-            self.margin = 2 * self.calibrated_error + MARGIN_FLOOR
-
-    @torch.inference_mode()
-    def _calibrate(self, calibration: Sequence[tuple[Sequence[int], int]]) -> float:
-        """The worst error of any logit difference (max minus min of bf16 - fp32 over the
-        vocabulary: a shift common to all logits changes no rank) on the calibration queries."""
-        worst = 0.0
-        prompts = [ids for ids, _ in calibration]
-        for rows in self._batches(prompts):
-            ids = torch.tensor([prompts[i] for i in rows], device=self.lm.device)
-            error = _last_logits(self.fast_model, ids) - _last_logits(self.lm.model, ids)
-            worst = max(worst, float((error.max(1).values - error.min(1).values).max()))
-        return worst
-
-    def _batches(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Row indices grouped by exact prompt length (no padding), at most batch_size per batch."""
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for index, ids in enumerate(prompts):
-            if not ids:
-                raise DataError(f"prompt {index} tokenizes to no tokens")
-            by_length[len(ids)].append(index)
-        return [
-            rows[start : start + self.batch_size]
-            for _, rows in sorted(by_length.items())
-            for start in range(0, len(rows), self.batch_size)
-        ]
-
-    @torch.inference_mode()
-    def score(self, prompts: Sequence[Sequence[int]], answer_tokens: Sequence[int]) -> list[FirstTokenScore]:
-        """Score ``answer_tokens[i]`` after the token ids ``prompts[i]`` (special tokens included)."""
-        if len(prompts) != len(answer_tokens):
-            raise ValueError(f"{len(prompts)} prompts but {len(answer_tokens)} answer tokens")
-        results: list[FirstTokenScore | None] = [None] * len(prompts)
-        for rows in self._batches(prompts):
-            ids = torch.tensor([prompts[i] for i in rows], device=self.lm.device)
-            answers = torch.tensor([answer_tokens[i] for i in rows], device=self.lm.device)
-            for row, result in zip(rows, self._score_batch(ids, answers)):
-                results[row] = result
-        return results
-
-    def _score_batch(self, ids: torch.Tensor, answers: torch.Tensor) -> list[FirstTokenScore]:
-        if self.fast_model is None:
-            return _first_token_scores(_last_logits(self.lm.model, ids), answers, "float32")
-        logits = _last_logits(self.fast_model, ids)
-        answer_logit = logits.gather(1, answers[:, None])[:, 0]
-        # Below the EXACT_RANKS-th logit by more than the margin: at least EXACT_RANKS tokens beat
-        # the answer in fp32 too, so its rank is >= EXACT_RANKS in both precisions.
-        boundary = logits.topk(EXACT_RANKS, dim=1).values[:, -1]
-        recheck = (answer_logit >= boundary - self.margin).nonzero()[:, 0]
-        results = _first_token_scores(logits, answers, "bfloat16")
-        if len(recheck):
-            exact_logits = _last_logits(self.lm.model, ids[recheck])
-            exact = _first_token_scores(exact_logits, answers[recheck], "float32")
-            for row, result in zip(recheck.tolist(), exact):
-                results[row] = result
-        return results
-
-
-def _last_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """fp32 logits [batch, vocab] at the last position; only that position reaches the head."""
-    return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
-
-
-def _first_token_scores(logits: torch.Tensor, answers: torch.Tensor, scored_in: str) -> list[FirstTokenScore]:
-    # Rank on log-probabilities, as score_cloze computes it, so both agree on near-ties.
-    logprobs = torch.log_softmax(logits, dim=-1)
-    answer_logprob = logprobs.gather(1, answers[:, None])
-    ranks = (logprobs > answer_logprob).sum(1).tolist()
-    probs = answer_logprob[:, 0].exp().tolist()
-    tops = logprobs.argmax(1).tolist()
-    return [FirstTokenScore(r, p, t, scored_in) for r, p, t in zip(ranks, probs, tops)]
+log = logging.getLogger("qloc")
 
 
 # -- the census sweep -------------------------------------------------------------------------
@@ -213,7 +89,48 @@ def calibration_sample(facts: Sequence[Fact], count: int = CALIBRATION_QUERIES) 
     return pairs[::step][:count]
 
 
-def census_work(lm: LoadedModel, precision: str, batch_size: int, calibration: Sequence[tuple[str, str]]):
+@dataclass
+class CensusRow(Row):
+    """One query: the rank and probability of its answer's first token, and the model's top-1 token."""
+
+    table = STAGE
+    fact_id: str
+    relation: str
+    query_index: int
+    prompt: str
+    answer: str
+    answer_token: int
+    prob: float
+    rank: int
+    top_token: str
+    scored_in: str
+
+
+@dataclass
+class CensusSkippedRow(Row):
+    """A fact whose answer or a prompt has no tokens."""
+
+    table = "census_skipped"
+    fact_id: str
+    relation: str
+    reason: str
+
+
+@dataclass
+class CensusPrecisionRow(Row):
+    """One chunk: its precision, the bf16 margin, and how many queries were scored in fp32."""
+
+    table = "census_precision"
+    precision: str
+    margin: float
+    calibrated_error: float
+    queries: int
+    float32_queries: int
+
+
+def census_work(
+    lm: LoadedModel, precision: str, batch_size: int, calibration: Sequence[tuple[str, str]]
+) -> WorkFn:
     """Work function over :class:`CensusChunk` s: one ``census`` row per query, one
     ``census_skipped`` row per fact whose answer or a prompt has no tokens, and one
     ``census_precision`` row per chunk (the precision, margin and re-scored queries)."""
@@ -235,40 +152,33 @@ def census_work(lm: LoadedModel, precision: str, batch_size: int, calibration: S
                 if not all(prompt_ids):
                     raise DataError(f"a prompt of fact {fact.id} tokenizes to no tokens")
             except DataError as exc:
-                writer.add(
-                    "census_skipped", {"fact_id": fact.id, "relation": fact.relation, "reason": str(exc)}
-                )
+                writer.add(CensusSkippedRow(fact.id, fact.relation, str(exc)))
                 continue
             queries += [(fact, i, ids, answer) for i, ids in enumerate(prompt_ids)]
         scores = scorer.score([q[2] for q in queries], [q[3] for q in queries])
         if queries:
             writer.add(
-                STAGE,
                 [
-                    {
-                        "fact_id": fact.id,
-                        "relation": fact.relation,
-                        "query_index": index,
-                        "prompt": fact.queries[index],
-                        "answer": fact.object,
-                        "answer_token": answer,
-                        "prob": s.prob,
-                        "rank": s.rank,
-                        "top_token": decode(s.top_token),
-                        "scored_in": s.scored_in,
-                    }
+                    CensusRow(
+                        fact.id,
+                        fact.relation,
+                        index,
+                        fact.queries[index],
+                        fact.object,
+                        answer,
+                        s.prob,
+                        s.rank,
+                        decode(s.top_token),
+                        s.scored_in,
+                    )
                     for (fact, index, _, answer), s in zip(queries, scores)
-                ],
+                ]
             )
+        float32 = sum(s.scored_in == "float32" for s in scores)
         writer.add(
-            "census_precision",
-            {
-                "precision": scorer.precision,
-                "margin": scorer.margin,
-                "calibrated_error": scorer.calibrated_error,
-                "queries": len(queries),
-                "float32_queries": sum(s.scored_in == "float32" for s in scores),
-            },
+            CensusPrecisionRow(
+                scorer.precision, scorer.margin, scorer.calibrated_error, len(queries), float32
+            )
         )
 
     return work
@@ -278,26 +188,40 @@ def _answer_token(lm: LoadedModel, answer: str) -> int:
     return answer_token_ids(lm, answer)[0]
 
 
+@dataclass(frozen=True)
+class CensusConfig:
+    """What a census stores as its parameters beside the model and the fact selection."""
+
+    precision: str = setting(
+        "auto",
+        "auto (float32 on CPUs, bfloat16 on GPUs), float32, or bfloat16 (queries near the top-10 "
+        "re-scored in fp32: ranks below 10 stay exact).",
+        flag="--census-dtype",
+    )
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError.invalid("precision", self.precision, f"choose {', '.join(PRECISIONS)}")
+
+
 def census_plan(
     run_dir: Path,
     model: str,
     device: str,
     facts: Sequence[Fact],
-    params: dict,
-    precision: str,
-    batch_size: int,
+    params: dict[str, Any],
+    config: CensusConfig,
+    batch_size: int = BATCH_SIZE,
 ) -> SweepPlan:
     """The census of ``facts`` as a sweep (local or Ray), stage ``census`` in ``run_dir``."""
-    if precision not in PRECISIONS:
-        raise QlocError(f"--census-dtype {precision!r}: choose {', '.join(PRECISIONS)}")
     if batch_size < 1:
-        raise QlocError(f"--batch-size {batch_size}: must be at least 1")
-    calibration = calibration_sample(facts) if precision != "float32" else []
-    build = partial(census_work, precision=precision, batch_size=batch_size, calibration=calibration)
+        raise ConfigError.invalid("batch_size", batch_size, "must be at least 1")
+    calibration = calibration_sample(facts) if config.precision != "float32" else []
+    build = partial(census_work, precision=config.precision, batch_size=batch_size, calibration=calibration)
     return SweepPlan(
         run_dir,
         STAGE,
-        {**params, "precision": precision},
+        {**params, "precision": config.precision},
         census_chunks(facts),
         build,
         ModelSpec(model, device, "float32"),
@@ -305,74 +229,45 @@ def census_plan(
     )
 
 
-# -- reading a census: the known filter, the per-relation table and figure ----------------------
-def parse_known(value: str | int | None) -> int | None:
-    """``--known``: an int K >= 1 (known at top-K), or ``all`` (None: no filter)."""
-    if value is None or str(value).strip().lower() == "all":
-        return None
-    try:
-        k = int(str(value).strip())
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise QlocError(f"--known {value!r}: give an integer K >= 1 (answer ranked below K) or 'all'")
-    return k
+@dataclass(frozen=True)
+class CensusRequest:
+    run_dir: Path = setting(help="Run directory (created, or resumed).")
+    model: str = setting(DEFAULT_MODEL)
+    selection: Selection = setting(factory=Selection)
+    config: CensusConfig = setting(factory=CensusConfig)
+    batch_size: int = setting(BATCH_SIZE, "Queries per forward pass (all of one length).")
+    device: str = setting(DEFAULT_DEVICE)
+    execution: Execution = setting(factory=Execution)
 
 
-def read_census(run_dir: Path, facts: Sequence[Fact], expected: dict) -> pd.DataFrame:
-    """The census rows of ``facts`` from the census stage in ``run_dir``. Refuses a census of
-    another model, data file or query filter than ``expected`` names (naming the parameter), and
-    one that has not scored every fact of ``facts``."""
-    with RunStore.open_existing(run_dir) as store:
-        params = store.params(STAGE)
-        for key in LOOKUP_PARAMS:
-            if params.get(key) != expected.get(key):
-                raise QlocError(
-                    f"census {str(run_dir)!r} was made with {key} {params.get(key)!r}; "
-                    f"this run uses {expected.get(key)!r}"
-                )
-        tables = store.tables()
-        empty = pd.DataFrame(columns=["fact_id", "query_index", "prompt", "rank"])
-        rows = store.frame(STAGE) if STAGE in tables else empty
-        skipped = store.frame("census_skipped")["fact_id"] if "census_skipped" in tables else []
-    covered = set(rows["fact_id"]) | set(skipped)
-    missing = [f for f in facts if f.id not in covered]
-    if missing:
-        relations = ",".join(sorted({f.relation for f in missing}))
-        raise QlocError(
-            f"census {str(run_dir)!r} has not scored {len(missing)} of the {len(facts)} facts to "
-            f"filter (e.g. {missing[0].id}); run `qloc census --run-dir {run_dir} --relations "
-            f"{relations}` with its model first, or leave out --census to score them here"
-        )
-    return rows[rows["fact_id"].isin({f.id for f in facts})]
+def run(request: CensusRequest) -> Outcome:
+    dataset, selected = request.selection.select()
+    params = {"model": request.model, **request.selection.params()}
+    plan = census_plan(
+        request.run_dir, request.model, request.device, selected, params, request.config, request.batch_size
+    )
+    summary = execute(plan, request.execution)
+    with RunStore.open_existing(request.run_dir) as store:
+        if STAGE not in store.tables():
+            raise QlocError(
+                f"no fact of {str(request.run_dir)!r} could be scored ({dict(summary.skip_reasons)})"
+            )
+        rows, seconds = store.frame(STAGE), store.units(STAGE)["seconds"].sum()
+    table = census_table(rows, {f.relation: f.relation_label for f in dataset.facts})
+    csv = write_table(table, request.run_dir / "tables", "census_relations")
+    png = save_figure(census_figure(table, request.model), request.run_dir / "figures", "census_relations")
+    rescored = (rows["scored_in"] == "float32").mean()
+    speed = len(rows) / max(seconds, 1e-9)
+    return Outcome(
+        [
+            table,
+            f"chunks: {summary.describe()}; {len(rows)} queries in {seconds:.0f} s of scoring "
+            f"({speed:.1f} queries/s; {100 * rescored:.0f}% scored in float32); {csv}, {png}",
+        ]
+    )
 
 
-def keep_known(facts: Sequence[Fact], census: pd.DataFrame, k: int) -> list[Fact]:
-    """Each fact with only its queries whose first answer token ranks below ``k`` (in query
-    order), and only the facts left with at least MIN_KNOWN_QUERIES of them."""
-    if k > EXACT_RANKS and "scored_in" in census and (census["scored_in"] == "bfloat16").any():
-        raise QlocError(
-            f"--known {k}: the census scored some queries in bfloat16, whose ranks are exact "
-            f"only below {EXACT_RANKS}; use a census made with --census-dtype float32"
-        )
-    rows = {(r.fact_id, r.query_index): r for r in census.itertuples()}
-    kept = []
-    for fact in facts:
-        known = []
-        for index, prompt in enumerate(fact.queries):
-            row = rows.get((fact.id, index))
-            if row is None:
-                continue  # the census skipped the fact: its answer has no tokens
-            if row.prompt != prompt:
-                raise QlocError(
-                    f"the census's query {index} of fact {fact.id} is {row.prompt!r}, the "
-                    f"data's is {prompt!r}: the census was made from other data"
-                )
-            if row.rank < k:
-                known.append(prompt)
-        if len(known) >= MIN_KNOWN_QUERIES:
-            kept.append(replace(fact, queries=tuple(known)))
-    return kept
+# -- reading a census: the per-relation table and figure -------------------------------------
 
 
 def census_table(census: pd.DataFrame, labels: dict[str, str] | None = None) -> pd.DataFrame:
@@ -413,7 +308,7 @@ def census_table(census: pd.DataFrame, labels: dict[str, str] | None = None) -> 
     return pd.DataFrame(rows)
 
 
-def census_figure(table: pd.DataFrame, model: str):
+def census_figure(table: pd.DataFrame, model: str) -> Figure:
     """Per relation: the share of queries (left) and of facts with >= 2 queries (right) whose
     answer the model ranks top-10 (light) and top-1 (dark); the all-relations share dashed."""
     import matplotlib
@@ -447,3 +342,18 @@ def census_figure(table: pd.DataFrame, model: str):
     )
     fig.tight_layout()
     return fig
+
+
+STUDY = Study(
+    name="census",
+    summary="What the model knows: rank and probability of the answer's first token after every usable "
+    "query of the selected facts (default: all of ParaRel), in chunks of 256 facts (resumable); "
+    "tables/census_relations.csv|md and figures/census_relations.png|svg per relation.",
+    request=CensusRequest,
+    run=run,
+    panels=(Panel(130, "What the model knows, per relation", ("census_relations",)),),
+    examples=(
+        "qloc census --model smollm2-135m --run-dir runs/census-smollm2 "
+        "# what the model knows: every query's answer rank",
+    ),
+)

@@ -17,45 +17,33 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from ..errors import QlocError
+from ..data.pararel import relation_order
 from ..runs.outputs import check_writable, save_figure, write_table
-from ..runs.store import RunStore
+from ..settings import setting
+from .consistency_figures import sensitivity_figure, threshold_figure, violin_figure
+from .knsets import KN_RULES, STATIC_THRESHOLD, consistency_score, dense_kn_sets, load_kn_sets
+from .registry import Outcome, Panel, Reproduction, Study
+from .statistics import otsu_threshold, welch
 
 if TYPE_CHECKING:
-    import torch
+    from matplotlib.figure import Figure
 
-STATIC_THRESHOLD = 0.1
 SWEEP_THRESHOLDS = np.round(np.arange(0.04, 0.80 + 1e-9, 0.02), 2)
 NULL_GROUPS = 2000
 """Groups drawn for the chance distribution of CS, per (model, method)."""
 NULL_PERCENTILE = 95
-KN_RULES = ("t=0.1", "t=0.2", "t=0.3", "t=0.5", "top10", "top50")
-"""KN-set rules of the threshold-sensitivity table: score >= t x max, or the k best neurons."""
-
-
-def consistency_score(kn_sets: Sequence[Iterable], strict: bool = False) -> float:
-    """CS of one fact: relaxed = share of the union held by more than one query's KN set;
-    strict = |intersection| / |union|. 0 where the union is empty."""
-    sets = [set(map(tuple, s)) for s in kn_sets]
-    union = set().union(*sets) if sets else set()
-    if not union:
-        return 0.0
-    if strict:
-        return len(set.intersection(*sets)) / len(union)
-    counts: dict[tuple, int] = {}
-    for s in sets:
-        for neuron in s:
-            counts[neuron] = counts.get(neuron, 0) + 1
-    return sum(1 for c in counts.values() if c > 1) / len(union)
+PER_FACT_COLUMNS = (
+    "model fact_id relation method queries union_size cs_relaxed cs_strict otsu_threshold class_static "
+    "class_otsu above_null degenerate"
+).split()
 
 
 def fact_consistency(kn_frame: pd.DataFrame) -> pd.DataFrame:
@@ -128,25 +116,6 @@ def null_summary(null: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
 
 
-def otsu_threshold(values: Sequence[float], bins: int = 256) -> float:
-    """Otsu's threshold on [0, 1]: the histogram cut maximising the between-class variance
-    (``bins`` bins; values >= the threshold are the upper class)."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return float("nan")
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    centers = (edges[:-1] + edges[1:]) / 2
-    weight_low = np.cumsum(hist)
-    weight_high = weight_low[-1] - weight_low
-    sum_low = np.cumsum(hist * centers)
-    mean_low = np.divide(sum_low, weight_low, out=np.zeros(bins), where=weight_low > 0)
-    mean_high = np.divide(sum_low[-1] - sum_low, weight_high, out=np.zeros(bins), where=weight_high > 0)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    # Every cut inside an empty gap between the classes scores the same: take the middle one.
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-12))
-    return float(edges[best[len(best) // 2] + 1])
-
-
 def classify(
     cs_frame: pd.DataFrame,
     static: float = STATIC_THRESHOLD,
@@ -164,14 +133,6 @@ def classify(
         frame = frame.merge(null_summary(null), on=["model", "method"], how="left")
         frame["above_null"] = frame[score] > frame[f"cs_null_p{NULL_PERCENTILE}"]
     return frame
-
-
-def welch(kc: Sequence[float], ki: Sequence[float]) -> tuple[float, float]:
-    """Welch's t statistic and two-sided p-value of KC against KI (NaN with fewer than 2 of either)."""
-    if len(kc) < 2 or len(ki) < 2:
-        return float("nan"), float("nan")
-    result = stats.ttest_ind(kc, ki, equal_var=False)
-    return float(result.statistic), float(result.pvalue)
 
 
 def table1(classified: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
@@ -227,7 +188,9 @@ def table1(classified: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
 
 
 def ki_share_curve(
-    cs_frame: pd.DataFrame, thresholds: Sequence[float] = SWEEP_THRESHOLDS, score: str = "cs_relaxed"
+    cs_frame: pd.DataFrame,
+    thresholds: Sequence[float] | np.ndarray = SWEEP_THRESHOLDS,
+    score: str = "cs_relaxed",
 ) -> pd.DataFrame:
     """Figure 9's data: share of KI facts per (model, method) as the static threshold runs."""
     rows = []
@@ -245,11 +208,6 @@ def ki_share_curve(
     return pd.DataFrame(rows)
 
 
-def relation_order(relations: Iterable[str]) -> list[str]:
-    """Relations in numeric order of their Wikidata id (P17 before P101)."""
-    return sorted(set(relations), key=lambda r: (int(r[1:]) if r[1:].isdigit() else 10**9, r))
-
-
 def relation_summary(cs_frame: pd.DataFrame, method: str, score: str = "cs_relaxed") -> pd.DataFrame:
     """The data behind a violin plot: per (model, relation) the facts, mean, median and KI share."""
     data = cs_frame[cs_frame["method"] == method]
@@ -261,186 +219,6 @@ def relation_summary(cs_frame: pd.DataFrame, method: str, score: str = "cs_relax
         {r: i for i, r in enumerate(relation_order(summary["relation"]))}
     )
     return summary.sort_values(["model", "order"]).drop(columns="order").reset_index(drop=True)
-
-
-def violin_figure(
-    cs_frame: pd.DataFrame, method: str, score: str = "cs_relaxed", null: pd.DataFrame | None = None
-):
-    """Figures 3/7/8: CS per relation for one method (one panel per model); with ``null``
-    (:func:`null_consistency` rows), the chance band (5th-95th percentile, mean) behind it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    data = cs_frame[cs_frame["method"] == method]
-    models = list(data["model"].unique())
-    relations = relation_order(data["relation"])
-    chance = null_summary(null).set_index(["model", "method"]) if null is not None and len(null) else None
-    fig, axes = plt.subplots(
-        len(models), 1, figsize=(max(8, 0.45 * len(relations)), 3.2 * len(models)), squeeze=False
-    )
-    for ax, model in zip(axes[:, 0], models):
-        panel = data[data["model"] == model]
-        if chance is not None and (model, method) in chance.index:
-            band = chance.loc[(model, method)]
-            ax.axhspan(
-                band["cs_null_p5"],
-                band[f"cs_null_p{NULL_PERCENTILE}"],
-                color="#bbbbbb",
-                alpha=0.35,
-                linewidth=0,
-                label=f"chance: CS of queries from different facts (5-{NULL_PERCENTILE}th pct.)",
-            )
-            ax.axhline(band["cs_null_mean"], color="#777777", linewidth=0.8)
-        sns.violinplot(
-            data=panel,
-            x="relation",
-            y=score,
-            order=relations,
-            ax=ax,
-            cut=0,
-            density_norm="width",
-            inner=None,
-            color="#8fb8de",
-            linewidth=0.8,
-        )
-        # Facts as dots too: a sampled run has few facts per relation, where a violin alone says little.
-        sns.stripplot(
-            data=panel, x="relation", y=score, order=relations, ax=ax, color="#1f3b57", size=3, jitter=0.15
-        )
-        ax.axhline(
-            STATIC_THRESHOLD,
-            color="#c0392b",
-            linestyle="--",
-            linewidth=1,
-            label=f"static threshold {STATIC_THRESHOLD}",
-        )
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{model}: KN consistency per relation ({method.upper()})")
-        ax.set_xlabel("relation")
-        ax.set_ylabel("CS" if score == "cs_relaxed" else "CS (strict)")
-        ax.tick_params(axis="x", rotation=90)
-        ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def threshold_figure(curve: pd.DataFrame):
-    """Figure 9: KI share against the static threshold, one line per model and method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for (model, method), group in curve.groupby(["model", "method"], sort=False):
-        ax.plot(
-            group["threshold"],
-            group["ki_share"],
-            marker="o",
-            markersize=2.5,
-            label=f"{model} {method.upper()}",
-        )
-    ax.axvline(STATIC_THRESHOLD, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("static threshold")
-    ax.set_ylabel("share of KI facts")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Inconsistent knowledge as the threshold varies")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def model_label(model: str) -> str:
-    """Paths are shown by their last part."""
-    return Path(model).name if "/" in model or model.endswith(".gguf") else model
-
-
-def _degenerate_methods(store: RunStore) -> set[str]:
-    """Methods degenerate on the architecture of the run's model (from its stored environment)."""
-    from ..engine.architectures import architecture_for
-    from ..engine.attribution import METHODS
-    from ..errors import UnsupportedArchitectureError
-
-    localize = next((stage for stage in store.stages() if stage["stage"] == "localize"), None)
-    model_type = ((localize or {}).get("environment") or {}).get("model", {}).get("model_type")
-    if model_type is None:
-        return set()
-    try:
-        arch = architecture_for(model_type)
-    except UnsupportedArchitectureError:
-        return set()
-    return {name for name, method in METHODS.items() if method.degenerate_on(arch)}
-
-
-def load_kn_sets(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """The ``kn_sets`` tables of several runs, with a ``model`` column from each run's parameters
-    and ``degenerate`` marking methods that are degenerate on that model's architecture."""
-    frames = []
-    for run_dir in run_dirs:
-        with RunStore.open_existing(run_dir) as store:
-            model = model_label(store.params("localize")["model"])
-            degenerate = _degenerate_methods(store)
-            frame = store.frame("kn_sets")
-            frames.append(
-                frame.assign(model=model, run_dir=str(run_dir), degenerate=frame["method"].isin(degenerate))
-            )
-    combined = pd.concat(frames, ignore_index=True)
-    duplicated = combined.duplicated(["model", "method", "fact_id", "query_index"])
-    if duplicated.any():
-        row = combined[duplicated].iloc[0]
-        raise QlocError(
-            f"runs {sorted(set(combined.run_dir))} both hold {row.method} KN sets of {row.model} fact "
-            f"{row.fact_id}; give each (model, method) once"
-        )
-    return combined
-
-
-def _rule_kn_set(scores: torch.Tensor, rule: str) -> list[tuple[int, int]]:
-    from ..engine.attribution import kn_set
-
-    if rule.startswith("top"):
-        return kn_set(scores, top_k_neurons=int(rule.removeprefix("top")))
-    return kn_set(scores, float(rule.removeprefix("t=")))
-
-
-def dense_kn_sets(run_dirs: Sequence[str | Path], rules: Sequence[str] = KN_RULES) -> pd.DataFrame:
-    """KN sets recomputed under each rule from the dense scores that ``localize --save-scores``
-    stored (fp16: a neuron within fp16 rounding of the cut can fall on the other side than in the
-    fp32 sets of ``kn_sets``). Columns as :func:`load_kn_sets`, plus ``kn_rule``; empty where no run
-    kept dense scores."""
-    import torch
-
-    from .localize import load_dense_scores
-
-    rows = []
-    for run_dir in run_dirs:
-        with RunStore.open_existing(run_dir) as store:
-            if "dense_scores" not in store.tables():
-                continue
-            model = model_label(store.params("localize")["model"])
-            degenerate = _degenerate_methods(store)
-            relation = store.frame("kn_sets").drop_duplicates("fact_id").set_index("fact_id")["relation"]
-            for row in store.frame("dense_scores").itertuples():
-                scores = torch.from_numpy(load_dense_scores(row.scores_npz).astype(np.float32))
-                for rule in rules:
-                    kn = _rule_kn_set(scores, rule)
-                    rows.append(
-                        {
-                            "model": model,
-                            "fact_id": row.fact_id,
-                            "relation": relation[row.fact_id],
-                            "method": row.method,
-                            "query_index": row.query_index,
-                            "kn": kn,
-                            "kn_size": len(kn),
-                            "kn_rule": rule,
-                            "degenerate": row.method in degenerate,
-                        }
-                    )
-    return pd.DataFrame(rows)
 
 
 def threshold_sensitivity(dense: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
@@ -485,37 +263,6 @@ def threshold_sensitivity(dense: pd.DataFrame, score: str = "cs_relaxed") -> pd.
     )
 
 
-def sensitivity_figure(table: pd.DataFrame):
-    """KI share (static and Otsu) and mean CS against chance, per KN-set rule: does the conclusion
-    depend on how many neurons a KN set holds?"""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rules = [r for r in KN_RULES if r in set(table["kn_rule"])]
-    x = np.arange(len(rules))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (model, method), group in table.groupby(["model", "method"], sort=False):
-        group = group.set_index("kn_rule").reindex(rules)
-        label = f"{model} {method.upper()}" + (" (degenerate)" if group["degenerate"].any() else "")
-        line = axes[0].plot(x, group["R_KI_static"], marker="o", label=label)[0]
-        axes[0].plot(x, group["R_KI_otsu"], marker="s", linestyle=":", color=line.get_color())
-        axes[1].plot(x, group["cs_mean"], marker="o", color=line.get_color(), label=label)
-        axes[1].plot(x, group["cs_null_mean"], linestyle="--", color=line.get_color(), alpha=0.7)
-    axes[0].set_ylabel("share of KI facts (solid: static 0.1; dotted: Otsu)")
-    axes[0].set_ylim(0, 1.02)
-    axes[1].set_ylabel("mean CS (solid) and chance CS (dashed)")
-    axes[1].set_ylim(0, 1.02)
-    for ax in axes:
-        ax.set_xticks(x, rules)
-        ax.set_xlabel("KN-set rule")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("How the KN-consistency conclusion depends on the KN-set rule")
-    fig.tight_layout()
-    return fig
-
-
 @dataclass
 class ConsistencyStudy:
     """Everything Table 1 and Figures 3/7/8/9 are made of, for one or more localize runs."""
@@ -534,29 +281,21 @@ class ConsistencyStudy:
     def relations(self, method: str) -> pd.DataFrame:
         return relation_summary(self.classified, method, self.score)
 
-    def violin(self, method: str):
-        return violin_figure(self.classified, method, self.score, self.null)
+    def violin(self, method: str) -> Figure:
+        chance = None
+        if len(self.null):
+            chance = null_summary(self.null).rename(
+                columns={"cs_null_p5": "low", f"cs_null_p{NULL_PERCENTILE}": "high", "cs_null_mean": "mean"}
+            )
+            chance["label"] = f"chance: CS of queries from different facts (5-{NULL_PERCENTILE}th pct.)"
+        return violin_figure(self.classified, method, self.score, chance)
 
-    def threshold_figure(self):
+    def threshold_figure(self) -> Figure:
         return threshold_figure(self.curve)
 
     def per_fact(self) -> pd.DataFrame:
-        columns = [
-            "model",
-            "fact_id",
-            "relation",
-            "method",
-            "queries",
-            "union_size",
-            "cs_relaxed",
-            "cs_strict",
-            "otsu_threshold",
-            "class_static",
-            "class_otsu",
-            "above_null",
-            "degenerate",
-        ]
-        return self.classified[[c for c in columns if c in self.classified]]
+        """``tables/consistency.csv``: per fact and method, CS, its classes, and whether it beats chance."""
+        return self.classified[[c for c in PER_FACT_COLUMNS if c in self.classified]]
 
 
 def consistency_study(kn_frame: pd.DataFrame, score: str = "cs_relaxed") -> ConsistencyStudy:
@@ -605,3 +344,48 @@ def write_consistency_report(
             sensitivity_figure(sensitivity), figures, "threshold_sensitivity"
         )
     return written
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest:
+    run_dirs: list[Path] = setting(help="A localize run; repeat for several models.", flag="--run-dir")
+    out_dir: Path | None = setting(
+        None, "Where tables/ and figures/ go (default: the first run).", flag="--out"
+    )
+    strict: bool = setting(False, "Classify by strict CS (intersection / union).")
+
+
+def run(request: ConsistencyRequest) -> Outcome:
+    out_dir = request.out_dir or request.run_dirs[0]
+    written = write_consistency_report(
+        request.run_dirs, out_dir, "cs_strict" if request.strict else "cs_relaxed"
+    )
+    table = written["table1"].with_suffix(".md").read_text()
+    return Outcome([table, *(f"{name}: {path}" for name, path in written.items())])
+
+
+def reproduce(plan: Reproduction) -> list[tuple[str, Any]]:
+    return [("KN consistency", ConsistencyRequest(run_dirs=[plan.directory]))]
+
+
+STUDY = Study(
+    name="consistency",
+    summary="KN-consistency scores, KC/KI classes (static 0.1 and Otsu), Welch's t-test, Table 1 and "
+    "Figures 3/7/8/9 from one or more localize runs.",
+    request=ConsistencyRequest,
+    run=run,
+    panels=(
+        Panel(10, "Table 1: KN consistency", ("table1",)),
+        Panel(20, "Figures 3/7/8: CS per relation ({METHOD})", ("relations_{method}",), ("violin_{method}",)),
+        Panel(30, "Figure 9: KI share as the threshold varies", ("fig9_ki_share",), ("fig9_threshold",)),
+        Panel(
+            40, "KN-rule sensitivity of the KI share", ("threshold_sensitivity",), ("threshold_sensitivity",)
+        ),
+        Panel(140, "KN consistency per fact", ("consistency",)),
+    ),
+    examples=(
+        "qloc consistency --run-dir runs/smollm2 --run-dir runs/gemma3 --out runs/compare  "
+        "# Table 1, Figures 3/7/8/9",
+    ),
+    reproduce=reproduce,
+)

@@ -6,194 +6,87 @@ the model bit-exactly, and store one row per (fact, set). KC/KI classes come fro
 consistency under the static threshold, so Table 2/3 rows are split by class.
 
 Before editing, the shared-neuron filter drops KNs that a large share of the relation's facts
-hold (:func:`qloc.knsets.shared_neurons`), and each KN's change follows the sign of its activation
-(:mod:`qloc.editing`). Every row records the evidence: the answer's probability on the edited
+hold (:func:`qloc.studies.knsets.shared_neurons`), and each KN's change follows the sign of its activation
+(:mod:`qloc.engine.editing`). Every row records the evidence: the answer's probability on the edited
 query before and after, how many neighbours moved, and how many KNs the filter removed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
 
-from ..data.pararel import Fact
-from ..engine.attribution import attribute, kn_set
-from ..engine.cloze import ClozeScore, score_cloze
-from ..engine.editing import (
-    EDIT_SIGNS,
-    LAMBDA1,
-    LAMBDA2,
-    activation_signs,
-    edit_knowledge,
-    perplexity,
-    target_activations,
+from ..data.pararel import Fact, causal_prompt, load_pararel
+from ..data.wikitext import wikitext_passages
+from ..engine.editing import edit_knowledge, perplexity, target_activations
+from ..engine.models import DEFAULT_DEVICE, DEFAULT_MODEL, LoadedModel
+from ..engine.tokens import answer_token_ids
+from ..errors import ConfigError, DataError
+from ..runs.executors import Execution, ModelSpec, execute
+from ..runs.outputs import write_table
+from ..runs.rows import Row, UnitWriter
+from ..runs.store import STORE_FILE, RunStore
+from ..runs.sweep import SkipFact, WorkFn
+from ..settings import setting
+from .edit_protocol import (
+    CATASTROPHIC_DPPL,
+    KN_SETS,
+    METRICS,
+    EditCase,
+    EditConfig,
+    SequentialUnit,
+    by_relation,
+    case_study,
+    edit_evidence,
+    kn_signs,
+    sequential_table,
+    sequential_work,
 )
-from ..engine.models import LoadedModel
-from ..engine.tokens import answer_token_ids, pad_token_id
-from ..errors import DataError, QlocError
-from ..runs.store import UnitWriter
-from ..runs.sweep import SkipFact
-from .consistency import STATIC_THRESHOLD
-from .knsets import SHARED_FILTER, FactKnowledge, cas_set, filtered_knowledge
+from .knsets import LOCALIZE_STAGE, LOCALIZED_RUN_HELP, FactKnowledge, filtered_knowledge, read_localized_run
+from .registry import Outcome, Panel, Reproduction, Study
 
-KN_SETS = ("self", "union", "cas")
-METRICS = ["rel", "gen", "loc", "avg", "dppl"]
-CATASTROPHIC_DPPL = 1.0
-"""An edit that more than doubles WikiText perplexity has broken the model, whatever it did to the fact."""
-
-
-@dataclass(frozen=True)
-class EditConfig:
-    mode: str = "erase"
-    sets: tuple[str, ...] = KN_SETS
-    method: str = "ig"
-    lambda1: float = LAMBDA1
-    lambda2: float = LAMBDA2
-    unrelated_queries: int = 10
-    ppl_passages: int = 5
-    ppl_tokens: int = 256
-    static_threshold: float = STATIC_THRESHOLD
-    seed: int = 0
-    edit_sign: str = "activation"
-    """``activation``: each KN's change times the sign of its activation; ``none``: the literal eq. (2)."""
-    shared_filter: float | None = SHARED_FILTER
-    """Drop KNs held by more than this share of the relation's facts before editing; None: off."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("erase", "update"):
-            raise QlocError(f"--mode {self.mode!r}: choose erase or update")
-        unknown = [s for s in self.sets if s not in KN_SETS]
-        if unknown or not self.sets:
-            raise QlocError(f"--sets {','.join(self.sets)}: choose from {', '.join(KN_SETS)}")
-        if self.edit_sign not in EDIT_SIGNS:
-            raise QlocError(f"--edit-sign {self.edit_sign!r}: choose {' or '.join(EDIT_SIGNS)}")
-        if self.shared_filter is not None and not 0 < self.shared_filter <= 1:
-            raise QlocError(f"--shared-filter {self.shared_filter}: a share in (0, 1], or off")
-
-    @property
-    def stage(self) -> str:
-        return f"edit-{self.mode}-{self.method}"
-
-    def params(self) -> dict:
-        return {**asdict(self), "sets": list(self.sets)}
+NOT_MEASURED = float("nan")
 
 
 @dataclass
-class EditCase:
-    """One fact's edit: the new object (updates) and the unrelated queries for Loc, drawn with a
-    seed per fact so that single and sequential editing use the same ones."""
+class EditRow(Row):
+    """One fact edited through one KN set: the set, what the edit did (NaN where the set was empty
+    and nothing was edited) and the evidence that it did what it should."""
 
-    fact: Fact
+    table = "edits"
+    fact_id: str
+    relation: str
+    method: str
     mode: str
+    kn_set: str
+    class_: str
+    cs: float
+    kn_size: int
+    kn_dropped: int
+    """KNs the shared-neuron filter removed from the set."""
+    kn_negative: int
+    """KNs with a negative activation (edited with the opposite sign by default)."""
+    object: str
     new_object: str | None
-    unrelated: list[tuple[str, str]]
-
-    @classmethod
-    def draw(
-        cls, fact: Fact, config: EditConfig, by_relation: dict[str, list[Fact]], dataset: list[Fact]
-    ) -> EditCase:
-        rng = random.Random(f"{config.seed}:{fact.id}")
-        new_object = None
-        if config.mode == "update":
-            candidates = [f.object for f in by_relation[fact.relation] if f.object != fact.object]
-            if not candidates:
-                raise SkipFact("no other object in the relation", f"fact {fact.id}: relation {fact.relation}")
-            new_object = rng.choice(candidates)
-        others = [f for f in dataset if f.id != fact.id]
-        unrelated = [
-            (f.queries[0], f.object) for f in rng.sample(others, min(config.unrelated_queries, len(others)))
-        ]
-        return cls(fact, config.mode, new_object, unrelated)
-
-    def measure(self, lm: LoadedModel) -> Measurement:
-        """Cloze scores of the fact's queries (the edited one first) for the old object and, for
-        updates, the new one, and of the unrelated queries for their own answers."""
-        queries = list(self.fact.queries)
-        answers = [self.fact.object] + ([self.new_object] if self.new_object is not None else [])
-        prompts = [q for _ in answers for q in queries] + [p for p, _ in self.unrelated]
-        scores = score_cloze(
-            lm, prompts, [a for a in answers for _ in queries] + [o for _, o in self.unrelated]
-        )
-        n = len(queries)
-        new = scores[n : 2 * n] if self.new_object is not None else None
-        return Measurement(scores[:n], new, scores[len(answers) * n :])
-
-
-@dataclass
-class Measurement:
-    """Scores of one fact's queries (the edited query first) and of its unrelated queries."""
-
-    old: list[ClozeScore]
-    """For the fact's object o."""
-    new: list[ClozeScore] | None
-    """For the new object o' (updates)."""
-    unrelated: list[ClozeScore]
-
-    @property
-    def target(self) -> list[ClozeScore]:
-        """What the edit aims at: o' for an update (to predict), o for an erasure (to stop predicting)."""
-        return self.new if self.new is not None else self.old
-
-
-def _by_relation(dataset: list[Fact]) -> dict[str, list[Fact]]:
-    by_relation: dict[str, list[Fact]] = {}
-    for fact in dataset:
-        by_relation.setdefault(fact.relation, []).append(fact)
-    return by_relation
-
-
-def edit_evidence(mode: str, before: Measurement, after: Measurement) -> dict[str, float]:
-    """Rel/Gen/Loc/Avg and what shows the edit did what it should: the edited query's P(o) (and
-    P(o') for updates) before and after, whether it moved the right way (P(o) fell for an erasure,
-    P(o') rose for an update), and how many neighbour queries moved the right way."""
-    target_before, target_after = before.target, after.target
-    direction = 1 if mode == "update" else -1
-    moved = [direction * (a.prob - b.prob) > 0 for b, a in zip(target_before, target_after)]
-    return {
-        **edit_metrics(
-            mode,
-            target_after[0].accuracy,
-            [s.accuracy for s in target_after[1:]],
-            [s.argmax_tokens for s in before.unrelated],
-            [s.argmax_tokens for s in after.unrelated],
-        ),
-        "prob_before": before.old[0].prob,
-        "prob_after": after.old[0].prob,
-        "new_prob_before": before.new[0].prob if before.new is not None else float("nan"),
-        "new_prob_after": after.new[0].prob if after.new is not None else float("nan"),
-        "moved_right": float(moved[0]),
-        "neighbours": len(moved) - 1,
-        "neighbours_moved": int(sum(moved[1:])),
-    }
-
-
-def _signs(activations: torch.Tensor, set_name: str, neurons: list) -> list[int]:
-    """Self: signs at the edited query's target position; Union and CAS: of the mean activation over
-    the fact's queries (``activations``: [queries, L, d_ff], the edited query first)."""
-    return activation_signs(activations[:1] if set_name == "self" else activations, neurons)
-
-
-_NOT_EDITED = {
-    key: float("nan")
-    for key in (
-        "rel",
-        "gen",
-        "loc",
-        "avg",
-        "prob_before",
-        "prob_after",
-        "new_prob_before",
-        "new_prob_after",
-        "moved_right",
-        "ppl_after",
-        "dppl",
-    )
-}
+    query: str
+    ppl_before: float
+    rel: float = NOT_MEASURED
+    gen: float = NOT_MEASURED
+    loc: float = NOT_MEASURED
+    avg: float = NOT_MEASURED
+    prob_before: float = NOT_MEASURED
+    prob_after: float = NOT_MEASURED
+    new_prob_before: float = NOT_MEASURED
+    new_prob_after: float = NOT_MEASURED
+    moved_right: float = NOT_MEASURED
+    neighbours: int = 0
+    neighbours_moved: int = 0
+    ppl_after: float = NOT_MEASURED
+    dppl: float = NOT_MEASURED
 
 
 def edit_work(
@@ -202,15 +95,15 @@ def edit_work(
     knowledge: dict[str, FactKnowledge],
     dataset: list[Fact],
     passages: list[str],
-):
-    """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
-    by_relation = _by_relation(dataset)
+) -> WorkFn:
+    """Per-fact work function for :func:`qloc.runs.sweep.run_sweep`."""
+    facts_by_relation = by_relation(dataset)
     filtered = filtered_knowledge(knowledge, config.shared_filter)
     ppl_before = perplexity(lm, passages, config.ppl_tokens)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
         original, known = knowledge[fact.id], filtered[fact.id]
-        case = EditCase.draw(fact, config, by_relation, dataset)
+        case = EditCase.draw(fact, config, facts_by_relation, dataset)
         try:
             for answer in filter(None, (fact.object, case.new_object)):
                 answer_token_ids(lm, answer)  # fail here, before any edit, if an answer has no tokens
@@ -221,28 +114,26 @@ def edit_work(
         kind = original.knowledge_class(config.static_threshold)
         for set_name in config.sets:
             neurons = known.kn_set(set_name)
-            signs = _signs(activations, set_name, neurons)  # recorded with the literal equation too
-            row = {
-                "fact_id": fact.id,
-                "relation": fact.relation,
-                "method": config.method,
-                "mode": config.mode,
-                "kn_set": set_name,
-                "class": kind,
-                "cs": original.consistency,
-                "kn_size": len(neurons),
-                "kn_dropped": len(original.kn_set(set_name)) - len(neurons),
-                "kn_negative": sum(1 for sign in signs if sign < 0),
-                "object": fact.object,
-                "new_object": case.new_object,
-                "query": fact.queries[0],
-                "ppl_before": ppl_before,
-            }
+            signs = kn_signs(activations, set_name, neurons)  # recorded with the literal equation too
+            row = EditRow(
+                fact_id=fact.id,
+                relation=fact.relation,
+                method=config.method,
+                mode=config.mode,
+                kn_set=set_name,
+                class_=kind,
+                cs=original.consistency,
+                kn_size=len(neurons),
+                kn_dropped=len(original.kn_set(set_name)) - len(neurons),
+                kn_negative=sum(1 for sign in signs if sign < 0),
+                object=fact.object,
+                new_object=case.new_object,
+                query=fact.queries[0],
+                ppl_before=ppl_before,
+                neighbours=len(fact.queries) - 1,
+            )
             if not neurons:  # nothing to edit through: no measurement, counted as an empty set
-                writer.add(
-                    "edits",
-                    {**row, **_NOT_EDITED, "neighbours": len(fact.queries) - 1, "neighbours_moved": 0},
-                )
+                writer.add(row)
                 continue
             with edit_knowledge(
                 lm,
@@ -255,201 +146,10 @@ def edit_work(
             ):
                 after = case.measure(lm)
                 ppl = perplexity(lm, passages, config.ppl_tokens)
-            writer.add(
-                "edits",
-                {
-                    **row,
-                    **edit_evidence(config.mode, before, after),
-                    "ppl_after": ppl,
-                    "dppl": (ppl - ppl_before) / ppl_before,
-                },
-            )
+            evidence = edit_evidence(config.mode, before, after)
+            writer.add(replace(row, **evidence, ppl_after=ppl, dppl=(ppl - ppl_before) / ppl_before))
 
     return work
-
-
-def sequential_edit(
-    lm: LoadedModel,
-    config: EditConfig,
-    knowledge: dict[str, FactKnowledge],
-    dataset: list[Fact],
-    facts: list[Fact],
-    set_name: str,
-    count: int,
-    repeat: int,
-    passages: list[str],
-) -> dict[str, float]:
-    """Table 7: ``count`` facts (sampled with seed ``repeat``) edited one after another through
-    their ``set_name`` KN sets (after the shared-neuron filter) without restoring in between;
-    every metric measured after the last edit and averaged over the edited facts. Each edit's
-    signs are those of the activations of the model it edits (after the edits before it). The
-    model is restored bit-exactly afterwards."""
-    by_relation = _by_relation(dataset)
-    filtered = filtered_knowledge(knowledge, config.shared_filter)
-    chosen = random.Random(f"{config.seed}:sequential:{repeat}").sample(facts, min(count, len(facts)))
-    cases = []
-    for fact in chosen:
-        try:
-            cases.append(EditCase.draw(fact, config, by_relation, dataset))
-        except SkipFact:
-            continue
-    ppl_before = perplexity(lm, passages, config.ppl_tokens)
-    before = [case.measure(lm) for case in cases]
-    with contextlib.ExitStack() as edits:  # unwinding restores the edits in reverse order
-        for case in cases:
-            fact = case.fact
-            neurons = filtered[fact.id].kn_set(set_name)
-            signs = None
-            if config.edit_sign == "activation":
-                signs = _signs(target_activations(lm, fact.queries, fact.object), set_name, neurons)
-            edits.enter_context(
-                edit_knowledge(
-                    lm, neurons, fact.object, case.new_object, config.lambda1, config.lambda2, signs
-                )
-            )
-        per_fact = [
-            edit_evidence(config.mode, measured, case.measure(lm)) for case, measured in zip(cases, before)
-        ]
-        ppl_after = perplexity(lm, passages, config.ppl_tokens)
-    keys = ("rel", "gen", "loc", "avg", "moved_right")
-    means = {key: float(np.nanmean([m[key] for m in per_fact])) if per_fact else float("nan") for key in keys}
-    empty = sum(1 for case in cases if not filtered[case.fact.id].kn_set(set_name))
-    return {**means, "facts": len(cases), "empty_sets": empty, "dppl": (ppl_after - ppl_before) / ppl_before}
-
-
-@dataclass(frozen=True)
-class SequentialUnit:
-    """One sequential-editing unit of work: a KN set and a sampling seed."""
-
-    set_name: str
-    repeat: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.set_name}/seed-{self.repeat}"
-
-    @property
-    def label(self) -> str:
-        return f"sequential editing through {self.set_name} sets, seed {self.repeat}"
-
-
-def sequential_work(
-    lm: LoadedModel,
-    config: EditConfig,
-    knowledge: dict[str, FactKnowledge],
-    dataset: list[Fact],
-    facts: list[Fact],
-    count: int,
-    passages: list[str],
-):
-    """Work function for :func:`qloc.sweep.run_sweep` over :class:`SequentialUnit` s."""
-
-    def work(unit: SequentialUnit, writer: UnitWriter) -> None:
-        result = sequential_edit(
-            lm, config, knowledge, dataset, facts, unit.set_name, count, unit.repeat, passages
-        )
-        writer.add(
-            "sequential",
-            {
-                "method": config.method,
-                "mode": config.mode,
-                "kn_set": unit.set_name,
-                "seed": unit.repeat,
-                "requested": count,
-                **result,
-            },
-        )
-
-    return work
-
-
-def sequential_table(sequential: pd.DataFrame) -> pd.DataFrame:
-    """Table 7: mean, standard deviation and median over seeds per (method, mode, KN set), and the
-    share of seeds whose edits broke the model (dPPL > 1)."""
-    grouped = sequential.groupby(["method", "mode", "kn_set"], sort=False)
-    metrics = METRICS + [c for c in ("moved_right",) if c in sequential]
-    table = grouped[metrics].agg(["mean", "std", "median"])
-    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
-    table["catastrophic"] = grouped["dppl"].agg(lambda d: float((d > CATASTROPHIC_DPPL).mean()))
-    table["seeds"] = grouped.size()
-    table["facts"] = grouped["facts"].mean()
-    return table.reset_index()
-
-
-@torch.no_grad()
-def greedy_continuation(lm: LoadedModel, prompt: str, max_new_tokens: int = 8) -> str:
-    ids = torch.tensor([lm.tokenizer(prompt).input_ids], device=lm.device)
-    output = lm.model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad_token_id(lm),
-    )
-    return lm.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
-
-
-def case_study(
-    lm: LoadedModel,
-    queries: list[str],
-    answer: str,
-    new: str | None,
-    method: str = "ig",
-    set_name: str = "self",
-    steps: int = 20,
-    max_new_tokens: int = 8,
-    edit_sign: str = "activation",
-) -> pd.DataFrame:
-    """Table 8: greedy continuations of a query (``queries[0]``) and its paraphrases before and
-    after editing ``answer`` (to ``new``, or erasing it) through the query's KN set."""
-    if edit_sign not in EDIT_SIGNS:
-        raise QlocError(f"edit_sign {edit_sign!r}: choose {' or '.join(EDIT_SIGNS)}")
-    scores = [attribute(lm, q, answer, method, steps=steps).scores for q in queries]
-    query_sets = [kn_set(s) for s in scores]
-    neurons = FactKnowledge(query_sets, cas_set(scores)).kn_set(set_name)
-    signs = (
-        _signs(target_activations(lm, queries, answer), set_name, neurons)
-        if edit_sign == "activation"
-        else None
-    )
-    before = [greedy_continuation(lm, q, max_new_tokens) for q in queries]
-    with edit_knowledge(lm, neurons, answer, new, signs=signs):
-        after = [greedy_continuation(lm, q, max_new_tokens) for q in queries]
-    return pd.DataFrame(
-        {
-            "role": ["query"] + ["neighbour"] * (len(queries) - 1),
-            "prompt": queries,
-            "before": before,
-            "after": after,
-            "answer": answer,
-            "new": new,
-            "kn_set": set_name,
-            "kn_size": len(neurons),
-            "method": method,
-            "edit_sign": edit_sign,
-        }
-    )
-
-
-def edit_metrics(
-    mode: str,
-    query_accuracy: float,
-    neighbour_accuracies: list[float],
-    unrelated_before: list[list[int]],
-    unrelated_after: list[list[int]],
-) -> dict[str, float]:
-    """Rel, Gen, Loc and Avg of one edit (METHODS.md section 5). Accuracies are acc(x, target):
-    of o' for an update (success = predicted), of o for an erasure (success = no longer predicted).
-    Loc = share of unrelated queries whose argmax answer tokens did not change."""
-    success = (lambda acc: acc) if mode == "update" else (lambda acc: 1 - acc)
-    rel = success(query_accuracy)
-    gen = success(float(np.mean(neighbour_accuracies))) if neighbour_accuracies else float("nan")
-    loc = (
-        float(np.mean([a == b for a, b in zip(unrelated_before, unrelated_after)]))
-        if unrelated_before
-        else float("nan")
-    )
-    return {"rel": rel, "gen": gen, "loc": loc, "avg": float(np.nanmean([rel, gen, loc]))}
 
 
 def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
@@ -489,3 +189,158 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     return (
         table.sort_values(["method", "mode", "class", "order"]).drop(columns="order").reset_index(drop=True)
     )
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    run_dir: Path | None = setting(None, LOCALIZED_RUN_HELP)
+    mode: str | None = setting(
+        None, "erase or update (METHODS.md section 5); default erase, or update with --new."
+    )
+    config: EditConfig = setting(factory=EditConfig)
+    method: str | None = setting(None)
+    sequential: int = setting(0, "Edit N sampled facts one after another (Table 7); 0: one at a time.")
+    seeds: int = setting(5, "Sequential editing: repeats with different samples.")
+    case: str | None = setting(
+        None, "Case study (Table 8): edit the fact this query asks, print greedy continuations."
+    )
+    new: str | None = setting(None, "Case study: the new object (omit to erase).")
+    answer: str | None = setting(
+        None, "Case study: the current object (default: ParaRel's, if the query is in it)."
+    )
+    model: str = setting(DEFAULT_MODEL)
+    device: str = setting(DEFAULT_DEVICE)
+    execution: Execution = setting(factory=Execution)
+
+
+def run(request: EditRequest) -> Outcome:
+    mode = request.mode or ("update" if request.new is not None else "erase")
+    if request.case is not None:
+        return run_case(request, replace(request.config, mode=mode))
+    if request.run_dir is None:
+        raise ConfigError(
+            lambda name: f"{name('run_dir')} (a localize run) is needed, except for a {name('case')} study"
+        )
+    if request.answer is not None or request.new is not None:
+        raise ConfigError(
+            lambda name: (
+                f"{name('answer')} and {name('new')} are for {name('case')} studies; a run's updates "
+                "draw o' from the relation"
+            )
+        )
+    localized = read_localized_run(request.run_dir, request.method, request.device)
+    config = replace(request.config, mode=mode, method=localized.method)
+    passages = wikitext_passages(config.ppl_passages, seed=config.seed)
+    tables = request.run_dir / "tables"
+    if request.sequential > 0:
+        # Seed-major, so that an interrupted run has every KN set for the seeds it finished.
+        units = [SequentialUnit(name, repeat) for repeat in range(request.seeds) for name in config.sets]
+        build = partial(
+            sequential_work,
+            config=config,
+            knowledge=localized.knowledge,
+            dataset=localized.dataset,
+            facts=localized.facts,
+            count=request.sequential,
+            passages=passages,
+        )
+        sequence = {**config.params(), "sequential": request.sequential, "seeds": request.seeds}
+        stage = f"sequential-{config.mode}-{config.method}"
+        plan = localized.sweep(stage, sequence, build, f"sequential {mode}", units)
+        execute(plan, request.execution)
+        with RunStore.open_existing(request.run_dir) as store:
+            table = sequential_table(store.frame("sequential"))
+        write_table(table, tables, "table7")
+        return Outcome([table])
+    build = partial(
+        edit_work, config=config, knowledge=localized.knowledge, dataset=localized.dataset, passages=passages
+    )
+    description = f"{mode} via {','.join(config.sets)}"
+    plan = localized.sweep(config.stage, config.params(), build, description)
+    summary = execute(plan, request.execution)
+    with RunStore.open_existing(request.run_dir) as store:
+        edits = store.frame("edits")
+    for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
+        write_table(edit_table(edits, chosen), tables, name)
+    return Outcome([edit_table(edits, config.sets), f"facts: {summary.describe()}; tables in {tables}"])
+
+
+def run_case(request: EditRequest, config: EditConfig) -> Outcome:
+    """Table 8: one query's fact edited through the query's KN set, greedy continuations before and after."""
+    if (config.mode == "update") != (request.new is not None):
+        raise ConfigError(
+            lambda name: (
+                f"a {name('case')} update needs {name('new')} (the object to write); an erasure takes none"
+            )
+        )
+    if request.sequential:
+        raise ConfigError(
+            lambda name: f"{name('case')} edits one fact; it does not combine with {name('sequential')}"
+        )
+    assert request.case is not None
+    model = ModelSpec(request.model, request.device)
+    if request.run_dir is not None and (request.run_dir / STORE_FILE).exists():
+        with RunStore.open_existing(request.run_dir) as store:  # the case is about the run's model
+            localized = store.params(LOCALIZE_STAGE)
+        model = ModelSpec(localized["model"], request.device, localized["dtype"])
+    prompt = causal_prompt(request.case) or request.case.strip()
+    fact = next((f for f in load_pararel().facts if prompt in f.queries), None)
+    if request.answer is None and fact is None:
+        raise ConfigError(
+            lambda name: (
+                f"{name('case')} {request.case!r} is not a ParaRel query: give its current object with "
+                f"{name('answer')}"
+            )
+        )
+    answer = request.answer or fact.object  # type: ignore[union-attr]
+    queries = [prompt] + ([q for q in fact.queries if q != prompt] if fact else [])
+    set_name, method = config.sets[0], request.method or "ig"
+    table = case_study(
+        model.load(), queries, answer, request.new, method, set_name, edit_sign=config.edit_sign
+    )
+    if request.run_dir is not None:
+        write_table(table, request.run_dir / "tables", "table8")
+    title = f"{answer!r} -> {request.new!r} via {set_name} ({method}, {table.kn_size[0]} KNs)"
+    return Outcome([title, table[["role", "prompt", "before", "after"]]])
+
+
+SEQUENTIAL = {"sample": (4, 2), "full": (20, 5)}
+"""(facts edited in a row, seeds) of sequential editing in ``qloc reproduce``, per scale (full: the
+paper's setting)."""
+
+
+def reproduce(plan: Reproduction) -> list[tuple[str, Any]]:
+    config = EditConfig(seed=plan.seed)
+    sequential, seeds = SEQUENTIAL[plan.scale]
+    request = EditRequest(
+        plan.directory, config=config, method=plan.method, device=plan.device, execution=plan.execution
+    )
+    return [
+        ("erasure", replace(request, mode="erase")),
+        ("update", replace(request, mode="update")),
+        ("sequential update", replace(request, mode="update", sequential=sequential, seeds=seeds)),
+    ]
+
+
+STUDY = Study(
+    name="edit",
+    summary="Knowledge erasure or update through KN sets: Rel, Gen, Loc, Avg and perplexity change per "
+    "fact (resumable), then Table 2 (Self, Union) and Table 3 (with CAS) for KC and KI facts. With "
+    "--sequential N: N facts edited without restoring in between, --seeds times (Table 7).",
+    request=EditRequest,
+    run=run,
+    panels=(
+        Panel(50, "Table 2: knowledge modification through Self and Union KN sets", ("table2",)),
+        Panel(60, "Table 3: knowledge modification with Consistency-Aware KN selection", ("table3",)),
+        Panel(110, "Table 7: sequential editing", ("table7",)),
+        Panel(120, "Table 8: case study", ("table8",)),
+    ),
+    examples=(
+        "qloc edit --run-dir runs/smollm2 --mode erase            "
+        "# Tables 2 and 3: Self, Union, CAS; KC vs KI",
+        "qloc edit --run-dir runs/smollm2 --mode update --sequential 100 --seeds 5   # Table 7",
+        'qloc edit --case "The capital of France is" --answer Paris --new Rome       '
+        "# Table 8 style case study",
+    ),
+    reproduce=reproduce,
+)

@@ -1,7 +1,8 @@
-"""KN sets of a localize run, per fact, as the editing and mapping experiments read them; the
-shared-neuron filter applied before those experiments; and Consistency-Aware KN selection
-(METHODS.md section 8, the paper's eq. 5), the fact-level KN set that localize stores beside the
-per-query ones.
+"""KN sets: a localize run read back as the other studies read it (per fact and method, with its
+facts and model: :func:`read_localized_run`; every run's KN sets as one frame: :func:`load_kn_sets`),
+the consistency score of a fact's sets, the shared-neuron filter applied before editing and
+mapping, KN-set rules, and Consistency-Aware KN selection (METHODS.md section 8, the paper's eq. 5),
+the fact-level KN set that localize stores beside the per-query ones.
 
 CAS: for a fact with per-query score tensors, s_j(u) = score_j(u) / max score_j; CAS(u) = beta1 *
 mean_j s_j(u) - beta2 * var_j s_j(u); K_CAS = {u : CAS(u) >= t * max CAS}. Neurons that score
@@ -10,19 +11,34 @@ high for every paraphrase are kept, those that matter for one phrasing only are 
 
 from __future__ import annotations
 
+import io
 import json
+import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 import torch
 
-from ..engine.attribution import kn_set
-from ..errors import QlocError
-from .consistency import consistency_score
+from ..data.pararel import Fact, load_pararel
+from ..engine.architectures import architecture_for
+from ..engine.attribution import METHODS, kn_set
+from ..engine.models import DEFAULT_DEVICE, model_label
+from ..errors import ConfigError, QlocError, UnsupportedArchitectureError
+from ..runs.executors import Execution, ModelSpec, SweepPlan, WorkBuilder
+from ..runs.rows import Row
+from ..runs.store import RunStore
+from ..settings import setting
 
+LOCALIZE_STAGE = "localize"
+"""The stage whose KN sets every other study reads (:mod:`qloc.studies.localize`)."""
 Neuron = tuple[int, int]
+STATIC_THRESHOLD = 0.1
+"""KC/KI split of a fact by its relaxed CS (METHODS.md section 4)."""
 SHARED_FILTER = 0.10
 """Dai et al.'s filter: drop KNs held by more than this share of a relation's facts."""
 SHARED_FILTER_MIN_FACTS = 10
@@ -69,6 +85,60 @@ class FactKnowledge:
         )
 
 
+def random_neurons(
+    count: int, shape: tuple[int, int], avoid: set[Neuron] | frozenset[Neuron], rng: random.Random
+) -> list[Neuron]:
+    """``count`` distinct neurons of a (layers, d_ff) model outside ``avoid``, drawn with ``rng``
+    (fewer where fewer are free): the unrelated neurons a set is compared with."""
+    free = shape[0] * shape[1] - len(avoid)
+    chosen: set[Neuron] = set()
+    while len(chosen) < min(count, free):
+        candidate = (rng.randrange(shape[0]), rng.randrange(shape[1]))
+        if candidate not in avoid:
+            chosen.add(candidate)
+    return sorted(chosen)
+
+
+@dataclass
+class QueryRow(Row):
+    """A result row about one query of a fact, for one method's KN sets."""
+
+    fact_id: str
+    relation: str
+    method: str
+    query_index: int
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class ManipulationConfig:
+    """The parameters every experiment shares that suppresses and enhances units of a localize
+    run's queries (mapping, synapses); its stage is named after it and the KN sets' method."""
+
+    stage_name: ClassVar[str]
+    method: str = setting("ig", hidden=True)
+    """Whose KN sets (from the localize run) are the query's KNs."""
+    suppress: float = setting(0.0, hidden=True)
+    enhance: float = setting(2.0, hidden=True)
+    static_threshold: float = setting(STATIC_THRESHOLD, hidden=True)
+    """KC/KI split of the fact (relaxed CS), as in the consistency study."""
+    seed: int = setting(0)
+
+    @property
+    def stage(self) -> str:
+        return f"{self.stage_name}-{self.method}"
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_share(share: float | None, setting: str = "shared_filter") -> None:
+    """The shared-neuron filter's share: in (0, 1], or None (off)."""
+    if share is not None and not 0 < share <= 1:
+        raise ConfigError.invalid(setting, share, "a share in (0, 1], or off")
+
+
 def shared_neurons(
     knowledge: Mapping[str, FactKnowledge],
     share: float = SHARED_FILTER,
@@ -79,8 +149,7 @@ def shared_neurons(
     facts where the relation has fewer than ``min_facts``, and by at least two facts (a neuron of
     one fact is not shared, however small the run). Such neurons fire for the relation, the prompt
     format or every token (a last-layer neuron in 59 % of SmolLM2's KN sets), not for a fact."""
-    if not 0 < share <= 1:
-        raise QlocError(f"shared-neuron filter share {share}: must be in (0, 1]")
+    check_share(share, "share")
     held = {fact_id: known.neurons for fact_id, known in knowledge.items()}
     overall = Counter(u for neurons in held.values() for u in neurons)
     by_relation: dict[str, Counter] = {}
@@ -145,3 +214,183 @@ def cas_set(
 ) -> list[tuple[int, int]]:
     """K_CAS = {u : CAS(u) >= threshold * max CAS}."""
     return kn_set(cas_scores(per_query_scores, beta1, beta2), threshold)
+
+
+def consistency_score(kn_sets: Sequence[Iterable], strict: bool = False) -> float:
+    """CS of one fact: relaxed = share of the union held by more than one query's KN set;
+    strict = |intersection| / |union|. 0 where the union is empty."""
+    sets = [set(map(tuple, s)) for s in kn_sets]
+    union = set().union(*sets) if sets else set()
+    if not union:
+        return 0.0
+    if strict:
+        return len(set.intersection(*sets)) / len(union)
+    counts: dict[tuple, int] = {}
+    for s in sets:
+        for neuron in s:
+            counts[neuron] = counts.get(neuron, 0) + 1
+    return sum(1 for c in counts.values() if c > 1) / len(union)
+
+
+KN_RULES = ("t=0.1", "t=0.2", "t=0.3", "t=0.5", "top10", "top50")
+"""KN-set rules of the threshold-sensitivity table: score >= t x max, or the k best neurons."""
+
+
+def kn_set_by_rule(scores: torch.Tensor, rule: str) -> list[tuple[int, int]]:
+    """The KN set of ``scores`` under a rule of :data:`KN_RULES`."""
+    from ..engine.attribution import kn_set
+
+    if rule.startswith("top"):
+        return kn_set(scores, top_k_neurons=int(rule.removeprefix("top")))
+    return kn_set(scores, float(rule.removeprefix("t=")))
+
+
+def compress_scores(scores: np.ndarray) -> bytes:
+    """Dense scores as ``localize --save-scores`` stores them: fp16, compressed."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, scores=scores.astype(np.float16))
+    return buffer.getvalue()
+
+
+def load_dense_scores(blob: bytes) -> np.ndarray:
+    """The [L, d_ff] fp16 scores stored by ``--save-scores``."""
+    return np.load(io.BytesIO(blob))["scores"]
+
+
+LOCALIZED_RUN_HELP = "A localize run: its model, facts and KN sets are used."
+
+
+@dataclass
+class LocalizedRun:
+    """What the experiments on a localize run need: its KN sets for one method, its facts within
+    the full dataset (each with the queries the run localized, in its order: with the known filter
+    only the known ones, so query 0, the Self set and the edited query, is a known query), and
+    which model to load."""
+
+    run_dir: Path
+    params: dict[str, Any]
+    method: str
+    knowledge: dict[str, FactKnowledge]
+    dataset: list[Fact]
+    facts: list[Fact]
+    device: str
+
+    @property
+    def model(self) -> ModelSpec:
+        return ModelSpec(self.params["model"], self.device, self.params["dtype"])
+
+    def sweep(
+        self,
+        stage: str,
+        config: dict[str, Any],
+        build: WorkBuilder,
+        description: str,
+        units: Sequence[Any] | None = None,
+    ) -> SweepPlan:
+        """An experiment on the run's facts (or on ``units``) as a sweep into the run's directory; its
+        parameters are the run's model and dtype, then the experiment's ``config``."""
+        params = {"model": self.params["model"], "dtype": self.params["dtype"], **config}
+        chosen = self.facts if units is None else units
+        return SweepPlan(self.run_dir, stage, params, chosen, build, self.model, description)
+
+
+@dataclass(frozen=True)
+class LocalizedRequest:
+    """What every experiment on a localize run takes (each adds its own config)."""
+
+    run_dir: Path = setting(help=LOCALIZED_RUN_HELP)
+    method: str | None = setting(None)
+    device: str = setting(DEFAULT_DEVICE)
+    execution: Execution = setting(factory=Execution)
+
+    def read(self) -> LocalizedRun:
+        return read_localized_run(self.run_dir, self.method, self.device)
+
+
+def read_localized_run(
+    run_dir: Path, method: str | None = None, device: str = DEFAULT_DEVICE
+) -> LocalizedRun:
+    """A localize run as the experiments on it read it; ``method``: whose KN sets (default: the
+    run's first method)."""
+    with RunStore.open_existing(run_dir) as store:
+        localized = store.params(LOCALIZE_STAGE)
+        kn_frame, cas_frame = store.frame("kn_sets"), store.frame("cas_sets")
+    method = method or localized["methods"][0]
+    knowledge = knowledge_from_store(kn_frame, cas_frame, method)
+    data = None if localized["data"] == "bundled" else localized["data"]
+    dataset = load_pararel(data, query_filter=localized["query_filter"]).facts
+    localized_queries = {
+        fact_id: tuple(group.sort_values("query_index")["prompt"])
+        for fact_id, group in kn_frame[kn_frame["method"] == method].groupby("fact_id", sort=False)
+    }
+    facts = [replace(f, queries=localized_queries[f.id]) for f in dataset if f.id in knowledge]
+    return LocalizedRun(Path(run_dir), localized, method, knowledge, dataset, facts, device)
+
+
+def degenerate_methods(store: RunStore) -> set[str]:
+    """Methods degenerate on the architecture of the run's model (from its stored environment)."""
+    localize = next((stage for stage in store.stages() if stage["stage"] == LOCALIZE_STAGE), None)
+    model_type = ((localize or {}).get("environment") or {}).get("model", {}).get("model_type")
+    if model_type is None:
+        return set()
+    try:
+        arch = architecture_for(model_type)
+    except UnsupportedArchitectureError:
+        return set()
+    return {name for name, method in METHODS.items() if method.degenerate_on(arch)}
+
+
+def load_kn_sets(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """The ``kn_sets`` tables of several runs, with a ``model`` column from each run's parameters
+    and ``degenerate`` marking methods that are degenerate on that model's architecture."""
+    frames = []
+    for run_dir in run_dirs:
+        with RunStore.open_existing(run_dir) as store:
+            model = model_label(store.params(LOCALIZE_STAGE)["model"])
+            degenerate = degenerate_methods(store)
+            frame = store.frame("kn_sets")
+            frames.append(
+                frame.assign(model=model, run_dir=str(run_dir), degenerate=frame["method"].isin(degenerate))
+            )
+    combined = pd.concat(frames, ignore_index=True)
+    duplicated = combined.duplicated(["model", "method", "fact_id", "query_index"])
+    if duplicated.any():
+        row = combined[duplicated].iloc[0]
+        raise QlocError(
+            f"runs {sorted(set(combined.run_dir))} both hold {row.method} KN sets of {row.model} fact "
+            f"{row.fact_id}; give each (model, method) once"
+        )
+    return combined
+
+
+def dense_kn_sets(run_dirs: Sequence[str | Path], rules: Sequence[str] = KN_RULES) -> pd.DataFrame:
+    """KN sets recomputed under each rule from the dense scores that ``localize --save-scores``
+    stored (fp16: a neuron within fp16 rounding of the cut can fall on the other side than in the
+    fp32 sets of ``kn_sets``). Columns as :func:`load_kn_sets`, plus ``kn_rule``; empty where no run
+    kept dense scores."""
+    rows = []
+    for run_dir in run_dirs:
+        with RunStore.open_existing(run_dir) as store:
+            if "dense_scores" not in store.tables():
+                continue
+            model = model_label(store.params(LOCALIZE_STAGE)["model"])
+            degenerate = degenerate_methods(store)
+            relation = store.frame("kn_sets").drop_duplicates("fact_id").set_index("fact_id")["relation"]
+            for row in store.frame("dense_scores").itertuples():
+                scores = torch.from_numpy(load_dense_scores(row.scores_npz).astype(np.float32))
+                for rule in rules:
+                    kn = kn_set_by_rule(scores, rule)
+                    rows.append(
+                        {
+                            "model": model,
+                            "fact_id": row.fact_id,
+                            "relation": relation[row.fact_id],
+                            "method": row.method,
+                            "query_index": row.query_index,
+                            "kn": kn,
+                            "kn_size": len(kn),
+                            "kn_rule": rule,
+                            "degenerate": row.method in degenerate,
+                        }
+                    )
+    return pd.DataFrame(rows)

@@ -9,61 +9,107 @@ has about 2 million (query, method) pairs.
 
 from __future__ import annotations
 
-import io
 import time
-import warnings
 from dataclasses import asdict, dataclass
-
-import numpy as np
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 from ..data.pararel import Fact
-from ..engine.attribution import METHODS, attribute
+from ..data.selection import Selection
+from ..engine.attribution import METHODS, attribute, check_answer_tokens
 from ..engine.cloze import score_cloze
-from ..engine.models import LoadedModel
+from ..engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, LoadedModel
 from ..engine.paths import integration_points
-from ..errors import DataError, QlocError
-from ..runs.store import UnitWriter
-from ..runs.sweep import SkipFact
-from .knsets import cas_set
+from ..errors import ConfigError, DataError
+from ..runs.executors import Execution, ModelSpec, SweepPlan, execute
+from ..runs.rows import Row, UnitWriter
+from ..runs.store import RunStore
+from ..runs.sweep import SkipFact, WorkFn
+from ..settings import setting
+from .known import CENSUS_DIR_HELP, KNOWN_POOL_HELP, known_facts
+from .knsets import LOCALIZE_STAGE, QueryRow, cas_set, compress_scores
+from .registry import Outcome, Reproduction, Study
 
-STAGE = "localize"
+STAGE = LOCALIZE_STAGE
 
 
 @dataclass(frozen=True)
 class LocalizeConfig:
-    methods: tuple[str, ...] = ("ig", "amig", "sig")
-    steps: int = 20
-    rule: str = "right"
-    answer_tokens: str = "first"
-    threshold: float = 0.2
-    """KN set: score >= threshold * max score (Dai et al.)."""
-    top_k: int | None = None
-    """KN set: the k best neurons instead of the threshold."""
-    cas_beta1: float = 1.0
-    cas_beta2: float = 1.0
-    cas_threshold: float = 0.3
-    top_scores: int = 20
-    """How many of each query's best (layer, neuron, score) are stored."""
-    save_scores: bool = False
+    """The localize stage's parameters."""
+
+    methods: tuple[str, ...] = setting(
+        ("ig", "amig", "sig"), "Comma-separated attribution methods: ig, amig, sig."
+    )
+    steps: int = setting(20)
+    rule: str = setting("right")
+    answer_tokens: str = setting("first")
+    threshold: float = setting(0.2, "KN set: score >= threshold * max score.")
+    top_k: int | None = setting(None, "KN set: the k best neurons instead of the threshold.")
+    cas_beta1: float = setting(1.0, hidden=True)
+    cas_beta2: float = setting(1.0, hidden=True)
+    cas_threshold: float = setting(0.3, hidden=True)
+    top_scores: int = setting(
+        20, "How many of each query's best (layer, neuron, score) are stored.", hidden=True
+    )
+    save_scores: bool = setting(False, "Also store dense scores (fp16, compressed).")
 
     def __post_init__(self) -> None:
-        """Reject bad options before they are stored as the run's parameters."""
+        """Reject bad settings before they are stored as the run's parameters."""
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise QlocError(f"--methods {','.join(self.methods)}: choose from {', '.join(METHODS)}")
-        integration_points(self.steps, self.rule)  # raises on a bad --steps or --rule
-        if self.answer_tokens not in ("all", "first"):
-            raise QlocError(f"--answer-tokens {self.answer_tokens!r}: choose all or first")
+            raise ConfigError.invalid("methods", ",".join(self.methods), f"choose from {', '.join(METHODS)}")
+        integration_points(self.steps, self.rule)
+        check_answer_tokens(self.answer_tokens)
         if not 0 < self.threshold <= 1:
-            raise QlocError(f"--threshold {self.threshold}: must be in (0, 1]")
+            raise ConfigError.invalid("threshold", self.threshold, "must be in (0, 1]")
         if self.top_k is not None and self.top_k < 1:
-            raise QlocError(f"--top-k {self.top_k}: must be at least 1")
+            raise ConfigError.invalid("top_k", self.top_k, "must be at least 1")
 
     def params(self) -> dict:
         return {**asdict(self), "methods": list(self.methods)}
 
 
-def localize_work(lm: LoadedModel, config: LocalizeConfig, max_batch_rows: int | None = None):
+@dataclass
+class KnSetRow(QueryRow):
+    """One query's KN set for one method, its best scores, and what the attribution measured."""
+
+    table = "kn_sets"
+    kn: list[list[int]]
+    kn_size: int
+    max_score: float
+    top: list[list[float]]
+    """The query's best (layer, neuron, score)."""
+    prob: float
+    rank: int
+    f_input: float
+    max_residual: float
+    seconds: float
+
+
+@dataclass
+class DenseScoresRow(Row):
+    table = "dense_scores"
+    fact_id: str
+    method: str
+    query_index: int
+    scores_npz: bytes
+    """[L, d_ff] fp16 scores (:func:`qloc.studies.knsets.load_dense_scores`)."""
+
+
+@dataclass
+class CasSetRow(Row):
+    """One fact's Consistency-Aware KN set for one method."""
+
+    table = "cas_sets"
+    fact_id: str
+    relation: str
+    method: str
+    kn: list[list[int]]
+    kn_size: int
+
+
+def localize_work(lm: LoadedModel, config: LocalizeConfig, max_batch_rows: int | None = None) -> WorkFn:
     """The per-fact work function for :func:`qloc.sweep.run_sweep`."""
 
     def work(fact: Fact, writer: UnitWriter) -> None:
@@ -75,72 +121,140 @@ def localize_work(lm: LoadedModel, config: LocalizeConfig, max_batch_rows: int |
             per_query = []
             for index, (prompt, knows) in enumerate(zip(fact.queries, cloze)):
                 started = time.perf_counter()
-                with warnings.catch_warnings():
-                    # The residual is stored with every query; per-query warnings would flood a sweep.
-                    warnings.simplefilter("ignore", UserWarning)
-                    result = attribute(
-                        lm,
-                        prompt,
-                        fact.object,
-                        method,
-                        steps=config.steps,
-                        rule=config.rule,
-                        answer_tokens=config.answer_tokens,
-                        max_batch_rows=max_batch_rows,
-                    )
+                result = attribute(
+                    lm,
+                    prompt,
+                    fact.object,
+                    method,
+                    steps=config.steps,
+                    rule=config.rule,
+                    answer_tokens=config.answer_tokens,
+                    max_batch_rows=max_batch_rows,
+                    warn=False,  # the residual is stored with every query
+                )
                 per_query.append(result.scores)
                 kn = result.kn_set(config.threshold, config.top_k)
                 writer.add(
-                    "kn_sets",
-                    {
-                        "fact_id": fact.id,
-                        "relation": fact.relation,
-                        "method": method,
-                        "query_index": index,
-                        "prompt": prompt,
-                        "answer": fact.object,
-                        "kn": [list(u) for u in kn],
-                        "kn_size": len(kn),
-                        "max_score": float(result.scores.max()),
-                        "top": [[l, i, round(v, 8)] for l, i, v in result.top(config.top_scores)],
-                        "prob": knows.prob,
-                        "rank": knows.rank,
-                        "f_input": float(result.f_input[0]),
-                        "max_residual": float(result.completeness_residual.max()),
-                        "seconds": round(time.perf_counter() - started, 3),
-                    },
+                    KnSetRow(
+                        fact_id=fact.id,
+                        relation=fact.relation,
+                        method=method,
+                        query_index=index,
+                        prompt=prompt,
+                        answer=fact.object,
+                        kn=[list(u) for u in kn],
+                        kn_size=len(kn),
+                        max_score=float(result.scores.max()),
+                        top=[[layer, i, round(v, 8)] for layer, i, v in result.top(config.top_scores)],
+                        prob=knows.prob,
+                        rank=knows.rank,
+                        f_input=float(result.f_input[0]),
+                        max_residual=float(result.completeness_residual.max()),
+                        seconds=round(time.perf_counter() - started, 3),
+                    )
                 )
                 if config.save_scores:
-                    writer.add(
-                        "dense_scores",
-                        {
-                            "fact_id": fact.id,
-                            "method": method,
-                            "query_index": index,
-                            "scores_npz": _compress(result.scores.numpy()),
-                        },
-                    )
+                    writer.add(DenseScoresRow(fact.id, method, index, compress_scores(result.scores.numpy())))
             cas = cas_set(per_query, config.cas_beta1, config.cas_beta2, config.cas_threshold)
-            writer.add(
-                "cas_sets",
-                {
-                    "fact_id": fact.id,
-                    "relation": fact.relation,
-                    "method": method,
-                    "kn": [list(u) for u in cas],
-                    "kn_size": len(cas),
-                },
-            )
+            writer.add(CasSetRow(fact.id, fact.relation, method, [list(u) for u in cas], len(cas)))
 
     return work
 
 
-def _compress(scores: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, scores=scores.astype(np.float16))
-    return buffer.getvalue()
+@dataclass(frozen=True)
+class LocalizeRequest:
+    run_dir: Path = setting(help="Run directory (created, or resumed).")
+    model: str = setting(DEFAULT_MODEL)
+    config: LocalizeConfig = setting(factory=LocalizeConfig)
+    selection: Selection = setting(factory=lambda: Selection(facts_per_relation=1))
+    max_batch_rows: int | None = setting(None)
+    known: int | None = setting(None, word="all")
+    census_dir: Path | None = setting(None, CENSUS_DIR_HELP, flag="--census")
+    known_pool: int | None = setting(None, KNOWN_POOL_HELP)
+    device: str = setting(DEFAULT_DEVICE)
+    dtype: str = setting(DEFAULT_DTYPE)
+    execution: Execution = setting(factory=Execution)
 
 
-def load_dense_scores(blob: bytes) -> np.ndarray:
-    """The [L, d_ff] fp16 scores stored by ``--save-scores``."""
-    return np.load(io.BytesIO(blob))["scores"]
+def run(request: LocalizeRequest) -> Outcome:
+    selection = request.selection
+    params = {"model": request.model, "dtype": request.dtype, **selection.params(), **request.config.params()}
+    if request.known is None:
+        if request.census_dir is not None or request.known_pool is not None:
+            raise ConfigError(
+                lambda name: (
+                    f"{name('census_dir')} and {name('known_pool')} choose the census of "
+                    f"{name('known')}; give {name('known')} K with them"
+                )
+            )
+        _, facts = selection.select()
+    else:
+        # Without the known filter the parameters stay as before, so older runs resume.
+        params.update(known=request.known, known_pool=request.known_pool)
+        RunStore.check_stage(request.run_dir, STAGE, params)  # refuse another localize run before the census
+        facts = known_facts(
+            request.known,
+            selection,
+            request.run_dir,
+            request.model,
+            request.device,
+            request.execution,
+            request.census_dir,
+            request.known_pool,
+        )
+    plan = SweepPlan(
+        request.run_dir,
+        STAGE,
+        params,
+        facts,
+        partial(localize_work, config=request.config, max_batch_rows=request.max_batch_rows),
+        ModelSpec(request.model, request.device, request.dtype),
+        f"localize {request.model}",
+    )
+    summary = execute(plan, request.execution)
+    return Outcome([f"facts: {summary.describe()}; results in {request.run_dir}"])
+
+
+SAMPLE_KNOWN_POOL = 64
+"""Facts per relation that ``demo`` and ``reproduce --scale sample`` census for the known filter."""
+SCALES: dict[str, dict[str, Any]] = {
+    # sample: a few facts through every stage, within an hour on 2 CPU cores for a 135M model; with
+    # the known filter, the facts come from a census of a pool per relation, not of all ParaRel.
+    "sample": {"facts_per_relation": 1, "limit": 4, "known_pool": SAMPLE_KNOWN_POOL},
+    # full: every fact of ParaRel with >= 2 usable queries.
+    "full": {"facts_per_relation": None, "limit": None, "known_pool": None},
+}
+
+
+def reproduce(plan: Reproduction) -> list[tuple[str, Any]]:
+    scale = SCALES[plan.scale]
+    limit = plan.facts if plan.facts is not None else scale["limit"]
+    selection = Selection(facts_per_relation=scale["facts_per_relation"], limit=limit, seed=plan.seed)
+    request = LocalizeRequest(
+        run_dir=plan.directory,
+        model=plan.model,
+        selection=selection,
+        known=plan.known,
+        known_pool=scale["known_pool"] if plan.known is not None else None,
+        device=plan.device,
+        dtype=plan.dtype,
+        execution=plan.execution,
+    )
+    return [("localize (IG, AMIG, SIG)", request)]
+
+
+STUDY = Study(
+    name="localize",
+    summary="The localization sweep: KN sets of every usable query of every sampled fact, with each "
+    "method (resumable; one transaction per fact). The default samples 1 fact per relation; with "
+    "--known K, only among the facts the model knows (a census comes first).",
+    request=LocalizeRequest,
+    run=run,
+    examples=(
+        "qloc localize --model smollm2-135m --known 1 --run-dir runs/known  "
+        "# only facts it knows (census of their relations first)",
+        "qloc localize --model smollm2-135m --methods ig,amig,sig --run-dir runs/smollm2   "
+        "# 1 fact per relation",
+    ),
+    reproduce=reproduce,
+)

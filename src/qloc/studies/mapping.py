@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -26,37 +28,42 @@ from ..engine.cloze import score_cloze
 from ..engine.models import LoadedModel
 from ..engine.sites import NEURONS
 from ..engine.tokens import encode_query
-from ..errors import DataError, QlocError
-from ..runs.store import UnitWriter
-from ..runs.sweep import SkipFact
-from .consistency import STATIC_THRESHOLD
-from .knsets import SHARED_FILTER, FactKnowledge, filtered_knowledge
+from ..errors import DataError
+from ..runs.executors import execute
+from ..runs.outputs import pyplot, save_figure, write_table
+from ..runs.rows import Row, UnitWriter
+from ..runs.store import RunStore
+from ..runs.sweep import SkipFact, WorkFn
+from ..settings import setting
+from .knsets import (
+    SHARED_FILTER,
+    FactKnowledge,
+    LocalizedRequest,
+    ManipulationConfig,
+    check_share,
+    filtered_knowledge,
+    random_neurons,
+)
+from .registry import Outcome, Panel, Reproduction, Study
 from .statistics import bootstrap_mean_ci
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SETS = ("self", "union", "intersection", "refine", "unrelated")
 Neuron = tuple[int, int]
 
 
 @dataclass(frozen=True)
-class MappingConfig:
-    method: str = "ig"
-    suppress: float = 0.0
-    enhance: float = 2.0
-    static_threshold: float = STATIC_THRESHOLD
-    seed: int = 0
-    shared_filter: float | None = SHARED_FILTER
+class MappingConfig(ManipulationConfig):
+    """The mapping stage's parameters."""
+
+    stage_name = "mapping"
+    shared_filter: float | None = setting(SHARED_FILTER, word="off")
     """Drop KNs held by more than this share of the relation's facts first; None: off."""
 
     def __post_init__(self) -> None:
-        if self.shared_filter is not None and not 0 < self.shared_filter <= 1:
-            raise QlocError(f"--shared-filter {self.shared_filter}: a share in (0, 1], or off")
-
-    @property
-    def stage(self) -> str:
-        return f"mapping-{self.method}"
-
-    def params(self) -> dict:
-        return asdict(self)
+        check_share(self.shared_filter)
 
 
 def mapping_sets(
@@ -73,22 +80,36 @@ def mapping_sets(
     others = [set(s) for i, s in enumerate(kn_sets) if i != query]
     counts = Counter(u for s in others for u in s)
     everything = set().union(*map(set, kn_sets)) | set(exclude)
-    unrelated: set[Neuron] = set()
-    free = shape[0] * shape[1] - len(everything)
-    while len(unrelated) < min(len(own), free):
-        candidate = (rng.randrange(shape[0]), rng.randrange(shape[1]))
-        if candidate not in everything:
-            unrelated.add(candidate)
     return {
         "self": own,
         "union": sorted(set().union(*others)) if others else [],
         "intersection": sorted(set.intersection(*others)) if others else [],
         "refine": sorted(u for u, c in counts.items() if c >= 2),
-        "unrelated": sorted(unrelated),
+        "unrelated": random_neurons(len(own), shape, everything, rng),
     }
 
 
-def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, FactKnowledge]):
+@dataclass
+class MappingRow(Row):
+    """One query's answer probability before and after one operation on one neuron set."""
+
+    table = "mapping"
+    fact_id: str
+    relation: str
+    method: str
+    class_: str
+    query_index: int
+    kn_set: str
+    operation: str
+    set_size: int
+    self_dropped: int
+    """KNs of the query's own set that the shared-neuron filter removed."""
+    prob_before: float
+    prob_after: float
+    dprob: float
+
+
+def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, FactKnowledge]) -> WorkFn:
     """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
     shape = (lm.num_layers, lm.d_ff)
     filtered = filtered_knowledge(knowledge, config.shared_filter)
@@ -112,22 +133,22 @@ def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, Fa
                 for operation, factor in (("suppress", config.suppress), ("enhance", config.enhance)):
                     with NEURONS.scale(lm, neurons, factor, positions=position):
                         after = score_cloze(lm, [prompt], [fact.object])[0].prob
+                    dprob = (after - prob_before) / prob_before if prob_before > 0 else float("nan")
                     writer.add(
-                        "mapping",
-                        {
-                            "fact_id": fact.id,
-                            "relation": fact.relation,
-                            "method": config.method,
-                            "class": kind,
-                            "query_index": index,
-                            "kn_set": set_name,
-                            "operation": operation,
-                            "set_size": len(neurons),
-                            "self_dropped": dropped,
-                            "prob_before": prob_before,
-                            "prob_after": after,
-                            "dprob": (after - prob_before) / prob_before if prob_before > 0 else float("nan"),
-                        },
+                        MappingRow(
+                            fact.id,
+                            fact.relation,
+                            config.method,
+                            kind,
+                            index,
+                            set_name,
+                            operation,
+                            len(neurons),
+                            dropped,
+                            prob_before,
+                            after,
+                            dprob,
+                        )
                     )
 
     return work
@@ -164,13 +185,9 @@ def mapping_table(mapping: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns=["set_order", "class_order"]).reset_index(drop=True)
 
 
-def mapping_figure(table: pd.DataFrame):
+def mapping_figure(table: pd.DataFrame) -> Figure:
     """Figure 4: bars of mean dProb per set, grouped by class, one panel per operation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     operations = list(dict.fromkeys(table["operation"]))
     classes = [c for c in ("KC", "KI", "Avg") if c in set(table["class"])]
     fig, axes = plt.subplots(1, len(operations), figsize=(5.5 * len(operations), 3.8), squeeze=False)
@@ -206,3 +223,43 @@ def mapping_figure(table: pd.DataFrame):
     fig.legend(handles, labels, loc="lower center", ncol=len(SETS), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
+
+
+@dataclass(frozen=True)
+class MappingRequest(LocalizedRequest):
+    config: MappingConfig = setting(factory=MappingConfig)
+
+
+def run(request: MappingRequest) -> Outcome:
+    localized = request.read()
+    config = replace(request.config, method=localized.method)
+    build = partial(mapping_work, config=config, knowledge=localized.knowledge)
+    plan = localized.sweep(config.stage, config.params(), build, f"mapping {localized.method}")
+    summary = execute(plan, request.execution)
+    with RunStore.open_existing(request.run_dir) as store:
+        table = mapping_table(store.frame("mapping"))
+    csv = write_table(table, request.run_dir / "tables", "fig4_mapping")
+    png = save_figure(mapping_figure(table), request.run_dir / "figures", "fig4_mapping")
+    return Outcome([table, f"facts: {summary.describe()}; {csv}, {png}"])
+
+
+def reproduce(plan: Reproduction) -> list[tuple[str, Any]]:
+    config = MappingConfig(seed=plan.seed)
+    request = MappingRequest(plan.directory, plan.method, plan.device, plan.execution, config)
+    return [("query-KN mapping", request)]
+
+
+STUDY = Study(
+    name="mapping",
+    summary="The query-KN mapping experiment (Figure 4): suppress (x0) and enhance (x2) the Self, Union, "
+    "Intersection, Refine and Unrelated sets of every query; dProb per set and class (mean, median, "
+    "bootstrap 95 % interval).",
+    request=MappingRequest,
+    run=run,
+    panels=(Panel(70, "Figure 4: query-KN mapping", ("fig4_mapping",), ("fig4_mapping",)),),
+    examples=(
+        "qloc mapping --run-dir runs/smollm2                      "
+        "# Figure 4: the query-KN mapping experiment",
+    ),
+    reproduce=reproduce,
+)

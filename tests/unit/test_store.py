@@ -1,11 +1,6 @@
 """The run store: per-fact transactions, resume, refusal of other parameters, and a real kill."""
 
 import json
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,6 +11,8 @@ from qloc.runs.store import RunStore
 from qloc.runs.sweep import SkipFact, run_sweep
 
 PARAMS = {"model": "tiny", "seed": 0, "limit": 3}
+
+
 FACTS = [
     Fact(
         id=f"P1/{i}",
@@ -91,68 +88,6 @@ def test_foreign_directories_are_refused(tmp_path):
     with pytest.raises(RunDirectoryError, match="no qloc.sqlite"):
         RunStore.open_existing(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "my thesis"
-
-
-def _cloze_command(model_dir, run_dir):
-    return [
-        sys.executable,
-        "-m",
-        "qloc.cli",
-        "cloze",
-        "--model",
-        str(model_dir),
-        "--run-dir",
-        str(run_dir),
-        "--limit",
-        "1500",
-        "--seed",
-        "1",
-        "--device",
-        "cpu",
-        "--quiet",
-    ]
-
-
-def _done_units(run_dir) -> int:
-    try:
-        with sqlite3.connect(run_dir / "qloc.sqlite", timeout=5) as db:
-            return db.execute("SELECT count(*) FROM units").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
-def kill_midway(command: list[str], run_dir, units: int, timeout: float = 300) -> int:
-    """Start a sweep, ``kill -9`` it once ``units`` units are stored; the units stored then."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + timeout
-    while _done_units(run_dir) < units and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, (
-        f"sweep ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    )
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return _done_units(run_dir)
-
-
-def test_kill_9_midway_then_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
-    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
-    at_kill = kill_midway(_cloze_command(tiny_model_dir, killed_dir), killed_dir, 20)
-    assert 20 <= at_kill < 1500
-
-    subprocess.run(_cloze_command(tiny_model_dir, killed_dir), check=True, capture_output=True)
-    subprocess.run(_cloze_command(tiny_model_dir, clean_dir), check=True, capture_output=True)
-    with RunStore.open_existing(killed_dir) as killed, RunStore.open_existing(clean_dir) as clean:
-        resumed_units, clean_units = killed.units("cloze"), clean.units("cloze")
-        assert resumed_units["unit_id"].is_unique and len(resumed_units) == len(clean_units) == 1500
-        columns = ["fact_id", "query_index", "prompt", "answer", "prob", "rank", "logprob"]
-        resumed = (
-            killed.frame("cloze")[columns].sort_values(["fact_id", "query_index"]).reset_index(drop=True)
-        )
-        uninterrupted = (
-            clean.frame("cloze")[columns].sort_values(["fact_id", "query_index"]).reset_index(drop=True)
-        )
-    assert resumed.equals(uninterrupted)
 
 
 def test_out_of_memory_names_the_fact_and_keeps_finished_ones(tmp_path):

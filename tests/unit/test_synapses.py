@@ -1,29 +1,75 @@
 """Knowledge synapses: the attention-probability intervention point on every family, attention
 attribution against a direct per-layer reference, KS selection, the tables, and the CLI."""
 
-import json
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 import torch
 import transformers
 
 import qloc
-from conftest import FAMILY_MODEL_TYPES, make_tiny_model, tiny_config
-from qloc import attention_hooks, attention_probe, record_attention, scale_attention
+from qloc import attention_hooks, record_attention, scale_attention
 from qloc.engine.attribution import attribute_attention, knowledge_synapses
 from qloc.engine.paths import AnswerProbability, frozen_parameters, integration_points
 from qloc.engine.tokens import encode_query
 from qloc.errors import QlocError
-from qloc.studies.synapses import cost_table, effects_table
+from qloc.studies.synapse_tables import cost_table, effects_table
+from tests.helpers import FAMILY_MODEL_TYPES, make_tiny_model, tiny_config
 
 PROMPT, ANSWER = "The capital of France is", "Paris"
 
 
 def _ids(lm, length=20):
     return torch.randint(4, lm.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(1))
+
+
+def _reference_attention_ig(lm, prompt, answer, steps):
+    """Per layer and step, a full forward with that layer's probabilities replaced by a leaf."""
+    query = encode_query(lm, prompt, answer)
+    target, token = query.target_positions[0], query.answer_ids[0]
+    ids = torch.tensor([list(query.input_ids[: target + 1])])
+    alphas, weights = integration_points(steps)
+    with torch.no_grad(), record_attention(lm) as clean:
+        lm.model(input_ids=ids)
+    scores = []
+    with frozen_parameters(lm):
+        for layer in range(lm.num_layers):
+            total = torch.zeros_like(clean[layer][0])
+            for alpha, weight in zip(alphas, weights):
+                point = (alpha * clean[layer]).requires_grad_(True)
+                with attention_hooks(lm, {layer: lambda p, point=point: point}):
+                    logits = lm.model(input_ids=ids).logits[:, -1]
+                (grad,) = torch.autograd.grad(AnswerProbability.apply(logits, token).sum(), point)
+                total += weight * grad[0]
+            scores.append(clean[layer][0] * total)
+    return torch.stack(scores)
+
+
+def _effects():
+    rows = []
+    for query, kind in ((0, "KC"), (1, "KI")):
+        for operation, dkn, dprob in (
+            ("none", 0.0, 0.0),
+            ("suppress", -0.5 - query, -0.4),
+            ("enhance", 0.2, 0.1),
+        ):
+            rows.append(
+                {
+                    "fact_id": "f",
+                    "method": "ig",
+                    "class": kind,
+                    "query_index": query,
+                    "operation": operation,
+                    "n_synapses": 4,
+                    "dkn_kn": dkn,
+                    "dkn_neighbour": dkn / 10,
+                    "dkn_random": 0.0,
+                    "dprob": dprob,
+                    "seconds": 0.1 * (1 + query),
+                    "peak_mb": 2.0 + query,
+                    "memory_measure": "cpu rss",
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 @pytest.mark.parametrize("model_type", FAMILY_MODEL_TYPES)
@@ -110,28 +156,6 @@ def test_synapse_positions_outside_the_input_are_named(word_tokenizer):
         lm.model(input_ids=_ids(lm, 5))
 
 
-def _reference_attention_ig(lm, prompt, answer, steps):
-    """Per layer and step, a full forward with that layer's probabilities replaced by a leaf."""
-    query = encode_query(lm, prompt, answer)
-    target, token = query.target_positions[0], query.answer_ids[0]
-    ids = torch.tensor([list(query.input_ids[: target + 1])])
-    alphas, weights = integration_points(steps)
-    with torch.no_grad(), record_attention(lm) as clean:
-        lm.model(input_ids=ids)
-    scores = []
-    with frozen_parameters(lm):
-        for layer in range(lm.num_layers):
-            total = torch.zeros_like(clean[layer][0])
-            for alpha, weight in zip(alphas, weights):
-                point = (alpha * clean[layer]).requires_grad_(True)
-                with attention_hooks(lm, {layer: lambda p, point=point: point}):
-                    logits = lm.model(input_ids=ids).logits[:, -1]
-                (grad,) = torch.autograd.grad(AnswerProbability.apply(logits, token).sum(), point)
-                total += weight * grad[0]
-            scores.append(clean[layer][0] * total)
-    return torch.stack(scores)
-
-
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
 def test_attention_attribution_equals_the_per_layer_reference(word_tokenizer, model_type):
     lm = make_tiny_model(model_type, word_tokenizer)
@@ -165,34 +189,6 @@ def test_knowledge_synapses_threshold():
     assert knowledge_synapses(-scores) == []
 
 
-def _effects():
-    rows = []
-    for query, kind in ((0, "KC"), (1, "KI")):
-        for operation, dkn, dprob in (
-            ("none", 0.0, 0.0),
-            ("suppress", -0.5 - query, -0.4),
-            ("enhance", 0.2, 0.1),
-        ):
-            rows.append(
-                {
-                    "fact_id": "f",
-                    "method": "ig",
-                    "class": kind,
-                    "query_index": query,
-                    "operation": operation,
-                    "n_synapses": 4,
-                    "dkn_kn": dkn,
-                    "dkn_neighbour": dkn / 10,
-                    "dkn_random": 0.0,
-                    "dprob": dprob,
-                    "seconds": 0.1 * (1 + query),
-                    "peak_mb": 2.0 + query,
-                    "memory_measure": "cpu rss",
-                }
-            )
-    return pd.DataFrame(rows)
-
-
 def test_effects_and_cost_tables_on_hand_made_rows():
     table = effects_table(_effects())
     suppress = table[table.operation == "suppress"].set_index("class")
@@ -204,70 +200,9 @@ def test_effects_and_cost_tables_on_hand_made_rows():
     assert cost.seconds_mean.tolist() == pytest.approx([0.15] * 3) and cost.peak_mb_max.tolist() == [3.0] * 3
 
 
-def test_cli_synapses_end_to_end_and_resume(tmp_path, tiny_model_dir):
-    run = tmp_path / "run"
-    base = [sys.executable, "-m", "qloc.cli"]
-    subprocess.run(
-        base
-        + [
-            "localize",
-            "--model",
-            str(tiny_model_dir),
-            "--run-dir",
-            str(run),
-            "--relations",
-            "P19,P36",
-            "--methods",
-            "ig",
-            "--steps",
-            "3",
-            "--device",
-            "cpu",
-            "--quiet",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    command = base + ["synapses", "--run-dir", str(run), "--steps", "3", "--device", "cpu", "--quiet"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    with qloc.RunStore.open_existing(run) as store:
-        queries = store.frame("kn_sets").shape[0]
-        found, effects = store.frame("synapses"), store.frame("synapse_effects")
-    assert len(found) == queries and len(effects) == 3 * queries
-    assert (found.n_synapses > 0).all()
-    first = json.loads(found.synapses[0])
-    assert len(first[0]) == 5 and first == sorted(first, key=lambda s: -s[4])
-    suppressed = effects[effects.operation == "suppress"]
-    assert (suppressed.n_synapses.to_numpy() == found.n_synapses.to_numpy()).all()
-    assert (effects[effects.operation == "none"].dprob == 0).all()
-    for name in ("fig6_synapses", "fig11_dkn_distributions", "fig5_heatmap"):
-        assert (run / "figures" / f"{name}.svg").exists() and (run / "figures" / f"{name}.png").exists()
-    assert set(pd.read_csv(run / "tables" / "table6_cost.csv").operation) == {"none", "suppress", "enhance"}
-    again = subprocess.run(command, capture_output=True, text=True)
-    assert again.returncode == 0 and "2 already stored" in again.stdout
-
-
-def test_suppressing_smollm2_synapses_lowers_the_answer(smollm2):
-    result = attribute_attention(smollm2, "The Eiffel Tower is located in the city of", "Paris", steps=5)
-    synapses = [s for s, _ in result.synapses()]
-    assert synapses and float(result.f_input[0]) > 0.5
-    ids = torch.tensor(
-        [list(encode_query(smollm2, "The Eiffel Tower is located in the city of", "Paris").input_ids)]
-    )
-    token = encode_query(smollm2, "x", "Paris").answer_ids[0]
-    with torch.no_grad():
-        with attention_probe(smollm2):
-            before = torch.softmax(smollm2.model(input_ids=ids).logits[0, -1], -1)[token]
-        with scale_attention(smollm2, synapses, 0.0):
-            after = torch.softmax(smollm2.model(input_ids=ids).logits[0, -1], -1)[token]
-    torch.testing.assert_close(before, result.f_input[0], rtol=1e-4, atol=1e-6)
-    assert after < 0.5 * before
-
-
 def test_multi_token_answers_manipulate_only_synapses_of_the_first_tokens_prefix(word_tokenizer):
     from qloc.data.pararel import Fact
-    from qloc.runs.store import UnitWriter
+    from qloc.runs.rows import UnitWriter
     from qloc.studies.knsets import FactKnowledge
     from qloc.studies.synapses import SynapseConfig, synapse_work
 

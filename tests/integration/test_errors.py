@@ -25,11 +25,14 @@ import pandas as pd
 import pytest
 
 from qloc import cli
-from qloc.runs.store import LOCK_FILE, STORE_FILE, RunStore
+from qloc.runs.lock import LOCK_FILE, STORE_FILE
+from qloc.runs.store import RunStore
+from tests.helpers import QLOC
 
-QLOC = [sys.executable, "-m", "qloc.cli"]
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "smollm2-135m"
 PROMPT, ANSWER = "Paris is the capital of", "France"
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "smollm2-135m"
 
 
 @dataclass
@@ -123,7 +126,6 @@ def usable_fact(subject: str, answer: str = "France") -> list[list[str]]:
     ]
 
 
-# -- a read-only finished run directory ---------------------------------------------------------------
 def unprivileged_prefix(probe_dir: Path) -> list[str]:
     """The command prefix that runs a process without write access to ``probe_dir`` (made read-only by
     the caller): nothing for a non-root user; as root, setpriv without the file-permission capabilities."""
@@ -138,6 +140,48 @@ def unprivileged_prefix(probe_dir: Path) -> list[str]:
     if subprocess.run(prefix + ["touch", str(probe_dir / "probe")], capture_output=True).returncode == 0:
         pytest.skip(f"cannot run a process that lacks write access to {probe_dir} here")
     return prefix
+
+
+def write_gguf(path: Path) -> bytes:
+    """A small llama GGUF: about 11 KB of metadata (a vocabulary) before 16 KB of tensor data."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_token_list([f"token{i:05d}" for i in range(500)])
+    writer.add_tensor("token_embd.weight", np.ones((64, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def stored_units(run_dir: Path) -> int:
+    try:
+        with sqlite3.connect(f"{(run_dir / STORE_FILE).as_uri()}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT count(*) FROM units").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet, or a table not yet there
+        return 0
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the sweep ended before {what}: {process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"the sweep never reached {what}"
+        time.sleep(0.05)
+
+
+def results(run_dir: Path) -> dict[str, pd.DataFrame]:
+    """Every table of a run, in a canonical row order, without the per-unit timings."""
+    with RunStore.open_existing(run_dir) as store:
+        frames = {name: store.frame(name) for name in store.tables()}
+        frames["units"] = store.units().drop(columns=["seconds", "finished"])
+    for name, frame in frames.items():
+        frame = frame.drop(columns=[c for c in ("seconds",) if c in frame])
+        frames[name] = frame.sort_values(list(frame.columns)).reset_index(drop=True)
+    return frames
 
 
 def test_read_only_runs_are_analysed_by_a_user_who_cannot_write_them(tmp_path, tiny_model_dir):
@@ -209,7 +253,6 @@ def test_analyses_leave_a_writable_run_directory_unchanged(tmp_path, tiny_run, q
     assert snapshot(run) == before  # no -wal or -shm file, no schema change
 
 
-# -- a damaged store ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["junk", "truncated"])
 def test_damaged_store_is_named_by_every_command(tmp_path, tiny_run, qloc_cli, damage):
     run = tmp_path / "run"
@@ -226,22 +269,6 @@ def test_damaged_store_is_named_by_every_command(tmp_path, tiny_run, qloc_cli, d
         assert_refused(qloc_cli(*args), f"run store '{store}' is not a SQLite database")
     assert snapshot(run) == before
     assert not (tmp_path / "c").exists() and not (tmp_path / "r.html").exists()
-
-
-# -- damaged GGUF files, broken model directories, unknown devices --------------------------------------
-def write_gguf(path: Path) -> bytes:
-    """A small llama GGUF: about 11 KB of metadata (a vocabulary) before 16 KB of tensor data."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    writer.add_token_list([f"token{i:05d}" for i in range(500)])
-    writer.add_tensor("token_embd.weight", np.ones((64, 64), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path.read_bytes()
 
 
 def test_damaged_gguf_files_are_named(tmp_path, qloc_cli, monkeypatch):
@@ -283,34 +310,6 @@ def test_unknown_device_is_named_and_its_sweep_leaves_no_folder(tmp_path, tiny_m
     sweep[sweep.index("--device") + 1] = "tpu"
     assert_refused(qloc_cli(*sweep), "--device 'tpu' is not a device")
     assert list(tmp_path.iterdir()) == []
-
-
-# -- one writer per run directory -----------------------------------------------------------------------
-def stored_units(run_dir: Path) -> int:
-    try:
-        with sqlite3.connect(f"{(run_dir / STORE_FILE).as_uri()}?mode=ro", uri=True, timeout=5) as db:
-            return db.execute("SELECT count(*) FROM units").fetchone()[0]
-    except sqlite3.OperationalError:  # not created yet, or a table not yet there
-        return 0
-
-
-def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"the sweep ended before {what}: {process.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, f"the sweep never reached {what}"
-        time.sleep(0.05)
-
-
-def results(run_dir: Path) -> dict[str, pd.DataFrame]:
-    """Every table of a run, in a canonical row order, without the per-unit timings."""
-    with RunStore.open_existing(run_dir) as store:
-        frames = {name: store.frame(name) for name in store.tables()}
-        frames["units"] = store.units().drop(columns=["seconds", "finished"])
-    for name, frame in frames.items():
-        frame = frame.drop(columns=[c for c in ("seconds",) if c in frame])
-        frames[name] = frame.sort_values(list(frame.columns)).reset_index(drop=True)
-    return frames
 
 
 def test_second_writer_is_refused_at_once_naming_the_first(tmp_path, tiny_model_dir, qloc_cli):
@@ -370,7 +369,6 @@ def test_reading_needs_no_lock_and_a_writable_open_takes_it(tmp_path):
     assert not (tmp_path / "run" / LOCK_FILE).exists()
 
 
-# -- queries longer than the model's context ------------------------------------------------------------
 def test_prompts_longer_than_the_context_are_refused_or_skipped(tmp_path, tiny_model_dir, qloc_cli):
     long_prompt = " ".join(["the"] * 200) + " capital of"  # the tiny model reads 128 positions
     for command in ("cloze", "attribute"):
@@ -393,7 +391,6 @@ def test_prompts_longer_than_the_context_are_refused_or_skipped(tmp_path, tiny_m
     assert units.loc["P1/1", "reason"].startswith("query longer than the model's context: fact P1/1")
 
 
-# -- empty selections, negative counts ------------------------------------------------------------------
 def test_empty_selections_stop_before_the_model_loads(tmp_path, qloc_cli):
     malformed = write_data(tmp_path / "malformed.json", {"P1": [[["only", "two"]], [[1, 2, 3]]]})
     cases = {
@@ -417,7 +414,6 @@ def test_negative_counts_are_refused(tmp_path, qloc_cli, option, message):
     assert not (tmp_path / "run").exists()
 
 
-# -- output paths ---------------------------------------------------------------------------------------
 def test_output_paths_are_checked_before_computing(tmp_path, tiny_model_dir, tiny_run, qloc_cli):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
@@ -476,7 +472,6 @@ def test_failed_consistency_leaves_no_folder_behind(tmp_path, tiny_model_dir, ql
     assert result.code == 0, result.err
 
 
-# -- malformed data files -------------------------------------------------------------------------------
 def test_malformed_rows_are_printed_literally_and_their_relation_named(tmp_path, qloc_cli):
     data = write_data(
         tmp_path / "data.json",
@@ -494,7 +489,6 @@ def test_malformed_rows_are_printed_literally_and_their_relation_named(tmp_path,
     assert "-> '[red]France'" in shown.out and "[bold]Lyon is the capital of ___" in shown.out
 
 
-# -- SIGINT, and kills at random points -----------------------------------------------------------------
 def test_sigint_prints_its_line_exits_130_and_resumes(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     args = QLOC + localize_args(tiny_model_dir, run, "--relations", "P19,P36,P101", "--facts-per-relation", 3)
@@ -549,7 +543,6 @@ def test_five_kills_at_random_points_then_resume_equal_an_uninterrupted_run(tmp_
         pd.testing.assert_frame_equal(resumed[name], frame)
 
 
-# -- unknown model names without network ----------------------------------------------------------------
 def test_unknown_model_without_network_fails_fast_in_one_line(monkeypatch, qloc_cli):
     no_hub = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}  # refused at once
     unreachable = subprocess.run(

@@ -9,6 +9,8 @@ import transformers
 from qloc.engine.paths import default_batch_rows
 
 GIB = 2**30
+
+
 LLAMA3_8B = dict(
     vocab_size=128_256,
     hidden_size=4096,

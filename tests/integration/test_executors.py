@@ -5,7 +5,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,10 +12,9 @@ import pandas as pd
 import pytest
 
 import qloc
+from tests.helpers import QLOC
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs qloc[ray]")
-
-QLOC = [sys.executable, "-m", "qloc.cli"]
 
 
 def _localize(model, run_dir, *extra, relations="P19,P36,P101", steps="3"):
@@ -50,7 +48,27 @@ def _units(run_dir: Path) -> pd.DataFrame:
         return store.units("localize")
 
 
-@pytest.mark.parametrize("model", ["tiny", "smollm2-135m"])
+def _sweep_worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"SweepWorker" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _finished(run_dir: Path) -> int:
+    try:
+        with sqlite3.connect(run_dir / "qloc.sqlite") as db:
+            return db.execute("SELECT COUNT(*) FROM units WHERE status = 'done'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.parametrize("model", ["tiny", pytest.param("smollm2-135m", marks=pytest.mark.real_model)])
 def test_ray_run_stores_what_a_local_run_stores(tmp_path, tiny_model_dir, model):
     if model == "smollm2-135m" and not qloc.BUILTIN_MODELS[model].installed():
         pytest.skip("smollm2-135m is not installed")
@@ -76,26 +94,6 @@ def test_ray_run_stores_what_a_local_run_stores(tmp_path, tiny_model_dir, model)
     pd.testing.assert_frame_equal(local, distributed)
     with qloc.RunStore.open_existing(tmp_path / "ray") as store:
         assert store.params("localize") == qloc.RunStore.open_existing(tmp_path / "local").params("localize")
-
-
-def _sweep_worker_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"SweepWorker" in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-def _finished(run_dir: Path) -> int:
-    try:
-        with sqlite3.connect(run_dir / "qloc.sqlite") as db:
-            return db.execute("SELECT COUNT(*) FROM units WHERE status = 'done'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's worker processes in /proc")

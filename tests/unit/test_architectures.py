@@ -6,8 +6,8 @@ import torch
 import transformers
 
 import qloc
-from conftest import FAMILY_MODEL_TYPES, make_tiny_model
 from qloc import record_activations, scale_neurons
+from tests.helpers import FAMILY_MODEL_TYPES, make_tiny_model
 
 INPUT = torch.tensor([[5, 17, 42, 7, 99, 3, 250]])
 

@@ -1,35 +1,17 @@
 """The attribution engine against the plain per-layer reference of METHODS.md section 3."""
 
-import json
-import subprocess
-import sys
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
-import qloc
-from conftest import FAMILY_MODEL_TYPES, make_tiny_model
 from qloc.engine.attribution import attribute, kn_set, top_k
 from qloc.engine.paths import integration_points
 from qloc.errors import QlocError
-from reference_attribution import reference_scores, reference_token_scores
+from tests.helpers import FAMILY_MODEL_TYPES, assert_equivalent, make_tiny_model
+from tests.reference_attribution import reference_scores, reference_token_scores
 
 PROMPT, ANSWER = "Paris is the capital of", "France"
-
-
-def assert_equivalent(
-    engine: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-3, threshold: float = 0.2
-):
-    scale = float(reference.abs().max())
-    assert scale > 0
-    assert float((engine - reference).abs().max()) <= tolerance * scale
-    # The sets may differ only by neurons sitting on the threshold, where float summation order
-    # (e.g. the number of BLAS threads) decides: 0.2000018 vs 0.1999991 x max.
-    cut = threshold * float(reference.max())
-    differing = set(kn_set(engine, threshold)) ^ set(kn_set(reference, threshold))
-    assert all(abs(float(reference[u]) - cut) <= 1e-4 * scale for u in differing), differing
 
 
 @pytest.fixture(scope="module", params=FAMILY_MODEL_TYPES)
@@ -143,75 +125,6 @@ def test_bad_method_is_named(word_tokenizer):
         attribute(lm, PROMPT, ANSWER, "lrp")
 
 
-@pytest.mark.real_model
-@pytest.mark.parametrize("method", ["ig", "amig"])
-def test_engine_equals_reference_on_smollm2(smollm2, method):
-    prompt, answer = "The capital of France is", "Paris"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = attribute(smollm2, prompt, answer, method, steps=8)
-    assert_equivalent(result.scores, reference_scores(smollm2, prompt, answer, method, steps=8))
-
-
-@pytest.mark.real_model
-def test_sig_equals_reference_on_smollm2(smollm2):
-    prompt, answer = "Rome is the capital of", "Italy"
-    result = attribute(smollm2, prompt, answer, "sig", steps=4)
-    assert_equivalent(result.scores, reference_scores(smollm2, prompt, answer, "sig", steps=4))
-
-
-@pytest.mark.real_model
-def test_smollm2_eiffel_layer0_shows_right_rule_incompleteness(smollm2):
-    """The issue's example: at 20 steps the right Riemann sum of layer 0 overshoots F(input) -
-    F(baseline) (1.16 against 0.70) because of SmolLM2's massive activations; qloc reports it."""
-    with pytest.warns(UserWarning, match="raise --steps"):
-        result = attribute(smollm2, "The Eiffel Tower is located in the city of", "Paris", "ig", steps=20)
-    assert float(result.f_input[0]) == pytest.approx(0.70, abs=0.01)
-    assert float(result.scores[0].sum()) == pytest.approx(1.16, abs=0.03)
-    assert float(result.completeness_residual[0, 0]) > 0.3
-
-
-def test_cli_attribute_writes_scores_and_json(tmp_path, tiny_model_dir):
-    out = tmp_path / "scores.npy"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qloc.cli",
-            "attribute",
-            "--model",
-            str(tiny_model_dir),
-            "--prompt",
-            PROMPT,
-            "--answer",
-            ANSWER,
-            "--method",
-            "amig",
-            "--steps",
-            "5",
-            "--out",
-            str(out),
-            "--json",
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    payload = json.loads(result.stdout)
-    scores = np.load(out)
-    assert scores.dtype == np.float32 and scores.shape == (3, 64) and payload["shape"] == [3, 64]
-    lm = qloc.load_model(str(tiny_model_dir), device="cpu")
-    assert np.allclose(
-        scores, attribute(lm, PROMPT, ANSWER, "amig", steps=5).scores.numpy(), rtol=0, atol=1e-6
-    )
-    assert payload["kn_set"] == [list(u) for u in kn_set(torch.from_numpy(scores))]
-    assert payload["top"][0]["score"] == pytest.approx(float(scores.max()), rel=1e-6)
-    assert len(payload["completeness_residual"][0]) == 3
-
-
 def test_half_precision_models_attribute_in_fp32(word_tokenizer):
     """bf16 weights: the path points, softmax and scores stay fp32; the result tracks fp32's."""
     lm32 = make_tiny_model("llama", word_tokenizer)
@@ -222,13 +135,6 @@ def test_half_precision_models_attribute_in_fp32(word_tokenizer):
     assert half.scores.dtype == torch.float32 and torch.isfinite(half.scores).all()
     correlation = torch.corrcoef(torch.stack([half.scores.flatten(), reference.scores.flatten()]))[0, 1]
     assert correlation > 0.9
-
-
-@pytest.mark.real_model
-def test_same_query_gives_identical_scores_twice(smollm2):
-    first = attribute(smollm2, "The capital of France is", "Paris", "amig", steps=6)
-    second = attribute(smollm2, "The capital of France is", "Paris", "amig", steps=6)
-    assert torch.equal(first.scores, second.scores)
 
 
 def test_sig_combination_never_flips_a_sign():

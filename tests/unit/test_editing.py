@@ -4,14 +4,41 @@ import pytest
 import torch
 
 import qloc
-from conftest import make_tiny_model
 from qloc.engine.editing import answer_embedding, edit_knowledge, perplexity
+from tests.helpers import make_tiny_model
 
 PROMPT = "Paris is the capital of"
 
 
 def weights(lm):
     return {name: p.detach().clone() for name, p in lm.model.named_parameters()}
+
+
+def before_vector(saved, lm, layer, index):
+    name = next(n for n, p in lm.model.named_parameters() if p is lm.mlp_out_proj(layer).weight)
+    weight = saved[name]
+    return weight[index] if lm.arch.value_vector_axis == "row" else weight[:, index]
+
+
+def before_vector_matrix(saved, lm, layer):
+    return saved[next(n for n, p in lm.model.named_parameters() if p is lm.mlp_out_proj(layer).weight)]
+
+
+def tied_gated_model(word_tokenizer, seed: int = 0):
+    """A tiny Llama whose output head is its input embedding, as in SmolLM2 and Gemma: moving the
+    residual stream along e(o) moves o's logit."""
+    import transformers
+
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(seed)
+    config = tiny_config("llama", len(word_tokenizer))
+    config.tie_word_embeddings = True
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return qloc.wrap_model(model, word_tokenizer, name="tiny-tied-llama")
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
@@ -24,12 +51,6 @@ def test_edit_then_restore_is_bit_identical(word_tokenizer, model_type):
         with edit_knowledge(lm, [(1, 3)], "France"):
             raise RuntimeError("crash inside the edit")
     assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
-
-
-def before_vector(saved, lm, layer, index):
-    name = next(n for n, p in lm.model.named_parameters() if p is lm.mlp_out_proj(layer).weight)
-    weight = saved[name]
-    return weight[index] if lm.arch.value_vector_axis == "row" else weight[:, index]
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gemma3_text"])
@@ -47,10 +68,6 @@ def test_one_neuron_changes_exactly_one_value_vector(word_tokenizer, model_type)
         original = before_vector(before, lm, 1, 4).float()
         e = answer_embedding(lm, "France")
         torch.testing.assert_close(lm.value_vectors(1)[4], original - original.norm() / e.norm() * e)
-
-
-def before_vector_matrix(saved, lm, layer):
-    return saved[next(n for n, p in lm.model.named_parameters() if p is lm.mlp_out_proj(layer).weight)]
 
 
 def test_update_moves_the_answer_towards_the_new_object(word_tokenizer):
@@ -89,7 +106,7 @@ def test_perplexity_matches_a_direct_computation(word_tokenizer):
 
 
 def test_edit_metrics_on_hand_made_predictions():
-    from qloc.studies.editing import edit_metrics
+    from qloc.studies.edit_protocol import edit_metrics
 
     update = edit_metrics("update", 1.0, [0.5, 0.0, 1.0], [[1, 2], [3], [4]], [[1, 2], [9], [4]])
     assert update == {
@@ -102,76 +119,10 @@ def test_edit_metrics_on_hand_made_predictions():
     assert (erase["rel"], erase["gen"], erase["loc"]) == (0.0, 0.5, 1.0)
 
 
-def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
-    import subprocess
-    import sys
-
-    import pandas as pd
-
-    run = tmp_path / "run"
-    base = [sys.executable, "-m", "qloc.cli"]
-    subprocess.run(
-        base
-        + [
-            "localize",
-            "--model",
-            str(tiny_model_dir),
-            "--run-dir",
-            str(run),
-            "--relations",
-            "P19,P36,P101",
-            "--methods",
-            "amig",
-            "--steps",
-            "3",
-            "--device",
-            "cpu",
-            "--quiet",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    for mode, options in (("erase", []), ("update", ["--shared-filter", "off", "--edit-sign", "none"])):
-        result = subprocess.run(
-            base + ["edit", "--run-dir", str(run), "--mode", mode, "--device", "cpu", "--quiet"] + options,
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-    with qloc.RunStore.open_existing(run) as store:
-        edits = store.frame("edits")
-        params = store.params("edit-update-amig")
-    assert params["shared_filter"] is None and params["edit_sign"] == "none"
-    assert len(edits) == 2 * 3 * 3 and set(edits["kn_set"]) == {"self", "union", "cas"}
-    assert edits[edits["mode"] == "update"]["new_object"].notna().all()
-    # The tiny model's 192 neurons are shared by every fact: the default filter empties some sets,
-    # which are recorded but not edited; with the filter off every set is edited.
-    erase = edits[edits["mode"] == "erase"]
-    assert (erase["kn_dropped"] > 0).any() and (erase[erase["kn_size"] == 0]["rel"].isna()).all()
-    update = edits[edits["mode"] == "update"]
-    assert (update["kn_dropped"] == 0).all() and (update["kn_size"] > 0).all()
-    edited = edits[edits["kn_size"] > 0]
-    assert ((edited["rel"] >= 0) & (edited["rel"] <= 1) & (edited["loc"] >= 0) & (edited["loc"] <= 1)).all()
-    assert edited["prob_before"].between(0, 1).all() and edited["prob_after"].between(0, 1).all()
-    assert update["new_prob_after"].notna().all() and erase["new_prob_after"].isna().all()
-    assert (edited["neighbours_moved"] <= edited["neighbours"]).all()
-    table3 = pd.read_csv(run / "tables" / "table3.csv")
-    assert set(table3["mode"]) == {"erase", "update"} and set(table3["kn_set"]) == {"self", "union", "cas"}
-    assert set(pd.read_csv(run / "tables" / "table2.csv")["kn_set"]) == {"self", "union"}
-    assert (
-        table3["facts"].sum() == 2 * 3 * 3
-        and (table3["dppl_median"] <= table3["dppl"].abs().max() + 1e-12).all()
-    )
-    assert table3["empty_sets"].sum() == int((edits["kn_size"] == 0).sum())
-    assert {"catastrophic", "moved_right", "prob_before_median", "prob_after_median", "kn_dropped"} <= set(
-        table3
-    )
-
-
 def test_sequential_editing_restores_the_model(word_tokenizer):
     import pandas as pd
 
-    from qloc.studies.editing import EditConfig, sequential_edit, sequential_table
+    from qloc.studies.edit_protocol import EditConfig, sequential_edit, sequential_table
     from qloc.studies.knsets import FactKnowledge
 
     lm = make_tiny_model("llama", word_tokenizer)
@@ -202,7 +153,7 @@ def test_sequential_editing_restores_the_model(word_tokenizer):
 
 
 def test_case_study_table_and_restore(word_tokenizer):
-    from qloc.studies.editing import case_study, greedy_continuation
+    from qloc.studies.edit_protocol import case_study, greedy_continuation
 
     lm = make_tiny_model("gpt2", word_tokenizer)
     before = weights(lm)
@@ -213,23 +164,6 @@ def test_case_study_table_and_restore(word_tokenizer):
     assert list(table.role) == ["query", "neighbour"] and table.kn_size[0] > 0
     assert table.before[0] == greedy_continuation(lm, queries[0], 4)
     assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
-
-
-def tied_gated_model(word_tokenizer, seed: int = 0):
-    """A tiny Llama whose output head is its input embedding, as in SmolLM2 and Gemma: moving the
-    residual stream along e(o) moves o's logit."""
-    import transformers
-
-    from conftest import tiny_config
-
-    torch.manual_seed(seed)
-    config = tiny_config("llama", len(word_tokenizer))
-    config.tie_word_embeddings = True
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return qloc.wrap_model(model, word_tokenizer, name="tiny-tied-llama")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -306,28 +240,3 @@ def test_shared_filter_drops_neurons_many_facts_hold():
     assert shared_neurons(pair, 0.1) == {"P3/0": frozenset(), "P4/0": frozenset()}
     with pytest.raises(qloc.QlocError, match="share 1.5"):
         shared_neurons(knowledge, 1.5)
-
-
-@pytest.mark.real_model
-def test_sign_aware_erasure_on_smollm2_lowers_a_known_answer(smollm2):
-    """SmolLM2 ranks Paris first here (P = 0.70). Erasing through the query's own AMIG KN set with
-    the signs of its activations lowers P(Paris); about half of the set has negative activations,
-    and the literal equation through those alone raises it."""
-    from qloc.engine.attribution import attribute
-    from qloc.engine.editing import activation_signs, target_activations
-
-    prompt, answer = "The Eiffel Tower is located in the city of", "Paris"
-    before = qloc.score_cloze(smollm2, [prompt], [answer])[0]
-    assert before.rank == 0
-    with pytest.warns(
-        UserWarning, match="too coarse"
-    ):  # layer 29's residual at 10 steps; the set is what counts
-        neurons = attribute(smollm2, prompt, answer, "amig", steps=10).kn_set()
-    signs = activation_signs(target_activations(smollm2, [prompt], answer), neurons)
-    negative = [u for u, sign in zip(neurons, signs) if sign < 0]
-    assert len(negative) > 0.2 * len(neurons)
-    with edit_knowledge(smollm2, neurons, answer, signs=signs):
-        aware = qloc.score_cloze(smollm2, [prompt], [answer])[0].prob
-    with edit_knowledge(smollm2, negative, answer):
-        literal = qloc.score_cloze(smollm2, [prompt], [answer])[0].prob
-    assert aware < 0.5 * before.prob and literal > before.prob

@@ -1,0 +1,249 @@
+"""Every claim's rule, one model at a time: the consistency claims (:mod:`qloc.report.claims_consistency`)
+and those of the experiments on a localize run (Tables 2 and 3, Figures 4 and 6)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from .claims_consistency import ConsistencyClaims
+from .findings import (
+    BROKEN_DPPL,
+    SET_NAMES,
+    Evidence,
+    ModelFindings,
+    PaperReference,
+    records,
+    reference_model,
+    sign_word,
+    weighted,
+)
+from .format import format_number, format_share
+
+
+class ModelClaims(ConsistencyClaims):
+    # -- Tables 2 and 3 ----------------------------------------------------------------------
+    def _gen(self, rows: pd.DataFrame, kind: str, kn_set: str) -> float | None:
+        picked = rows[(rows["class"] == kind) & (rows["kn_set"] == kn_set)]
+        return float(picked["gen"].iloc[0]) if len(picked) else None
+
+    def generalisation(self) -> None:
+        table2 = self.table("table2")
+        if table2 is None:
+            return
+        for (method, mode), rows in table2.groupby(["method", "mode"], sort=False):
+            gaps = {}
+            for kind in ("KC", "KI"):
+                self_gen, union_gen = self._gen(rows, kind, "self"), self._gen(rows, kind, "union")
+                if self_gen is not None and union_gen is not None:
+                    gaps[kind] = (self_gen, union_gen)
+            for kind, (self_gen, union_gen) in gaps.items():
+                measure = f"{method.upper()} {mode}, {kind} facts: Gen through Self vs Union"
+                keys = {"Self": f"{mode} {kind} self", "Union": f"{mode} {kind} union"}
+                paper = self.paper.quote("self_union_generalisation", self.reference, keys, " / ")
+                measured = f"Self {format_number(self_gen)} / Union {format_number(union_gen)}"
+                if kind == "KI":
+                    verdict = "agrees" if union_gen > self_gen else "differs"
+                    self.add(
+                        "self_union_generalisation",
+                        measure,
+                        measured,
+                        paper,
+                        verdict,
+                        (
+                            "Union reaches the other queries, Self does not"
+                            if verdict == "agrees"
+                            else "Self generalises as well as Union"
+                        ),
+                    )
+                elif "KI" in gaps:
+                    kc_gap, ki_gap = union_gen - self_gen, gaps["KI"][1] - gaps["KI"][0]
+                    self.add(
+                        "self_union_generalisation",
+                        measure,
+                        measured,
+                        paper,
+                        "agrees" if kc_gap < ki_gap else "differs",
+                        f"Union - Self: KC {format_number(kc_gap)}, KI {format_number(ki_gap)}",
+                    )
+                else:
+                    self.add(
+                        "self_union_generalisation",
+                        measure,
+                        measured,
+                        paper,
+                        "open",
+                        "no KI facts to compare with",
+                    )
+
+    def perplexity(self) -> None:
+        table2 = self.table("table2")
+        if table2 is None:
+            return
+        edits = self.evidence.edits
+        broken: dict[str, list[str]] = {}
+        sets_by_mode = self.table("table3")
+        if sets_by_mode is None:
+            sets_by_mode = table2
+        for (method, mode), rows in sets_by_mode.groupby(["method", "mode"], sort=False):
+            for kn_set in dict.fromkeys(rows["kn_set"]):
+                part = rows[rows["kn_set"] == kn_set]
+                if edits is not None and {"mode", "kn_set", "dppl"} <= set(edits.columns):
+                    chosen = edits[
+                        (edits["method"] == method) & (edits["mode"] == mode) & (edits["kn_set"] == kn_set)
+                    ]["dppl"].dropna()
+                    median, catastrophic, count = chosen.median(), (chosen > BROKEN_DPPL).mean(), len(chosen)
+                elif "dppl_median" in part:
+                    median, count = part["dppl_median"].median(), int(part["facts"].sum())
+                    catastrophic = weighted(part, "catastrophic")
+                else:
+                    continue
+                name = SET_NAMES.get(kn_set, kn_set)
+                paper_values = {
+                    kind: self.paper.value_text("dppl", self.reference, f"{mode} {kind} {kn_set}")
+                    for kind in ("KC", "KI")
+                }
+                if len(set(paper_values.values())) == 1:
+                    paper = paper_values["KC"]
+                else:
+                    paper = " / ".join(f"{kind} {text}" for kind, text in paper_values.items())
+                notes = (
+                    []
+                    if math.isnan(catastrophic)
+                    else [f"{format_share(catastrophic, count)} of edits above 1"]
+                )
+                moved = weighted(part, "moved_right")
+                if not math.isnan(moved):
+                    notes.append(f"{format_share(moved)} moved P(answer) the intended way")
+                if median > BROKEN_DPPL:
+                    broken.setdefault(f"{method.upper()} {mode}", []).append(
+                        f"{name} x{format_number(1 + median)}"
+                    )
+                    verdict = "broken"
+                else:
+                    verdict = "open"
+                self.add(
+                    "dppl",
+                    f"{method.upper()} {mode}: median dPPL through {name}",
+                    format_number(median),
+                    paper,
+                    verdict,
+                    "; ".join(notes),
+                )
+        for edit, sets in broken.items():
+            self.warnings.append(
+                f"{edit}: the median edit multiplies WikiText perplexity ({', '.join(sets)}). "
+                "These edits break the model, so their Rel, Gen and Loc describe a broken model, "
+                "not a precise edit."
+            )
+
+    def cas(self) -> None:
+        table3 = self.table("table3")
+        if table3 is None:
+            return
+        for (method, mode, kind), rows in table3.groupby(["method", "mode", "class"], sort=False):
+            avg = {r.kn_set: float(r.avg) for r in records(rows)}
+            if not {"cas", "self", "union"} <= set(avg):
+                continue
+            keys = {SET_NAMES[s]: f"{mode} {kind} {s}" for s in ("cas", "self", "union")}
+            paper = self.paper.quote("cas", self.reference, keys, " / ")
+            measured = " / ".join(f"{SET_NAMES[s]} {format_number(avg[s])}" for s in ("cas", "self", "union"))
+            best_other = max(avg["self"], avg["union"])
+            self.add(
+                "cas",
+                f"{method.upper()} {mode}, {kind} facts: Avg of CAS vs Self / Union",
+                measured,
+                paper,
+                "agrees" if avg["cas"] > best_other else "differs",
+                f"CAS {'above' if avg['cas'] > best_other else 'not above'} the better of Self and Union",
+            )
+
+    # -- Figures 4 and 6 --------------------------------------------------------------------
+    def mapping(self) -> None:
+        table = self.table("fig4_mapping")
+        if table is None:
+            return
+        column = "dprob_median" if "dprob_median" in table else "dprob"
+        statistic = "median" if column == "dprob_median" else "mean"
+        classes = [c for c in ("KC", "KI") if c in set(table["class"])] or ["Avg"]
+        for (method, operation), rows in table.groupby(["method", "operation"], sort=False):
+            direction = -1.0 if operation == "suppress" else 1.0
+            for kind in classes:
+                part = rows[rows["class"] == kind]
+                effect = {r.kn_set: float(getattr(r, column)) for r in records(part)}
+                if not {"self", "intersection", "refine", "unrelated"} <= set(effect):
+                    continue
+                order = sorted(effect, key=lambda s: -direction * effect[s])
+                measured = "; ".join(f"{SET_NAMES[s]} {format_number(effect[s])}" for s in order)
+                self_first = direction * effect["self"] > max(
+                    direction * effect[s] for s in ("intersection", "refine")
+                )
+                unrelated_last = order[-1] == "unrelated"
+                keys = {SET_NAMES[s]: f"{operation} {kind} {s}" for s in effect}
+                paper = self.paper.quote("mapping", self.reference, keys, "; ")
+                misses = [
+                    text
+                    for ok, text in (
+                        (self_first, "Self does not beat Intersection/Refine"),
+                        (unrelated_last, "Unrelated is not the weakest"),
+                    )
+                    if not ok
+                ]
+                self.add(
+                    "mapping",
+                    f"{method.upper()} {operation}, {kind}: {statistic} dProb per KN set, strongest first",
+                    measured,
+                    paper,
+                    "agrees" if not misses else "differs",
+                    "; ".join(misses),
+                )
+
+    def synapses(self) -> None:
+        for name, measure_name in (
+            ("fig6_synapses", "dKN of mean activation"),
+            ("fig6_synapses_magnitude", "dKN of mean |activation|"),
+        ):
+            table = self.table(name)
+            if table is None:
+                continue
+            suffix = "_abs" if name.endswith("magnitude") else ""
+            for row in table[table["class"] == "Avg"].itertuples(index=False):
+                values = row._asdict()
+                statistic = "median" if f"dkn_kn{suffix}_median" in values else "mean"
+                dkn = values[f"dkn_kn{suffix}_{statistic}"]
+                dprob = values.get(f"dprob_{statistic}", values.get("dprob_mean"))
+                direction = -1 if row.operation == "suppress" else 1
+                right = [direction * dkn > 0, direction * dprob > 0]
+                keys = {"dKN": f"{row.operation} Avg dkn", "dProb": f"{row.operation} Avg dprob"}
+                paper = self.paper.quote("synapses", self.reference, keys)
+                note = (
+                    ""
+                    if all(right)
+                    else (f"query's KN activation {sign_word(dkn)}, P(answer) {sign_word(dprob)}")
+                )
+                self.add(
+                    "synapses",
+                    f"{row.method.upper()} {row.operation} KS, {row.queries} queries: "
+                    f"{statistic} {measure_name}, dProb",
+                    f"dKN {format_number(dkn)}, dProb {format_number(dprob)}",
+                    paper,
+                    "agrees" if all(right) else "differs",
+                    note,
+                )
+
+
+def model_findings(evidence: Evidence, paper: PaperReference) -> ModelFindings:
+    """Every finding of one model, its warnings and context lines."""
+    reference, reason = reference_model(evidence.model, evidence.d_ff, paper)
+    rules = ModelClaims(evidence, paper, reference)
+    if evidence.sources:
+        rules.context.append(f"From {', '.join(evidence.sources)}.")
+    rules.knowledge()
+    rules.consistency()
+    rules.generalisation()
+    rules.perplexity()
+    rules.cas()
+    rules.mapping()
+    rules.synapses()
+    return ModelFindings(evidence.model, reference, reason, rules.context, rules.warnings, rules.findings)

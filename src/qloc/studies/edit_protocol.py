@@ -1,0 +1,374 @@
+"""How the editing study edits a fact and measures the edit (METHODS.md section 5): its config, the
+case drawn for each fact (the new object of an update, the unrelated queries for Loc), the scores
+measured before and after, the metrics (Rel, Gen, Loc, Avg) and the evidence each edit row keeps;
+sequential editing (Table 7) and the case study (Table 8)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.pararel import Fact
+from ..engine.attribution import attribute, kn_set
+from ..engine.cloze import ClozeScore, score_cloze
+from ..engine.editing import (
+    EDIT_SIGNS,
+    LAMBDA1,
+    LAMBDA2,
+    activation_signs,
+    edit_knowledge,
+    perplexity,
+    target_activations,
+)
+from ..engine.models import LoadedModel
+from ..engine.tokens import pad_token_id
+from ..errors import ConfigError
+from ..runs.rows import Row, UnitWriter
+from ..runs.sweep import SkipFact, WorkFn
+from ..settings import setting
+from .knsets import SHARED_FILTER, STATIC_THRESHOLD, FactKnowledge, cas_set, check_share, filtered_knowledge
+
+KN_SETS = ("self", "union", "cas")
+MODES = ("erase", "update")
+
+
+METRICS = ["rel", "gen", "loc", "avg", "dppl"]
+
+
+CATASTROPHIC_DPPL = 1.0
+"""An edit that more than doubles WikiText perplexity has broken the model, whatever it did to the fact."""
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """The edit stages' parameters."""
+
+    mode: str = setting("erase", hidden=True)
+    sets: tuple[str, ...] = setting(KN_SETS, "KN sets to edit through: self, union, cas.")
+    method: str = setting("ig", hidden=True)
+    lambda1: float = setting(LAMBDA1, "Weight of the old answer's removal (Dai et al.: 1).")
+    lambda2: float = setting(LAMBDA2, "Weight of the new answer's addition (Dai et al.: 8).")
+    unrelated_queries: int = setting(10, hidden=True)
+    ppl_passages: int = setting(5, hidden=True)
+    ppl_tokens: int = setting(256, hidden=True)
+    static_threshold: float = setting(STATIC_THRESHOLD, hidden=True)
+    seed: int = setting(0)
+    edit_sign: str = setting(
+        "activation",
+        "activation: each KN's change times the sign of its activation (gated MLPs have negative ones); "
+        "none: the literal equation.",
+    )
+    shared_filter: float | None = setting(SHARED_FILTER, word="off")
+    """Drop KNs held by more than this share of the relation's facts before editing; None: off."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError.invalid("mode", self.mode, "choose erase or update")
+        unknown = [s for s in self.sets if s not in KN_SETS]
+        if unknown or not self.sets:
+            raise ConfigError.invalid("sets", ",".join(self.sets), f"choose from {', '.join(KN_SETS)}")
+        if self.edit_sign not in EDIT_SIGNS:
+            raise ConfigError.invalid("edit_sign", self.edit_sign, f"choose {' or '.join(EDIT_SIGNS)}")
+        check_share(self.shared_filter)
+
+    @property
+    def stage(self) -> str:
+        return f"edit-{self.mode}-{self.method}"
+
+    def params(self) -> dict:
+        return {**asdict(self), "sets": list(self.sets)}
+
+
+@dataclass
+class EditCase:
+    """One fact's edit: the new object (updates) and the unrelated queries for Loc, drawn with a
+    seed per fact so that single and sequential editing use the same ones."""
+
+    fact: Fact
+    mode: str
+    new_object: str | None
+    unrelated: list[tuple[str, str]]
+
+    @classmethod
+    def draw(
+        cls, fact: Fact, config: EditConfig, by_relation: dict[str, list[Fact]], dataset: list[Fact]
+    ) -> EditCase:
+        rng = random.Random(f"{config.seed}:{fact.id}")
+        new_object = None
+        if config.mode == "update":
+            candidates = [f.object for f in by_relation[fact.relation] if f.object != fact.object]
+            if not candidates:
+                raise SkipFact("no other object in the relation", f"fact {fact.id}: relation {fact.relation}")
+            new_object = rng.choice(candidates)
+        others = [f for f in dataset if f.id != fact.id]
+        unrelated = [
+            (f.queries[0], f.object) for f in rng.sample(others, min(config.unrelated_queries, len(others)))
+        ]
+        return cls(fact, config.mode, new_object, unrelated)
+
+    def measure(self, lm: LoadedModel) -> Measurement:
+        """Cloze scores of the fact's queries (the edited one first) for the old object and, for
+        updates, the new one, and of the unrelated queries for their own answers."""
+        queries = list(self.fact.queries)
+        answers = [self.fact.object] + ([self.new_object] if self.new_object is not None else [])
+        prompts = [q for _ in answers for q in queries] + [p for p, _ in self.unrelated]
+        scores = score_cloze(
+            lm, prompts, [a for a in answers for _ in queries] + [o for _, o in self.unrelated]
+        )
+        n = len(queries)
+        new = scores[n : 2 * n] if self.new_object is not None else None
+        return Measurement(scores[:n], new, scores[len(answers) * n :])
+
+
+@dataclass
+class Measurement:
+    """Scores of one fact's queries (the edited query first) and of its unrelated queries."""
+
+    old: list[ClozeScore]
+    """For the fact's object o."""
+    new: list[ClozeScore] | None
+    """For the new object o' (updates)."""
+    unrelated: list[ClozeScore]
+
+    @property
+    def target(self) -> list[ClozeScore]:
+        """What the edit aims at: o' for an update (to predict), o for an erasure (to stop predicting)."""
+        return self.new if self.new is not None else self.old
+
+
+def by_relation(dataset: list[Fact]) -> dict[str, list[Fact]]:
+    by_relation: dict[str, list[Fact]] = {}
+    for fact in dataset:
+        by_relation.setdefault(fact.relation, []).append(fact)
+    return by_relation
+
+
+def edit_evidence(mode: str, before: Measurement, after: Measurement) -> dict[str, Any]:
+    """Rel/Gen/Loc/Avg and what shows the edit did what it should: the edited query's P(o) (and
+    P(o') for updates) before and after, whether it moved the right way (P(o) fell for an erasure,
+    P(o') rose for an update), and how many neighbour queries moved the right way."""
+    target_before, target_after = before.target, after.target
+    direction = 1 if mode == "update" else -1
+    moved = [direction * (a.prob - b.prob) > 0 for b, a in zip(target_before, target_after)]
+    return {
+        **edit_metrics(
+            mode,
+            target_after[0].accuracy,
+            [s.accuracy for s in target_after[1:]],
+            [s.argmax_tokens for s in before.unrelated],
+            [s.argmax_tokens for s in after.unrelated],
+        ),
+        "prob_before": before.old[0].prob,
+        "prob_after": after.old[0].prob,
+        "new_prob_before": before.new[0].prob if before.new is not None else float("nan"),
+        "new_prob_after": after.new[0].prob if after.new is not None else float("nan"),
+        "moved_right": float(moved[0]),
+        "neighbours": len(moved) - 1,
+        "neighbours_moved": int(sum(moved[1:])),
+    }
+
+
+def kn_signs(activations: torch.Tensor, set_name: str, neurons: list[tuple[int, int]]) -> list[int]:
+    """Self: signs at the edited query's target position; Union and CAS: of the mean activation over
+    the fact's queries (``activations``: [queries, L, d_ff], the edited query first)."""
+    return activation_signs(activations[:1] if set_name == "self" else activations, neurons)
+
+
+def sequential_edit(
+    lm: LoadedModel,
+    config: EditConfig,
+    knowledge: dict[str, FactKnowledge],
+    dataset: list[Fact],
+    facts: list[Fact],
+    set_name: str,
+    count: int,
+    repeat: int,
+    passages: list[str],
+) -> dict[str, Any]:
+    """Table 7: ``count`` facts (sampled with seed ``repeat``) edited one after another through
+    their ``set_name`` KN sets (after the shared-neuron filter) without restoring in between;
+    every metric measured after the last edit and averaged over the edited facts. Each edit's
+    signs are those of the activations of the model it edits (after the edits before it). The
+    model is restored bit-exactly afterwards."""
+    facts_by_relation = by_relation(dataset)
+    filtered = filtered_knowledge(knowledge, config.shared_filter)
+    chosen = random.Random(f"{config.seed}:sequential:{repeat}").sample(facts, min(count, len(facts)))
+    cases = []
+    for fact in chosen:
+        try:
+            cases.append(EditCase.draw(fact, config, facts_by_relation, dataset))
+        except SkipFact:
+            continue
+    ppl_before = perplexity(lm, passages, config.ppl_tokens)
+    before = [case.measure(lm) for case in cases]
+    with contextlib.ExitStack() as edits:  # unwinding restores the edits in reverse order
+        for case in cases:
+            fact = case.fact
+            neurons = filtered[fact.id].kn_set(set_name)
+            signs = None
+            if config.edit_sign == "activation":
+                signs = kn_signs(target_activations(lm, fact.queries, fact.object), set_name, neurons)
+            edits.enter_context(
+                edit_knowledge(
+                    lm, neurons, fact.object, case.new_object, config.lambda1, config.lambda2, signs
+                )
+            )
+        per_fact = [
+            edit_evidence(config.mode, measured, case.measure(lm)) for case, measured in zip(cases, before)
+        ]
+        ppl_after = perplexity(lm, passages, config.ppl_tokens)
+    keys = ("rel", "gen", "loc", "avg", "moved_right")
+    means = {key: float(np.nanmean([m[key] for m in per_fact])) if per_fact else float("nan") for key in keys}
+    empty = sum(1 for case in cases if not filtered[case.fact.id].kn_set(set_name))
+    return {**means, "facts": len(cases), "empty_sets": empty, "dppl": (ppl_after - ppl_before) / ppl_before}
+
+
+@dataclass(frozen=True)
+class SequentialUnit:
+    """One sequential-editing unit of work: a KN set and a sampling seed."""
+
+    set_name: str
+    repeat: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.set_name}/seed-{self.repeat}"
+
+    @property
+    def label(self) -> str:
+        return f"sequential editing through {self.set_name} sets, seed {self.repeat}"
+
+
+@dataclass
+class SequentialRow(Row):
+    """One sequential-editing run: its facts edited one after another, measured at the end."""
+
+    table = "sequential"
+    method: str
+    mode: str
+    kn_set: str
+    seed: int
+    requested: int
+    rel: float
+    gen: float
+    loc: float
+    avg: float
+    moved_right: float
+    facts: int
+    empty_sets: int
+    dppl: float
+
+
+def sequential_work(
+    lm: LoadedModel,
+    config: EditConfig,
+    knowledge: dict[str, FactKnowledge],
+    dataset: list[Fact],
+    facts: list[Fact],
+    count: int,
+    passages: list[str],
+) -> WorkFn:
+    """Work function for :func:`qloc.runs.sweep.run_sweep` over :class:`SequentialUnit` s."""
+
+    def work(unit: SequentialUnit, writer: UnitWriter) -> None:
+        result = sequential_edit(
+            lm, config, knowledge, dataset, facts, unit.set_name, count, unit.repeat, passages
+        )
+        writer.add(SequentialRow(config.method, config.mode, unit.set_name, unit.repeat, count, **result))
+
+    return work
+
+
+def sequential_table(sequential: pd.DataFrame) -> pd.DataFrame:
+    """Table 7: mean, standard deviation and median over seeds per (method, mode, KN set), and the
+    share of seeds whose edits broke the model (dPPL > 1)."""
+    grouped = sequential.groupby(["method", "mode", "kn_set"], sort=False)
+    metrics = METRICS + [c for c in ("moved_right",) if c in sequential]
+    table = grouped[metrics].agg(["mean", "std", "median"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table["catastrophic"] = grouped["dppl"].agg(lambda d: float((d > CATASTROPHIC_DPPL).mean()))
+    table["seeds"] = grouped.size()
+    table["facts"] = grouped["facts"].mean()
+    return table.reset_index()
+
+
+@torch.no_grad()
+def greedy_continuation(lm: LoadedModel, prompt: str, max_new_tokens: int = 8) -> str:
+    ids = torch.tensor([lm.tokenizer(prompt).input_ids], device=lm.device)
+    output = lm.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id(lm),
+    )
+    return lm.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def case_study(
+    lm: LoadedModel,
+    queries: list[str],
+    answer: str,
+    new: str | None,
+    method: str = "ig",
+    set_name: str = "self",
+    steps: int = 20,
+    max_new_tokens: int = 8,
+    edit_sign: str = "activation",
+) -> pd.DataFrame:
+    """Table 8: greedy continuations of a query (``queries[0]``) and its paraphrases before and
+    after editing ``answer`` (to ``new``, or erasing it) through the query's KN set."""
+    if edit_sign not in EDIT_SIGNS:
+        raise ConfigError.invalid("edit_sign", edit_sign, f"choose {' or '.join(EDIT_SIGNS)}")
+    scores = [attribute(lm, q, answer, method, steps=steps).scores for q in queries]
+    query_sets = [kn_set(s) for s in scores]
+    neurons = FactKnowledge(query_sets, cas_set(scores)).kn_set(set_name)
+    signs = (
+        kn_signs(target_activations(lm, queries, answer), set_name, neurons)
+        if edit_sign == "activation"
+        else None
+    )
+    before = [greedy_continuation(lm, q, max_new_tokens) for q in queries]
+    with edit_knowledge(lm, neurons, answer, new, signs=signs):
+        after = [greedy_continuation(lm, q, max_new_tokens) for q in queries]
+    return pd.DataFrame(
+        {
+            "role": ["query"] + ["neighbour"] * (len(queries) - 1),
+            "prompt": queries,
+            "before": before,
+            "after": after,
+            "answer": answer,
+            "new": new,
+            "kn_set": set_name,
+            "kn_size": len(neurons),
+            "method": method,
+            "edit_sign": edit_sign,
+        }
+    )
+
+
+def edit_metrics(
+    mode: str,
+    query_accuracy: float,
+    neighbour_accuracies: list[float],
+    unrelated_before: list[list[int]],
+    unrelated_after: list[list[int]],
+) -> dict[str, float]:
+    """Rel, Gen, Loc and Avg of one edit (METHODS.md section 5). Accuracies are acc(x, target):
+    of o' for an update (success = predicted), of o for an erasure (success = no longer predicted).
+    Loc = share of unrelated queries whose argmax answer tokens did not change."""
+    success = (lambda acc: acc) if mode == "update" else (lambda acc: 1 - acc)
+    rel = success(query_accuracy)
+    gen = success(float(np.mean(neighbour_accuracies))) if neighbour_accuracies else float("nan")
+    loc = (
+        float(np.mean([a == b for a, b in zip(unrelated_before, unrelated_after)]))
+        if unrelated_before
+        else float("nan")
+    )
+    return {"rel": rel, "gen": gen, "loc": loc, "avg": float(np.nanmean([rel, gen, loc]))}

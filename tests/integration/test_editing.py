@@ -1,0 +1,69 @@
+"""KN editing: restore is bit-exact, one neuron touches one value vector, updates move the answer."""
+
+import qloc
+
+
+def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "qloc.cli"]
+    subprocess.run(
+        base
+        + [
+            "localize",
+            "--model",
+            str(tiny_model_dir),
+            "--run-dir",
+            str(run),
+            "--relations",
+            "P19,P36,P101",
+            "--methods",
+            "amig",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    for mode, options in (("erase", []), ("update", ["--shared-filter", "off", "--edit-sign", "none"])):
+        result = subprocess.run(
+            base + ["edit", "--run-dir", str(run), "--mode", mode, "--device", "cpu", "--quiet"] + options,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    with qloc.RunStore.open_existing(run) as store:
+        edits = store.frame("edits")
+        params = store.params("edit-update-amig")
+    assert params["shared_filter"] is None and params["edit_sign"] == "none"
+    assert len(edits) == 2 * 3 * 3 and set(edits["kn_set"]) == {"self", "union", "cas"}
+    assert edits[edits["mode"] == "update"]["new_object"].notna().all()
+    # The tiny model's 192 neurons are shared by every fact: the default filter empties some sets,
+    # which are recorded but not edited; with the filter off every set is edited.
+    erase = edits[edits["mode"] == "erase"]
+    assert (erase["kn_dropped"] > 0).any() and (erase[erase["kn_size"] == 0]["rel"].isna()).all()
+    update = edits[edits["mode"] == "update"]
+    assert (update["kn_dropped"] == 0).all() and (update["kn_size"] > 0).all()
+    edited = edits[edits["kn_size"] > 0]
+    assert ((edited["rel"] >= 0) & (edited["rel"] <= 1) & (edited["loc"] >= 0) & (edited["loc"] <= 1)).all()
+    assert edited["prob_before"].between(0, 1).all() and edited["prob_after"].between(0, 1).all()
+    assert update["new_prob_after"].notna().all() and erase["new_prob_after"].isna().all()
+    assert (edited["neighbours_moved"] <= edited["neighbours"]).all()
+    table3 = pd.read_csv(run / "tables" / "table3.csv")
+    assert set(table3["mode"]) == {"erase", "update"} and set(table3["kn_set"]) == {"self", "union", "cas"}
+    assert set(pd.read_csv(run / "tables" / "table2.csv")["kn_set"]) == {"self", "union"}
+    assert (
+        table3["facts"].sum() == 2 * 3 * 3
+        and (table3["dppl_median"] <= table3["dppl"].abs().max() + 1e-12).all()
+    )
+    assert table3["empty_sets"].sum() == int((edits["kn_size"] == 0).sum())
+    assert {"catastrophic", "moved_right", "prob_before_median", "prob_after_median", "kn_dropped"} <= set(
+        table3
+    )

@@ -1,0 +1,53 @@
+"""The query-KN mapping experiment: the five sets on hand-made KN sets, and the CLI end to end."""
+
+import subprocess
+import sys
+
+import pandas as pd
+
+import qloc
+
+
+def test_cli_mapping(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "qloc.cli"]
+    subprocess.run(
+        base
+        + [
+            "localize",
+            "--model",
+            str(tiny_model_dir),
+            "--run-dir",
+            str(run),
+            "--relations",
+            "P19,P36",
+            "--methods",
+            "ig",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    result = subprocess.run(
+        base + ["mapping", "--run-dir", str(run), "--device", "cpu", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with qloc.RunStore.open_existing(run) as store:
+        mapping = store.frame("mapping")
+        queries = store.frame("kn_sets").shape[0]
+    assert len(mapping) == queries * 5 * 2
+    self_sets = mapping[mapping.kn_set == "self"]
+    assert (mapping[mapping.kn_set == "unrelated"].set_size.to_numpy() == self_sets.set_size.to_numpy()).all()
+    assert (run / "figures" / "fig4_mapping.svg").exists()
+    table = pd.read_csv(run / "tables" / "fig4_mapping.csv")
+    assert set(table["class"]) >= {"Avg"} and {"dprob_median", "ci_low", "ci_high", "empty_sets"} <= set(
+        table
+    )
+    # The tiny model's KNs are shared by every fact: the default shared filter removes some.
+    assert (mapping[mapping.kn_set == "self"].self_dropped > 0).any()
