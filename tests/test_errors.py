@@ -28,7 +28,7 @@ from qloc import cli
 from qloc.store import LOCK_FILE, STORE_FILE, RunStore
 
 QLOC = [sys.executable, "-m", "qloc.cli"]
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "smollm2-135m"
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "superseded" / "smollm2-135m"
 PROMPT, ANSWER = "Paris is the capital of", "France"
 
 
