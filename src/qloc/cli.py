@@ -50,6 +50,8 @@ MaxRowsOpt = Annotated[Optional[int], typer.Option(help="Rows per forward/backwa
 # -- the experiments that read a localize run ---------------------------------------------------
 LocalizedRunOpt = Annotated[Path, typer.Option("--run-dir", help="A localize run: its model, facts and KN sets are used.")]
 KnMethodOpt = Annotated[Optional[str], typer.Option(help="Whose KN sets (default: the run's first method).")]
+FactLimitOpt = Annotated[Optional[int], typer.Option(
+    help="Only the first N of the run's facts in a seeded order (raise it later to extend the run).")]
 SharedFilterOpt = Annotated[str, typer.Option(
     "--shared-filter", help="Drop KNs held by more than this share of the relation's facts before the experiment "
     "(Dai et al.: 0.1; relations with under 10 facts in the run count over all its facts), or off.")]
@@ -542,6 +544,17 @@ class LocalizedRun:
 
         return ModelSpec(self.params["model"], self.device, self.params["dtype"])
 
+    def first_facts(self, limit: Optional[int], seed: int) -> list:
+        """The first ``limit`` facts of the run in one seeded order (all with None): a prefix of a
+        fixed order, so that a larger limit extends a study's run instead of starting another."""
+        import random
+
+        if limit is not None and limit < 1:
+            raise QlocError(f"--limit {limit}: must be at least 1")
+        facts = list(self.facts)
+        random.Random(seed).shuffle(facts)
+        return facts[:limit] if limit is not None else facts
+
 
 def _localized_run(run_dir: Path, method: Optional[str], device: str, quiet: bool) -> LocalizedRun:
     """What the experiments on a localize run need: its KN sets for ``method`` (default: the
@@ -573,6 +586,7 @@ def mapping(
     run_dir: LocalizedRunOpt,
     method: KnMethodOpt = None,
     shared_filter: SharedFilterOpt = "0.1",
+    limit: FactLimitOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     executor: ExecutorOpt = "local",
@@ -591,8 +605,8 @@ def mapping(
     run = _localized_run(run_dir, method, device, quiet)
     config = MappingConfig(method=run.method, seed=seed, shared_filter=_shared_filter(shared_filter))
     params = {"model": run.params["model"], "dtype": run.params["dtype"], **config.params()}
-    plan = SweepPlan(run_dir, config.stage, params, run.facts, partial(mapping_work, config=config, knowledge=run.knowledge),
-                     run.model, f"mapping {run.method}")
+    work = partial(mapping_work, config=config, knowledge=run.knowledge)
+    plan = SweepPlan(run_dir, config.stage, params, run.first_facts(limit, seed), work, run.model, f"mapping {run.method}")
     summary = _execute(plan, executor, ray_address, workers, quiet)
     with RunStore.open_existing(run_dir) as store:
         table = mapping_table(store.frame("mapping"))
@@ -611,7 +625,7 @@ def synapses(
     rule: RuleOpt = "right",
     answer_tokens: AnswerTokensOpt = "first",
     threshold: Annotated[float, typer.Option(help="Knowledge synapses: score >= threshold * max score.")] = 0.3,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N of the run's facts in a seeded order (raise it later to extend the run).")] = None,
+    limit: FactLimitOpt = None,
     heatmaps: Annotated[int, typer.Option(help="Facts drawn as KN-activation heatmaps (Figures 5, 10).")] = 3,
     seed: SeedOpt = 0,
     max_batch_rows: MaxRowsOpt = None,
@@ -625,8 +639,6 @@ def synapses(
     gradients), take those above threshold x max, suppress (x0) and enhance (x2) them, and measure
     the change of the query's KN activations, of neighbour KNs, of random non-KNs and of the
     answer's probability (Figures 5, 6, 10, 11; Table 6). Resumable per fact."""
-    import random
-
     from .executors import SweepPlan
     from .outputs import markdown_table
     from .store import RunStore
@@ -634,9 +646,7 @@ def synapses(
 
     run = _localized_run(run_dir, method, device, quiet)
     config = SynapseConfig(method=run.method, steps=steps, rule=rule, answer_tokens=answer_tokens, threshold=threshold, seed=seed)
-    facts = list(run.facts)
-    random.Random(seed).shuffle(facts)  # a prefix of one fixed order, so that a larger --limit extends a run
-    facts = facts[:limit] if limit is not None else facts
+    facts = run.first_facts(limit, seed)
     params = {"model": run.params["model"], "dtype": run.params["dtype"], **config.params()}
     build = partial(synapse_work, config=config, knowledge=run.knowledge, max_batch_rows=max_batch_rows)
     summary = _execute(SweepPlan(run_dir, config.stage, params, facts, build, run.model, f"synapses {run.method}"),
@@ -667,6 +677,7 @@ def edit(
         help="activation: each KN's change times the sign of its activation (gated MLPs have negative ones); "
         "none: the literal equation.")] = "activation",
     shared_filter: SharedFilterOpt = "0.1",
+    limit: FactLimitOpt = None,
     sequential: Annotated[int, typer.Option(help="Edit N sampled facts one after another (Table 7); 0: one at a time.")] = 0,
     seeds: Annotated[int, typer.Option(help="Sequential editing: repeats with different samples.")] = 5,
     case: Annotated[Optional[str], typer.Option(help="Case study (Table 8): edit the fact this query asks, print greedy continuations.")] = None,
@@ -724,7 +735,8 @@ def edit(
         out.print(markdown_table(table), highlight=False, soft_wrap=True)
         return
     build = partial(edit_work, config=config, knowledge=knowledge, dataset=dataset, passages=passages)
-    summary = _execute(SweepPlan(run_dir, config.stage, params, facts, build, run.model, f"{mode} via {','.join(config.sets)}"),
+    summary = _execute(SweepPlan(run_dir, config.stage, params, run.first_facts(limit, seed), build, run.model,
+                                 f"{mode} via {','.join(config.sets)}"),
                        executor, ray_address, workers, quiet)
     with RunStore.open_existing(run_dir) as store:
         edits = store.frame("edits")
