@@ -27,7 +27,7 @@ from .cloze import ClozeScore, score_cloze
 from .consistency import STATIC_THRESHOLD
 from .editing import EDIT_SIGNS, LAMBDA1, LAMBDA2, activation_signs, edit_knowledge, perplexity, target_activations
 from .errors import DataError, QlocError
-from .knsets import SHARED_FILTER, FactKnowledge, filtered_knowledge
+from .knsets import SHARED_FILTER, SHARED_FILTER_MIN_FACTS, FactKnowledge, filtered_knowledge
 from .models import LoadedModel
 from .pararel import Fact
 from .store import UnitWriter
@@ -56,6 +56,8 @@ class EditConfig:
     """``activation``: each KN's change times the sign of its activation; ``none``: the literal eq. (2)."""
     shared_filter: float | None = SHARED_FILTER
     """Drop KNs held by more than this share of the relation's facts before editing; None: off."""
+    shared_min_facts: int = SHARED_FILTER_MIN_FACTS
+    """Relations with fewer facts in the run count the shared filter's shares over the whole run."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("erase", "update"):
@@ -165,7 +167,7 @@ _NOT_EDITED = {key: float("nan") for key in (
 def edit_work(lm: LoadedModel, config: EditConfig, knowledge: dict[str, FactKnowledge], dataset: list[Fact], passages: list[str]):
     """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
     by_relation = _by_relation(dataset)
-    filtered = filtered_knowledge(knowledge, config.shared_filter)
+    filtered = filtered_knowledge(knowledge, config.shared_filter, config.shared_min_facts)
     ppl_before = perplexity(lm, passages, config.ppl_tokens)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
@@ -220,7 +222,7 @@ def sequential_edit(
     signs are those of the activations of the model it edits (after the edits before it). The
     model is restored bit-exactly afterwards."""
     by_relation = _by_relation(dataset)
-    filtered = filtered_knowledge(knowledge, config.shared_filter)
+    filtered = filtered_knowledge(knowledge, config.shared_filter, config.shared_min_facts)
     chosen = random.Random(f"{config.seed}:sequential:{repeat}").sample(facts, min(count, len(facts)))
     cases = []
     for fact in chosen:

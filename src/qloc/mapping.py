@@ -24,7 +24,7 @@ import torch
 from .cloze import score_cloze
 from .consistency import STATIC_THRESHOLD
 from .errors import DataError, QlocError
-from .knsets import SHARED_FILTER, FactKnowledge, filtered_knowledge
+from .knsets import SHARED_FILTER, SHARED_FILTER_MIN_FACTS, FactKnowledge, filtered_knowledge
 from .interventions import scale_neurons
 from .models import LoadedModel
 from .pararel import Fact
@@ -46,6 +46,8 @@ class MappingConfig:
     seed: int = 0
     shared_filter: float | None = SHARED_FILTER
     """Drop KNs held by more than this share of the relation's facts first; None: off."""
+    shared_min_facts: int = SHARED_FILTER_MIN_FACTS
+    """Relations with fewer facts in the run count the shared filter's shares over the whole run."""
 
     def __post_init__(self) -> None:
         if self.shared_filter is not None and not 0 < self.shared_filter <= 1:
@@ -91,7 +93,7 @@ def mapping_sets(
 def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, FactKnowledge]):
     """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
     shape = (lm.num_layers, lm.d_ff)
-    filtered = filtered_knowledge(knowledge, config.shared_filter)
+    filtered = filtered_knowledge(knowledge, config.shared_filter, config.shared_min_facts)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
         original, known = knowledge[fact.id], filtered[fact.id]
