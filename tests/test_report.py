@@ -195,9 +195,9 @@ def test_report_refuses_a_directory_without_results(tmp_path):
 # -- findings rules, on tables written by hand --------------------------------------------------
 
 
-def _table1(**extra) -> pd.DataFrame:
+def _table1(ig_ki: float = 0.5, **extra) -> pd.DataFrame:
     rows = []
-    for method, r_ki in (("ig", 0.3), ("amig", 0.0)):
+    for method, r_ki in (("ig", ig_ki), ("amig", 0.0)):
         for kind in ("static", "otsu"):
             rows.append(dict(model="m-135m", method=method, threshold=kind, threshold_value=0.1, facts=10,
                              R_KI=r_ki, R_KC=1 - r_ki, CS_KI=0.05, CS_KC=0.4, t=5.0 if r_ki else float("nan"),
@@ -212,8 +212,11 @@ def _findings(evidence: Evidence, reference=None):
 
 def test_table1_findings_mark_the_direction_and_use_the_chance_baseline_when_present():
     result, found = _findings(Evidence("m-135m", tables={"table1": _table1()}))
-    assert found["IG: KI share, static threshold 0.100"].verdict == "agrees"
+    assert found["IG: KI share, static threshold 0.100"].verdict == "agrees"  # inside the quoted 44-84 %
     assert found["AMIG: KI share, static threshold 0.100"].verdict == "differs"
+    _, few = _findings(Evidence("m-135m", tables={"table1": _table1(ig_ki=0.05)}))
+    below = few["IG: KI share, static threshold 0.100"]
+    assert (below.verdict, below.note) == ("differs", "below the paper's range")  # KI facts exist, but few
     assert found["IG: Welch's t (KC vs KI), static threshold"].verdict == "agrees"
     assert found["AMIG: Welch's t (KC vs KI), static threshold"].verdict == "open"
     assert found["facts whose CS beats chance"].measured == "not computed"

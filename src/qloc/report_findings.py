@@ -56,17 +56,23 @@ class PaperReference:
     def value(self, claim: str, model: str, key: str) -> float | None:
         return self.claims[claim]["values"].get(model, {}).get(key)
 
-    def value_text(self, claim: str, model: str, key: str, share: bool = False) -> str:
-        """The paper's value for ``key``, or else the range over the paper's models and methods
-        that the claim quotes (a range matches a key holding all of its words), or "not transcribed"."""
-        value = self.value(claim, model, key)
-        if value is not None:
-            return _paper_text(value, share)
+    def quoted_range(self, claim: str, key: str) -> dict | None:
+        """The range over the paper's models and methods that the claim quotes for ``key`` (a range
+        matches a key holding all of its words; the most specific wins), or None."""
         words = set(key.split())
         matching = [p for p in self.claims[claim].get("ranges", {}) if set(p.split()) <= words]
         if not matching:
+            return None
+        return self.claims[claim]["ranges"][max(matching, key=lambda p: len(p.split()))]
+
+    def value_text(self, claim: str, model: str, key: str, share: bool = False) -> str:
+        """The paper's value for ``key``, or else the range it quotes, or "not transcribed"."""
+        value = self.value(claim, model, key)
+        if value is not None:
+            return _paper_text(value, share)
+        quoted = self.quoted_range(claim, key)
+        if quoted is None:
             return "not transcribed"
-        quoted = self.claims[claim]["ranges"][max(matching, key=lambda p: len(p.split()))]  # the most specific
         low, high = quoted["low"], quoted["high"]
         shown = (f"{format_share(low)}-{format_share(high)}" if quoted.get("share")
                  else f"{format_number(low)}-{format_number(high)}")
@@ -205,12 +211,17 @@ class _Rules:
                 facts = int(row.facts)
                 measure = f"{label}: KI share, {row.threshold} threshold {format_number(row.threshold_value)}"
                 paper = self.paper.value_text("ki_share", self.reference, f"{method} {row.threshold}", share=True)
+                quoted = self.paper.quoted_range("ki_share", f"{method} {row.threshold}")
                 if degenerate:
                     verdict, note = "open", "method degenerate here"
-                elif row.R_KI > 0:
-                    verdict, note = "agrees", ""
-                else:
+                elif row.R_KI == 0:
                     verdict, note = "differs", "no KI facts"
+                elif quoted is not None and not quoted["low"] <= row.R_KI <= quoted["high"]:
+                    # KI facts exist, but a share far outside the paper's is not its finding.
+                    side = "below" if row.R_KI < quoted["low"] else "above"
+                    verdict, note = "differs", f"{side} the paper's range"
+                else:
+                    verdict, note = "agrees", ""
                 self.add(
                     "ki_share",
                     measure,
