@@ -54,7 +54,7 @@ FactLimitOpt = Annotated[Optional[int], typer.Option(
     help="Only the first N of the run's facts in a seeded order (raise it later to extend the run).")]
 SharedFilterOpt = Annotated[str, typer.Option(
     "--shared-filter", help="Drop KNs held by more than this share of the relation's facts before the experiment "
-    "(Dai et al.: 0.1; relations with under 10 facts in the run count over all its facts), or off.")]
+    "(Dai et al.: 0.1; relations with under 50 facts in the run count over all its facts), or off.")]
 # -- where a sweep runs, shared by every sweep command ------------------------------------------
 ExecutorOpt = Annotated[str, typer.Option(help="local (this process) or ray (one model replica per GPU, or per CPU core with --workers).")]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster: auto, HOST:PORT (default: start a local one).")]
