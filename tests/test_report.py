@@ -295,8 +295,14 @@ def test_the_closest_paper_model_and_its_values(tmp_path):
     assert reference_model("local-model", 14336, paper)[0] == "LLaMA3-8b"
     data = json.loads((Path(qloc.__file__).parent / "data" / "paper_reference.json").read_text())
     data["claims"]["ki_share"]["values"]["GPT-2"]["ig static"] = 0.25
+    data["claims"]["welch"]["values"]["GPT-2"]["ig static t"] = 3.5
     custom = tmp_path / "reference.json"
     custom.write_text(json.dumps(data))
+    welch = {"t = ": "ig static t", "p = ": "ig static p"}
+    assert load_paper_reference(custom).values_text("welch", "GPT-2", welch, ", ") == (
+        f"t = {format_number(3.5)}, p = not transcribed"
+    )
+    assert paper.values_text("welch", "GPT-2", welch, ", ") == "not transcribed"
     _, found = _findings(Evidence("m-135m", tables={"table1": _table1()}), load_paper_reference(custom))
     assert found["IG: KI share, static threshold 0.100"].paper == "25.0 %"
     assert found["IG: KI share, otsu threshold 0.100"].paper == "not transcribed"

@@ -65,6 +65,14 @@ class PaperReference:
             return None
         return self.claims[claim]["ranges"][max(matching, key=lambda p: len(p.split()))]
 
+    def values_text(self, claim: str, model: str, labelled_keys: dict[str, str], separator: str) -> str:
+        """The paper's values for several keys, each after its label (``{label: key}``), joined by
+        ``separator``; "not transcribed" when none of them is."""
+        values = {label: self.value(claim, model, key) for label, key in labelled_keys.items()}
+        if all(value is None for value in values.values()):
+            return "not transcribed"
+        return separator.join(f"{label}{_paper_text(value)}" for label, value in values.items())
+
     def value_text(self, claim: str, model: str, key: str, share: bool = False) -> str:
         """The paper's value for ``key``, or else the range it quotes, or "not transcribed"."""
         value = self.value(claim, model, key)
@@ -286,13 +294,8 @@ class _Rules:
         for row in table1.itertuples(index=False):
             label = row.method.upper()
             measure = f"{label}: Welch's t (KC vs KI), {row.threshold} threshold"
-            t_paper = self.paper.value("welch", self.reference, f"{row.method} {row.threshold} t")
-            p_paper = self.paper.value("welch", self.reference, f"{row.method} {row.threshold} p")
-            paper = (
-                "not transcribed"
-                if t_paper is None and p_paper is None
-                else f"t = {_paper_text(t_paper)}, p = {_paper_text(p_paper)}"
-            )
+            key = f"{row.method} {row.threshold}"
+            paper = self.paper.values_text("welch", self.reference, {"t = ": f"{key} t", "p = ": f"{key} p"}, ", ")
             if math.isnan(row.t) or math.isnan(row.p):
                 self.add("welch", measure, "–", paper, "open", "fewer than 2 facts in a class")
                 continue
@@ -339,16 +342,11 @@ class _Rules:
                     gaps[kind] = (self_gen, union_gen)
             for kind, (self_gen, union_gen) in gaps.items():
                 measure = f"{method.upper()} {mode}, {kind} facts: Gen through Self vs Union"
-                paper_self = self.paper.value(
-                    "self_union_generalisation", self.reference, f"{mode} {kind} self"
-                )
-                paper_union = self.paper.value(
-                    "self_union_generalisation", self.reference, f"{mode} {kind} union"
-                )
-                paper = (
-                    "not transcribed"
-                    if paper_self is None and paper_union is None
-                    else f"Self {_paper_text(paper_self)} / Union {_paper_text(paper_union)}"
+                paper = self.paper.values_text(
+                    "self_union_generalisation",
+                    self.reference,
+                    {"Self ": f"{mode} {kind} self", "Union ": f"{mode} {kind} union"},
+                    " / ",
                 )
                 measured = f"Self {format_number(self_gen)} / Union {format_number(union_gen)}"
                 if kind == "KI":
@@ -452,15 +450,8 @@ class _Rules:
             avg = {r.kn_set: float(r.avg) for r in rows.itertuples(index=False)}
             if not {"cas", "self", "union"} <= set(avg):
                 continue
-            paper_values = {
-                s: self.paper.value("cas", self.reference, f"{mode} {kind} {s}")
-                for s in ("cas", "self", "union")
-            }
-            paper = (
-                "not transcribed"
-                if all(v is None for v in paper_values.values())
-                else " / ".join(f"{SET_NAMES[s]} {_paper_text(v)}" for s, v in paper_values.items())
-            )
+            keys = {f"{SET_NAMES[s]} ": f"{mode} {kind} {s}" for s in ("cas", "self", "union")}
+            paper = self.paper.values_text("cas", self.reference, keys, " / ")
             measured = " / ".join(f"{SET_NAMES[s]} {format_number(avg[s])}" for s in ("cas", "self", "union"))
             best_other = max(avg["self"], avg["union"])
             self.add(
@@ -493,13 +484,8 @@ class _Rules:
                     direction * effect[s] for s in ("intersection", "refine")
                 )
                 unrelated_last = order[-1] == "unrelated"
-                paper_values = {
-                    s: self.paper.value("mapping", self.reference, f"{operation} {kind} {s}") for s in effect
-                }
-                paper = (
-                    "not transcribed"
-                    if all(v is None for v in paper_values.values())
-                    else "; ".join(f"{SET_NAMES[s]} {_paper_text(v)}" for s, v in paper_values.items())
+                paper = self.paper.values_text(
+                    "mapping", self.reference, {f"{SET_NAMES[s]} ": f"{operation} {kind} {s}" for s in effect}, "; "
                 )
                 misses = [
                     text
@@ -534,12 +520,9 @@ class _Rules:
                 dprob = values.get(f"dprob_{statistic}", values.get("dprob_mean"))
                 direction = -1 if row.operation == "suppress" else 1
                 right = [direction * dkn > 0, direction * dprob > 0]
-                paper_dkn = self.paper.value("synapses", self.reference, f"{row.operation} Avg dkn")
-                paper_dprob = self.paper.value("synapses", self.reference, f"{row.operation} Avg dprob")
-                paper = (
-                    "not transcribed"
-                    if paper_dkn is None and paper_dprob is None
-                    else f"dKN {_paper_text(paper_dkn)}, dProb {_paper_text(paper_dprob)}"
+                key = f"{row.operation} Avg"
+                paper = self.paper.values_text(
+                    "synapses", self.reference, {"dKN ": f"{key} dkn", "dProb ": f"{key} dprob"}, ", "
                 )
                 note = (
                     ""
