@@ -33,7 +33,7 @@ COMMON_HELP = {
     ),
     "shared_filter": (
         "Drop KNs held by more than this share of the relation's facts before the experiment "
-        "(Dai et al.: 0.1; relations with under 10 facts in the run count over all its facts), or off."
+        "(Dai et al.: 0.1; relations with under 50 facts in the run count over all its facts), or off."
     ),
 }
 SHORT_FLAGS = {"model": "-m", "quiet": "-q"}

@@ -32,6 +32,15 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
         check=True,
         capture_output=True,
     )
+    # --limit 2 edits a seeded prefix of the run's facts; the run without it then extends that stage.
+    first = subprocess.run(
+        base + ["edit", "--run-dir", str(run), "--limit", "2", "--device", "cpu", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    with qloc.RunStore.open_existing(run) as store:
+        assert store.frame("edits")["fact_id"].nunique() == 2
     for mode, options in (("erase", []), ("update", ["--shared-filter", "off", "--edit-sign", "none"])):
         result = subprocess.run(
             base + ["edit", "--run-dir", str(run), "--mode", mode, "--device", "cpu", "--quiet"] + options,

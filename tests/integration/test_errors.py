@@ -32,7 +32,7 @@ from tests.helpers import QLOC
 PROMPT, ANSWER = "Paris is the capital of", "France"
 
 
-RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "smollm2-135m"
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "superseded" / "smollm2-135m"
 
 
 @dataclass

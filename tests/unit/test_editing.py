@@ -223,12 +223,12 @@ def test_shared_filter_drops_neurons_many_facts_hold():
         knowledge[f"P1/{i}"] = FactKnowledge(sets, [(0, i), common], "P1")
     for i in range(3):  # P2 has 3 facts (< 10): counted over all 15 facts of the run
         knowledge[f"P2/{i}"] = FactKnowledge([[(2, i), common], [(2, i)]], [common], "P2")
-    removed = shared_neurons(knowledge, 0.10)
+    removed = shared_neurons(knowledge, 0.10, min_facts=10)
     # common: 15 facts (> 1.2 of P1's 12, > 1.5 of all 15); relation_only: 2 of P1's 12 facts (> 1.2).
     assert removed["P1/0"] == {common, relation_only} and removed["P1/5"] == {common}
     assert removed["P2/1"] == {common}
-    assert shared_neurons(knowledge, 0.2)["P1/0"] == {common}  # 2 of 12 is not above 20 %
-    filtered = filtered_knowledge(knowledge, 0.10)
+    assert shared_neurons(knowledge, 0.2, min_facts=10)["P1/0"] == {common}  # 2 of 12 is not above 20 %
+    filtered = filtered_knowledge(knowledge, 0.10, min_facts=10)
     assert filtered["P1/0"].kn_set("self") == [(0, 0)] and filtered["P2/0"].kn_set("cas") == []
     assert filtered["P1/0"].query_sets[1] == [(1, 0)]
     assert filtered_knowledge(knowledge, None)["P1/0"].kn_set("self") == [(0, 0), common]
@@ -240,3 +240,20 @@ def test_shared_filter_drops_neurons_many_facts_hold():
     assert shared_neurons(pair, 0.1) == {"P3/0": frozenset(), "P4/0": frozenset()}
     with pytest.raises(qloc.QlocError, match="share 1.5"):
         shared_neurons(knowledge, 1.5)
+
+
+def test_shared_filter_counts_small_relation_samples_over_the_run():
+    """Three of a sampled relation's 20 facts sharing their answer's neuron is above 10 % of the
+    relation but not of the run's 50 facts: by default (relations under 50 facts count over the
+    run) it stays; counted within the relation, it would go."""
+    from qloc.studies.knsets import FactKnowledge, shared_neurons
+
+    answer = (5, 5)
+    knowledge = {}
+    for i in range(20):
+        sets = [[(0, i)] + ([answer] if i < 3 else []), [(0, i)]]
+        knowledge[f"P5/{i}"] = FactKnowledge(sets, [], "P5")
+    for i in range(30):
+        knowledge[f"P6/{i}"] = FactKnowledge([[(1, i)], [(1, i)]], [], "P6")
+    assert shared_neurons(knowledge, 0.1)["P5/0"] == frozenset()
+    assert shared_neurons(knowledge, 0.1, min_facts=10)["P5/0"] == {answer}

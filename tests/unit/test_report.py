@@ -18,9 +18,9 @@ from qloc.report.sections import unit_counts
 from tests.helpers import HOSTILE
 
 
-def _table1(**extra) -> pd.DataFrame:
+def _table1(ig_ki: float = 0.5, **extra) -> pd.DataFrame:
     rows = []
-    for method, r_ki in (("ig", 0.3), ("amig", 0.0)):
+    for method, r_ki in (("ig", ig_ki), ("amig", 0.0)):
         for kind in ("static", "otsu"):
             rows.append(
                 dict(
@@ -98,8 +98,11 @@ def test_unit_counts_group_skip_reasons():
 
 def test_table1_findings_mark_the_direction_and_use_the_chance_baseline_when_present():
     result, found = _findings(Evidence("m-135m", tables={"table1": _table1()}))
-    assert found["IG: KI share, static threshold 0.100"].verdict == "agrees"
+    assert found["IG: KI share, static threshold 0.100"].verdict == "agrees"  # inside the quoted 44-84 %
     assert found["AMIG: KI share, static threshold 0.100"].verdict == "differs"
+    _, few = _findings(Evidence("m-135m", tables={"table1": _table1(ig_ki=0.05)}))
+    below = few["IG: KI share, static threshold 0.100"]
+    assert (below.verdict, below.note) == ("differs", "below the paper's range")  # KI facts exist, but few
     assert found["IG: Welch's t (KC vs KI), static threshold"].verdict == "agrees"
     assert found["AMIG: Welch's t (KC vs KI), static threshold"].verdict == "open"
     assert found["facts whose CS beats chance"].measured == "not computed"
@@ -216,8 +219,14 @@ def test_the_closest_paper_model_and_its_values(tmp_path):
     assert reference_model("local-model", 14336, paper)[0] == "LLaMA3-8b"
     data = json.loads((Path(qloc.__file__).parent / "data" / "paper_reference.json").read_text())
     data["claims"]["ki_share"]["values"]["GPT-2"]["ig static"] = 0.25
+    data["claims"]["welch"]["values"]["GPT-2"]["ig static t"] = 3.5
     custom = tmp_path / "reference.json"
     custom.write_text(json.dumps(data))
+    welch = {"t =": "ig static t", "p =": "ig static p"}
+    assert load_paper_reference(custom).quote("welch", "GPT-2", welch, ", ") == (
+        f"t = {format_number(3.5)}, p = not transcribed"
+    )
+    assert paper.quote("welch", "GPT-2", welch, ", ") == "not transcribed"
     _, found = _findings(Evidence("m-135m", tables={"table1": _table1()}), load_paper_reference(custom))
     assert found["IG: KI share, static threshold 0.100"].paper == "25.0 %"
     assert found["IG: KI share, otsu threshold 0.100"].paper == "not transcribed"

@@ -41,12 +41,17 @@ class ConsistencyClaims(ClaimRules):
                 paper = self.paper.value_text(
                     "ki_share", self.reference, f"{method} {row.threshold}", share=True
                 )
+                quoted = self.paper.quoted_range("ki_share", f"{method} {row.threshold}")
                 if degenerate:
                     verdict, note = "open", "method degenerate here"
-                elif row.R_KI > 0:
-                    verdict, note = "agrees", ""
-                else:
+                elif row.R_KI == 0:
                     verdict, note = "differs", "no KI facts"
+                elif quoted is not None and not quoted["low"] <= row.R_KI <= quoted["high"]:
+                    # KI facts exist, but a share far outside the paper's is not its finding.
+                    side = "below" if row.R_KI < quoted["low"] else "above"
+                    verdict, note = "differs", f"{side} the paper's range"
+                else:
+                    verdict, note = "agrees", ""
                 self.add(
                     "ki_share",
                     measure,

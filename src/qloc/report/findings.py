@@ -58,19 +58,24 @@ class PaperReference:
     def value(self, claim: str, model: str, key: str) -> float | None:
         return self.claims[claim]["values"].get(model, {}).get(key)
 
+    def quoted_range(self, claim: str, key: str) -> dict[str, Any] | None:
+        """The range over the paper's models and methods that the claim quotes for ``key`` (a range
+        matches a key holding all of its words; the most specific wins), or None."""
+        words = set(key.split())
+        ranges = self.claims[claim].get("ranges", {})
+        matching = [p for p in ranges if set(p.split()) <= words]
+        if not matching:
+            return None
+        return ranges[max(matching, key=lambda p: len(p.split()))]
+
     def value_text(self, claim: str, model: str, key: str, share: bool = False) -> str:
-        """The paper's value for ``key``, or else the range over the paper's models and methods
-        that the claim quotes (a range matches a key holding all of its words), or "not transcribed"."""
+        """The paper's value for ``key``, or else the range it quotes, or "not transcribed"."""
         value = self.value(claim, model, key)
         if value is not None:
             return paper_text(value, share)
-        words = set(key.split())
-        matching = [p for p in self.claims[claim].get("ranges", {}) if set(p.split()) <= words]
-        if not matching:
+        quoted = self.quoted_range(claim, key)
+        if quoted is None:
             return "not transcribed"
-        quoted = self.claims[claim]["ranges"][
-            max(matching, key=lambda p: len(p.split()))
-        ]  # the most specific
         low, high = quoted["low"], quoted["high"]
         shown = (
             f"{format_share(low)}-{format_share(high)}"

@@ -32,7 +32,15 @@ from ..errors import ConfigError
 from ..runs.rows import Row, UnitWriter
 from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
-from .knsets import SHARED_FILTER, STATIC_THRESHOLD, FactKnowledge, cas_set, check_share, filtered_knowledge
+from .knsets import (
+    SHARED_FILTER,
+    SHARED_FILTER_MIN_FACTS,
+    STATIC_THRESHOLD,
+    FactKnowledge,
+    cas_set,
+    check_share,
+    filtered_knowledge,
+)
 
 KN_SETS = ("self", "union", "cas")
 MODES = ("erase", "update")
@@ -66,6 +74,8 @@ class EditConfig:
     )
     shared_filter: float | None = setting(SHARED_FILTER, word="off")
     """Drop KNs held by more than this share of the relation's facts before editing; None: off."""
+    shared_min_facts: int = setting(SHARED_FILTER_MIN_FACTS, hidden=True)
+    """Relations with fewer facts in the run count the shared filter's shares over the whole run."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -197,7 +207,7 @@ def sequential_edit(
     signs are those of the activations of the model it edits (after the edits before it). The
     model is restored bit-exactly afterwards."""
     facts_by_relation = by_relation(dataset)
-    filtered = filtered_knowledge(knowledge, config.shared_filter)
+    filtered = filtered_knowledge(knowledge, config.shared_filter, config.shared_min_facts)
     chosen = random.Random(f"{config.seed}:sequential:{repeat}").sample(facts, min(count, len(facts)))
     cases = []
     for fact in chosen:

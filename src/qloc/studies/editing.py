@@ -98,7 +98,7 @@ def edit_work(
 ) -> WorkFn:
     """Per-fact work function for :func:`qloc.runs.sweep.run_sweep`."""
     facts_by_relation = by_relation(dataset)
-    filtered = filtered_knowledge(knowledge, config.shared_filter)
+    filtered = filtered_knowledge(knowledge, config.shared_filter, config.shared_min_facts)
     ppl_before = perplexity(lm, passages, config.ppl_tokens)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
@@ -199,6 +199,9 @@ class EditRequest:
     )
     config: EditConfig = setting(factory=EditConfig)
     method: str | None = setting(None)
+    limit: int | None = setting(
+        None, "Only the first N of the run's facts in a seeded order (raise it later to extend the run)."
+    )
     sequential: int = setting(0, "Edit N sampled facts one after another (Table 7); 0: one at a time.")
     seeds: int = setting(5, "Sequential editing: repeats with different samples.")
     case: str | None = setting(
@@ -256,7 +259,8 @@ def run(request: EditRequest) -> Outcome:
         edit_work, config=config, knowledge=localized.knowledge, dataset=localized.dataset, passages=passages
     )
     description = f"{mode} via {','.join(config.sets)}"
-    plan = localized.sweep(config.stage, config.params(), build, description)
+    facts = localized.first_facts(request.limit, config.seed)
+    plan = localized.sweep(config.stage, config.params(), build, description, facts)
     summary = execute(plan, request.execution)
     with RunStore.open_existing(request.run_dir) as store:
         edits = store.frame("edits")

@@ -37,6 +37,7 @@ from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
 from .knsets import (
     SHARED_FILTER,
+    SHARED_FILTER_MIN_FACTS,
     FactKnowledge,
     LocalizedRequest,
     ManipulationConfig,
@@ -61,6 +62,8 @@ class MappingConfig(ManipulationConfig):
     stage_name = "mapping"
     shared_filter: float | None = setting(SHARED_FILTER, word="off")
     """Drop KNs held by more than this share of the relation's facts first; None: off."""
+    shared_min_facts: int = setting(SHARED_FILTER_MIN_FACTS, hidden=True)
+    """Relations with fewer facts in the run count the shared filter's shares over the whole run."""
 
     def __post_init__(self) -> None:
         check_share(self.shared_filter)
@@ -112,7 +115,7 @@ class MappingRow(Row):
 def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, FactKnowledge]) -> WorkFn:
     """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
     shape = (lm.num_layers, lm.d_ff)
-    filtered = filtered_knowledge(knowledge, config.shared_filter)
+    filtered = filtered_knowledge(knowledge, config.shared_filter, config.shared_min_facts)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
         original, known = knowledge[fact.id], filtered[fact.id]
@@ -234,7 +237,8 @@ def run(request: MappingRequest) -> Outcome:
     localized = request.read()
     config = replace(request.config, method=localized.method)
     build = partial(mapping_work, config=config, knowledge=localized.knowledge)
-    plan = localized.sweep(config.stage, config.params(), build, f"mapping {localized.method}")
+    facts = localized.first_facts(request.limit, config.seed)
+    plan = localized.sweep(config.stage, config.params(), build, f"mapping {localized.method}", facts)
     summary = execute(plan, request.execution)
     with RunStore.open_existing(request.run_dir) as store:
         table = mapping_table(store.frame("mapping"))
@@ -245,7 +249,9 @@ def run(request: MappingRequest) -> Outcome:
 
 def reproduce(plan: Reproduction) -> list[tuple[str, Any]]:
     config = MappingConfig(seed=plan.seed)
-    request = MappingRequest(plan.directory, plan.method, plan.device, plan.execution, config)
+    request = MappingRequest(
+        plan.directory, method=plan.method, device=plan.device, execution=plan.execution, config=config
+    )
     return [("query-KN mapping", request)]
 
 

@@ -238,9 +238,6 @@ def synapse_work(
 @dataclass(frozen=True)
 class SynapseRequest(LocalizedRequest):
     config: SynapseConfig = setting(factory=SynapseConfig)
-    limit: int | None = setting(
-        None, "Only the first N of the run's facts in a seeded order (raise it later to extend the run)."
-    )
     heatmaps: int = setting(3, "Facts drawn as KN-activation heatmaps (Figures 5, 10).")
     max_batch_rows: int | None = setting(None)
 
@@ -248,9 +245,7 @@ class SynapseRequest(LocalizedRequest):
 def run(request: SynapseRequest) -> Outcome:
     localized = request.read()
     config = replace(request.config, method=localized.method)
-    facts = list(localized.facts)
-    random.Random(config.seed).shuffle(facts)  # a prefix of one fixed order: a larger limit extends a run
-    facts = facts[: request.limit] if request.limit is not None else facts
+    facts = localized.first_facts(request.limit, config.seed)
     build = partial(
         synapse_work, config=config, knowledge=localized.knowledge, max_batch_rows=request.max_batch_rows
     )
@@ -278,10 +273,10 @@ SYNAPSE_FACTS = {"sample": 2, "full": None}
 def reproduce(plan: Reproduction) -> list[tuple[str, Any]]:
     request = SynapseRequest(
         plan.directory,
-        plan.method,
-        plan.device,
-        plan.execution,
-        SynapseConfig(seed=plan.seed),
+        method=plan.method,
+        device=plan.device,
+        execution=plan.execution,
+        config=SynapseConfig(seed=plan.seed),
         limit=SYNAPSE_FACTS[plan.scale],
     )
     return [("knowledge synapses", request)]
