@@ -31,7 +31,7 @@ def test_sig_equals_reference_on_smollm2(smollm2):
 def test_smollm2_eiffel_layer0_shows_right_rule_incompleteness(smollm2):
     """The issue's example: at 20 steps the right Riemann sum of layer 0 overshoots F(input) -
     F(baseline) (1.16 against 0.70) because of SmolLM2's massive activations; qloc reports it."""
-    with pytest.warns(UserWarning, match="raise --steps"):
+    with pytest.warns(UserWarning, match="raise steps"):
         result = attribute(smollm2, "The Eiffel Tower is located in the city of", "Paris", "ig", steps=20)
     assert float(result.f_input[0]) == pytest.approx(0.70, abs=0.01)
     assert float(result.scores[0].sum()) == pytest.approx(1.16, abs=0.03)

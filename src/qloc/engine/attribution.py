@@ -133,8 +133,8 @@ class PathMethod:
             warnings.warn(
                 f"{self.name} on {prompt!r} / {answer!r}: layer {layer}'s scores miss F(input) - "
                 f"F(baseline) by {float(worst[layer]):.3g} (F(input) = {float(found.f_input.max()):.3g}); "
-                f"the {steps}-step {rule} rule is too coarse here: raise --steps or use --rule "
-                "midpoint/gauss",
+                f"the {steps}-step {rule} rule is too coarse here: raise steps or use rule "
+                "midpoint or gauss",
                 stacklevel=3,
             )
 

@@ -342,6 +342,8 @@ STUDY = Study(
     examples=(
         "qloc edit --run-dir runs/smollm2 --mode erase            "
         "# Tables 2 and 3: Self, Union, CAS; KC vs KI",
+        "qloc edit --run-dir runs/smollm2 --mode erase --limit 40 "
+        "# the same on a seeded 40 of the run's facts (extendable)",
         "qloc edit --run-dir runs/smollm2 --mode update --sequential 100 --seeds 5   # Table 7",
         'qloc edit --case "The capital of France is" --answer Paris --new Rome       '
         "# Table 8 style case study",
