@@ -46,7 +46,8 @@ from .edit_protocol import (
     sequential_table,
     sequential_work,
 )
-from .knsets import LOCALIZE_STAGE, LOCALIZED_RUN_HELP, FactKnowledge, filtered_knowledge, read_localized_run
+from .knsets import LOCALIZE_STAGE, FactKnowledge, filtered_knowledge
+from .localized import LOCALIZED_RUN_HELP, read_localized_run
 from .registry import Outcome, Panel, Reproduction, Study
 
 NOT_MEASURED = float("nan")

@@ -1,5 +1,5 @@
-"""KN sets: a localize run read back as the other studies read it (per fact and method, with its
-facts and model: :func:`read_localized_run`; every run's KN sets as one frame: :func:`load_kn_sets`),
+"""KN sets: per fact and method (:class:`FactKnowledge`; a localize run read back for the experiments
+on it is :mod:`qloc.studies.localized`), every run's KN sets as one frame (:func:`load_kn_sets`),
 the consistency score of a fact's sets, the shared-neuron filter applied before editing and
 mapping, KN-set rules, and Consistency-Aware KN selection (METHODS.md section 8, the paper's eq. 5),
 the fact-level KN set that localize stores beside the per-query ones.
@@ -12,11 +12,10 @@ high for every paraphrase are kept, those that matter for one phrasing only are 
 from __future__ import annotations
 
 import io
-import json
 import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,12 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.pararel import Fact, load_pararel
 from ..engine.architectures import architecture_for
 from ..engine.attribution import METHODS, kn_set
-from ..engine.models import DEFAULT_DEVICE, model_label
+from ..engine.models import model_label
 from ..errors import ConfigError, QlocError, UnsupportedArchitectureError
-from ..runs.executors import Execution, ModelSpec, SweepPlan, WorkBuilder
 from ..runs.rows import Row
 from ..runs.store import RunStore
 from ..settings import setting
@@ -184,24 +181,6 @@ def filtered_knowledge(
     return {fact_id: known.without(removed[fact_id]) for fact_id, known in knowledge.items()}
 
 
-def knowledge_from_store(
-    kn_frame: pd.DataFrame, cas_frame: pd.DataFrame, method: str
-) -> dict[str, FactKnowledge]:
-    """Per fact id, the KN sets the localize run stored for ``method``."""
-    kn_frame = kn_frame[kn_frame["method"] == method]
-    if kn_frame.empty:
-        raise QlocError(f"the localize run has no KN sets for method {method!r}")
-    cas = {
-        row.fact_id: [tuple(u) for u in json.loads(row.kn)]
-        for row in cas_frame[cas_frame["method"] == method].itertuples()
-    }
-    result = {}
-    for fact_id, group in kn_frame.groupby("fact_id", sort=False):
-        sets = [[tuple(u) for u in json.loads(k)] for k in group.sort_values("query_index")["kn"]]
-        result[fact_id] = FactKnowledge(sets, cas.get(fact_id, []), str(group["relation"].iloc[0]))
-    return result
-
-
 def cas_scores(
     per_query_scores: Sequence[torch.Tensor], beta1: float = 1.0, beta2: float = 1.0
 ) -> torch.Tensor:
@@ -258,88 +237,6 @@ def compress_scores(scores: np.ndarray) -> bytes:
 def load_dense_scores(blob: bytes) -> np.ndarray:
     """The [L, d_ff] fp16 scores stored by ``--save-scores``."""
     return np.load(io.BytesIO(blob))["scores"]
-
-
-LOCALIZED_RUN_HELP = "A localize run: its model, facts and KN sets are used."
-
-
-@dataclass
-class LocalizedRun:
-    """What the experiments on a localize run need: its KN sets for one method, its facts within
-    the full dataset (each with the queries the run localized, in its order: with the known filter
-    only the known ones, so query 0, the Self set and the edited query, is a known query), and
-    which model to load."""
-
-    run_dir: Path
-    params: dict[str, Any]
-    method: str
-    knowledge: dict[str, FactKnowledge]
-    dataset: list[Fact]
-    facts: list[Fact]
-    device: str
-
-    @property
-    def model(self) -> ModelSpec:
-        return ModelSpec(self.params["model"], self.device, self.params["dtype"])
-
-    def sweep(
-        self,
-        stage: str,
-        config: dict[str, Any],
-        build: WorkBuilder,
-        description: str,
-        units: Sequence[Any] | None = None,
-    ) -> SweepPlan:
-        """An experiment on the run's facts (or on ``units``) as a sweep into the run's directory; its
-        parameters are the run's model and dtype, then the experiment's ``config``."""
-        params = {"model": self.params["model"], "dtype": self.params["dtype"], **config}
-        chosen = self.facts if units is None else units
-        return SweepPlan(self.run_dir, stage, params, chosen, build, self.model, description)
-
-    def first_facts(self, limit: int | None, seed: int) -> list[Fact]:
-        """The first ``limit`` facts of the run in one seeded order (all with None): a prefix of a
-        fixed order, so that a larger limit extends a study's run instead of starting another."""
-        if limit is not None and limit < 1:
-            raise ConfigError.invalid("limit", limit, "at least 1")
-        facts = list(self.facts)
-        random.Random(seed).shuffle(facts)
-        return facts[:limit] if limit is not None else facts
-
-
-@dataclass(frozen=True)
-class LocalizedRequest:
-    """What every experiment on a localize run takes (each adds its own config)."""
-
-    run_dir: Path = setting(help=LOCALIZED_RUN_HELP)
-    method: str | None = setting(None)
-    limit: int | None = setting(
-        None, "Only the first N of the run's facts in a seeded order (raise it later to extend the run)."
-    )
-    device: str = setting(DEFAULT_DEVICE)
-    execution: Execution = setting(factory=Execution)
-
-    def read(self) -> LocalizedRun:
-        return read_localized_run(self.run_dir, self.method, self.device)
-
-
-def read_localized_run(
-    run_dir: Path, method: str | None = None, device: str = DEFAULT_DEVICE
-) -> LocalizedRun:
-    """A localize run as the experiments on it read it; ``method``: whose KN sets (default: the
-    run's first method)."""
-    with RunStore.open_existing(run_dir) as store:
-        localized = store.params(LOCALIZE_STAGE)
-        kn_frame, cas_frame = store.frame("kn_sets"), store.frame("cas_sets")
-    method = method or localized["methods"][0]
-    knowledge = knowledge_from_store(kn_frame, cas_frame, method)
-    data = None if localized["data"] == "bundled" else localized["data"]
-    dataset = load_pararel(data, query_filter=localized["query_filter"]).facts
-    localized_queries = {
-        fact_id: tuple(group.sort_values("query_index")["prompt"])
-        for fact_id, group in kn_frame[kn_frame["method"] == method].groupby("fact_id", sort=False)
-    }
-    facts = [replace(f, queries=localized_queries[f.id]) for f in dataset if f.id in knowledge]
-    return LocalizedRun(Path(run_dir), localized, method, knowledge, dataset, facts, device)
 
 
 def degenerate_methods(store: RunStore) -> set[str]:

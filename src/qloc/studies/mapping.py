@@ -39,12 +39,12 @@ from .knsets import (
     SHARED_FILTER,
     SHARED_FILTER_MIN_FACTS,
     FactKnowledge,
-    LocalizedRequest,
     ManipulationConfig,
     check_share,
     filtered_knowledge,
     random_neurons,
 )
+from .localized import LocalizedRequest
 from .registry import Outcome, Panel, Reproduction, Study
 from .statistics import bootstrap_mean_ci
 

@@ -37,12 +37,12 @@ from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
 from .knsets import (
     FactKnowledge,
-    LocalizedRequest,
     ManipulationConfig,
     Neuron,
     QueryRow,
     random_neurons,
 )
+from .localized import LocalizedRequest
 from .registry import Outcome, Panel, Reproduction, Study
 from .synapse_tables import MEASURES, cost_table, effects_table, write_synapse_report
 
