@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,6 +105,32 @@ def direct_scores(lm, prompt, answer):
     first = logprobs[len(prompt_ids) - 1]
     total = sum(float(logprobs[len(prompt_ids) - 1 + t, tok]) for t, tok in enumerate(answer_ids))
     return float(first[answer_ids[0]].exp()), int((first > first[answer_ids[0]]).sum()), total
+
+
+def localize_args(model: Path | str, run_dir: Path, *extra: str | Path) -> list[str]:
+    """``qloc localize`` of a tiny model: IG at 3 steps on the CPU, quiet; ``extra`` options last
+    (a later ``--methods`` overrides IG)."""
+    return [
+        "localize",
+        "--model",
+        str(model),
+        "--run-dir",
+        str(run_dir),
+        "--methods",
+        "ig",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+        *map(str, extra),
+    ]
+
+
+def localize_tiny(model: Path | str, run_dir: Path, *extra: str | Path) -> None:
+    """A localize run of a tiny model for the studies that read one (fails the test if it fails)."""
+    result = run_cli(*localize_args(model, run_dir, *extra))
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def run_cli(*args, env=None):

@@ -1,6 +1,7 @@
 """KN editing: restore is bit-exact, one neuron touches one value vector, updates move the answer."""
 
 import qloc
+from tests.helpers import localize_tiny
 
 
 def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
@@ -11,27 +12,7 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
 
     run = tmp_path / "run"
     base = [sys.executable, "-m", "qloc.cli"]
-    subprocess.run(
-        base
-        + [
-            "localize",
-            "--model",
-            str(tiny_model_dir),
-            "--run-dir",
-            str(run),
-            "--relations",
-            "P19,P36,P101",
-            "--methods",
-            "amig",
-            "--steps",
-            "3",
-            "--device",
-            "cpu",
-            "--quiet",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    localize_tiny(tiny_model_dir, run, "--relations", "P19,P36,P101", "--methods", "amig")
     # --limit 2 edits a seeded prefix of the run's facts; the run without it then extends that stage.
     first = subprocess.run(
         base + ["edit", "--run-dir", str(run), "--limit", "2", "--device", "cpu", "--quiet"],

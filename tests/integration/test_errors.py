@@ -27,7 +27,7 @@ import pytest
 from qloc import cli
 from qloc.runs.lock import LOCK_FILE, STORE_FILE
 from qloc.runs.store import RunStore
-from tests.helpers import QLOC
+from tests.helpers import QLOC, localize_args
 
 PROMPT, ANSWER = "Paris is the capital of", "France"
 
@@ -75,24 +75,6 @@ def snapshot(directory: Path) -> dict[str, str]:
         else "folder"
         for path in sorted(directory.rglob("*"))
     }
-
-
-def localize_args(model: Path | str, run_dir: Path, *extra: str | Path) -> list[str]:
-    return [
-        "localize",
-        "--model",
-        str(model),
-        "--run-dir",
-        str(run_dir),
-        "--methods",
-        "ig",
-        "--steps",
-        "3",
-        "--device",
-        "cpu",
-        "--quiet",
-        *map(str, extra),
-    ]
 
 
 def cloze_args(model: Path | str, *extra: str) -> list[str]:

@@ -6,32 +6,13 @@ import sys
 import pandas as pd
 
 import qloc
+from tests.helpers import localize_tiny
 
 
 def test_cli_mapping(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "qloc.cli"]
-    subprocess.run(
-        base
-        + [
-            "localize",
-            "--model",
-            str(tiny_model_dir),
-            "--run-dir",
-            str(run),
-            "--relations",
-            "P19,P36",
-            "--methods",
-            "ig",
-            "--steps",
-            "3",
-            "--device",
-            "cpu",
-            "--quiet",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    localize_tiny(tiny_model_dir, run, "--relations", "P19,P36")
     result = subprocess.run(
         base + ["mapping", "--run-dir", str(run), "--device", "cpu", "--quiet"],
         capture_output=True,
