@@ -61,7 +61,9 @@ class EditConfig:
     sets: tuple[str, ...] = setting(KN_SETS, "KN sets to edit through: self, union, cas.")
     method: str = setting("ig", hidden=True)
     lambda1: float = setting(LAMBDA1, "Weight of the old answer's removal (Dai et al.: 1).")
-    lambda2: float = setting(LAMBDA2, "Weight of the new answer's addition (Dai et al.: 8).")
+    lambda2: float = setting(
+        LAMBDA2, "Weight of the new answer's addition (Dai et al.: 8, which breaks gated-MLP models)."
+    )
     unrelated_queries: int = setting(10, hidden=True)
     ppl_passages: int = setting(5, hidden=True)
     ppl_tokens: int = setting(256, hidden=True)
