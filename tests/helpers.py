@@ -43,6 +43,19 @@ def tiny_config(model_type: str, vocab_size: int = 512) -> Any:
     return config
 
 
+def unsupported_family_config() -> Any:
+    """A tiny OPT config: a family the architecture table does not hold."""
+    return transformers.AutoConfig.for_model(
+        "opt",
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
+        word_embed_proj_dim=16,
+    )
+
+
 def make_tiny_model(model_type: str, tokenizer: Any = None, seed: int = 0) -> qloc.LoadedModel:
     torch.manual_seed(seed)
     vocab = len(tokenizer) if tokenizer is not None else 512

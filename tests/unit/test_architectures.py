@@ -7,7 +7,7 @@ import transformers
 
 import qloc
 from qloc import record_activations, scale_neurons
-from tests.helpers import FAMILY_MODEL_TYPES, make_tiny_model
+from tests.helpers import FAMILY_MODEL_TYPES, make_tiny_model, unsupported_family_config
 
 INPUT = torch.tensor([[5, 17, 42, 7, 99, 3, 250]])
 
@@ -94,15 +94,7 @@ def test_post_feedforward_norm_is_flagged():
 
 
 def test_unsupported_family_names_family_and_table():
-    config = transformers.AutoConfig.for_model(
-        "opt",
-        hidden_size=16,
-        ffn_dim=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        vocab_size=64,
-        word_embed_proj_dim=16,
-    )
+    config = unsupported_family_config()
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(qloc.UnsupportedArchitectureError, match=r"'opt'.*ARCHITECTURES"):
         qloc.wrap_model(model)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-import transformers
 
 import qloc
 from qloc.errors import QlocError
+from tests.helpers import unsupported_family_config
 
 
 def test_local_directory_loads_with_its_tokenizer(tiny_model_dir):
@@ -49,15 +49,7 @@ def test_directory_without_config_is_named(tmp_path):
 
 
 def test_unsupported_family_directory_fails_before_loading_weights(tmp_path):
-    config = transformers.AutoConfig.for_model(
-        "opt",
-        hidden_size=16,
-        ffn_dim=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        vocab_size=64,
-        word_embed_proj_dim=16,
-    )
+    config = unsupported_family_config()
     config.save_pretrained(tmp_path)  # no weights: the family check must come first
     with pytest.raises(qloc.UnsupportedArchitectureError, match="'opt'"):
         qloc.load_model(str(tmp_path), device="cpu")
