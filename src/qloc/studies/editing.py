@@ -47,7 +47,7 @@ from .edit_protocol import (
     sequential_work,
 )
 from .knsets import LOCALIZE_STAGE, FactKnowledge, filtered_knowledge
-from .localized import LOCALIZED_RUN_HELP, read_localized_run
+from .localized import FACT_LIMIT_HELP, LOCALIZED_RUN_HELP, read_localized_run
 from .registry import Outcome, Panel, Reproduction, Study
 
 NOT_MEASURED = float("nan")
@@ -200,9 +200,7 @@ class EditRequest:
     )
     config: EditConfig = setting(factory=EditConfig)
     method: str | None = setting(None)
-    limit: int | None = setting(
-        None, "Only the first N of the run's facts in a seeded order (raise it later to extend the run)."
-    )
+    limit: int | None = setting(None, FACT_LIMIT_HELP)
     sequential: int = setting(0, "Edit N sampled facts one after another (Table 7); 0: one at a time.")
     seeds: int = setting(5, "Sequential editing: repeats with different samples.")
     case: str | None = setting(

@@ -41,6 +41,7 @@ def knowledge_from_store(
 
 
 LOCALIZED_RUN_HELP = "A localize run: its model, facts and KN sets are used."
+FACT_LIMIT_HELP = "Only the first N of the run's facts in a seeded order (raise it later to extend the run)."
 
 
 @dataclass
@@ -92,9 +93,7 @@ class LocalizedRequest:
 
     run_dir: Path = setting(help=LOCALIZED_RUN_HELP)
     method: str | None = setting(None)
-    limit: int | None = setting(
-        None, "Only the first N of the run's facts in a seeded order (raise it later to extend the run)."
-    )
+    limit: int | None = setting(None, FACT_LIMIT_HELP)
     device: str = setting(DEFAULT_DEVICE)
     execution: Execution = setting(factory=Execution)
 
