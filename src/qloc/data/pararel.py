@@ -241,6 +241,17 @@ def sample_facts(
     return facts
 
 
+def interleave_relations(facts: list[Fact]) -> list[Fact]:
+    """The facts in round-robin order over their relations (each relation's facts keep their order),
+    so that a sweep stopped part-way has covered every relation about equally."""
+    by_relation: dict[str, list[Fact]] = {}
+    for fact in facts:
+        by_relation.setdefault(fact.relation, []).append(fact)
+    queues = [by_relation[r] for r in relation_order(by_relation)]
+    depth = max((len(q) for q in queues), default=0)
+    return [q[i] for i in range(depth) for q in queues if i < len(q)]
+
+
 def relation_order(relations: Iterable[str]) -> list[str]:
     """Relations in numeric order of their Wikidata id (P17 before P101)."""
     return sorted(set(relations), key=lambda r: (int(r[1:]) if r[1:].isdigit() else 10**9, r))

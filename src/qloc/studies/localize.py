@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..data.pararel import Fact
+from ..data.pararel import Fact, interleave_relations
 from ..data.selection import Selection
 from ..engine.attribution import METHODS, attribute, check_answer_tokens
 from ..engine.cloze import score_cloze
@@ -206,7 +206,7 @@ def run(request: LocalizeRequest) -> Outcome:
         request.run_dir,
         STAGE,
         params,
-        facts,
+        interleave_relations(facts),  # the order of work only: a run stopped early spans all relations
         partial(localize_work, config=request.config, max_batch_rows=request.max_batch_rows),
         ModelSpec(request.model, request.device, request.dtype),
         f"localize {request.model}",
