@@ -12,7 +12,8 @@ import qloc
 from qloc.errors import QlocError
 from qloc.report.claims import model_findings
 from qloc.report.explorer import explorer_run
-from qloc.report.findings import Evidence, load_paper_reference, reference_model
+from qloc.report.findings import Evidence, reference_model
+from qloc.report.paper import load_paper_reference
 from qloc.report.format import format_number, format_share, script_json
 from qloc.report.sections import unit_counts
 from tests.helpers import HOSTILE
@@ -184,11 +185,18 @@ def test_mapping_and_synapse_findings_read_the_order_and_the_signs():
         ]
     )
     _, found = _findings(Evidence("m-135m", tables={"fig4_mapping": mapping, "fig6_synapses": synapses}))
+    # Figures 4 and 6 print no numbers: qloc's direction is said in words, with no verdict.
     order = found["AMIG suppress, KI: mean dProb per KN set, strongest first"]
-    assert order.verdict == "agrees" and order.measured.startswith("Union -0.950; Self -0.900")
-    assert found["AMIG suppress KS, 5 queries: median dKN of mean activation, dProb"].verdict == "agrees"
+    assert order.verdict == "open" and order.measured.startswith("Union -0.950; Self -0.900")
+    assert (
+        order.note.startswith("no call: Figure 4 is a bar chart")
+        and "as the paper describes it" in order.note
+    )
+    suppress = found["AMIG suppress KS, 5 queries: median dKN of mean activation, dProb"]
+    assert suppress.verdict == "open" and "as the paper describes it" in suppress.note
     enhance = found["AMIG enhance KS, 5 queries: median dKN of mean activation, dProb"]
-    assert enhance.verdict == "differs" and "P(answer) falls" in enhance.note
+    assert enhance.verdict == "open" and "not as the paper describes it" in enhance.note
+    assert "P(answer) falls" in enhance.note
 
     mapping.loc[mapping.kn_set == "intersection", "dprob"] = -0.99
     _, found = _findings(Evidence("m-135m", tables={"fig4_mapping": mapping}))
@@ -212,24 +220,25 @@ def test_unknown_facts_and_empty_kn_sets_are_said_in_words():
     assert any("IG: 2 of 6 queries have an empty KN set" in w for w in result.warnings)
 
 
-def test_the_closest_paper_model_and_its_values(tmp_path):
+def test_the_closest_paper_model_and_its_cells(tmp_path):
     paper = load_paper_reference()
     assert reference_model("smollm2-135m", 1536, paper)[0] == "GPT-2"
     assert reference_model("Meta-Llama-3-8B", None, paper)[0] == "LLaMA3-8b"
     assert reference_model("local-model", 14336, paper)[0] == "LLaMA3-8b"
+    _, found = _findings(Evidence("m-135m", tables={"table1": _table1()}))
+    ki = found["IG: KI share, static threshold 0.100"]
+    assert ki.paper == "44.0 % (paper's 3 cells over its models: 44.0 %-84.0 %)" and ki.verdict == "agrees"
+    assert found["IG: mean CS of KC facts, static threshold"].verdict == "differs"  # 0.4 against 0.16-0.21
+    assert found["IG: Otsu's threshold (the paper's Table 4)"].paper.startswith("0.146")
     data = json.loads((Path(qloc.__file__).parent / "data" / "paper_reference.json").read_text())
-    data["claims"]["ki_share"]["values"]["GPT-2"]["ig static"] = 0.25
-    data["claims"]["welch"]["values"]["GPT-2"]["ig static t"] = 3.5
+    data["tables"]["table1"]["rows"] = [
+        r for r in data["tables"]["table1"]["rows"] if r["threshold"] != "otsu"
+    ]
     custom = tmp_path / "reference.json"
     custom.write_text(json.dumps(data))
-    welch = {"t =": "ig static t", "p =": "ig static p"}
-    assert load_paper_reference(custom).quote("welch", "GPT-2", welch, ", ") == (
-        f"t = {format_number(3.5)}, p = not transcribed"
-    )
-    assert paper.quote("welch", "GPT-2", welch, ", ") == "not transcribed"
     _, found = _findings(Evidence("m-135m", tables={"table1": _table1()}), load_paper_reference(custom))
-    assert found["IG: KI share, static threshold 0.100"].paper == "25.0 %"
-    assert found["IG: KI share, otsu threshold 0.100"].paper == "not transcribed"
+    otsu = found["IG: KI share, otsu threshold 0.100"]
+    assert otsu.paper == "no cell in the paper's Table 1 for GPT-2" and otsu.verdict == "open"
     custom.write_text("{}")
     with pytest.raises(QlocError, match="reference.json"):
         load_paper_reference(custom)
@@ -275,15 +284,76 @@ def test_explorer_data_is_compact_and_carries_the_columns_a_store_has():
     assert explorer_run("run", "m", {"kn_sets": kn_sets}, None)["width"] == 4  # largest neuron + 1
 
 
-def test_paper_ranges_stand_in_for_cells_that_were_not_transcribed():
-    from qloc.report.findings import load_paper_reference
-
+def test_the_paper_reference_holds_every_cell_of_its_tables():
     paper = load_paper_reference()
-    assert paper.value("ki_share", "GPT-2", "amig static") is None
-    assert paper.value_text("ki_share", "GPT-2", "amig static", share=True).startswith("44")
-    assert "0.14" in paper.value_text(
-        "ki_share", "GPT-2", "amig static CS_KC"
-    )  # the most specific range wins
-    assert paper.value_text("ki_share", "GPT-2", "amig otsu") == "not transcribed"
-    assert "0.18" in paper.value_text("dppl", "LLaMA3-8b", "erase KI self")
-    assert paper.value_text("dppl", "LLaMA3-8b", "erase KI union") == "not transcribed"
+    sizes = {name: len(paper.rows(name)) for name in paper.tables}
+    assert sizes == {
+        "table1": 18,  # 3 models x 2 thresholds x 3 methods
+        "table1_u_ki": 6,
+        "table2": 24,  # 2 modes x 2 sets x 2 classes x 3 models
+        "table3": 36,
+        "table4": 18,
+        "table6": 9,
+        "table7": 2,
+    }
+    table1 = paper.rows("table1")
+    assert ((table1.R_KC + table1.R_KI - 1).abs() <= 0.011).all()  # the reconstructed labels add up
+    assert (
+        paper.cell("table1", "t", "LLaMA3-8b", method="amig", threshold="static") == 123
+    )  # quoted in the text
+    assert paper.cell("table1_u_ki", "U_KI", "LLaMA3-8b", threshold="static") == 0.77
+    # Avg = mean(Rel, Gen, Loc) everywhere but the cells the transcription lists as the paper's own slips.
+    for name in ("table2", "table3"):
+        edits = paper.rows(name)
+        off = edits[((edits[["rel", "gen", "loc"]].mean(axis=1) - edits.avg).abs() > 0.011)]
+        listed = " ".join(paper.tables[name]["notes"] + paper.tables["table2"]["notes"])
+        for row in off.itertuples():
+            assert f"{row.model}: printed Avg {row.avg:.2f}" in listed, row
+
+
+def test_ranges_over_the_paper_models_come_from_its_cells():
+    paper = load_paper_reference()
+    static = paper.rows("table1").query("threshold == 'static'")
+    assert (static.CS_KC.min(), static.CS_KC.max()) == (0.16, 0.25)  # not 0.14-0.30
+    assert (static.R_KI.min(), static.R_KI.max()) == (0.44, 0.85)
+    self_erase = paper.rows("table2").query("mode == 'erase' and kn_set == 'self'")
+    assert (self_erase.dppl.min(), self_erase.dppl.max()) == (0.01, 0.06)  # not 0.01-0.18
+    quote = paper.quote("table2", "dppl", "GPT-2", mode="erase", kn_set="self", **{"class": "KI"})
+    assert quote.values == (0.06,) and (quote.low, quote.high) == (0.03, 0.06)
+
+
+def test_no_verdict_stands_beside_a_missing_paper_number(tmp_path):
+    """Every rule goes through the same gate: a paper without cells gives only "no call"."""
+    data = json.loads((Path(qloc.__file__).parent / "data" / "paper_reference.json").read_text())
+    for table in data["tables"].values():
+        table["rows"] = []
+    custom = tmp_path / "empty.json"
+    custom.write_text(json.dumps(data))
+    table3 = pd.DataFrame(
+        [
+            dict(
+                method="amig",
+                mode="erase",
+                kn_set=s,
+                **{"class": k},
+                rel=0.9,
+                gen=g,
+                loc=0.9,
+                avg=0.8,
+                facts=5,
+            )
+            for k in ("KC", "KI")
+            for s, g in (("self", 0.2), ("union", 0.6), ("cas", 0.9))
+        ]
+    )
+    tables = {"table1": _table1(), "table2": table3[table3.kn_set != "cas"], "table3": table3}
+    for paper in (load_paper_reference(custom), load_paper_reference()):
+        result = model_findings(Evidence("m-135m", tables=tables), paper)
+        for finding in result.findings:
+            if finding.verdict in ("agrees", "differs"):
+                assert paper is not None and not finding.paper.startswith("no cell"), finding
+    result = model_findings(Evidence("m-135m", tables=tables), load_paper_reference(custom))
+    assert result.findings and {f.verdict for f in result.findings} == {"open"}
+    assert all(
+        f.note.startswith("no call: ") for f in result.findings if "Welch" in f.measure and f.measured != "–"
+    )

@@ -13,13 +13,13 @@ from .findings import (
     SET_NAMES,
     Evidence,
     ModelFindings,
-    PaperReference,
     records,
     reference_model,
     sign_word,
     weighted,
 )
 from .format import format_number, format_share
+from .paper import PaperReference, no_paper_number
 
 
 class ModelClaims(ConsistencyClaims):
@@ -40,8 +40,12 @@ class ModelClaims(ConsistencyClaims):
                     gaps[kind] = (self_gen, union_gen)
             for kind, (self_gen, union_gen) in gaps.items():
                 measure = f"{method.upper()} {mode}, {kind} facts: Gen through Self vs Union"
-                keys = {"Self": f"{mode} {kind} self", "Union": f"{mode} {kind} union"}
-                paper = self.paper.quote("self_union_generalisation", self.reference, keys, " / ")
+                paper = self.paper.quote_each(
+                    "table2",
+                    "gen",
+                    self.reference,
+                    {SET_NAMES[s]: {"mode": mode, "class": kind, "kn_set": s} for s in ("self", "union")},
+                )
                 measured = f"Self {format_number(self_gen)} / Union {format_number(union_gen)}"
                 if kind == "KI":
                     verdict = "agrees" if union_gen > self_gen else "differs"
@@ -100,14 +104,12 @@ class ModelClaims(ConsistencyClaims):
                 else:
                     continue
                 name = SET_NAMES.get(kn_set, kn_set)
-                paper_values = {
-                    kind: self.paper.value_text("dppl", self.reference, f"{mode} {kind} {kn_set}")
-                    for kind in ("KC", "KI")
-                }
-                if len(set(paper_values.values())) == 1:
-                    paper = paper_values["KC"]
-                else:
-                    paper = " / ".join(f"{kind} {text}" for kind, text in paper_values.items())
+                paper = self.paper.quote_each(
+                    "table3",
+                    "dppl",
+                    self.reference,
+                    {kind: {"mode": mode, "class": kind, "kn_set": kn_set} for kind in ("KC", "KI")},
+                )
                 notes = (
                     []
                     if math.isnan(catastrophic)
@@ -146,8 +148,12 @@ class ModelClaims(ConsistencyClaims):
             avg = {r.kn_set: float(r.avg) for r in records(rows)}
             if not {"cas", "self", "union"} <= set(avg):
                 continue
-            keys = {SET_NAMES[s]: f"{mode} {kind} {s}" for s in ("cas", "self", "union")}
-            paper = self.paper.quote("cas", self.reference, keys, " / ")
+            paper = self.paper.quote_each(
+                "table3",
+                "avg",
+                self.reference,
+                {SET_NAMES[s]: {"mode": mode, "class": kind, "kn_set": s} for s in ("cas", "self", "union")},
+            )
             measured = " / ".join(f"{SET_NAMES[s]} {format_number(avg[s])}" for s in ("cas", "self", "union"))
             best_other = max(avg["self"], avg["union"])
             self.add(
@@ -180,8 +186,7 @@ class ModelClaims(ConsistencyClaims):
                     direction * effect[s] for s in ("intersection", "refine")
                 )
                 unrelated_last = order[-1] == "unrelated"
-                keys = {SET_NAMES[s]: f"{operation} {kind} {s}" for s in effect}
-                paper = self.paper.quote("mapping", self.reference, keys, "; ")
+                paper = no_paper_number(self.paper.unquoted("mapping"))
                 misses = [
                     text
                     for ok, text in (
@@ -215,8 +220,7 @@ class ModelClaims(ConsistencyClaims):
                 dprob = values.get(f"dprob_{statistic}", values.get("dprob_mean"))
                 direction = -1 if row.operation == "suppress" else 1
                 right = [direction * dkn > 0, direction * dprob > 0]
-                keys = {"dKN": f"{row.operation} Avg dkn", "dProb": f"{row.operation} Avg dprob"}
-                paper = self.paper.quote("synapses", self.reference, keys)
+                paper = no_paper_number(self.paper.unquoted("synapses"))
                 note = (
                     ""
                     if all(right)

@@ -4,6 +4,7 @@ U_KI) and about what the model knows."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pandas as pd
 
@@ -12,10 +13,12 @@ from .findings import (
     SIGNIFICANCE,
     SMALL_SAMPLE,
     ClaimRules,
-    paper_text,
     records,
 )
 from .format import format_number, format_share
+from .paper import PaperQuote, no_paper_number
+
+NO_CHANCE_BASELINE = no_paper_number("the paper has no chance baseline")
 
 
 class ConsistencyClaims(ClaimRules):
@@ -36,47 +39,15 @@ class ConsistencyClaims(ClaimRules):
                     "about the model and it is left out of U_KI."
                 )
             for row in records(rows):
-                facts = int(row.facts)
-                measure = f"{label}: KI share, {row.threshold} threshold {format_number(row.threshold_value)}"
-                paper = self.paper.value_text(
-                    "ki_share", self.reference, f"{method} {row.threshold}", share=True
-                )
-                quoted = self.paper.quoted_range("ki_share", f"{method} {row.threshold}")
-                if degenerate:
-                    verdict, note = "open", "method degenerate here"
-                elif row.R_KI == 0:
-                    verdict, note = "differs", "no KI facts"
-                elif quoted is not None and not quoted["low"] <= row.R_KI <= quoted["high"]:
-                    # KI facts exist, but a share far outside the paper's is not its finding.
-                    side = "below" if row.R_KI < quoted["low"] else "above"
-                    verdict, note = "differs", f"{side} the paper's range"
-                else:
-                    verdict, note = "agrees", ""
-                self.add(
-                    "ki_share",
-                    measure,
-                    format_share(row.R_KI, facts),
-                    paper,
-                    verdict,
-                    note,
-                )
+                self._ki_share(method, row, degenerate)
                 if row.threshold == "static" and row.R_KI == 0:
-                    all_kc.append((label, facts))
+                    all_kc.append((label, int(row.facts)))
                 if getattr(row, "empty_union", 0) and row.empty_union > 0:
                     self.warnings.append(
-                        f"{label}: {int(row.empty_union)} of {facts} facts have no KN in any "
+                        f"{label}: {int(row.empty_union)} of {int(row.facts)} facts have no KN in any "
                         "query (empty KN sets: CS 0, counted as KI)."
                     )
             static = rows[rows.threshold == "static"]
-            if not static.empty and not math.isnan(static.iloc[0].CS_KC):
-                self.add(
-                    "ki_share",
-                    f"{label}: mean CS of KC facts, static threshold",
-                    format_number(static.iloc[0].CS_KC),
-                    self.paper.value_text("ki_share", self.reference, f"{method} static CS_KC"),
-                    "open",
-                    "higher: KN sets of one fact's queries overlap more",
-                )
             if chance_columns and not static.empty:
                 row = static.iloc[0]
                 self.add(
@@ -84,7 +55,7 @@ class ConsistencyClaims(ClaimRules):
                     f"{label}: facts whose CS beats chance (95th percentile of the null, "
                     f"{format_number(row.cs_null_p95)})",
                     format_share(row.R_above_null, int(row.facts)),
-                    "no chance baseline in the paper",
+                    NO_CHANCE_BASELINE,
                     "open",
                     f"null mean CS {format_number(row.cs_null_mean)}",
                 )
@@ -105,47 +76,97 @@ class ConsistencyClaims(ClaimRules):
                 "ki_share",
                 "facts whose CS beats chance",
                 "not computed",
-                "no chance baseline in the paper",
+                NO_CHANCE_BASELINE,
                 "open",
                 "table1.csv has no chance baseline (cs_null_* columns)",
             )
         self._welch(table1)
         self._u_ki(table1)
 
+    def _paper_range_verdict(self, quote: PaperQuote, value: float, what: str) -> tuple[str, str]:
+        if quote.contains(value):
+            return "agrees", ""
+        side = "below" if quote.low is not None and value < quote.low else "above"
+        return "differs", f"{side} the paper's range{what}"
+
+    def _ki_share(self, method: str, row: Any, degenerate: bool) -> None:
+        """R_KI, CS_KC and CS_KI of one Table 1 row, each beside the paper's cell of the same method
+        and threshold: a direction agrees where qloc's number lies in the range over the paper's models."""
+        label, facts, keys = method.upper(), int(row.facts), {"method": method, "threshold": row.threshold}
+        quote = self.paper.quote("table1", "R_KI", self.reference, share=True, **keys)
+        if degenerate:
+            verdict, note = "open", "method degenerate here"
+        elif row.R_KI == 0:
+            verdict, note = "differs", "no KI facts"
+        else:
+            verdict, note = self._paper_range_verdict(quote, row.R_KI, "")
+        measure = f"{label}: KI share, {row.threshold} threshold {format_number(row.threshold_value)}"
+        self.add("ki_share", measure, format_share(row.R_KI, facts), quote, verdict, note)
+        if row.threshold == "otsu":
+            self.add(
+                "ki_share",
+                f"{label}: Otsu's threshold (the paper's Table 4)",
+                format_number(row.threshold_value),
+                self.paper.quote("table4", "value", self.reference, **keys),
+                "open",
+                "a threshold is a setting the data choose, not a claim",
+            )
+        for column, why in (
+            ("CS_KC", ": KN sets of one fact's queries overlap more than the paper's"),
+            ("CS_KI", ""),
+        ):
+            value = getattr(row, column)
+            if math.isnan(value):
+                continue
+            quote = self.paper.quote("table1", column, self.reference, **keys)
+            verdict, note = (
+                ("open", "method degenerate here")
+                if degenerate
+                else self._paper_range_verdict(quote, value, why if value > (quote.high or 0) else "")
+            )
+            self.add(
+                "ki_share",
+                f"{label}: mean CS of {column[3:]} facts, {row.threshold} threshold",
+                format_number(value),
+                quote,
+                verdict,
+                note,
+            )
+
     def _welch(self, table1: pd.DataFrame) -> None:
         for row in records(table1):
             label = row.method.upper()
             measure = f"{label}: Welch's t (KC vs KI), {row.threshold} threshold"
-            keys = {"t =": f"{row.method} {row.threshold} t", "p =": f"{row.method} {row.threshold} p"}
-            paper = self.paper.quote("welch", self.reference, keys)
+            quote = self.paper.quote(
+                "table1", "t", self.reference, method=row.method, threshold=row.threshold
+            )
             if math.isnan(row.t) or math.isnan(row.p):
-                self.add("welch", measure, "–", paper, "open", "fewer than 2 facts in a class")
+                self.add("welch", measure, "–", quote, "open", "fewer than 2 facts in a class")
                 continue
             measured = f"t = {format_number(row.t)}, p = {format_number(row.p)}"
             if row.t > 0 and row.p < SIGNIFICANCE:
-                self.add("welch", measure, measured, paper, "agrees")
+                self.add("welch", measure, measured, quote, "agrees", "the paper prints no p")
             else:
                 why = "KC's CS not above KI's" if row.t <= 0 else f"not significant at {SIGNIFICANCE}"
-                self.add("welch", measure, measured, paper, "differs", why)
+                self.add("welch", measure, measured, quote, "differs", why)
 
     def _u_ki(self, table1: pd.DataFrame) -> None:
         methods = table1["method"].nunique()
         for kind, rows in table1.groupby("threshold", sort=False):
             row = rows.iloc[0]
-            paper = paper_text(self.paper.value("u_ki", self.reference, kind), share=True)
+            quote = self.paper.quote("table1_u_ki", "U_KI", self.reference, share=True, threshold=kind)
             measure = f"U_KI: KI under every method, {kind} threshold"
             if math.isnan(row.U_KI):
-                self.add("u_ki", measure, "–", paper, "open", "needs two or more methods")
+                self.add("u_ki", measure, "–", quote, "open", "needs two or more methods")
                 continue
-            note = "" if methods >= 3 else f"over {methods} methods; the paper uses three"
-            self.add(
-                "u_ki",
-                measure,
-                format_share(row.U_KI, int(row.facts)),
-                paper,
-                "agrees" if row.U_KI > 0 else "differs",
-                note,
+            verdict, note = (
+                ("differs", "no fact is KI under every method")
+                if row.U_KI == 0
+                else (self._paper_range_verdict(quote, row.U_KI, ""))
             )
+            if methods < 3:
+                note = "; ".join(filter(None, [note, f"over {methods} methods; the paper uses three"]))
+            self.add("u_ki", measure, format_share(row.U_KI, int(row.facts)), quote, verdict, note)
 
     # -- what the model knows, and empty KN sets -------------------------------------------
     def knowledge(self) -> None:

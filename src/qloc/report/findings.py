@@ -2,8 +2,10 @@
 paper's number for the closest model it reports, with a mark where qloc's result goes the paper's
 way and where it does not, and words for numbers that signal a broken setting.
 
-The paper's values and claims live in ``data/paper_reference.json`` (with their table
-references); the rules that decide a direction live here, one function per claim. Every rule reads
+The paper's tables and claims live in ``data/paper_reference.json`` (:mod:`qloc.report.paper`);
+the rules that decide a direction live here and in the claims modules, one function per claim. A
+direction (✓ or ✗) needs two numbers, qloc's and the paper's: where the paper has no cell, the
+finding is "no call" and says why (:meth:`ClaimRules.add` enforces it for every rule). Every rule reads
 the tables the commands write (``tables/*.csv``) and, where it needs per-query or per-edit data,
 the run store; columns that newer qloc versions add (a chance baseline of CS, catastrophic-edit
 shares, medians) are used when present and said to be missing otherwise.
@@ -11,18 +13,15 @@ shares, medians) are used when present and said to be missing otherwise.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from ..errors import QlocError
-from .format import format_number, format_share
+from .format import format_number
+from .paper import PaperQuote, PaperReference
 from .sections import RunSection
 
 SIGNIFICANCE = 0.05
@@ -45,73 +44,6 @@ SET_NAMES = {
     "unrelated": "Unrelated",
 }
 VERDICTS = {"agrees": "✓ agrees", "differs": "✗ differs", "open": "– no call", "broken": "⚠ broken"}
-
-
-@dataclass
-class PaperReference:
-    """The paper's claims and values (``data/paper_reference.json``)."""
-
-    paper: str
-    models: dict[str, str]
-    claims: dict[str, dict]
-
-    def value(self, claim: str, model: str, key: str) -> float | None:
-        return self.claims[claim]["values"].get(model, {}).get(key)
-
-    def quoted_range(self, claim: str, key: str) -> dict[str, Any] | None:
-        """The range over the paper's models and methods that the claim quotes for ``key`` (a range
-        matches a key holding all of its words; the most specific wins), or None."""
-        words = set(key.split())
-        ranges = self.claims[claim].get("ranges", {})
-        matching = [p for p in ranges if set(p.split()) <= words]
-        if not matching:
-            return None
-        return ranges[max(matching, key=lambda p: len(p.split()))]
-
-    def value_text(self, claim: str, model: str, key: str, share: bool = False) -> str:
-        """The paper's value for ``key``, or else the range it quotes, or "not transcribed"."""
-        value = self.value(claim, model, key)
-        if value is not None:
-            return paper_text(value, share)
-        quoted = self.quoted_range(claim, key)
-        if quoted is None:
-            return "not transcribed"
-        low, high = quoted["low"], quoted["high"]
-        shown = (
-            f"{format_share(low)}-{format_share(high)}"
-            if quoted.get("share")
-            else f"{format_number(low)}-{format_number(high)}"
-        )
-        return f"{shown} (range over the paper's models)"
-
-    def quote(self, claim: str, model: str, keys: Mapping[str, str], sep: str = ", ") -> str:
-        """The paper's values of ``keys`` (label -> key) as "label value", joined by ``sep``; "not
-        transcribed" where the reference holds none of them."""
-        values = {label: self.value(claim, model, key) for label, key in keys.items()}
-        if all(value is None for value in values.values()):
-            return "not transcribed"
-        return sep.join(f"{label} {paper_text(value)}" for label, value in values.items())
-
-    def where(self, claim: str) -> str:
-        return self.claims[claim]["where"]
-
-    def text(self, claim: str) -> str:
-        return self.claims[claim]["claim"]
-
-
-def load_paper_reference(path: Path | None = None) -> PaperReference:
-    """The reference shipped with qloc, or another file of the same form."""
-    source = path or resources.files("qloc.data") / "paper_reference.json"
-    try:
-        data = json.loads(Path(str(source)).read_text(encoding="utf-8"))
-        claims = data["claims"]
-        for name, claim in claims.items():
-            missing = [key for key in ("where", "claim", "values") if key not in claim]
-            if missing:
-                raise KeyError(f"claim {name!r} has no {', '.join(missing)}")
-        return PaperReference(data["paper"], data["reference_models"], claims)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise QlocError(f"paper reference {str(source)!r} cannot be read: {exc!r}") from None
 
 
 @dataclass
@@ -177,12 +109,6 @@ def records(frame: pd.DataFrame) -> Iterator[Any]:
     yield from frame.itertuples(index=False)
 
 
-def paper_text(value: float | None, share: bool = False) -> str:
-    if value is None:
-        return "not transcribed"
-    return format_share(value) if share else format_number(value)
-
-
 def weighted(rows: pd.DataFrame, column: str) -> float:
     """A share column of table rows (one per fact class) over all their facts; NaN where absent."""
     if column not in rows or rows[column].isna().all():
@@ -203,8 +129,16 @@ class ClaimRules:
         self.warnings: list[str] = []
         self.context: list[str] = []
 
-    def add(self, claim: str, measure: str, measured: str, paper: str, verdict: str, note: str = "") -> None:
-        self.findings.append(Finding(claim, measure, measured, paper, verdict, note))
+    def add(
+        self, claim: str, measure: str, measured: str, paper: PaperQuote, verdict: str, note: str = ""
+    ) -> None:
+        """Records a finding. A direction without the paper's number is no verdict: it becomes "no
+        call", with why, and the direction qloc measured kept in words."""
+        if verdict in ("agrees", "differs") and not paper.has_number:
+            way = "as the paper describes it" if verdict == "agrees" else "not as the paper describes it"
+            note = f"no call: {paper.text}; qloc's result goes {way}" + (f" ({note})" if note else "")
+            verdict = "open"
+        self.findings.append(Finding(claim, measure, measured, paper.text, verdict, note))
 
     def table(self, name: str) -> pd.DataFrame | None:
         frame = self.evidence.tables.get(name)

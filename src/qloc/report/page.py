@@ -27,9 +27,10 @@ from ..studies.registry import Panel
 from .captions import caption
 from .claims import model_findings
 from .explorer import explorer_run
-from .findings import VERDICTS, ModelFindings, PaperReference, gather_evidence, load_paper_reference
+from .findings import VERDICTS, ModelFindings, gather_evidence
 from .format import escape, number_html, script_json
 from .markdown import markdown_report
+from .paper import PaperReference, load_paper_reference
 from .sections import ROWS_SHOWN, RunSection, figures_of, panels_for, read_section, unit_counts
 
 PAIRED_COLUMNS = 9
@@ -154,10 +155,10 @@ def _findings_html(results: list[ModelFindings], paper: PaperReference) -> str:
     parts = [
         "<section id='glance'><h2>At a glance: what the runs found, beside the paper</h2>",
         "<p class='caption'>One table per model. Each row is a measurement of a claim of the paper "
-        f"({escape(paper.paper)}); the paper's number is from the table named, for the paper's model "
-        "closest in size. ✓: qloc's result goes the paper's way; ✗: it does not; –: no call can be made "
-        "(the reason is given); ⚠: the number signals a broken setting. Values the paper reference file does "
-        "not hold are marked 'not transcribed'.</p>",
+        f"({escape(paper.paper)}); the paper's number is its cell in the table named for the paper's model "
+        "closest in size, with the range of that cell over the paper's three models beside it. ✓: qloc's "
+        "number goes the paper's way; ✗: it does not; –: no call (the reason is given; always where the "
+        "paper prints no number to compare with); ⚠: the number signals a broken setting.</p>",
     ]
     for result in results:
         parts.append(
