@@ -146,3 +146,8 @@ def test_cli_consistency_writes_the_null_and_the_sensitivity_table(tmp_path, tin
     assert (run / "figures" / "threshold_sensitivity.png").exists() and (
         run / "tables" / "cs_null.csv"
     ).exists()
+    ablation = pd.read_csv(run / "tables" / "cs_ablation.csv")
+    assert set(ablation["group"]) == {"-", "b", "c", "d", "e", "f", "g"}  # (a) needs an all-tokens run
+    assert (run / "figures" / "cs_ablation.png").exists()
+    assert set(pd.read_csv(run / "tables" / "cs_by_queries.csv")["method"]) == {"ig", "amig"}
+    assert pd.read_csv(run / "tables" / "table1_by_knowledge.csv")["facts"].sum() == 6  # 3 facts x 2 methods

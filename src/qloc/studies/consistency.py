@@ -316,14 +316,21 @@ def consistency_study(kn_frame: pd.DataFrame, score: str = "cs_relaxed") -> Cons
 
 
 def write_consistency_report(
-    run_dirs: Sequence[str | Path], out_dir: str | Path, score: str = "cs_relaxed"
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    score: str = "cs_relaxed",
+    all_tokens_run: Path | None = None,
 ) -> dict[str, Path]:
-    """Table 1 with its chance baseline, per-fact scores and Figures 3/7/8/9 under ``out_dir``/tables
-    and /figures; the threshold-sensitivity table and figure where the runs kept dense scores."""
+    """Table 1 with its chance baseline, per-fact scores, Figures 3/7/8/9, the strata and ablation of
+    :mod:`qloc.studies.consistency_strata` under ``out_dir``/tables and /figures; the threshold
+    sensitivity where the runs kept dense scores."""
+    from .consistency_strata import write_strata_tables  # it builds on this module's CS functions
+
     out_dir = Path(out_dir)
     tables, figures = out_dir / "tables", out_dir / "figures"
     check_writable(out_dir, "tables and figures")
-    study = consistency_study(load_kn_sets(run_dirs), score)
+    kn_frame = load_kn_sets(run_dirs)
+    study = consistency_study(kn_frame, score)
     tables.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot be read leaves no folder
     written: dict[str, Path] = {}
     study.per_fact().to_csv(tables / "consistency.csv", index=False)
@@ -343,6 +350,7 @@ def write_consistency_report(
         written["threshold_sensitivity_fig"] = save_figure(
             sensitivity_figure(sensitivity), figures, "threshold_sensitivity"
         )
+    written.update(write_strata_tables(run_dirs, kn_frame, dense, tables, figures, all_tokens_run))
     return written
 
 
@@ -353,13 +361,15 @@ class ConsistencyRequest:
         None, "Where tables/ and figures/ go (default: the first run).", flag="--out"
     )
     strict: bool = setting(False, "Classify by strict CS (intersection / union).")
+    all_tokens_run: Path | None = setting(
+        None, "A localize run with --answer-tokens all on some of the same facts, for the CS ablation."
+    )
 
 
 def run(request: ConsistencyRequest) -> Outcome:
     out_dir = request.out_dir or request.run_dirs[0]
-    written = write_consistency_report(
-        request.run_dirs, out_dir, "cs_strict" if request.strict else "cs_relaxed"
-    )
+    score = "cs_strict" if request.strict else "cs_relaxed"
+    written = write_consistency_report(request.run_dirs, out_dir, score, request.all_tokens_run)
     table = written["table1"].with_suffix(".md").read_text()
     return Outcome([table, *(f"{name}: {path}" for name, path in written.items())])
 

@@ -198,20 +198,20 @@ def cas_set(
     return kn_set(cas_scores(per_query_scores, beta1, beta2), threshold)
 
 
-def consistency_score(kn_sets: Sequence[Iterable], strict: bool = False) -> float:
-    """CS of one fact: relaxed = share of the union held by more than one query's KN set;
-    strict = |intersection| / |union|. 0 where the union is empty."""
+def consistency_score(kn_sets: Sequence[Iterable], strict: bool = False, min_count: int = 2) -> float:
+    """CS of one fact: the share of the union of its queries' KN sets held by at least ``min_count``
+    of them (relaxed, METHODS.md section 4: 2); strict = held by all of them (|intersection| /
+    |union|). 0 where the union is empty."""
     sets = [set(map(tuple, s)) for s in kn_sets]
     union = set().union(*sets) if sets else set()
     if not union:
         return 0.0
-    if strict:
-        return len(set.intersection(*sets)) / len(union)
+    need = len(sets) if strict else min_count
     counts: dict[tuple, int] = {}
     for s in sets:
         for neuron in s:
             counts[neuron] = counts.get(neuron, 0) + 1
-    return sum(1 for c in counts.values() if c > 1) / len(union)
+    return sum(1 for c in counts.values() if c >= need) / len(union)
 
 
 KN_RULES = ("t=0.1", "t=0.2", "t=0.3", "t=0.5", "top10", "top50")
