@@ -9,6 +9,7 @@ being a list of ``[query, object, "P19(place of birth)"]`` rows; subjects come f
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 from collections import Counter
@@ -41,6 +42,13 @@ class Fact:
     @property
     def label(self) -> str:
         return f"fact {self.id} ({self.subject!r} -> {self.object!r})"
+
+    @property
+    def digest(self) -> str:
+        """A hash of what the fact says (relation, subject, answer, queries): a run records it, so
+        that a later stage notices a data file that now says something else under the same id."""
+        content = [self.id, self.relation, self.relation_label, self.subject, self.object, list(self.queries)]
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -11,6 +11,7 @@ from ..errors import ConfigError, QlocError
 from ..settings import setting
 from .pararel import QUERY_FILTERS, Fact, ParaRel, load_pararel, sample_facts
 
+BUNDLED_SOURCE = "the bundled ParaRel"
 MAX_WARNINGS = 20
 """Malformed rows named one by one; the rest are counted."""
 log = logging.getLogger("qloc")
@@ -42,6 +43,12 @@ class Selection:
             "seed": self.seed,
             "query_filter": self.query_filter,
         }
+
+    @property
+    def source(self) -> str:
+        """Where the facts come from, for messages and for a run to record: the data file's absolute
+        path (a relative --data means another file from another directory), or the bundled copy."""
+        return str(self.data.resolve()) if self.data else BUNDLED_SOURCE
 
     @property
     def relation_list(self) -> list[str] | None:

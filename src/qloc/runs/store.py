@@ -1,10 +1,12 @@
 """The run store: one SQLite database per run directory, one transaction per unit of work.
 
-A run directory holds ``qloc.sqlite`` (results, finished units, skips, parameters),
+A run directory holds ``qloc.sqlite`` (results, finished units, skips, parameters, and a digest
+of every fact a stage works on, with the data file it came from),
 ``params.json`` (the parameters of each stage run in it) and ``environment.json`` (model,
 library versions, machine). A sweep commits each finished fact in its own transaction, so a
 ``kill -9`` loses at most the fact in flight; rerunning the same command skips finished facts.
-Reopening a stage with different parameters is refused, naming the parameter that differs.
+Reopening a stage with different parameters is refused, naming the parameter that differs, and so
+is a fact that its data file now states otherwise than when the stage recorded it.
 
 One process writes a run directory at a time: a writer holds :class:`RunLock` (``qloc.lock``)
 for its whole sweep, and a second writer is refused at once. Readers take no lock and open the
@@ -29,6 +31,7 @@ from typing import Any, TypeVar
 
 import pandas as pd
 
+from ..data.pararel import Fact
 from ..errors import RunDirectoryError
 from .lock import LOCK_FILE, STORE_FILE, RunLock
 from .rows import PlainRow, Row, check_identifier, table_layout
@@ -45,7 +48,13 @@ CREATE TABLE IF NOT EXISTS units (
     stage TEXT NOT NULL, unit_id TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
     seconds REAL, finished REAL NOT NULL, PRIMARY KEY (stage, unit_id)
 );
+CREATE TABLE IF NOT EXISTS fact_digests (
+    stage TEXT NOT NULL, fact_id TEXT NOT NULL, digest TEXT NOT NULL, fact TEXT NOT NULL,
+    source TEXT NOT NULL, PRIMARY KEY (stage, fact_id)
+);
 """
+BOOKKEEPING_TABLES = ("stages", "units", "fact_digests")
+"""The store's own tables; the others hold results."""
 
 
 def environment() -> dict[str, Any]:
@@ -228,6 +237,46 @@ class RunStore:
             with cls.open_existing(run_dir) as store:
                 store._refuse_other_params(stage, json.loads(json.dumps(dict(params))))
 
+    @classmethod
+    def check_facts(cls, run_dir: str | Path, stage: str, facts: Sequence[Fact], source: str) -> None:
+        """Refuse, before any work, facts that :meth:`refuse_other_facts` would refuse; a directory
+        without a store passes."""
+        if (Path(run_dir) / STORE_FILE).is_file():
+            with cls.open_existing(run_dir) as store:
+                store.refuse_other_facts(stage, facts, source)
+
+    @_reads_store
+    def refuse_other_facts(self, stage: str, facts: Sequence[Fact], source: str) -> None:
+        """Refuse a fact that ``stage`` recorded (:meth:`record_facts`) with other content under the
+        same id: its data file was edited since, or a path now names another file. Runs made before
+        facts were recorded have nothing to compare, and pass."""
+        present = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'fact_digests'").fetchone()
+        if present is None:
+            return
+        recorded = {
+            fact_id: (digest, label, recorded_source)
+            for fact_id, digest, label, recorded_source in self._db.execute(
+                "SELECT fact_id, digest, fact, source FROM fact_digests WHERE stage = ?", (stage,)
+            )
+        }
+        for fact in facts:
+            if fact.id in recorded and recorded[fact.id][0] != fact.digest:
+                _, label, recorded_source = recorded[fact.id]
+                raise RunDirectoryError(
+                    f"run directory {str(self.run_dir)!r}: its {stage!r} stage used {label} from "
+                    f"{recorded_source!r}, but {source!r} now has {fact.label} (other content under the "
+                    "same id); give the data the run was made with, or use another run directory"
+                )
+
+    def record_facts(self, stage: str, facts: Sequence[Fact], source: str) -> None:
+        """Remember what each fact of ``stage`` says (its digest) and where it came from; facts
+        recorded before keep their record, so a run keeps the data it started with."""
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO fact_digests VALUES (?, ?, ?, ?, ?)",
+                [(stage, fact.id, fact.digest, fact.label, source) for fact in facts],
+            )
+
     def _register_stage(self, stage: str, params: dict[str, Any], env: dict[str, Any]) -> None:
         if self._db.execute("SELECT 1 FROM stages WHERE stage = ?", (stage,)).fetchone() is None:
             with self._transaction():
@@ -315,7 +364,7 @@ class RunStore:
     @_reads_store
     def tables(self) -> list[str]:
         rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        return [r[0] for r in rows if r[0] not in ("stages", "units")]
+        return [r[0] for r in rows if r[0] not in BOOKKEEPING_TABLES]
 
     @_reads_store
     def frame(self, table: str) -> pd.DataFrame:

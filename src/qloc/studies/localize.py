@@ -210,6 +210,7 @@ def run(request: LocalizeRequest) -> Outcome:
         partial(localize_work, config=request.config, max_batch_rows=request.max_batch_rows),
         ModelSpec(request.model, request.device, request.dtype),
         f"localize {request.model}",
+        selection.source,
     )
     summary = execute(plan, request.execution)
     return Outcome([f"facts: {summary.describe()}; results in {request.run_dir}"])
