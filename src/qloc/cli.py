@@ -5,6 +5,7 @@ an error about a setting names its flag here."""
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import logging
@@ -269,6 +270,13 @@ def main() -> None:
             else str(exc)
         )
         err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:
+        # A full disk can strike in any library's write (torch, matplotlib, SQLite's journal); qloc's
+        # own outputs say so themselves (qloc.runs.outputs).
+        if exc.errno != errno.ENOSPC:
+            raise
+        err.print(f"[bold red]error:[/] {escape(f'disk full at {exc.filename!r}')}", highlight=False)
         sys.exit(2)
     except SystemExit as exc:
         # Typer turns Ctrl-C into exit status 130 before it could reach an except KeyboardInterrupt.

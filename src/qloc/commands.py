@@ -21,7 +21,7 @@ from .engine.gguf import BUILTIN_MODELS
 from .engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL
 from .report import open_in_browser, write_report
 from .runs.executors import ModelSpec
-from .runs.outputs import check_writable
+from .runs.outputs import check_output_file, write_atomically
 from .settings import setting
 
 out = Console()
@@ -141,7 +141,7 @@ def attribute_query(request: Attribute) -> None:
     """Attribution scores of every knowledge neuron for one query: top neurons, KN set and the
     per-layer completeness residuals."""
     if request.out_file is not None:
-        check_writable(request.out_file.parent, "the scores")  # before the attribution, not after it
+        check_output_file(request.out_file, "the scores")  # before the attribution, not after it
     lm = ModelSpec(request.model, request.device, request.dtype).load()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -159,8 +159,8 @@ def attribute_query(request: Attribute) -> None:
         if issubclass(warning.category, UserWarning):
             err.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
     if request.out_file is not None:
-        request.out_file.parent.mkdir(parents=True, exist_ok=True)
-        np.save(request.out_file, result.scores.numpy().astype(np.float32))
+        scores = result.scores.numpy().astype(np.float32)
+        write_atomically(request.out_file, lambda out: np.save(out, scores))
     kn = result.kn_set(request.threshold, request.top_k)
     top = result.top(request.top)
     if request.json_out:

@@ -5,9 +5,22 @@ console entry point in this process. Each test names the case of the issue it co
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
+import pytest
+
+from qloc import cli
+from qloc.errors import QlocError
+from qloc.runs import outputs
+from qloc.runs.rows import Row
+from qloc.runs.store import RunStore
 from tests.helpers import assert_refused, localize_args
+from tests.integration.test_errors import snapshot
 
 
 def capital_facts(country: str, capital: str) -> dict:
@@ -47,3 +60,88 @@ def test_case1_changed_data_file_is_refused_naming_it(tmp_path, tiny_model_dir, 
     monkeypatch.chdir(elsewhere)
     assert_refused(qloc_cli(*relative), str(data), str(elsewhere / "data.json"))
     assert_refused(qloc_cli("edit", "--run-dir", relative_run, "--mode", "erase", "--device", "cpu"), "Tokyo")
+
+
+def run_qloc(*args: str | Path) -> None:
+    """``qloc ARGS`` in this process, for fixtures shared by a module (which cannot use qloc_cli)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["qloc", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+    assert not exit_.value.code
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A localize run of 2 facts with its consistency tables and report."""
+    run = tmp_path_factory.mktemp("reported") / "run"
+    run_qloc(*localize_args(tiny_model_dir, run, "--relations", "P19,P36", "--facts-per-relation", "1"))
+    run_qloc("consistency", "--run-dir", run)
+    run_qloc("report", "--run-dir", run)
+    return run
+
+
+def test_case2_no_command_writes_over_a_runs_own_files(reported_run, qloc_cli, tmp_path):
+    before = snapshot(reported_run)
+    link = tmp_path / "innocent.html"
+    link.symlink_to(reported_run / "qloc.sqlite")
+    for own in ("qloc.sqlite", "params.json", "environment.json", "qloc.lock"):
+        result = qloc_cli("report", "--run-dir", reported_run, "--out", reported_run / own)
+        assert_refused(result, str(reported_run / own), "one of the files of run directory")
+    assert_refused(qloc_cli("report", "--run-dir", reported_run, "--out", link), "one of the files")
+    scores = ("attribute", "--model", "no-model-needed", "--prompt", "a", "--answer", "b")
+    assert_refused(qloc_cli(*scores, "--out", reported_run / "params.json"), "one of the files")
+    assert snapshot(reported_run) == before
+
+
+def test_case9_full_disk_is_named_and_leaves_the_previous_outputs(reported_run, qloc_cli, monkeypatch):
+    """ENOSPC in every write of qloc's outputs: one line naming the file; the report and tables
+    written before stay whole, and no empty or temporary file is left."""
+    before = snapshot(reported_run)
+
+    class FullDisk(io.BytesIO):
+        def write(self, data) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = open
+    monkeypatch.setattr(
+        outputs,
+        "open",
+        lambda path, mode: FullDisk() if "w" in mode else real_open(path, mode),
+        raising=False,  # the module uses the builtin
+    )
+    html = reported_run / "report.html"
+    assert_refused(qloc_cli("report", "--run-dir", reported_run), f"disk full at '{html}'")
+    result = qloc_cli("consistency", "--run-dir", reported_run)
+    assert_refused(result, "disk full at", str(reported_run / "tables"))
+    assert snapshot(reported_run) == before
+
+
+def test_case9_full_store_is_named_and_keeps_the_finished_units(tmp_path):
+    """SQLite's SQLITE_FULL (the database cannot grow: a full disk) while committing a unit."""
+    with RunStore.open_stage(tmp_path / "run", "stage", {"p": 1}, {}) as store:
+        store.commit_unit("stage", "first", {}, 1.0)
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+        rows = {"big": [BigRow("x" * 100_000)]}
+        with pytest.raises(QlocError, match=f"disk full at '{tmp_path / 'run' / 'qloc.sqlite'}'"):
+            store.commit_unit("stage", "second", rows, 1.0)
+        assert store.finished_units("stage") == {"first"}
+
+
+@dataclass
+class BigRow(Row):
+    table = "big"
+    text: str
+
+
+def test_case11_out_folder_and_unwritable_out_are_refused_before_the_work(reported_run, qloc_cli, tmp_path):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert_refused(qloc_cli("report", "--run-dir", reported_run, "--out", folder), str(folder), "is a folder")
+    # /sys passes os.access for root, but no file can be created there.
+    result = qloc_cli("report", "--run-dir", reported_run, "--out", "/sys/report.html")
+    assert_refused(result, "cannot write the report to '/sys'")
+    assert_refused(
+        qloc_cli("report", "--run-dir", reported_run, "--out", tmp_path / "r.md"), "cannot end in .md"
+    )

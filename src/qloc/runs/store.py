@@ -32,8 +32,9 @@ from typing import Any, TypeVar
 import pandas as pd
 
 from ..data.pararel import Fact
-from ..errors import RunDirectoryError
+from ..errors import QlocError, RunDirectoryError
 from .lock import LOCK_FILE, STORE_FILE, RunLock
+from .outputs import write_text
 from .rows import PlainRow, Row, check_identifier, table_layout
 
 __all__ = ["LOCK_FILE", "STORE_FILE", "RunLock", "RunStore", "environment"]
@@ -303,11 +304,13 @@ class RunStore:
 
     def _write_sidecars(self) -> None:
         stages = self._db.execute("SELECT stage, params, environment FROM stages ORDER BY created").fetchall()
-        (self.run_dir / "params.json").write_text(
-            json.dumps({s: json.loads(p) for s, p, _ in stages}, indent=2, sort_keys=True) + "\n"
+        write_text(
+            self.run_dir / "params.json",
+            json.dumps({s: json.loads(p) for s, p, _ in stages}, indent=2, sort_keys=True) + "\n",
         )
-        (self.run_dir / "environment.json").write_text(
-            json.dumps({s: json.loads(e) for s, _, e in stages}, indent=2, sort_keys=True) + "\n"
+        write_text(
+            self.run_dir / "environment.json",
+            json.dumps({s: json.loads(e) for s, _, e in stages}, indent=2, sort_keys=True) + "\n",
         )
 
     def close(self) -> None:
@@ -378,13 +381,23 @@ class RunStore:
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One transaction; a full disk is one error naming the store (what was committed before stays)."""
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            raise QlocError(
+                f"disk full at {str(self.run_dir / STORE_FILE)!r}: the units finished before are stored; "
+                "free some space and rerun the same command to resume"
+            ) from None
 
     def commit_unit(
         self, stage: str, unit_id: str, rows: Mapping[str, Sequence[Row | PlainRow]], seconds: float | None

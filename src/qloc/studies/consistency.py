@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.pararel import relation_order
-from ..runs.outputs import check_writable, save_figure, write_table
+from ..runs.outputs import check_writable, save_figure, write_csv, write_table
 from ..settings import setting
 from .consistency_figures import sensitivity_figure, threshold_figure, violin_figure
 from .knsets import KN_RULES, STATIC_THRESHOLD, consistency_score, dense_kn_sets, load_kn_sets
@@ -326,14 +326,13 @@ def write_consistency_report(
     study = consistency_study(load_kn_sets(run_dirs), score)
     tables.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot be read leaves no folder
     written: dict[str, Path] = {}
-    study.per_fact().to_csv(tables / "consistency.csv", index=False)
-    written["consistency"] = tables / "consistency.csv"
+    written["consistency"] = write_csv(study.per_fact(), tables / "consistency.csv")
     written["table1"] = write_table(study.table1, tables, "table1")
     if len(study.null):
         written["null"] = write_table(null_summary(study.null), tables, "cs_null")
-    study.curve.to_csv(tables / "fig9_ki_share.csv", index=False)
+    write_csv(study.curve, tables / "fig9_ki_share.csv")
     for method in study.methods:
-        study.relations(method).to_csv(tables / f"relations_{method}.csv", index=False)
+        write_csv(study.relations(method), tables / f"relations_{method}.csv")
         written[f"violin_{method}"] = save_figure(study.violin(method), figures, f"violin_{method}")
     written["fig9"] = save_figure(study.threshold_figure(), figures, "fig9_threshold")
     dense = dense_kn_sets(run_dirs)
