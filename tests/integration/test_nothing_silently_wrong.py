@@ -145,3 +145,30 @@ def test_case11_out_folder_and_unwritable_out_are_refused_before_the_work(report
     assert_refused(
         qloc_cli("report", "--run-dir", reported_run, "--out", tmp_path / "r.md"), "cannot end in .md"
     )
+
+
+def test_case3_report_recomputes_tables_that_predate_the_store(
+    tmp_path, tiny_model_dir, qloc_cli, monkeypatch
+):
+    """Consistency on a localize run stopped part-way, then the run resumed: the report shows
+    Table 1 over every fact the store holds, and says the files were stale."""
+    run = tmp_path / "run"
+    localize = localize_args(tiny_model_dir, run, "--relations", "P19,P36,P101", "--facts-per-relation", "1")
+    commit, committed = RunStore.commit_unit, []
+
+    def commit_two_then_stop(store, *args, **kwargs):
+        commit(store, *args, **kwargs)
+        committed.append(args)
+        if len(committed) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as stopping:
+        stopping.setattr(RunStore, "commit_unit", commit_two_then_stop)
+        assert qloc_cli(*localize).code == 130
+    assert qloc_cli("consistency", "--run-dir", run).code == 0
+    assert qloc_cli(*localize).code == 0
+    result = qloc_cli("report", "--run-dir", run)
+    assert result.code == 0 and "predate its store" in result.err and str(run / "tables") in result.err
+    report = (run / "report.md").read_text()
+    assert "KN consistency over 3 facts" in report and "over 2 facts" not in report
+

@@ -315,6 +315,16 @@ def consistency_study(kn_frame: pd.DataFrame, score: str = "cs_relaxed") -> Cons
     )
 
 
+CONSISTENCY_OUTPUTS = ("table1", "cs_null", "consistency", "fig9_ki_share", "fig9_threshold")
+CONSISTENCY_OUTPUT_PREFIXES = ("relations_", "violin_", "threshold_sensitivity")
+"""The names of the tables and figures :func:`write_consistency_report` writes (some per method)."""
+
+
+def written_by_consistency(name: str) -> bool:
+    """Whether a table or figure of this name is one of ``qloc consistency``'s."""
+    return name in CONSISTENCY_OUTPUTS or name.startswith(CONSISTENCY_OUTPUT_PREFIXES)
+
+
 def write_consistency_report(
     run_dirs: Sequence[str | Path], out_dir: str | Path, score: str = "cs_relaxed"
 ) -> dict[str, Path]:
