@@ -172,3 +172,12 @@ def test_case3_report_recomputes_tables_that_predate_the_store(
     report = (run / "report.md").read_text()
     assert "KN consistency over 3 facts" in report and "over 2 facts" not in report
 
+
+def test_case4_one_fact_run_has_consistency_and_report(tmp_path, tiny_model_dir, qloc_cli):
+    run = tmp_path / "run"
+    assert qloc_cli(*localize_args(tiny_model_dir, run, "--relations", "P19", "--limit", "1")).code == 0
+    result = qloc_cli("consistency", "--run-dir", run)
+    assert result.code == 0, result.err
+    assert "1 fact" in (run / "tables" / "table1.csv").read_text()
+    assert qloc_cli("report", "--run-dir", run).code == 0
+    assert "1 fact" in (run / "report.md").read_text()

@@ -16,6 +16,7 @@ the table under other KN-set rules without attributing again.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,7 +102,11 @@ def null_consistency(kn_frame: pd.DataFrame, groups: int = NULL_GROUPS, seed: in
             size = min(len(facts[k % len(facts)]), len(facts))
             group = [rng.choice(facts[f]) for f in rng.sample(range(len(facts)), size)]
             rows.append({"model": model, "method": method, "size": size, "cs": consistency_score(group)})
-    return pd.DataFrame(rows, columns=["model", "method", "size", "cs"])
+    return pd.DataFrame(rows, columns=["model", "method", "size", "cs"]).astype({"size": int, "cs": float})
+
+
+NO_NULL = "none: each query of a chance group comes from another fact, and the run has 1 fact"
+"""Table 1's ``chance`` where a (model, method) has no null (:func:`null_consistency`)."""
 
 
 def null_summary(null: pd.DataFrame) -> pd.DataFrame:
@@ -131,7 +136,8 @@ def classify(
     frame["class_otsu"] = np.where(frame[score] >= frame["otsu_threshold"], "KC", "KI")
     if null is not None:
         frame = frame.merge(null_summary(null), on=["model", "method"], how="left")
-        frame["above_null"] = frame[score] > frame[f"cs_null_p{NULL_PERCENTILE}"]
+        chance = frame[f"cs_null_p{NULL_PERCENTILE}"]
+        frame["above_null"] = (frame[score] > chance).where(chance.notna())  # NaN: no null to beat
     return frame
 
 
@@ -182,6 +188,8 @@ def table1(classified: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
                     row["cs_null_mean"] = float(group["cs_null_mean"].iloc[0])
                     row[f"cs_null_p{NULL_PERCENTILE}"] = float(group[f"cs_null_p{NULL_PERCENTILE}"].iloc[0])
                     row["R_above_null"] = float(group["above_null"].mean())
+                    if math.isnan(row["cs_null_mean"]):
+                        row["chance"] = NO_NULL
                 row["degenerate"] = bool(degenerate.loc[group.index].any())
                 rows.append(row)
     return pd.DataFrame(rows)
