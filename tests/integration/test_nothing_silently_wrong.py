@@ -181,3 +181,15 @@ def test_case4_one_fact_run_has_consistency_and_report(tmp_path, tiny_model_dir,
     assert "1 fact" in (run / "tables" / "table1.csv").read_text()
     assert qloc_cli("report", "--run-dir", run).code == 0
     assert "1 fact" in (run / "report.md").read_text()
+
+
+def test_case5_prompts_are_echoed_as_text_not_markup(tiny_model_dir, qloc_cli):
+    for prompt in ("In [/] the capital of France is", "The [red]capital[/red] of France is"):
+        result = qloc_cli("cloze", "--model", tiny_model_dir, "--prompt", prompt, "--answer", "Paris")
+        assert result.code == 0, result.err
+        assert repr(prompt) in result.out
+
+
+def test_case8_more_sequential_edits_than_facts_are_refused(reported_run, qloc_cli):
+    result = qloc_cli("edit", "--run-dir", reported_run, "--mode", "update", "--sequential", "1000")
+    assert_refused(result, "--sequential 1000", f"run '{reported_run}' has only 2 facts")

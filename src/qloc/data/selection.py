@@ -57,6 +57,8 @@ class Selection:
     def select(self, announce: bool = True) -> tuple[ParaRel, list[Fact]]:
         """The dataset and the sampled facts. Malformed rows are logged as warnings, and (with
         ``announce``) how many facts were selected; a selection of 0 facts is refused, naming why."""
+        if self.relations is not None and not self.relation_list:
+            raise ConfigError.invalid("relations", self.relations, "names no relation; leave it out for all")
         if self.query_filter not in QUERY_FILTERS:
             raise ConfigError.invalid("query_filter", self.query_filter, "choose mask_final or mask_period")
         dataset = load_pararel(self.data, query_filter=self.query_filter)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ file beside it, renamed over it), and never over a run directory's own files."""
 from __future__ import annotations
 
 import errno
+import html
 import os
 import tempfile
 from collections.abc import Callable
@@ -23,8 +24,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A Markdown table without the optional tabulate dependency."""
+def markdown_table(frame: pd.DataFrame, escaped: bool = True) -> str:
+    """A Markdown table without the optional tabulate dependency; ``escaped``: every header and cell
+    as :func:`markdown_text` (for a file; the terminal shows text as it is)."""
 
     def cell(value: object) -> str:
         if isinstance(value, float):
@@ -33,9 +35,21 @@ def markdown_table(frame: pd.DataFrame) -> str:
             return f"{value:.3g}" if (abs(value) < 1e-3 and value) or abs(value) >= 1e5 else f"{value:.3f}"
         return str(value)
 
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    text = markdown_text if escaped else cell
+    lines = ["| " + " | ".join(text(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(text(cell(v)) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
+
+
+MARKDOWN_SPECIALS = str.maketrans({c: "\\" + c for c in "\\`*[]|"})
+
+
+def markdown_text(value: object) -> str:
+    """Text from data as Markdown that shows it as it is: HTML escaped (Markdown renderers pass raw
+    HTML through, an ``<img onerror=...>`` included), the characters of tables, code, links and
+    emphasis backslash-escaped, line breaks as ``<br>`` (a table row is one line)."""
+    text = html.escape(str(value), quote=False).translate(MARKDOWN_SPECIALS)
+    return "<br>".join(text.splitlines())
 
 
 RUN_FILES = frozenset(
