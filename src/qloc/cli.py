@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import io
 import json
 import logging
 import sys
@@ -44,7 +45,9 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 log = logging.getLogger("qloc")
-INTERRUPTED = "interrupted; finished facts are stored and the same command resumes"
+INTERRUPTED = "interrupted"
+RESUMABLE = "; finished units are stored and the same command resumes"
+"""Added to INTERRUPTED for the commands that store their units as they finish."""
 
 
 def parse_known(value: str | int) -> int | None:
@@ -260,6 +263,11 @@ class _Console(logging.Handler):
 def main() -> None:
     """Console entry point: user errors print one clear line and exit 2, never a bare traceback."""
     transformers.utils.logging.disable_progress_bar()  # qloc shows its own progress
+    for stream in (sys.stdout, sys.stderr):
+        # A terminal or pipe whose encoding lacks a character of the data (PYTHONIOENCODING=ascii)
+        # shows it as an escape rather than failing the command.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     log.handlers, log.propagate = [_Console()], False
     try:
         app()
@@ -282,11 +290,18 @@ def main() -> None:
     except SystemExit as exc:
         # Typer turns Ctrl-C into exit status 130 before it could reach an except KeyboardInterrupt.
         if exc.code == 130:
-            err.print(INTERRUPTED, highlight=False)
+            err.print(_interrupted(), highlight=False)
         raise
     except KeyboardInterrupt:
-        err.print(INTERRUPTED, highlight=False)
+        err.print(_interrupted(), highlight=False)
         sys.exit(130)
+
+
+def _interrupted() -> str:
+    """The line a Ctrl-C ends with: whether what finished is kept depends on the command."""
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    sweeps = {study.name for study in STUDIES} | {"reproduce", "demo"}
+    return INTERRUPTED + (RESUMABLE if command in sweeps else "")
 
 
 if __name__ == "__main__":

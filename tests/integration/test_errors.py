@@ -461,7 +461,7 @@ def test_sigint_prints_its_line_exits_130_and_resumes(tmp_path, tiny_model_dir):
         if sweep.poll() is None:
             sweep.kill()
     stderr = sweep.stderr.read()
-    assert "interrupted; finished facts are stored and the same command resumes" in stderr
+    assert "interrupted; finished units are stored and the same command resumes" in stderr
     assert "Traceback" not in stderr
     interrupted_at = stored_units(run)
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from qloc.errors import QlocError
 from qloc.runs import outputs
 from qloc.runs.rows import Row
 from qloc.runs.store import RunStore
-from tests.helpers import assert_refused, localize_args
+from tests.helpers import QLOC, assert_refused, localize_args
 from tests.integration.test_errors import snapshot
 
 
@@ -193,3 +195,14 @@ def test_case5_prompts_are_echoed_as_text_not_markup(tiny_model_dir, qloc_cli):
 def test_case8_more_sequential_edits_than_facts_are_refused(reported_run, qloc_cli):
     result = qloc_cli("edit", "--run-dir", reported_run, "--mode", "update", "--sequential", "1000")
     assert_refused(result, "--sequential 1000", f"run '{reported_run}' has only 2 facts")
+
+
+def test_case11_an_ascii_terminal_shows_data_as_escapes(tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"P1": [[["Zürich is in [MASK].", "Schwéiz", "P1(x)"]] * 2]}))
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    shown = subprocess.run(
+        [*QLOC, "facts", "--data", data, "--show", "1"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert "Z\\xfcrich is in ___" in shown.stdout

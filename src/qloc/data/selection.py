@@ -70,9 +70,18 @@ class Selection:
         usable = set(dataset.relations)
         chosen = self.relation_list or []
         if unusable := [r for r in chosen if r in dataset.file_relations and r not in usable]:
+            malformed = [
+                w for w in dataset.warnings if any(f"fact {r}/" in w or repr(r) in w for r in unusable)
+            ]
             raise QlocError(
-                f"relation(s) {', '.join(unusable)} of {source} have no usable fact: their rows are "
-                "malformed or leave fewer than 2 usable queries per fact (see the warnings)"
+                f"relation(s) {', '.join(unusable)} of {source} have no usable fact: "
+                + (
+                    f"{len(malformed)} malformed rows or facts (in the warnings above), and "
+                    if malformed
+                    else ""
+                )
+                + f"no fact with 2 or more queries that pass --query-filter {self.query_filter} "
+                "([MASK] must end each query)"
             )
         facts = sample_facts(
             dataset.facts, self.relation_list, self.facts_per_relation, self.limit, self.seed

@@ -81,6 +81,8 @@ class SweepPlan:
     build: WorkBuilder
     model: ModelSpec
     description: str
+    required_table: str | None = None
+    """A table every done unit has rows in: a resume recomputes the units whose rows are gone."""
     source: str | None = None
     """Where the units' facts come from (:attr:`qloc.data.selection.Selection.source`); with it,
     the store records each fact's digest and refuses a resume whose data changed."""
@@ -119,12 +121,22 @@ def _open_stage(plan: SweepPlan, env: dict[str, Any]) -> RunStore:
     """The plan's stage opened for writing, with its facts recorded (those of a run made before facts
     were recorded are recorded on its first resume)."""
     store = RunStore.open_stage(plan.run_dir, plan.stage, plan.params, env)
-    if plan.source is not None:
-        try:
+    try:
+        if plan.source is not None:
             store.record_facts(plan.stage, plan.facts, plan.source)
-        except BaseException:
-            store.close()
-            raise
+        if plan.required_table is not None and (
+            lost := store.forget_units_without_rows(plan.stage, plan.required_table)
+        ):
+            log.warning(
+                "%d finished units of %r have no rows in table %r of %r: computing them again",
+                lost,
+                plan.stage,
+                plan.required_table,
+                str(plan.run_dir),
+            )
+    except BaseException:
+        store.close()
+        raise
     return store
 
 

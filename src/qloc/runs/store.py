@@ -409,6 +409,24 @@ class RunStore:
                 self._insert(check_identifier(table), stage, unit_id, table_rows)
             self._mark(stage, unit_id, "done", None, seconds)
 
+    def forget_units_without_rows(self, stage: str, table: str) -> int:
+        """Unmark the done units of ``stage`` that have no rows in ``table`` (a table dropped or
+        emptied since), and remove their other rows, so that the sweep computes them again; returns
+        how many were unmarked."""
+        done = self._db.execute("SELECT unit_id FROM units WHERE stage = ? AND status = 'done'", (stage,))
+        present = set(self.tables())
+        with_rows: set[str] = set()
+        if table in present:
+            query = f"SELECT DISTINCT unit_id FROM {check_identifier(table)} WHERE stage = ?"
+            with_rows = {r[0] for r in self._db.execute(query, (stage,))}
+        missing = [(stage, unit_id) for (unit_id,) in done if unit_id not in with_rows]
+        if missing:
+            with self._transaction():
+                for name in [*present, "units"]:
+                    delete = f"DELETE FROM {check_identifier(name)} WHERE stage = ? AND unit_id = ?"
+                    self._db.executemany(delete, missing)
+        return len(missing)
+
     def skip(self, stage: str, unit_id: str, reason: str) -> None:
         with self._transaction():
             self._mark(stage, unit_id, "skipped", reason, None)

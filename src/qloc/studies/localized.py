@@ -78,7 +78,9 @@ class LocalizedRun:
         parameters are the run's model and dtype, then the experiment's ``config``."""
         params = {"model": self.params["model"], "dtype": self.params["dtype"], **config}
         chosen = self.facts if units is None else units
-        return SweepPlan(self.run_dir, stage, params, chosen, build, self.model, description, self.source)
+        return SweepPlan(
+            self.run_dir, stage, params, chosen, build, self.model, description, source=self.source
+        )
 
     def first_facts(self, limit: int | None, seed: int) -> list[Fact]:
         """The first ``limit`` facts of the run in one seeded order (all with None): a prefix of a
