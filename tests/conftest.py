@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import transformers
 
 import qloc
-from tests.helpers import RELATIONS, build_word_tokenizer, make_tiny_model
+from qloc import cli
+from tests.helpers import RELATIONS, Result, build_word_tokenizer, make_tiny_model
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -25,6 +27,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
         if tier == "acceptance":
             item.add_marker(pytest.mark.real_model)
+
+
+@pytest.fixture
+def qloc_cli(monkeypatch, capsys):
+    """Run ``qloc ARGS`` through the console entry point in this process."""
+
+    def run(*args: str | Path) -> Result:
+        monkeypatch.setattr(sys, "argv", ["qloc", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        captured = capsys.readouterr()
+        return Result(exit_.value.code or 0, captured.out, captured.err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

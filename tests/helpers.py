@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,26 @@ def run_cli(*args, env=None):
         env={**os.environ, **(env or {})},
         timeout=600,
     )
+
+
+@dataclass
+class Result:
+    """What a ``qloc`` command run in this process (the ``qloc_cli`` fixture) gave."""
+
+    code: int
+    out: str
+    err: str
+
+
+def assert_refused(result: Result, *fragments: str) -> str:
+    """Exit status 2 and exactly one error line, naming every fragment; returns the line."""
+    assert result.code == 2, result.err[-3000:]
+    assert "Traceback" not in result.err
+    lines = [line for line in result.err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.err
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
 
 
 def _done_units(run_dir) -> int:

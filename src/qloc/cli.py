@@ -5,7 +5,9 @@ an error about a setting names its flag here."""
 
 from __future__ import annotations
 
+import errno
 import inspect
+import io
 import json
 import logging
 import sys
@@ -20,7 +22,6 @@ import pandas as pd
 import transformers
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from . import commands
 from .data.selection import Selection
@@ -29,11 +30,12 @@ from .errors import NOTE, ConfigError, QlocError
 from .report import write_report
 from .runs.executors import Execution
 from .runs.outputs import markdown_table
-from .settings import SHORT_FLAGS, flag_of, setting
+from .settings import SHORT_FLAGS, check_numbers, flag_of, setting
 from .studies import STUDIES
 from .studies.consistency import ConsistencyRequest
 from .studies.localize import SAMPLE_KNOWN_POOL, LocalizeConfig, LocalizeRequest
 from .studies.registry import OptionSpec, Outcome, Reproduction, Study, build_request, option_specs
+from .terminal import labelled, plain
 
 app = typer.Typer(
     help="Knowledge localization in language models: knowledge neurons, KN consistency, query localization.",
@@ -43,7 +45,9 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 log = logging.getLogger("qloc")
-INTERRUPTED = "interrupted; finished facts are stored and the same command resumes"
+INTERRUPTED = "interrupted"
+RESUMABLE = "; finished units are stored and the same command resumes"
+"""Added to INTERRUPTED for the commands that store their units as they finish."""
 
 
 def parse_known(value: str | int) -> int | None:
@@ -115,7 +119,9 @@ def command(request_type: type[Any], handler: Callable[[Any], None], summary: st
     specs = option_specs(request_type)
 
     def run_command(**given: Any) -> None:
-        request = build_request(request_type, {spec.name: _value(spec, given[spec.name]) for spec in specs})
+        values = {spec.name: _value(spec, given[spec.name]) for spec in specs}
+        check_numbers(values)
+        request = build_request(request_type, values)
         log.setLevel(NOTE if _quiet(request) else logging.INFO)
         handler(request)
 
@@ -129,11 +135,11 @@ def show(outcome: Outcome, as_json: bool = False) -> None:
         out.print_json(json.dumps(outcome.json))
     elif as_json and outcome.json_lines is not None:
         for record in outcome.json_lines:
-            out.print(json.dumps(record, ensure_ascii=False), highlight=False, soft_wrap=True)
+            out.print(json.dumps(record, ensure_ascii=False), markup=False, highlight=False, soft_wrap=True)
     else:
         for item in outcome.shown:
-            text = markdown_table(item) if isinstance(item, pd.DataFrame) else item
-            out.print(text, highlight=False, soft_wrap=True)
+            text = markdown_table(item, escaped=False) if isinstance(item, pd.DataFrame) else item
+            out.print(plain(text), highlight=False, soft_wrap=True)
 
 
 def run_study(study: Study, request: Any) -> None:
@@ -157,7 +163,7 @@ def reproduce(plan: Reproduction) -> None:
         run_study(study, request)
     err.rule(f"[{total}/{total}] report")
     for name, path in write_report([plan.directory], plan.directory / "report.html").items():
-        out.print(f"{name}: {path}", highlight=False)
+        out.print(plain(f"{name}: {path}"), highlight=False)
 
 
 REPRODUCE_EXAMPLES = (
@@ -199,7 +205,7 @@ def demo(request: Demo) -> None:
     run_study(STUDIES_BY_NAME["localize"], localize)
     run_study(STUDIES_BY_NAME["consistency"], ConsistencyRequest([request.run_dir]))
     kn_sets = f"qloc.RunStore.open_existing({str(request.run_dir)!r}).frame('kn_sets')"
-    out.print(f"KN sets: {kn_sets}; full study: qloc localize --help", highlight=False)
+    out.print(plain(f"KN sets: {kn_sets}; full study: qloc localize --help"), highlight=False)
 
 
 STUDIES_BY_NAME = {study.name: study for study in STUDIES}
@@ -247,37 +253,55 @@ class _Console(logging.Handler):
     """qloc's log as the command line shows it: warnings marked, everything else as it is."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        text = escape(record.getMessage())
+        text = record.getMessage()
         if record.levelno >= logging.WARNING:
-            err.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+            err.print(labelled("warning:", "yellow", text), highlight=False, soft_wrap=True)
         else:
-            err.print(text, highlight=False)
+            err.print(plain(text), highlight=False)
 
 
 def main() -> None:
     """Console entry point: user errors print one clear line and exit 2, never a bare traceback."""
     transformers.utils.logging.disable_progress_bar()  # qloc shows its own progress
+    for stream in (sys.stdout, sys.stderr):
+        # A terminal or pipe whose encoding lacks a character of the data (PYTHONIOENCODING=ascii)
+        # shows it as an escape rather than failing the command.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     log.handlers, log.propagate = [_Console()], False
     try:
         app()
     except QlocError as exc:
-        # A setting is named by its flag; messages quote user input (paths, prompts, data rows):
-        # print it literally, not as markup.
+        # A setting is named by its flag.
         message = (
             exc.describe(lambda name: FLAGS.get(name) or flag_of(name))
             if isinstance(exc, ConfigError)
             else str(exc)
         )
-        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        err.print(labelled("error:", "bold red", message), highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:
+        # A full disk can strike in any library's write (torch, matplotlib, SQLite's journal); qloc's
+        # own outputs say so themselves (qloc.runs.outputs).
+        if exc.errno != errno.ENOSPC:
+            raise
+        err.print(labelled("error:", "bold red", f"disk full at {exc.filename!r}"), highlight=False)
         sys.exit(2)
     except SystemExit as exc:
         # Typer turns Ctrl-C into exit status 130 before it could reach an except KeyboardInterrupt.
         if exc.code == 130:
-            err.print(INTERRUPTED, highlight=False)
+            err.print(_interrupted(), highlight=False)
         raise
     except KeyboardInterrupt:
-        err.print(INTERRUPTED, highlight=False)
+        err.print(_interrupted(), highlight=False)
         sys.exit(130)
+
+
+def _interrupted() -> str:
+    """The line a Ctrl-C ends with: whether what finished is kept depends on the command."""
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    sweeps = {study.name for study in STUDIES} | {"reproduce", "demo"}
+    return INTERRUPTED + (RESUMABLE if command in sweeps else "")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from .data.selection import Selection
@@ -21,8 +20,9 @@ from .engine.gguf import BUILTIN_MODELS
 from .engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL
 from .report import open_in_browser, write_report
 from .runs.executors import ModelSpec
-from .runs.outputs import check_writable
+from .runs.outputs import check_output_file, write_atomically
 from .settings import setting
+from .terminal import labelled, plain
 
 out = Console()
 err = Console(stderr=True)
@@ -103,16 +103,16 @@ def facts(request: Facts) -> None:
     for r in per_relation.values():
         per_fact = r["queries"] / r["facts"]
         table.add_row(
-            str(r["relation"]), str(r["label"]), str(r["facts"]), str(r["queries"]), f"{per_fact:.1f}"
+            plain(r["relation"]), plain(r["label"]), str(r["facts"]), str(r["queries"]), f"{per_fact:.1f}"
         )
     queries = sum(r["queries"] for r in per_relation.values())
     table.add_row("all", "", str(len(selected)), str(queries), "", style="bold")
     out.print(table)
     for fact in shown:
-        subject, answer = escape(repr(fact.subject)), escape(repr(fact.object))
-        out.print(f"\n[bold]{fact.id}[/] {subject} -> {answer}", highlight=False)
+        out.print()
+        out.print(labelled(fact.id, "bold", f"{fact.subject!r} -> {fact.object!r}"), highlight=False)
         for q in fact.queries:
-            out.print(f"  {escape(q)} ___", highlight=False)
+            out.print(plain(f"  {q} ___"), highlight=False)
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def attribute_query(request: Attribute) -> None:
     """Attribution scores of every knowledge neuron for one query: top neurons, KN set and the
     per-layer completeness residuals."""
     if request.out_file is not None:
-        check_writable(request.out_file.parent, "the scores")  # before the attribution, not after it
+        check_output_file(request.out_file, "the scores")  # before the attribution, not after it
     lm = ModelSpec(request.model, request.device, request.dtype).load()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -157,10 +157,10 @@ def attribute_query(request: Attribute) -> None:
         )
     for warning in caught:
         if issubclass(warning.category, UserWarning):
-            err.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
+            err.print(labelled("warning:", "yellow", warning.message), highlight=False, soft_wrap=True)
     if request.out_file is not None:
-        request.out_file.parent.mkdir(parents=True, exist_ok=True)
-        np.save(request.out_file, result.scores.numpy().astype(np.float32))
+        scores = result.scores.numpy().astype(np.float32)
+        write_atomically(request.out_file, lambda out: np.save(out, scores))
     kn = result.kn_set(request.threshold, request.top_k)
     top = result.top(request.top)
     if request.json_out:
@@ -187,7 +187,7 @@ def attribute_query(request: Attribute) -> None:
     out.print(table)
     rule = f"top {request.top_k}" if request.top_k else f"score >= {request.threshold} x max"
     listed = ", ".join(f"L{layer}.{i}" for layer, i in kn[:30]) + (" ..." if len(kn) > 30 else "")
-    out.print(f"KN set ({rule}): {len(kn)} neurons {listed}", highlight=False)
+    out.print(plain(f"KN set ({rule}): {len(kn)} neurons {listed}"), highlight=False)
     title = "completeness per layer (mean over answer tokens; residual: worst token)"
     if request.method == "sig":
         title += (
@@ -202,7 +202,9 @@ def attribute_query(request: Attribute) -> None:
     out.print(layers)
     f_input = ", ".join(f"{v:.4f}" for v in result.f_input.tolist())
     written = f"; scores written to {request.out_file}" if request.out_file else ""
-    out.print(f"F(input) = {f_input} for answer tokens {result.answer_tokens}{written}", highlight=False)
+    out.print(
+        plain(f"F(input) = {f_input} for answer tokens {result.answer_tokens}{written}"), highlight=False
+    )
 
 
 @dataclass(frozen=True)
@@ -227,8 +229,6 @@ def report(request: Report) -> None:
     environment and skip counts; plus the findings and tables as Markdown."""
     written = write_report(request.run_dirs, request.out_file or request.run_dirs[0] / "report.html")
     for name, path in written.items():
-        out.print(f"{name}: {path}", highlight=False)
+        out.print(plain(f"{name}: {path}"), highlight=False)
     if request.open_page and not open_in_browser(written["html"]):
-        out.print(
-            f"No display or browser here: open {written['html']} on a machine with one.", highlight=False
-        )
+        out.print(plain(f"No display or browser here: open {written['html']} on a machine with one."))

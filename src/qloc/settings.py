@@ -11,8 +11,11 @@ where it is not ``--`` plus the field's name with dashes, its flag. Fields named
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
+
+from .errors import ConfigError
 
 COMMON_HELP = {
     "model": "Built-in name (see `qloc models`), .gguf file, local directory or Hugging Face id.",
@@ -37,6 +40,27 @@ COMMON_HELP = {
     ),
 }
 SHORT_FLAGS = {"model": "-m", "quiet": "-q"}
+MINIMUMS = {
+    "max_batch_rows": 1,
+    "batch_size": 1,
+    "sequential": 0,
+    "seeds": 1,
+    "workers": 1,
+    "top": 0,
+    "show": 0,
+}
+"""The least value of each count a command takes (the settings not named check their own)."""
+
+
+def check_numbers(values: dict[str, Any]) -> None:
+    """Refuse a count below its minimum and a float setting that is not a finite number (NaN
+    would be stored as a run's parameter and make every result NaN)."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError.invalid(name, value, "must be a finite number")
+        minimum = MINIMUMS.get(name)
+        if minimum is not None and value is not None and value < minimum:
+            raise ConfigError.invalid(name, value, f"must be at least {minimum}")
 
 
 def setting(

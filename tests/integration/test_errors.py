@@ -17,54 +17,20 @@ import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from qloc import cli
 from qloc.runs.lock import LOCK_FILE, STORE_FILE
 from qloc.runs.store import RunStore
-from tests.helpers import QLOC, localize_args
+from tests.helpers import QLOC, assert_refused, localize_args
 
 PROMPT, ANSWER = "Paris is the capital of", "France"
 
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "superseded" / "smollm2-135m"
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def qloc_cli(monkeypatch, capsys):
-    """Run ``qloc ARGS`` through the console entry point in this process."""
-
-    def run(*args: str | Path) -> Result:
-        monkeypatch.setattr(sys, "argv", ["qloc", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_:
-            cli.main()
-        captured = capsys.readouterr()
-        return Result(exit_.value.code or 0, captured.out, captured.err)
-
-    return run
-
-
-def assert_refused(result: Result, *fragments: str) -> str:
-    """Exit status 2 and exactly one error line, naming every fragment; returns the line."""
-    assert result.code == 2, result.err[-3000:]
-    assert "Traceback" not in result.err
-    lines = [line for line in result.err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.err
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -495,7 +461,7 @@ def test_sigint_prints_its_line_exits_130_and_resumes(tmp_path, tiny_model_dir):
         if sweep.poll() is None:
             sweep.kill()
     stderr = sweep.stderr.read()
-    assert "interrupted; finished facts are stored and the same command resumes" in stderr
+    assert "interrupted; finished units are stored and the same command resumes" in stderr
     assert "Traceback" not in stderr
     interrupted_at = stored_units(run)
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)

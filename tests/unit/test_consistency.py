@@ -9,7 +9,9 @@ import pytest
 from scipy import stats
 
 from qloc.studies.consistency import (
+    NO_NULL,
     classify,
+    consistency_study,
     fact_consistency,
     ki_share_curve,
     null_consistency,
@@ -200,3 +202,11 @@ def test_threshold_sensitivity_recomputes_sets_per_rule():
     assert table.loc["top10", "mean_kn_size"] == 10
     assert table.loc["t=0.2", "mean_kn_size"] > table.loc["t=0.5", "mean_kn_size"]
     assert table["R_KI_static"].between(0, 1).all() and table["cs_null_mean"].notna().all()
+
+
+def test_one_fact_has_table1_whose_chance_column_says_why_it_is_empty():
+    """Issue 23 case 4: the empty null of a 1-fact run raised a TypeError in its quantiles."""
+    study = consistency_study(fact_rows([[[(0, 1)], [(0, 1), (1, 2)]]]))
+    assert study.table1["cs_null_mean"].isna().all() and study.table1["R_above_null"].isna().all()
+    assert (study.table1["chance"] == NO_NULL).all() and "1 fact" in NO_NULL
+    assert study.per_fact()["above_null"].isna().all()  # no null to beat, not "below chance"

@@ -9,6 +9,7 @@ being a list of ``[query, object, "P19(place of birth)"]`` rows; subjects come f
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 from collections import Counter
@@ -18,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 
 MASK = "[MASK]"
 QueryFilter = Literal["mask_final", "mask_period"]
@@ -41,6 +42,13 @@ class Fact:
     @property
     def label(self) -> str:
         return f"fact {self.id} ({self.subject!r} -> {self.object!r})"
+
+    @property
+    def digest(self) -> str:
+        """A hash of what the fact says (relation, subject, answer, queries): a run records it, so
+        that a later stage notices a data file that now says something else under the same id."""
+        content = [self.id, self.relation, self.relation_label, self.subject, self.object, list(self.queries)]
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -79,10 +87,56 @@ def causal_prompt(query: str, query_filter: QueryFilter = "mask_final") -> str |
     return prompt or None
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON in ``path`` (gzipped where it ends in .gz); an unreadable one (truncated, not JSON,
+    not UTF-8) is one error naming it as ``what``."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return json.load(f, object_pairs_hook=_refuse_duplicate_keys)
+    except DuplicateKeyError as exc:
+        raise DataError(
+            f"{what} {str(path)!r} holds the key {exc.key!r} twice; JSON keeps only the last, so merge them"
+        ) from None
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: a truncated .gz
+        raise DataError(f"{what} {str(path)!r} is not readable JSON: {first_line(exc)}") from None
+
+
+class DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key given twice (a relation's second block would
+    silently replace its first)."""
+    keys = Counter(key for key, _ in pairs)
+    if twice := [key for key, count in keys.items() if count > 1]:
+        raise DuplicateKeyError(twice[0])
+    return dict(pairs)
+
+
+def _read_subjects(path: Path) -> dict[str, list[str]]:
+    """``query_pairs.json``: relation -> the subject of each fact, in the data file's order (each
+    entry is ``[subject, object]``)."""
+    pairs = _read_json(path, "query pairs file")
+    if not isinstance(pairs, dict):
+        raise DataError(
+            f"query pairs file {str(path)!r}: expected an object mapping relation -> list of pairs"
+        )
+    subjects: dict[str, list[str]] = {}
+    for relation, entries in pairs.items():
+        if not isinstance(entries, list):
+            raise DataError(f"query pairs file {str(path)!r}: relation {relation!r} is not a list of pairs")
+        for index, entry in enumerate(entries):
+            if not (isinstance(entry, list) and entry and isinstance(entry[0], str)):
+                raise DataError(
+                    f"query pairs file {str(path)!r}: entry {index} of relation {relation!r} is {entry!r}, "
+                    "not a [subject, object] pair"
+                )
+        subjects[relation] = [entry[0] for entry in entries]
+    return subjects
 
 
 def bundled_path(name: str) -> Path:
@@ -107,6 +161,12 @@ def load_pararel(
         )
     else:
         data_path = Path(path)
+        if data_path.is_dir():
+            raise DataError(
+                f"ParaRel file {str(data_path)!r} is a folder; give a data_all_allbags.json(.gz) file"
+            )
+        if data_path.exists() and not data_path.is_file():
+            raise DataError(f"ParaRel file {str(data_path)!r} is not a regular file")
         if not data_path.is_file():
             raise DataError(f"ParaRel file {str(data_path)!r} does not exist")
         pairs_path = next(
@@ -117,15 +177,12 @@ def load_pararel(
             ),
             None,
         )
-    try:
-        raw = _read_json(data_path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"ParaRel file {str(data_path)!r} is not readable JSON: {exc}") from None
+    raw = _read_json(data_path, "ParaRel file")
     if not isinstance(raw, dict):
         raise DataError(
             f"ParaRel file {str(data_path)!r}: expected an object mapping relation -> list of facts"
         )
-    pairs = _read_json(pairs_path) if pairs_path else {}
+    subjects_of = _read_subjects(pairs_path) if pairs_path else {}
 
     result = ParaRel(facts=[], file_relations=list(raw))
     for relation, bags in raw.items():
@@ -133,14 +190,14 @@ def load_pararel(
             result.warnings.append(f"{data_path.name}: relation {relation!r} is not a list of facts; skipped")
             result.skipped["malformed relation"] += 1
             continue
-        subjects = pairs.get(relation, [])
+        subjects = subjects_of.get(relation, [])
         for index, bag in enumerate(bags):
             fact_id = f"{relation}/{index}"
             fact = _parse_bag(
                 fact_id,
                 relation,
                 bag,
-                subjects[index][0] if index < len(subjects) else None,
+                subjects[index] if index < len(subjects) else None,
                 result,
                 query_filter,
             )

@@ -11,6 +11,7 @@ from ..errors import ConfigError, QlocError
 from ..settings import setting
 from .pararel import QUERY_FILTERS, Fact, ParaRel, load_pararel, sample_facts
 
+BUNDLED_SOURCE = "the bundled ParaRel"
 MAX_WARNINGS = 20
 """Malformed rows named one by one; the rest are counted."""
 log = logging.getLogger("qloc")
@@ -44,12 +45,20 @@ class Selection:
         }
 
     @property
+    def source(self) -> str:
+        """Where the facts come from, for messages and for a run to record: the data file's absolute
+        path (a relative --data means another file from another directory), or the bundled copy."""
+        return str(self.data.resolve()) if self.data else BUNDLED_SOURCE
+
+    @property
     def relation_list(self) -> list[str] | None:
         return [r.strip() for r in self.relations.split(",") if r.strip()] if self.relations else None
 
     def select(self, announce: bool = True) -> tuple[ParaRel, list[Fact]]:
         """The dataset and the sampled facts. Malformed rows are logged as warnings, and (with
         ``announce``) how many facts were selected; a selection of 0 facts is refused, naming why."""
+        if self.relations is not None and not self.relation_list:
+            raise ConfigError.invalid("relations", self.relations, "names no relation; leave it out for all")
         if self.query_filter not in QUERY_FILTERS:
             raise ConfigError.invalid("query_filter", self.query_filter, "choose mask_final or mask_period")
         dataset = load_pararel(self.data, query_filter=self.query_filter)  # type: ignore[arg-type]
@@ -61,9 +70,18 @@ class Selection:
         usable = set(dataset.relations)
         chosen = self.relation_list or []
         if unusable := [r for r in chosen if r in dataset.file_relations and r not in usable]:
+            malformed = [
+                w for w in dataset.warnings if any(f"fact {r}/" in w or repr(r) in w for r in unusable)
+            ]
             raise QlocError(
-                f"relation(s) {', '.join(unusable)} of {source} have no usable fact: their rows are "
-                "malformed or leave fewer than 2 usable queries per fact (see the warnings)"
+                f"relation(s) {', '.join(unusable)} of {source} have no usable fact: "
+                + (
+                    f"{len(malformed)} malformed rows or facts (in the warnings above), and "
+                    if malformed
+                    else ""
+                )
+                + f"no fact with 2 or more queries that pass --query-filter {self.query_filter} "
+                "([MASK] must end each query)"
             )
         facts = sample_facts(
             dataset.facts, self.relation_list, self.facts_per_relation, self.limit, self.seed

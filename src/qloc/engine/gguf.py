@@ -66,6 +66,7 @@ def _locate_gemma3(cache_dir: Path) -> Path:
     target = cache_dir / "gguf" / "gemma-3-270m-q4_k_m.gguf"
     if target.exists():
         return target
+    writable_cache("gguf")  # before reading the parts, not after
     parts = []
     for i, module in enumerate(_GEMMA3_PARTS):
         parts.append(_package_dir(module) / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
@@ -105,6 +106,41 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 
 def cache_dir() -> Path:
     return Path(os.environ.get("QLOC_CACHE", Path.home() / ".cache" / "qloc"))
+
+
+def writable_cache(subdirectory: str) -> Path:
+    """``cache_dir()/subdirectory``, created; refused, before the work whose result goes there,
+    where no file can be written in it (a file is tried: permission bits do not tell)."""
+    directory = cache_dir() / subdirectory
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise QlocError(
+            f"qloc's cache {str(directory)!r} is not writable ({exc.strerror or exc}); set QLOC_CACHE "
+            "to a writable folder"
+        ) from None
+    return directory
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove_abandoned_conversions(target: Path) -> None:
+    """Remove the staging folders of conversions into ``target`` whose process is gone (killed
+    part-way, each up to the size of a de-quantised model); a live one is left to finish."""
+    for staging in target.parent.glob(f".{target.name}.*.partial"):
+        pid = staging.name[len(target.name) + 2 :].split(".")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -168,6 +204,8 @@ def convert_gguf(path: Path) -> Path:
     target = cache_dir() / "models" / f"{path.stem}-{key}"
     if (target / "qloc-converted.json").exists():
         return target
+    writable_cache("models")  # before the minutes of loading and de-quantising, not after
+    _remove_abandoned_conversions(target)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -184,7 +222,10 @@ def convert_gguf(path: Path) -> Path:
         ) from None
     architecture_for(model.config.model_type)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    # The process id in the name tells a later conversion whether this one was abandoned.
+    staging = Path(
+        tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".partial")
+    )
     try:
         _save_dequantized(model, staging)
         tokenizer.save_pretrained(staging)

@@ -57,7 +57,7 @@ class ConsistencyClaims(ClaimRules):
                     format_share(row.R_above_null, int(row.facts)),
                     NO_CHANCE_BASELINE,
                     "open",
-                    f"null mean CS {format_number(row.cs_null_mean)}",
+                    getattr(row, "chance", None) or f"null mean CS {format_number(row.cs_null_mean)}",
                 )
                 if not degenerate and not math.isnan(row.CS_KC) and row.CS_KC <= row.cs_null_p95:
                     self.warnings.append(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..runs.outputs import markdown_text
 from .captions import caption
 from .findings import VERDICTS, ModelFindings, PaperReference
 from .format import format_number
@@ -19,9 +20,10 @@ def findings_markdown(results: list[ModelFindings], paper: PaperReference) -> st
         f"Claims of {paper.paper}; the paper's numbers are for its model closest in size.\n",
     ]
     for result in results:
-        lines.append(f"### {result.model} (compared with {result.reference}: {result.reference_reason})\n")
-        lines += [f"{line}\n" for line in result.context]
-        lines += [f"- WARNING: {w}" for w in result.warnings]
+        heading = f"{result.model} (compared with {result.reference}: {result.reference_reason})"
+        lines.append(f"### {markdown_text(heading)}\n")
+        lines += [f"{markdown_text(line)}\n" for line in result.context]
+        lines += [f"- WARNING: {markdown_text(w)}" for w in result.warnings]
         if result.warnings:
             lines.append("")
         if result.findings:
@@ -29,15 +31,16 @@ def findings_markdown(results: list[ModelFindings], paper: PaperReference) -> st
             lines.append("|---|---|---|---|---|---|")
             for f in result.findings:
                 cells = [paper.where(f.claim), f.measure, f.measured, f.paper, VERDICTS[f.verdict], f.note]
-                lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+                lines.append("| " + " | ".join(map(markdown_text, cells)) + " |")
             lines.append("")
     return "\n".join(lines)
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    """``frame`` as a Markdown table, numbers as the report writes them and data escaped."""
+    lines = ["| " + " | ".join(map(markdown_text, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
     lines += [
-        "| " + " | ".join(format_number(v).replace("|", "/") for v in row) + " |"
+        "| " + " | ".join(markdown_text(format_number(v)) for v in row) + " |"
         for row in frame.itertuples(index=False)
     ]
     return "\n".join(lines)
@@ -51,7 +54,7 @@ def markdown_report(
         findings_markdown(results, paper),
     ]
     for section in sections:
-        parts.append(f"## {section.directory}\n")
+        parts.append(f"## {markdown_text(section.directory)}\n")
         for panel, key in panels_for(section):
             frames = {n: t.frame for n, t in section.tables.items()}
             parts.append(f"### {panel.title}\n")

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import ConfigError
-from ..runs.outputs import check_writable
+from ..errors import ConfigError, QlocError
+from ..runs.outputs import check_output_file, write_text
 from ..studies.registry import Panel
 from .captions import caption
 from .claims import model_findings
@@ -243,8 +243,11 @@ def write_report(run_dirs: list[Path], out: Path, paper_reference: Path | None =
     """``out`` (HTML) and ``out`` with suffix ``.md`` (findings and tables as Markdown)."""
     if not run_dirs:
         raise ConfigError(lambda name: f"no run directory given: give at least one with {name('run_dirs')}")
-    out = Path(out)
-    check_writable(out.parent, "the report")
+    out, md = Path(out), Path(out).with_suffix(".md")
+    if out == md:
+        raise QlocError(f"report {str(out)!r}: the HTML file cannot end in .md, where its Markdown goes")
+    check_output_file(out, "the report")
+    check_output_file(md, "the report's Markdown")
     paper = load_paper_reference(paper_reference)
     sections = [read_section(Path(d)) for d in run_dirs]
     results = [model_findings(e, paper) for e in gather_evidence(sections)]
@@ -291,10 +294,8 @@ def write_report(run_dirs: list[Path], out: Path, paper_reference: Path | None =
         f"<nav><ul>{''.join(toc)}</ul></nav>{_findings_html(results, paper)}{''.join(body)}{explorer}"
         f"{''.join(runs)}</body></html>\n"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
-    md = out.with_suffix(".md")
-    md.write_text(markdown_report(sections, results, paper, made, md), encoding="utf-8")
+    write_text(out, page)
+    write_text(md, markdown_report(sections, results, paper, made, md))
     return {"html": out, "markdown": md}
 
 

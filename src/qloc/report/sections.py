@@ -7,6 +7,7 @@ Figures 3/7/8/9 computed from its store's KN sets, in memory (nothing is written
 from __future__ import annotations
 
 import io
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..errors import ConfigError, QlocError
 from ..runs.outputs import pyplot
 from ..runs.store import STORE_FILE, RunStore
 from ..studies import STUDIES
-from ..studies.consistency import consistency_study
+from ..studies.consistency import consistency_study, written_by_consistency
 from ..studies.knsets import LOCALIZE_STAGE, load_kn_sets
 from ..studies.registry import Panel
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure as PlotFigure
 
 
+log = logging.getLogger("qloc")
 ROWS_SHOWN = 40
 """Longer tables show their first rows; the whole CSV is embedded as a download link."""
 
@@ -91,9 +93,41 @@ def read_section(directory: Path) -> RunSection:
         section.environment = section.stages[-1]["environment"] if section.stages else {}
     if not (section.tables or section.figures or section.stages):
         raise QlocError(f"{str(directory)!r} has no qloc tables, figures or run store")
+    if (moved_on := _store_moved_on(section)) is not None:
+        log.warning(
+            "the KN consistency tables in %r predate its store (%s): the report computes them from the "
+            "store instead; `qloc consistency --run-dir %s` rewrites the files",
+            str(directory / "tables"),
+            moved_on,
+            directory,
+        )
+        for outputs in (section.tables, section.figures):
+            for name in [n for n in outputs if written_by_consistency(n)]:
+                del outputs[name]
     if "table1" not in section.tables and "kn_sets" in section.store and section.model:
         _add_consistency(section)
     return section
+
+
+def _store_moved_on(section: RunSection) -> str | None:
+    """How the run's KN sets differ from the facts its ``tables/consistency.csv`` was computed from
+    (a localize run resumed after ``qloc consistency``), or None where they agree or cannot be
+    compared."""
+    if "consistency" not in section.tables or "kn_sets" not in section.store or not section.model:
+        return None
+    written = section.tables["consistency"].frame
+    if not {"model", "fact_id", "method"} <= set(written.columns):
+        return None
+    written = written[written["model"] == section.model]
+    stored = section.store["kn_sets"]
+    written_pairs = set(zip(written["fact_id"], written["method"]))
+    stored_pairs = set(zip(stored["fact_id"], stored["method"]))
+    if written_pairs == stored_pairs:
+        return None
+    return (
+        f"they cover {len(written_pairs)} (fact, method) pairs, its KN sets {len(stored_pairs)}, "
+        f"{len(stored_pairs - written_pairs)} of them new"
+    )
 
 
 def _png(fig: PlotFigure) -> bytes:

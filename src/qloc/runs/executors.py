@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..data.pararel import Fact
 from ..engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, LoadedModel, load_model
 from ..errors import ConfigError, QlocError
 from ..settings import setting
@@ -80,6 +81,15 @@ class SweepPlan:
     build: WorkBuilder
     model: ModelSpec
     description: str
+    required_table: str | None = None
+    """A table every done unit has rows in: a resume recomputes the units whose rows are gone."""
+    source: str | None = None
+    """Where the units' facts come from (:attr:`qloc.data.selection.Selection.source`); with it,
+    the store records each fact's digest and refuses a resume whose data changed."""
+
+    @property
+    def facts(self) -> list[Fact]:
+        return [unit for unit in self.units if isinstance(unit, Fact)] if self.source is not None else []
 
 
 def execute(
@@ -93,16 +103,41 @@ def execute(
         raise QlocError(f"0 units selected for {plan.description}: nothing to run")
     with RunLock.acquire(plan.run_dir):
         RunStore.check_stage(plan.run_dir, plan.stage, plan.params)
+        if plan.source is not None:
+            RunStore.check_facts(plan.run_dir, plan.stage, plan.facts, plan.source)
         quiet = execution.quiet
         if execution.executor == "local":
             lm = lm or plan.model.load()
-            with RunStore.open_stage(plan.run_dir, plan.stage, plan.params, model_environment(lm)) as store:
+            with _open_stage(plan, model_environment(lm)) as store:
                 return run_sweep(store, plan.stage, plan.units, plan.build(lm), quiet, plan.description)
         with RayPool(plan.model, plan.build, execution.ray_address, execution.workers) as pool:
-            with RunStore.open_stage(plan.run_dir, plan.stage, plan.params, pool.environment()) as store:
+            with _open_stage(plan, pool.environment()) as store:
                 results = partial(pool.results, run_dir=plan.run_dir)
                 display = Display(quiet, plan.description, pool.size)
                 return drive(store, plan.stage, plan.units, results, display)
+
+
+def _open_stage(plan: SweepPlan, env: dict[str, Any]) -> RunStore:
+    """The plan's stage opened for writing, with its facts recorded (those of a run made before facts
+    were recorded are recorded on its first resume)."""
+    store = RunStore.open_stage(plan.run_dir, plan.stage, plan.params, env)
+    try:
+        if plan.source is not None:
+            store.record_facts(plan.stage, plan.facts, plan.source)
+        if plan.required_table is not None and (
+            lost := store.forget_units_without_rows(plan.stage, plan.required_table)
+        ):
+            log.warning(
+                "%d finished units of %r have no rows in table %r of %r: computing them again",
+                lost,
+                plan.stage,
+                plan.required_table,
+                str(plan.run_dir),
+            )
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 class SweepWorker:

@@ -46,7 +46,10 @@ class RunLock:
 
     @classmethod
     def acquire(cls, run_dir: str | Path) -> RunLock:
-        key = Path(run_dir).resolve()
+        try:
+            key = Path(run_dir).resolve()
+        except RuntimeError:  # pathlib's symlink loop (Python < 3.13)
+            raise RunDirectoryError(f"run directory {str(run_dir)!r} is a symbolic link loop") from None
         lock = cls._held.get(key)
         if lock is None:
             lock = cls(Path(run_dir), key)

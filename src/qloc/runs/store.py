@@ -1,10 +1,12 @@
 """The run store: one SQLite database per run directory, one transaction per unit of work.
 
-A run directory holds ``qloc.sqlite`` (results, finished units, skips, parameters),
+A run directory holds ``qloc.sqlite`` (results, finished units, skips, parameters, and a digest
+of every fact a stage works on, with the data file it came from),
 ``params.json`` (the parameters of each stage run in it) and ``environment.json`` (model,
 library versions, machine). A sweep commits each finished fact in its own transaction, so a
 ``kill -9`` loses at most the fact in flight; rerunning the same command skips finished facts.
-Reopening a stage with different parameters is refused, naming the parameter that differs.
+Reopening a stage with different parameters is refused, naming the parameter that differs, and so
+is a fact that its data file now states otherwise than when the stage recorded it.
 
 One process writes a run directory at a time: a writer holds :class:`RunLock` (``qloc.lock``)
 for its whole sweep, and a second writer is refused at once. Readers take no lock and open the
@@ -29,8 +31,10 @@ from typing import Any, TypeVar
 
 import pandas as pd
 
-from ..errors import RunDirectoryError
+from ..data.pararel import Fact
+from ..errors import QlocError, RunDirectoryError
 from .lock import LOCK_FILE, STORE_FILE, RunLock
+from .outputs import write_text
 from .rows import PlainRow, Row, check_identifier, table_layout
 
 __all__ = ["LOCK_FILE", "STORE_FILE", "RunLock", "RunStore", "environment"]
@@ -45,7 +49,13 @@ CREATE TABLE IF NOT EXISTS units (
     stage TEXT NOT NULL, unit_id TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
     seconds REAL, finished REAL NOT NULL, PRIMARY KEY (stage, unit_id)
 );
+CREATE TABLE IF NOT EXISTS fact_digests (
+    stage TEXT NOT NULL, fact_id TEXT NOT NULL, digest TEXT NOT NULL, fact TEXT NOT NULL,
+    source TEXT NOT NULL, PRIMARY KEY (stage, fact_id)
+);
 """
+BOOKKEEPING_TABLES = ("stages", "units", "fact_digests")
+"""The store's own tables; the others hold results."""
 
 
 def environment() -> dict[str, Any]:
@@ -228,6 +238,46 @@ class RunStore:
             with cls.open_existing(run_dir) as store:
                 store._refuse_other_params(stage, json.loads(json.dumps(dict(params))))
 
+    @classmethod
+    def check_facts(cls, run_dir: str | Path, stage: str, facts: Sequence[Fact], source: str) -> None:
+        """Refuse, before any work, facts that :meth:`refuse_other_facts` would refuse; a directory
+        without a store passes."""
+        if (Path(run_dir) / STORE_FILE).is_file():
+            with cls.open_existing(run_dir) as store:
+                store.refuse_other_facts(stage, facts, source)
+
+    @_reads_store
+    def refuse_other_facts(self, stage: str, facts: Sequence[Fact], source: str) -> None:
+        """Refuse a fact that ``stage`` recorded (:meth:`record_facts`) with other content under the
+        same id: its data file was edited since, or a path now names another file. Runs made before
+        facts were recorded have nothing to compare, and pass."""
+        present = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'fact_digests'").fetchone()
+        if present is None:
+            return
+        recorded = {
+            fact_id: (digest, label, recorded_source)
+            for fact_id, digest, label, recorded_source in self._db.execute(
+                "SELECT fact_id, digest, fact, source FROM fact_digests WHERE stage = ?", (stage,)
+            )
+        }
+        for fact in facts:
+            if fact.id in recorded and recorded[fact.id][0] != fact.digest:
+                _, label, recorded_source = recorded[fact.id]
+                raise RunDirectoryError(
+                    f"run directory {str(self.run_dir)!r}: its {stage!r} stage used {label} from "
+                    f"{recorded_source!r}, but {source!r} now has {fact.label} (other content under the "
+                    "same id); give the data the run was made with, or use another run directory"
+                )
+
+    def record_facts(self, stage: str, facts: Sequence[Fact], source: str) -> None:
+        """Remember what each fact of ``stage`` says (its digest) and where it came from; facts
+        recorded before keep their record, so a run keeps the data it started with."""
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO fact_digests VALUES (?, ?, ?, ?, ?)",
+                [(stage, fact.id, fact.digest, fact.label, source) for fact in facts],
+            )
+
     def _register_stage(self, stage: str, params: dict[str, Any], env: dict[str, Any]) -> None:
         if self._db.execute("SELECT 1 FROM stages WHERE stage = ?", (stage,)).fetchone() is None:
             with self._transaction():
@@ -254,11 +304,13 @@ class RunStore:
 
     def _write_sidecars(self) -> None:
         stages = self._db.execute("SELECT stage, params, environment FROM stages ORDER BY created").fetchall()
-        (self.run_dir / "params.json").write_text(
-            json.dumps({s: json.loads(p) for s, p, _ in stages}, indent=2, sort_keys=True) + "\n"
+        write_text(
+            self.run_dir / "params.json",
+            json.dumps({s: json.loads(p) for s, p, _ in stages}, indent=2, sort_keys=True) + "\n",
         )
-        (self.run_dir / "environment.json").write_text(
-            json.dumps({s: json.loads(e) for s, _, e in stages}, indent=2, sort_keys=True) + "\n"
+        write_text(
+            self.run_dir / "environment.json",
+            json.dumps({s: json.loads(e) for s, _, e in stages}, indent=2, sort_keys=True) + "\n",
         )
 
     def close(self) -> None:
@@ -315,7 +367,7 @@ class RunStore:
     @_reads_store
     def tables(self) -> list[str]:
         rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        return [r[0] for r in rows if r[0] not in ("stages", "units")]
+        return [r[0] for r in rows if r[0] not in BOOKKEEPING_TABLES]
 
     @_reads_store
     def frame(self, table: str) -> pd.DataFrame:
@@ -329,13 +381,23 @@ class RunStore:
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One transaction; a full disk is one error naming the store (what was committed before stays)."""
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            raise QlocError(
+                f"disk full at {str(self.run_dir / STORE_FILE)!r}: the units finished before are stored; "
+                "free some space and rerun the same command to resume"
+            ) from None
 
     def commit_unit(
         self, stage: str, unit_id: str, rows: Mapping[str, Sequence[Row | PlainRow]], seconds: float | None
@@ -346,6 +408,24 @@ class RunStore:
             for table, table_rows in rows.items():
                 self._insert(check_identifier(table), stage, unit_id, table_rows)
             self._mark(stage, unit_id, "done", None, seconds)
+
+    def forget_units_without_rows(self, stage: str, table: str) -> int:
+        """Unmark the done units of ``stage`` that have no rows in ``table`` (a table dropped or
+        emptied since), and remove their other rows, so that the sweep computes them again; returns
+        how many were unmarked."""
+        done = self._db.execute("SELECT unit_id FROM units WHERE stage = ? AND status = 'done'", (stage,))
+        present = set(self.tables())
+        with_rows: set[str] = set()
+        if table in present:
+            query = f"SELECT DISTINCT unit_id FROM {check_identifier(table)} WHERE stage = ?"
+            with_rows = {r[0] for r in self._db.execute(query, (stage,))}
+        missing = [(stage, unit_id) for (unit_id,) in done if unit_id not in with_rows]
+        if missing:
+            with self._transaction():
+                for name in [*present, "units"]:
+                    delete = f"DELETE FROM {check_identifier(name)} WHERE stage = ? AND unit_id = ?"
+                    self._db.executemany(delete, missing)
+        return len(missing)
 
     def skip(self, stage: str, unit_id: str, reason: str) -> None:
         with self._transaction():

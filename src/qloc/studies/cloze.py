@@ -86,7 +86,9 @@ def run(request: ClozeRequest) -> Outcome:
             scratch.enter_context(tempfile.TemporaryDirectory(prefix="qloc-cloze-"))
         )
         build = partial(cloze_sweep_work, batch_size=request.batch_size)
-        plan = SweepPlan(directory, STAGE, params, selected, build, model, STAGE)
+        plan = SweepPlan(
+            directory, STAGE, params, selected, build, model, STAGE, source=request.selection.source
+        )
         summary = execute(plan, Execution(quiet=request.quiet or request.json_out))
         with RunStore.open_existing(directory) as store:
             frame = store.frame(STAGE) if STAGE in store.tables() else pd.DataFrame()

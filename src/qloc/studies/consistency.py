@@ -16,6 +16,7 @@ the table under other KN-set rules without attributing again.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.pararel import relation_order
-from ..runs.outputs import check_writable, save_figure, write_table
+from ..runs.outputs import check_writable, save_figure, write_csv, write_table
 from ..settings import setting
 from .consistency_figures import sensitivity_figure, threshold_figure, violin_figure
 from .knsets import KN_RULES, STATIC_THRESHOLD, consistency_score, dense_kn_sets, load_kn_sets
@@ -101,7 +102,11 @@ def null_consistency(kn_frame: pd.DataFrame, groups: int = NULL_GROUPS, seed: in
             size = min(len(facts[k % len(facts)]), len(facts))
             group = [rng.choice(facts[f]) for f in rng.sample(range(len(facts)), size)]
             rows.append({"model": model, "method": method, "size": size, "cs": consistency_score(group)})
-    return pd.DataFrame(rows, columns=["model", "method", "size", "cs"])
+    return pd.DataFrame(rows, columns=["model", "method", "size", "cs"]).astype({"size": int, "cs": float})
+
+
+NO_NULL = "none: each query of a chance group comes from another fact, and the run has 1 fact"
+"""Table 1's ``chance`` where a (model, method) has no null (:func:`null_consistency`)."""
 
 
 def null_summary(null: pd.DataFrame) -> pd.DataFrame:
@@ -131,7 +136,8 @@ def classify(
     frame["class_otsu"] = np.where(frame[score] >= frame["otsu_threshold"], "KC", "KI")
     if null is not None:
         frame = frame.merge(null_summary(null), on=["model", "method"], how="left")
-        frame["above_null"] = frame[score] > frame[f"cs_null_p{NULL_PERCENTILE}"]
+        chance = frame[f"cs_null_p{NULL_PERCENTILE}"]
+        frame["above_null"] = (frame[score] > chance).where(chance.notna())  # NaN: no null to beat
     return frame
 
 
@@ -182,6 +188,8 @@ def table1(classified: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
                     row["cs_null_mean"] = float(group["cs_null_mean"].iloc[0])
                     row[f"cs_null_p{NULL_PERCENTILE}"] = float(group[f"cs_null_p{NULL_PERCENTILE}"].iloc[0])
                     row["R_above_null"] = float(group["above_null"].mean())
+                    if math.isnan(row["cs_null_mean"]):
+                        row["chance"] = NO_NULL
                 row["degenerate"] = bool(degenerate.loc[group.index].any())
                 rows.append(row)
     return pd.DataFrame(rows)
@@ -315,6 +323,16 @@ def consistency_study(kn_frame: pd.DataFrame, score: str = "cs_relaxed") -> Cons
     )
 
 
+CONSISTENCY_OUTPUTS = ("table1", "cs_null", "consistency", "fig9_ki_share", "fig9_threshold")
+CONSISTENCY_OUTPUT_PREFIXES = ("relations_", "violin_", "threshold_sensitivity")
+"""The names of the tables and figures :func:`write_consistency_report` writes (some per method)."""
+
+
+def written_by_consistency(name: str) -> bool:
+    """Whether a table or figure of this name is one of ``qloc consistency``'s."""
+    return name in CONSISTENCY_OUTPUTS or name.startswith(CONSISTENCY_OUTPUT_PREFIXES)
+
+
 def write_consistency_report(
     run_dirs: Sequence[str | Path],
     out_dir: str | Path,
@@ -333,14 +351,13 @@ def write_consistency_report(
     study = consistency_study(kn_frame, score)
     tables.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot be read leaves no folder
     written: dict[str, Path] = {}
-    study.per_fact().to_csv(tables / "consistency.csv", index=False)
-    written["consistency"] = tables / "consistency.csv"
+    written["consistency"] = write_csv(study.per_fact(), tables / "consistency.csv")
     written["table1"] = write_table(study.table1, tables, "table1")
     if len(study.null):
         written["null"] = write_table(null_summary(study.null), tables, "cs_null")
-    study.curve.to_csv(tables / "fig9_ki_share.csv", index=False)
+    write_csv(study.curve, tables / "fig9_ki_share.csv")
     for method in study.methods:
-        study.relations(method).to_csv(tables / f"relations_{method}.csv", index=False)
+        write_csv(study.relations(method), tables / f"relations_{method}.csv")
         written[f"violin_{method}"] = save_figure(study.violin(method), figures, f"violin_{method}")
     written["fig9"] = save_figure(study.threshold_figure(), figures, "fig9_threshold")
     dense = dense_kn_sets(run_dirs)

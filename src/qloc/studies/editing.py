@@ -234,6 +234,12 @@ def run(request: EditRequest) -> Outcome:
     config = replace(request.config, mode=mode, method=localized.method)
     passages = wikitext_passages(config.ppl_passages, seed=config.seed)
     tables = request.run_dir / "tables"
+    if request.sequential > len(localized.facts):
+        raise ConfigError.invalid(
+            "sequential",
+            request.sequential,
+            f"run {str(request.run_dir)!r} has only {len(localized.facts)} facts",
+        )
     if request.sequential > 0:
         # Seed-major, so that an interrupted run has every KN set for the seeds it finished.
         units = [SequentialUnit(name, repeat) for repeat in range(request.seeds) for name in config.sets]

@@ -210,6 +210,8 @@ def run(request: LocalizeRequest) -> Outcome:
         partial(localize_work, config=request.config, max_batch_rows=request.max_batch_rows),
         ModelSpec(request.model, request.device, request.dtype),
         f"localize {request.model}",
+        required_table=KnSetRow.table,
+        source=selection.source,
     )
     summary = execute(plan, request.execution)
     return Outcome([f"facts: {summary.describe()}; results in {request.run_dir}"])

@@ -14,8 +14,9 @@ from typing import Any
 import pandas as pd
 
 from ..data.pararel import Fact, load_pararel
+from ..data.selection import Selection
 from ..engine.models import DEFAULT_DEVICE
-from ..errors import ConfigError, QlocError
+from ..errors import ConfigError, DataError, QlocError
 from ..runs.executors import Execution, ModelSpec, SweepPlan, WorkBuilder
 from ..runs.store import RunStore
 from ..settings import setting
@@ -58,6 +59,8 @@ class LocalizedRun:
     dataset: list[Fact]
     facts: list[Fact]
     device: str
+    source: str
+    """Where the facts were read from (:attr:`qloc.data.selection.Selection.source`)."""
 
     @property
     def model(self) -> ModelSpec:
@@ -75,7 +78,9 @@ class LocalizedRun:
         parameters are the run's model and dtype, then the experiment's ``config``."""
         params = {"model": self.params["model"], "dtype": self.params["dtype"], **config}
         chosen = self.facts if units is None else units
-        return SweepPlan(self.run_dir, stage, params, chosen, build, self.model, description)
+        return SweepPlan(
+            self.run_dir, stage, params, chosen, build, self.model, description, source=self.source
+        )
 
     def first_facts(self, limit: int | None, seed: int) -> list[Fact]:
         """The first ``limit`` facts of the run in one seeded order (all with None): a prefix of a
@@ -105,17 +110,38 @@ def read_localized_run(
     run_dir: Path, method: str | None = None, device: str = DEFAULT_DEVICE
 ) -> LocalizedRun:
     """A localize run as the experiments on it read it; ``method``: whose KN sets (default: the
-    run's first method)."""
+    run's first method). Refuses data that no longer says what the run localized."""
     with RunStore.open_existing(run_dir) as store:
         localized = store.params(LOCALIZE_STAGE)
         kn_frame, cas_frame = store.frame("kn_sets"), store.frame("cas_sets")
-    method = method or localized["methods"][0]
-    knowledge = knowledge_from_store(kn_frame, cas_frame, method)
-    data = None if localized["data"] == "bundled" else localized["data"]
-    dataset = load_pararel(data, query_filter=localized["query_filter"]).facts
-    localized_queries = {
-        fact_id: tuple(group.sort_values("query_index")["prompt"])
-        for fact_id, group in kn_frame[kn_frame["method"] == method].groupby("fact_id", sort=False)
-    }
-    facts = [replace(f, queries=localized_queries[f.id]) for f in dataset if f.id in knowledge]
-    return LocalizedRun(Path(run_dir), localized, method, knowledge, dataset, facts, device)
+        method = method or localized["methods"][0]
+        knowledge = knowledge_from_store(kn_frame, cas_frame, method)
+        data = Selection(data=None if localized["data"] == "bundled" else Path(localized["data"]))
+        dataset = load_pararel(data.data, query_filter=localized["query_filter"]).facts
+        kn_frame = kn_frame[kn_frame["method"] == method]
+        localized_queries = {
+            fact_id: tuple(group.sort_values("query_index")["prompt"])
+            for fact_id, group in kn_frame.groupby("fact_id", sort=False)
+        }
+        facts = [replace(f, queries=localized_queries[f.id]) for f in dataset if f.id in knowledge]
+        _refuse_changed_data(run_dir, kn_frame, facts, data.source)
+        store.refuse_other_facts(LOCALIZE_STAGE, facts, data.source)
+    return LocalizedRun(Path(run_dir), localized, method, knowledge, dataset, facts, device, data.source)
+
+
+def _refuse_changed_data(run_dir: Path, kn_frame: pd.DataFrame, facts: list[Fact], source: str) -> None:
+    """Refuse data that lacks a localized fact or gives it another answer than the run localized
+    (the check of runs made before facts were recorded; others are also compared by digest)."""
+    answers = kn_frame.groupby("fact_id")["answer"].first()
+    found = {f.id for f in facts}
+    if missing := [fact_id for fact_id in answers.index if fact_id not in found]:
+        raise DataError(
+            f"{source!r} has no usable fact {missing[0]} ({len(missing)} in all), which run directory "
+            f"{str(run_dir)!r} localized: the data changed, or the path names another file"
+        )
+    for fact in facts:
+        if fact.object != answers[fact.id]:
+            raise DataError(
+                f"{source!r} now has {fact.label}, but run directory {str(run_dir)!r} localized it "
+                f"with the answer {answers[fact.id]!r}: the data changed, or the path names another file"
+            )
