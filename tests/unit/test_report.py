@@ -13,8 +13,8 @@ from qloc.errors import QlocError
 from qloc.report.claims import model_findings
 from qloc.report.explorer import explorer_run
 from qloc.report.findings import Evidence, reference_model
-from qloc.report.paper import load_paper_reference
 from qloc.report.format import format_number, format_share, script_json
+from qloc.report.paper import load_paper_reference
 from qloc.report.sections import unit_counts
 from tests.helpers import HOSTILE
 
