@@ -191,7 +191,8 @@ class Demo:
 def demo(request: Demo) -> None:
     """The main job, small: localize knowledge neurons of a few sampled ParaRel facts that the
     model knows (--known, from a census of 64 facts per relation) on the default model and report
-    their KN consistency (Table 1 and figures). Resumable."""
+    their KN consistency (Table 1 and figures, and the HTML report with the findings beside the
+    paper's cells). Resumable."""
     localize = LocalizeRequest(
         request.run_dir,
         request.model,
@@ -206,6 +207,13 @@ def demo(request: Demo) -> None:
     run_study(STUDIES_BY_NAME["consistency"], ConsistencyRequest([request.run_dir]))
     kn_sets = f"qloc.RunStore.open_existing({str(request.run_dir)!r}).frame('kn_sets')"
     out.print(plain(f"KN sets: {kn_sets}; full study: qloc localize --help"), highlight=False)
+    written = write_report([request.run_dir], request.run_dir / "report.html")
+    out.print(
+        plain(
+            f"Report (open in a browser; what the run found beside the paper comes first): {written['html']}"
+        ),
+        highlight=False,
+    )
 
 
 STUDIES_BY_NAME = {study.name: study for study in STUDIES}

@@ -84,6 +84,9 @@ def test_demo_runs_the_main_job(tmp_path, tiny_model_dir):
     table = pd.read_csv(run / "tables" / "table1.csv")
     assert set(table.threshold) == {"static", "otsu"} and (table.facts == 3).all()
     assert (run / "figures" / "violin_ig.svg").exists()
+    printed = " ".join(result.stdout.split())  # the terminal may wrap the line
+    assert "Report (open in a browser" in printed and (run / "report.html").exists()
+    assert "paper's 3 cells over its models" in (run / "report.md").read_text()  # the verdicts' paper cells
     with RunStore.open_existing(run) as store:  # the facts are known ones, from a census of 64 per relation
         assert (
             store.params("census")["facts_per_relation"] == 64 and store.params("localize")["known"] == 1000

@@ -357,3 +357,19 @@ def test_no_verdict_stands_beside_a_missing_paper_number(tmp_path):
     assert all(
         f.note.startswith("no call: ") for f in result.findings if "Welch" in f.measure and f.measured != "–"
     )
+
+
+def test_the_report_names_the_cs_count_rule_nearest_the_paper():
+    ablation = pd.DataFrame(
+        [
+            dict(group="g", setting=name, method="ig", R_KI_static=r, CS_KC_static=kc, CS_KI_static=ki)
+            for name, r, kc, ki in (
+                ("relaxed (>= 2 queries)", 0.1, 0.5, 0.08),
+                ("all queries (strict)", 0.5, 0.25, 0.03),
+            )
+        ]
+    )
+    _, found = _findings(Evidence("m-135m", tables={"table1": _table1(), "cs_ablation": ablation}))
+    variant = found["IG: R_KI / CS_KC / CS_KI (static) under each CS count rule"]
+    assert variant.paper.startswith("0.440 / 0.210 / 0.030") and variant.verdict == "open"
+    assert variant.note.startswith("nearest the paper's cells: all queries (strict)")

@@ -82,6 +82,45 @@ class ConsistencyClaims(ClaimRules):
             )
         self._welch(table1)
         self._u_ki(table1)
+        self._cs_variant()
+
+    def _cs_variant(self) -> None:
+        """Which count rule of CS (relaxed, majority, strict: the ablation's group g) brings the static
+        split nearest the paper's cells: the paper's equation 1 was lost from its text."""
+        ablation = self.table("cs_ablation")
+        if ablation is None or "g" not in set(ablation["group"]):
+            return
+        columns = ("R_KI", "CS_KC", "CS_KI")
+        for method, rows in ablation[ablation["group"] == "g"].groupby("method", sort=False):
+            paper = {
+                c: self.paper.cell("table1", c, self.reference, method=method, threshold="static")
+                for c in columns
+            }
+            if any(v is None for v in paper.values()):
+                continue
+            gaps = {
+                row.setting: sum(abs(getattr(row, f"{c}_static") - paper[c]) for c in columns)
+                for row in records(rows)
+                if not any(math.isnan(getattr(row, f"{c}_static")) for c in columns)
+            }
+            if not gaps:
+                continue
+            best = min(gaps, key=lambda s: gaps[s])
+            measured = "; ".join(
+                f"{row.setting}: " + " / ".join(format_number(getattr(row, f"{c}_static")) for c in columns)
+                for row in records(rows)
+            )
+            cells = " / ".join(format_number(paper[c]) for c in columns)
+            self.add(
+                "ki_share",
+                f"{method.upper()}: R_KI / CS_KC / CS_KI (static) under each CS count rule",
+                measured,
+                PaperQuote(
+                    f"{cells} (R_KI / CS_KC / CS_KI)", tuple(v for v in paper.values() if v is not None)
+                ),
+                "open",
+                f"nearest the paper's cells: {best} (summed gap {format_number(gaps[best])})",
+            )
 
     def _paper_range_verdict(self, quote: PaperQuote, value: float, what: str) -> tuple[str, str]:
         if quote.contains(value):

@@ -182,6 +182,11 @@ def gather_evidence(sections: list[RunSection]) -> list[Evidence]:
     return list(by_model.values())
 
 
-_CONSISTENCY_TABLES = {"consistency", "fig9_ki_share", "threshold_sensitivity"} | {
-    f"relations_{m}" for m in ("ig", "amig", "sig")
-}
+_CONSISTENCY_TABLES = {
+    "consistency",
+    "fig9_ki_share",
+    "threshold_sensitivity",
+    "cs_ablation",
+    "cs_by_queries",
+    "table1_by_knowledge",
+} | {f"relations_{m}" for m in ("ig", "amig", "sig")}
