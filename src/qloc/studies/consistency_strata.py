@@ -1,5 +1,5 @@
 """Why a run's KN consistency differs from the paper's: Table 1 under each setting of an ablation,
-split by knowledge, and by the number of queries per fact (METHODS.md section 4.2).
+split by knowledge, and by the number of queries per fact (METHODS.md section 4.1).
 
 Every setting is computed from the KN sets (and, for other KN rules, the dense scores) a localize run
 stored, so none needs a second attribution pass, except the answer-token setting, which reads a
@@ -154,7 +154,7 @@ def cs_ablation(
     dense: pd.DataFrame | None = None,
     all_tokens: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Table 1's split under each setting of the ablation (METHODS.md section 4.2): (a) first vs all
+    """Table 1's split under each setting of the ablation (METHODS.md section 4.1): (a) first vs all
     answer tokens (``all_tokens``: KN sets of a run with ``--answer-tokens all``, compared on its
     facts only), (b) without the last 1 and 3 layers, (c) without shared neurons, (d) other KN rules
     (``dense``: rows of :func:`qloc.studies.knsets.dense_kn_sets`), (e) known vs unknown facts,
