@@ -115,6 +115,7 @@ def test_table1_findings_mark_the_direction_and_use_the_chance_baseline_when_pre
     beats = found["IG: facts whose CS beats chance (95th percentile of the null, 0.450)"]
     assert beats.measured == "20.0 % (2 of 10)" and "0.380" in beats.note
     assert found["AMIG: KI share, static threshold 0.100"].verdict == "open"
+    assert found["AMIG: Welch's t (KC vs KI), otsu threshold"].note == "method degenerate here"
     assert any("AMIG is flagged degenerate" in w for w in result.warnings)
     assert any("IG: the mean CS of KC facts (0.400) is not above chance" in w for w in result.warnings)
 
@@ -189,7 +190,8 @@ def test_mapping_and_synapse_findings_read_the_order_and_the_signs():
     order = found["AMIG suppress, KI: mean dProb per KN set, strongest first"]
     assert order.verdict == "open" and order.measured.startswith("Union -0.950; Self -0.900")
     assert (
-        order.note.startswith("no call: Figure 4 is a bar chart")
+        order.note.startswith("no call (no paper number)")
+        and order.paper.startswith("Figure 4 is a bar chart")
         and "as the paper describes it" in order.note
     )
     suppress = found["AMIG suppress KS, 5 queries: median dKN of mean activation, dProb"]
@@ -355,7 +357,9 @@ def test_no_verdict_stands_beside_a_missing_paper_number(tmp_path):
     result = model_findings(Evidence("m-135m", tables=tables), load_paper_reference(custom))
     assert result.findings and {f.verdict for f in result.findings} == {"open"}
     assert all(
-        f.note.startswith("no call: ") for f in result.findings if "Welch" in f.measure and f.measured != "–"
+        f.note.startswith("no call (no paper number)")
+        for f in result.findings
+        if "Welch" in f.measure and f.measured != "–"
     )
 
 

@@ -179,10 +179,13 @@ class ConsistencyClaims(ClaimRules):
             quote = self.paper.quote(
                 "table1", "t", self.reference, method=row.method, threshold=row.threshold
             )
+            measured = "–" if math.isnan(row.t) else f"t = {format_number(row.t)}, p = {format_number(row.p)}"
+            if bool(getattr(row, "degenerate", False)):
+                self.add("welch", measure, measured, quote, "open", "method degenerate here")
+                continue
             if math.isnan(row.t) or math.isnan(row.p):
                 self.add("welch", measure, "–", quote, "open", "fewer than 2 facts in a class")
                 continue
-            measured = f"t = {format_number(row.t)}, p = {format_number(row.p)}"
             if row.t > 0 and row.p < SIGNIFICANCE:
                 self.add("welch", measure, measured, quote, "agrees", "the paper prints no p")
             else:

@@ -136,7 +136,7 @@ class ClaimRules:
         call", with why, and the direction qloc measured kept in words."""
         if verdict in ("agrees", "differs") and not paper.has_number:
             way = "as the paper describes it" if verdict == "agrees" else "not as the paper describes it"
-            note = f"no call: {paper.text}; qloc's result goes {way}" + (f" ({note})" if note else "")
+            note = f"no call (no paper number); qloc's result goes {way}" + (f": {note}" if note else "")
             verdict = "open"
         self.findings.append(Finding(claim, measure, measured, paper.text, verdict, note))
 

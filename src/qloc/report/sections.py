@@ -7,6 +7,7 @@ Figures 3/7/8/9 computed from its store's KN sets, in memory (nothing is written
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -70,6 +71,24 @@ class RunSection:
     """The run's model as Table 1 names it (a path's last part), where the directory is a run."""
 
 
+def _from_result_files(section: RunSection) -> None:
+    """A results folder without its store (as committed under docs/results): the model and its
+    environment from the ``params.json`` and ``environment.json`` the run wrote beside its tables."""
+    try:
+        params = json.loads((section.directory / "params.json").read_text(encoding="utf-8"))
+        environments = json.loads((section.directory / "environment.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if (
+        isinstance(params, dict)
+        and isinstance(params.get(LOCALIZE_STAGE), dict)
+        and "model" in params[LOCALIZE_STAGE]
+    ):
+        section.model = model_label(params[LOCALIZE_STAGE]["model"])
+    if isinstance(environments, dict) and environments:
+        section.environment = environments.get(LOCALIZE_STAGE) or next(iter(environments.values()))
+
+
 def read_section(directory: Path) -> RunSection:
     directory = Path(directory)
     if not directory.is_dir():
@@ -91,6 +110,8 @@ def read_section(directory: Path) -> RunSection:
             if LOCALIZE_STAGE in stages:
                 section.model = model_label(stages[LOCALIZE_STAGE]["model"])
         section.environment = section.stages[-1]["environment"] if section.stages else {}
+    else:
+        _from_result_files(section)
     if not (section.tables or section.figures or section.stages):
         raise QlocError(f"{str(directory)!r} has no qloc tables, figures or run store")
     if (moved_on := _store_moved_on(section)) is not None:
