@@ -92,6 +92,6 @@ def architecture_for(model_type: str) -> ArchitectureSpec:
     except KeyError:
         raise UnsupportedArchitectureError(
             f"model family {model_type!r} is not supported: qloc knows {', '.join(supported_model_types())}. "
-            "Add an ArchitectureSpec entry for it to qloc.architectures.ARCHITECTURES "
+            "Add an ArchitectureSpec entry for it to qloc.engine.architectures.ARCHITECTURES "
             "(where the MLP output projection, the decoder layers and the attention live)."
         ) from None
