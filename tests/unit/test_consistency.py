@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from qloc.studies.consistency import (
+from qloc.studies.consistency import consistency_study
+from qloc.studies.consistency_figures import violin_figure
+from qloc.studies.consistency_tables import (
     NO_NULL,
     classify,
-    consistency_study,
     fact_consistency,
     ki_share_curve,
     null_consistency,
@@ -19,7 +20,6 @@ from qloc.studies.consistency import (
     table1,
     threshold_sensitivity,
 )
-from qloc.studies.consistency_figures import violin_figure
 from qloc.studies.knsets import consistency_score
 from qloc.studies.statistics import otsu_threshold, welch
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..studies.consistency import classify, fact_consistency
+from ..studies.consistency_tables import classify, fact_consistency
 from ..studies.knsets import STATIC_THRESHOLD
 from .format import rounded
 

@@ -24,7 +24,7 @@ from ..data.paper_reference import paper_table
 from ..engine.models import model_label
 from ..runs.outputs import pyplot, save_figure, write_table
 from ..runs.store import RunStore
-from .consistency import classify, fact_consistency
+from .consistency_tables import classify, fact_consistency
 from .knsets import LOCALIZE_STAGE, STATIC_THRESHOLD, consistency_score, load_kn_sets
 from .statistics import welch
 
