@@ -238,6 +238,8 @@ class FirstOrder(NeuronMethod):
     section 3.1). Its completeness residual is the first-order Taylor error of each layer."""
 
     fixed_rule = (1, "right")
+    path_method: ClassVar[str]
+    """The path method whose baseline it takes, and whose m = 1 right sum it is."""
 
     def path_integrals(
         self,
@@ -262,6 +264,7 @@ class GradientXActivation(FirstOrder, IntegratedGradients):
     """GxA: (a_l - 0) * dF/da_l, IG's zero baseline (degenerate where IG is)."""
 
     name = "gxa"
+    path_method = IntegratedGradients.name
 
 
 class AMIGGradientXActivation(FirstOrder, AMIG):
@@ -269,6 +272,7 @@ class AMIGGradientXActivation(FirstOrder, AMIG):
     replaced by EOS."""
 
     name = "gxa-amig"
+    path_method = AMIG.name
 
 
 class AttentionIG(PathMethod):
