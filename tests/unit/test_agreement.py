@@ -12,7 +12,13 @@ from qloc.engine.attribution import kn_set
 from qloc.errors import QlocError
 from qloc.runs.executors import Execution
 from qloc.studies import localize
-from qloc.studies.agreement import method_agreement, overlap, query_agreement, write_method_agreement
+from qloc.studies.agreement import (
+    hybrid_measures,
+    method_agreement,
+    overlap,
+    query_agreement,
+    write_method_agreement,
+)
 
 
 def test_overlap_and_query_measures():
@@ -20,12 +26,36 @@ def test_overlap_and_query_measures():
     assert overlap([], []) == (1.0, pytest.approx(float("nan"), nan_ok=True))
     scores = torch.tensor([[4.0, 3.0, 2.0], [1.0, 0.0, -1.0]])
     same = query_agreement(scores, kn_set(scores), scores, kn_set(scores), overlap_k=2)
-    assert same == {"jaccard": 1.0, "recall": 1.0, "same_kn_set": 1.0, "spearman": 1.0, "top2_overlap": 1.0}
+    assert {k: same[k] for k in ("jaccard", "recall", "same_kn_set", "spearman", "top2_overlap")} == {
+        "jaccard": 1.0,
+        "recall": 1.0,
+        "same_kn_set": 1.0,
+        "spearman": 1.0,
+        "top2_overlap": 1.0,
+    }
     reversed_ = query_agreement(scores, kn_set(scores), -scores, kn_set(-scores), overlap_k=2)
     assert reversed_["spearman"] == pytest.approx(-1) and reversed_["top2_overlap"] == 0
     assert reversed_["jaccard"] == 0 and reversed_["same_kn_set"] == 0
     flat = query_agreement(torch.zeros(2, 3), [], scores, kn_set(scores))
     assert math.isnan(flat["spearman"]) and flat["recall"] == 0
+
+
+def test_hybrid_measures_read_the_reference_on_the_marked_layers():
+    reference = torch.zeros(4, 3)
+    reference[1, 0], reference[1, 2], reference[3, 1] = 1.0, 0.5, 0.3
+    reference_set = kn_set(reference)  # (1, 0), (1, 2), (3, 1)
+    only_layer_1 = hybrid_measures([(1, 1)], reference, reference_set)
+    # Rows at layer l run L - l = 4 - l layers: layer 1's share is 3 / (4 + 3 + 2 + 1).
+    assert only_layer_1 == {
+        "marked_layers": 1,
+        "hybrid_recall": pytest.approx(2 / 3),
+        "hybrid_exact": 0.0,
+        "hybrid_cost": pytest.approx(0.3),
+    }
+    both = hybrid_measures([(1, 1), (3, 0), (3, 2)], reference, reference_set)
+    assert both["hybrid_exact"] == 1.0 and both["hybrid_cost"] == pytest.approx(0.4)
+    # Every KN inside, but the top score outside: the threshold would be relative to another max.
+    assert hybrid_measures([(3, 0)], reference, [(3, 1)])["hybrid_exact"] == 0.0
 
 
 @pytest.fixture(scope="module")

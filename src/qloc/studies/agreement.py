@@ -59,7 +59,9 @@ def query_agreement(
     overlap_k: int = OVERLAP_K,
 ) -> dict[str, float]:
     """The per-query measures of one method against one reference: KN-set Jaccard and recall, the
-    Spearman correlation of all scores (NaN where either is constant) and the top-k overlap."""
+    Spearman correlation of all scores (NaN where either is constant), the top-k overlap, and what
+    a hybrid would get that runs the reference exactly on the layers the method's KN set marks
+    (:func:`hybrid_measures`)."""
     jaccard, recall = overlap(found, reference_set)
     flat, reference_flat = scores.flatten().numpy(), reference_scores.flatten().numpy()
     constant = float(flat.std()) == 0 or float(reference_flat.std()) == 0
@@ -71,6 +73,29 @@ def query_agreement(
         "same_kn_set": float(set(found) == set(reference_set)),
         "spearman": spearman,
         f"top{overlap_k}_overlap": len(best) / min(overlap_k, scores.numel()),
+        **hybrid_measures(found, reference_scores, reference_set),
+    }
+
+
+def hybrid_measures(
+    found: Sequence[tuple[int, int]], reference_scores: torch.Tensor, reference_set: Sequence[tuple[int, int]]
+) -> dict[str, float]:
+    """The hybrid that attributes exactly (the reference) only on the layers holding the method's
+    KNs, without running it: it gets the reference's KN set exactly where every reference KN and
+    the reference's top score lie in those layers (the threshold is relative to the top score).
+    ``hybrid_recall``: the share of the reference's KNs in the marked layers; ``hybrid_cost``: the
+    share of the reference's path rows it would run (a row at layer l runs the L - l layers from l
+    up), besides the method itself."""
+    num_layers = reference_scores.shape[0]
+    marked = {layer for layer, _ in found}
+    inside = [u for u in reference_set if u[0] in marked]
+    top_layer = int(reference_scores.flatten().argmax()) // reference_scores.shape[1]
+    row_layers = [num_layers - layer for layer in range(num_layers)]
+    return {
+        "marked_layers": len(marked),
+        "hybrid_recall": len(inside) / len(reference_set) if reference_set else float("nan"),
+        "hybrid_exact": float(len(inside) == len(reference_set) and top_layer in marked),
+        "hybrid_cost": sum(row_layers[layer] for layer in marked) / sum(row_layers),
     }
 
 
@@ -224,8 +249,9 @@ def fact_classes(kn_frame: pd.DataFrame, method: str, references: Sequence[str])
 def summarize(queries: pd.DataFrame, facts: pd.DataFrame, overlap_k: int = OVERLAP_K) -> pd.DataFrame:
     """Per (model, method, reference): query count, mean and median Jaccard, mean recall, the share
     of identical KN sets, mean and median Spearman, mean top-k overlap, the share of facts whose
-    KC/KI class agrees (static, Otsu), and the speed-up over the reference's stored seconds (the
-    localize run's timing, which may come from another machine state)."""
+    KC/KI class agrees (static, Otsu), the hybrid's mean recall, share of exact sets and mean cost
+    (:func:`hybrid_measures`), and the speed-up over the reference's stored seconds (the localize
+    run's timing, which may come from another machine state)."""
     rows = []
     for (model, method, reference), group in queries.groupby(["model", "method", "reference"], sort=False):
         by_fact = facts[(facts.model == model) & (facts.reference == reference)]
@@ -243,6 +269,9 @@ def summarize(queries: pd.DataFrame, facts: pd.DataFrame, overlap_k: int = OVERL
                 "spearman_mean": group["spearman"].mean(),
                 "spearman_median": group["spearman"].median(),
                 f"top{overlap_k}_overlap_mean": group[f"top{overlap_k}_overlap"].mean(),
+                "hybrid_recall_mean": group["hybrid_recall"].mean(),
+                "hybrid_exact": group["hybrid_exact"].mean(),
+                "hybrid_cost_mean": group["hybrid_cost"].mean(),
                 "class_agree_static": by_fact["agree_static"].mean(),
                 "class_agree_otsu": by_fact["agree_otsu"].mean(),
                 "seconds_mean": group["seconds"].mean(),
