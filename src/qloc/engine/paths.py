@@ -18,6 +18,11 @@ by qloc, from the architecture table.
 
 Rows are ordered by layer and cut into chunks of at most ``max_batch_rows`` (default: what
 :func:`default_batch_rows` estimates fits); within a chunk the batch grows as it climbs.
+
+The one-step right rule (the first-order methods, gxa) needs no path rows for its gradients: the
+clean run itself, kept on the graph at every layer, gives dF/dv_l for all layers in one backward
+(:meth:`PathIntegrator.clean_run` with ``gradients``); only F at the start points, for the
+completeness check, takes one replayed row per layer (:meth:`PathIntegrator.input_gradients`).
 """
 
 from __future__ import annotations
