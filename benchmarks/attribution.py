@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/attribution.py [--model smollm2-135m] [--queries 3] [--steps 20]
 
-Prints seconds per query of the reference and of the engine for IG, AMIG and SIG on the same
-ParaRel queries, the speed-up ratios, AMIG/IG and SIG/IG time ratios, and the largest score
-difference. The reference is tests/reference_attribution.py (the METHODS.md definition).
+Prints seconds per query of the reference and of the engine for IG, AMIG, SIG and the first-order
+gxa and gxa-amig on the same ParaRel queries, the speed-up ratios, AMIG/IG and SIG/IG time ratios,
+and the largest score difference. The reference is tests/reference_attribution.py (the METHODS.md
+definition; for gxa and gxa-amig, IG's and AMIG's at one step). Then each first-order method
+beside the path method whose baseline it takes: how much faster, and how far its KN sets are.
 Notes of measured figures: benchmarks/NOTES.md.
 """
 
@@ -25,7 +27,7 @@ sys.path.insert(
 from tests.reference_attribution import reference_scores  # noqa: E402
 
 import qloc  # noqa: E402
-from qloc.engine.attribution import attribute, kn_set  # noqa: E402
+from qloc.engine.attribution import METHODS, FirstOrder, attribute, kn_set  # noqa: E402
 from qloc.engine.tokens import encode_query  # noqa: E402
 
 
@@ -42,9 +44,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--queries", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--methods", default="ig,amig,sig")
+    parser.add_argument("--methods", default="ig,amig,sig,gxa,gxa-amig")
     parser.add_argument(
-        "--reference-methods", default="ig,amig,sig", help="methods also timed with the reference loop"
+        "--reference-methods",
+        default="ig,amig,sig,gxa,gxa-amig",
+        help="methods also timed with the reference loop",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -72,6 +76,7 @@ def main() -> None:
     reference_scores(lm, queries[0][0], queries[0][1], "ig", steps=2)
 
     engine_time: dict[str, float] = {}
+    engine_scores: dict[str, list[torch.Tensor]] = {}
     print(
         f"{'method':<6} {'reference s/query':>18} {'engine s/query':>15} {'speed-up':>9} "
         f"{'max |diff| / max':>17} {'same KN set':>12}"
@@ -82,9 +87,11 @@ def main() -> None:
             for p, a in queries
         ]
         engine_time[method] = statistics.mean(t for _, t in engine_runs)
+        engine_scores[method] = [e.scores for e, _ in engine_runs]
+        path_method, steps = path_method_of(method), 1 if method in FIRST_ORDER else args.steps
         if method in args.reference_methods.split(","):
             ref_runs = [
-                timed(lambda p=p, a=a, method=method: reference_scores(lm, p, a, method, steps=args.steps))
+                timed(lambda p=p, a=a, m=path_method, s=steps: reference_scores(lm, p, a, m, steps=s))
                 for p, a in queries
             ]
             ref_time = statistics.mean(t for _, t in ref_runs)
@@ -106,6 +113,37 @@ def main() -> None:
                     f"{method}/ig time ratio {engine_time[method] / engine_time['ig']:.2f} "
                     f"(mean prompt tokens {statistics.mean(tokens):.1f})"
                 )
+    first_order = [m for m in engine_time if m in FIRST_ORDER and path_method_of(m) in engine_time]
+    if first_order:
+        print(
+            f"{'method':<9} {'beside':<6} {'speed-up':>9} {'mean KN Jaccard':>16} "
+            f"{'same KN set':>12} {'reference KNs found':>20}"
+        )
+    for method in first_order:
+        path = path_method_of(method)
+        pairs = list(zip(engine_scores[method], engine_scores[path]))
+        jaccard = statistics.mean(overlap(kn_set(cheap), kn_set(full))[0] for cheap, full in pairs)
+        recall = statistics.mean(overlap(kn_set(cheap), kn_set(full))[1] for cheap, full in pairs)
+        same = sum(kn_set(cheap) == kn_set(full) for cheap, full in pairs)
+        print(
+            f"{method:<9} {path:<6} {engine_time[path] / engine_time[method]:>8.1f}x "
+            f"{jaccard:>16.2f} {f'{same}/{len(pairs)}':>12} {recall:>20.2f}"
+        )
+
+
+FIRST_ORDER = {name: method.path_method for name, method in METHODS.items() if issubclass(method, FirstOrder)}
+
+
+def path_method_of(method: str) -> str:
+    """The path method whose baseline a first-order method takes (gxa: ig), or the method itself."""
+    return FIRST_ORDER.get(method, method)
+
+
+def overlap(cheap: list, full: list) -> tuple[float, float]:
+    """Jaccard of two KN sets, and the share of ``full``'s neurons in ``cheap`` (1 where both are empty)."""
+    a, b = set(cheap), set(full)
+    union = a | b
+    return (len(a & b) / len(union) if union else 1.0, len(a & b) / len(b) if b else 1.0)
 
 
 if __name__ == "__main__":

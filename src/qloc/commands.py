@@ -120,7 +120,7 @@ class Attribute:
     prompt: str = setting(help="The cloze prompt (text before the answer).")
     answer: str = setting(help="The answer (a leading space is added).")
     model: str = setting(DEFAULT_MODEL)
-    method: str = setting("ig", "ig, amig or sig (METHODS.md section 3).")
+    method: str = setting("ig", "ig, amig, sig, or the first-order gxa or gxa-amig (METHODS.md section 3).")
     steps: int = setting(20)
     rule: str = setting("right")
     answer_tokens: str = setting("first")
@@ -180,7 +180,8 @@ def attribute_query(request: Attribute) -> None:
         }
         out.print_json(json.dumps(payload))
         return
-    title = f"top {request.top} neurons ({request.method}, {request.steps} steps, {request.rule} rule)"
+    steps, rule = result.steps, result.rule  # the first-order methods have one rule of their own
+    title = f"top {request.top} neurons ({request.method}, {steps} steps, {rule} rule)"
     table = Table("rank", "layer", "neuron", "score", title=title)
     for rank, (layer, neuron, value) in enumerate(top):
         table.add_row(str(rank), str(layer), str(neuron), f"{value:.4g}")

@@ -1,5 +1,6 @@
-"""Attribution methods: IG, AMIG and SIG scores for every neuron, and IG scores for every attention
-probability, on the one path integrator (:mod:`qloc.engine.paths`).
+"""Attribution methods: IG, AMIG and SIG scores for every neuron, their first-order tier GxA (IG's
+and AMIG's baselines), and IG scores for every attention probability, on the one path integrator
+(:mod:`qloc.engine.paths`).
 
 The definitions are METHODS.md sections 3 and 7: for each layer l on its own, the site tensor at
 the target position (neurons) or of the whole prompt (attention probabilities) is moved along a
@@ -25,7 +26,7 @@ import torch
 from ..errors import ConfigError, DataError
 from .architectures import ArchitectureSpec
 from .models import LoadedModel
-from .paths import PathIntegrator, frozen_parameters, integration_points
+from .paths import PathIntegrals, PathIntegrator, frozen_parameters, integration_points
 from .sites import ATTENTION, NEURONS, Site, Synapse
 from .tokens import EncodedQuery, encode_query
 
@@ -70,6 +71,8 @@ class PathMethod:
 
     name: ClassVar[str]
     site: ClassVar[Site]
+    fixed_rule: ClassVar[tuple[int, str] | None] = None
+    """(steps, rule) of a method that has one integration rule, whatever is asked for."""
 
     def baselines(self, lm: LoadedModel, query: EncodedQuery, target_index: int) -> torch.Tensor | None:
         """[B, L, *site] fp32 start points, or None for zeros."""
@@ -78,6 +81,24 @@ class PathMethod:
     def combine(self, per_baseline: torch.Tensor) -> torch.Tensor:
         """[B, L, *site] per-baseline integrated gradients -> [L, *site] scores."""
         return per_baseline[0]
+
+    def path_integrals(
+        self,
+        integrator: PathIntegrator,
+        ids: Sequence[int],
+        answer_token: int,
+        starts: torch.Tensor | None,
+        alphas: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> PathIntegrals:
+        """The weighted gradient sums along every layer's paths from ``starts`` for ``answer_token``
+        predicted after ``ids``, and F at the paths' ends and starts."""
+        clean = integrator.clean_run(ids, answer_token)
+        return integrator.integrate(clean, starts, alphas, weights)
+
+    def incompleteness_advice(self, steps: int, rule: str) -> str:
+        """What to do where the scores miss completeness (the end of the warning)."""
+        return f"the {steps}-step {rule} rule is too coarse here: raise steps or use rule midpoint or gauss"
 
     def scores(
         self,
@@ -104,8 +125,8 @@ class PathMethod:
                 target = query.target_positions[t]
                 starts = self.baselines(lm, query, t)
                 with self.site.active(lm):
-                    clean = integrator.clean_run(query.input_ids[: target + 1], query.answer_ids[t])
-                    paths = integrator.integrate(clean, starts, alphas, weights)
+                    ids = query.input_ids[: target + 1]
+                    paths = self.path_integrals(integrator, ids, query.answer_ids[t], starts, alphas, weights)
                 start = torch.zeros_like(paths.values)[None] if starts is None else starts
                 per_start = (paths.values[None] - start) * paths.grad_sums
                 per_token.append(self.combine(per_start))
@@ -133,8 +154,7 @@ class PathMethod:
             warnings.warn(
                 f"{self.name} on {prompt!r} / {answer!r}: layer {layer}'s scores miss F(input) - "
                 f"F(baseline) by {float(worst[layer]):.3g} (F(input) = {float(found.f_input.max()):.3g}); "
-                f"the {steps}-step {rule} rule is too coarse here: raise steps or use rule "
-                "midpoint or gauss",
+                + self.incompleteness_advice(steps, rule),
                 stacklevel=3,
             )
 
@@ -212,6 +232,49 @@ class SIG(NeuronMethod):
         return normalised * norms[words].mean()
 
 
+class FirstOrder(NeuronMethod):
+    """Gradient x activation from a method's baseline: score_l = (a_l - b_l) * dF/da_l at the input,
+    IG's one-step right Riemann sum, for every layer from one forward and one backward (METHODS.md
+    section 3.1). Its completeness residual is the first-order Taylor error of each layer."""
+
+    fixed_rule = (1, "right")
+    path_method: ClassVar[str]
+    """The path method whose baseline it takes, and whose m = 1 right sum it is."""
+
+    def path_integrals(
+        self,
+        integrator: PathIntegrator,
+        ids: Sequence[int],
+        answer_token: int,
+        starts: torch.Tensor | None,
+        alphas: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> PathIntegrals:
+        clean = integrator.clean_run(ids, answer_token, gradients=True)
+        return integrator.input_gradients(clean, starts)
+
+    def incompleteness_advice(self, steps: int, rule: str) -> str:
+        return (
+            f"{self.name} is first order (the gradient at the input alone) and F is curved here: "
+            "use ig or amig where these scores matter"
+        )
+
+
+class GradientXActivation(FirstOrder, IntegratedGradients):
+    """GxA: (a_l - 0) * dF/da_l, IG's zero baseline (degenerate where IG is)."""
+
+    name = "gxa"
+    path_method = IntegratedGradients.name
+
+
+class AMIGGradientXActivation(FirstOrder, AMIG):
+    """GxA from AMIG's baseline: (a_l - b_l) * dF/da_l, b_l the mean activation with one prompt word
+    replaced by EOS."""
+
+    name = "gxa-amig"
+    path_method = AMIG.name
+
+
 class AttentionIG(PathMethod):
     """IG of the attention probabilities (the paper's section 3.2): each layer's probabilities, all
     heads at once, scaled by alpha from 0 (no renormalisation)."""
@@ -220,7 +283,9 @@ class AttentionIG(PathMethod):
     site = ATTENTION
 
 
-METHODS: dict[str, type[NeuronMethod]] = {m.name: m for m in (IntegratedGradients, AMIG, SIG)}
+METHODS: dict[str, type[NeuronMethod]] = {
+    m.name: m for m in (IntegratedGradients, AMIG, SIG, GradientXActivation, AMIGGradientXActivation)
+}
 
 
 @torch.no_grad()
@@ -336,16 +401,19 @@ def attribute(
 ) -> Attribution:
     """Attribution scores of every neuron for ``answer`` after ``prompt`` (METHODS.md section 3).
     ``warn``: about a method degenerate on the model and about scores that miss completeness (a
-    sweep turns it off: it stores every query's residual instead)."""
+    sweep turns it off: it stores every query's residual instead). The first-order methods (gxa,
+    gxa-amig) have one rule, the one-step right sum: they ignore ``steps`` and ``rule`` and record
+    1 and right."""
     if method not in METHODS:
         raise ConfigError.invalid("method", method, f"choose {', '.join(METHODS)}")
     check_answer_tokens(answer_tokens)
     algorithm = METHODS[method]()
+    steps, rule = algorithm.fixed_rule or (steps, rule)
     if warn and algorithm.degenerate_on(lm.arch):
         warnings.warn(
             f"{lm.name!r} ({lm.arch.family}) normalises the MLP output before the residual add, so F is "
-            "flat in a uniform scaling of the activations and IG scores with a zero baseline sum to "
-            "about 0. AMIG and SIG (non-zero baselines) remain meaningful on this model.",
+            f"flat in a uniform scaling of the activations and {method} scores (a zero baseline) sum "
+            "to about 0. AMIG and SIG (non-zero baselines; gxa-amig too) remain meaningful on this model.",
             stacklevel=2,
         )
     found = algorithm.scores(lm, prompt, answer, steps, rule, answer_tokens, max_batch_rows)

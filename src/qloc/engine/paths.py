@@ -18,6 +18,11 @@ by qloc, from the architecture table.
 
 Rows are ordered by layer and cut into chunks of at most ``max_batch_rows`` (default: what
 :func:`default_batch_rows` estimates fits); within a chunk the batch grows as it climbs.
+
+The one-step right rule (the first-order methods, gxa) needs no path rows for its gradients: the
+clean run itself, kept on the graph at every layer, gives dF/dv_l for all layers in one backward
+(:meth:`PathIntegrator.clean_run` with ``gradients``); only F at the start points, for the
+completeness check, takes one replayed row per layer (:meth:`PathIntegrator.input_gradients`).
 """
 
 from __future__ import annotations
@@ -210,6 +215,8 @@ class CleanRun:
     prefix_cache: Any = None
     """A transformers Cache of the positions before the target, shared by every row; None where
     rows carry the whole prompt, or the target is position 0."""
+    input_gradients: torch.Tensor | None = None
+    """dF/dv_l at the clean input, fp32, shaped as ``values``; only where asked for."""
 
 
 @dataclass
@@ -242,24 +249,54 @@ class PathIntegrator:
     def __init__(self, lm: LoadedModel, site: Site, max_batch_rows: int | None = None) -> None:
         self.lm, self.site, self.max_batch_rows = lm, site, max_batch_rows
 
-    def clean_run(self, ids: Sequence[int], answer_token: int) -> CleanRun:
+    def clean_run(self, ids: Sequence[int], answer_token: int, gradients: bool = False) -> CleanRun:
         """The decoder-layer calls, the site tensors and F(input) for ``answer_token`` predicted
-        after ``ids`` (at their last position)."""
+        after ``ids`` (at their last position). With ``gradients``, also dF/dv_l at the clean input
+        for every layer, from the same forward and one backward: a zero offset added to every
+        layer's site tensor keeps each on the graph, and the gradient with respect to layer l's
+        offset is the total derivative through every layer above it, as a path row of layer l
+        alone computes it at alpha = 1."""
         lm, shared_prefix = self.lm, self.site.one_position
         ids_t = torch.tensor([list(ids)], device=lm.device)
         target = ids_t.shape[1] - 1
-        with capture_layer_calls(lm) as calls, torch.no_grad():
+        recorded: dict[int, torch.Tensor] = {}
+        offsets: dict[int, torch.Tensor] = {}
+
+        def observe(layer: int) -> SiteFn:
+            def fn(tensor: torch.Tensor) -> torch.Tensor:
+                recorded[layer] = tensor.detach().clone()
+                if not gradients:
+                    return tensor
+                offsets[layer] = torch.zeros_like(tensor, dtype=torch.float32, requires_grad=True)
+                return tensor + offsets[layer].to(tensor.dtype)
+
+            return fn
+
+        with capture_layer_calls(lm) as calls:
             prefix_cache = None
             if shared_prefix and target > 0:
-                prefix = lm.model(input_ids=ids_t[:, :target], use_cache=True, logits_to_keep=1)
+                with torch.no_grad():
+                    prefix = lm.model(input_ids=ids_t[:, :target], use_cache=True, logits_to_keep=1)
                 prefix_cache = prefix.cache
             run_ids = ids_t[:, target:] if shared_prefix else ids_t
             positions = torch.tensor([0]) if shared_prefix else None
-            with self.site.record(lm, positions=positions) as recorded:
-                out = lm.model(input_ids=run_ids, cache=copy.deepcopy(prefix_cache), use_cache=shared_prefix)
-        f_input = float(torch.softmax(out.logits[0, -1].float(), -1)[answer_token])
+            observers = {layer: observe(layer) for layer in range(lm.num_layers)}
+            with self.site.replace(lm, observers, positions), torch.set_grad_enabled(gradients):
+                out = lm.model(
+                    input_ids=run_ids,
+                    cache=copy.deepcopy(prefix_cache),
+                    use_cache=shared_prefix,
+                    logits_to_keep=1,
+                )
+                f = AnswerProbability.apply(out.logits[:, -1], answer_token)
+        input_gradients = None
+        if gradients:
+            grads = torch.autograd.grad(f.sum(), [offsets[layer] for layer in range(lm.num_layers)])
+            input_gradients = torch.stack([grad[0].to(lm.device) for grad in grads])
         values = torch.stack([recorded[layer][0].to(lm.device) for layer in range(lm.num_layers)]).float()
-        return CleanRun(calls, answer_token, values, f_input, run_ids.shape[1], prefix_cache)
+        return CleanRun(
+            calls, answer_token, values, float(f[0].detach()), run_ids.shape[1], prefix_cache, input_gradients
+        )
 
     def replay(self, clean: CleanRun, row_layers: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Logits at the last position [rows, vocab] for rows sorted by layer (``row_layers``),
@@ -311,3 +348,33 @@ class PathIntegrator:
             at_start = row_k == 0
             f_start[row_b[at_start], row_l[at_start]] = f[at_start].detach()
         return PathIntegrals(values.cpu(), grad_sums.cpu(), clean.f_input, f_start.cpu())
+
+    def input_gradients(self, clean: CleanRun, starts: torch.Tensor | None) -> PathIntegrals:
+        """What :meth:`integrate` gives for the one-step right rule (alpha = 1, weight 1), from a
+        clean run made with ``gradients``: its input gradients for every start point, and F at
+        each start point (one row per start and layer, no backward) for the completeness check."""
+        if clean.input_gradients is None:
+            raise ValueError("the clean run was made without gradients")
+        starts = (torch.zeros((1, *clean.values.shape)) if starts is None else starts).to(self.lm.device)
+        grads = clean.input_gradients
+        return PathIntegrals(
+            clean.values.cpu(),
+            grads.expand(len(starts), *grads.shape).cpu(),
+            clean.f_input,
+            self.f_at(clean, starts).cpu(),
+        )
+
+    @torch.no_grad()
+    def f_at(self, clean: CleanRun, starts: torch.Tensor) -> torch.Tensor:
+        """[B, L]: F with layer l's site tensor set to start point b ([B, L, *site]), every layer on
+        its own, in row chunks as :meth:`integrate` cuts them."""
+        num_starts, num_layers = starts.shape[:2]
+        f_start = torch.zeros((num_starts, num_layers), device=starts.device)
+        total = num_starts * num_layers
+        chunk = self.max_batch_rows or default_batch_rows(self.lm, clean.row_positions)
+        for first in range(0, total, chunk):
+            rows = torch.arange(first, min(first + chunk, total), device=starts.device)
+            row_l, row_b = rows // num_starts, rows % num_starts  # ordered by layer, as replay needs
+            logits = self.replay(clean, row_l, starts[row_b, row_l])
+            f_start[row_b, row_l] = torch.softmax(logits.float(), -1)[:, clean.answer_token]
+        return f_start

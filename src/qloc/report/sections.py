@@ -192,8 +192,8 @@ def unit_counts(units: pd.DataFrame) -> pd.DataFrame:
 
 
 def method_order(name: str) -> tuple:
-    """IG, AMIG, SIG first in that order (the paper's), then by name."""
-    order = {"ig": 0, "amig": 1, "sig": 2}
+    """IG, AMIG, SIG first in that order (the paper's), their first-order tier next, then by name."""
+    order = {"ig": 0, "amig": 1, "sig": 2, "gxa": 3, "gxa-amig": 4}
     return (order.get(name.rsplit("_", 1)[-1], 9), name)
 
 

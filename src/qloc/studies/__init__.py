@@ -5,7 +5,7 @@ report's panels and the README's command list derive from it (:mod:`qloc.studies
 what an entry declares). Adding a study is one module with a ``STUDY`` entry, listed here.
 """
 
-from . import census, cloze, consistency, editing, localize, mapping, synapses
+from . import agreement, census, cloze, consistency, editing, localize, mapping, synapses
 from .registry import Study
 
 STUDIES: tuple[Study, ...] = (
@@ -13,6 +13,7 @@ STUDIES: tuple[Study, ...] = (
     census.STUDY,
     localize.STUDY,
     consistency.STUDY,
+    agreement.STUDY,
     editing.STUDY,
     mapping.STUDY,
     synapses.STUDY,

@@ -39,7 +39,8 @@ class LocalizeConfig:
     """The localize stage's parameters."""
 
     methods: tuple[str, ...] = setting(
-        ("ig", "amig", "sig"), "Comma-separated attribution methods: ig, amig, sig."
+        ("ig", "amig", "sig"),
+        "Comma-separated attribution methods: ig, amig, sig, and the first-order gxa, gxa-amig.",
     )
     steps: int = setting(20)
     rule: str = setting("right")
