@@ -30,7 +30,7 @@ from ..runs.executors import ModelSpec
 from ..runs.outputs import check_writable, pyplot, save_figure, write_table
 from ..runs.store import RunStore
 from ..settings import setting
-from .consistency import classify, fact_consistency
+from .consistency_tables import classify, fact_consistency
 from .knsets import LOCALIZE_STAGE, load_dense_scores
 from .registry import Outcome, Panel, Study
 
