@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from qloc.data.pararel import bundled_path, causal_prompt, load_pararel, sample_facts
+from qloc.data.pararel import (
+    Fact,
+    bundled_path,
+    causal_prompt,
+    interleave_relations,
+    load_pararel,
+    sample_facts,
+)
 from qloc.errors import DataError
 
 SHARED_PARAREL = Path(__file__).resolve().parents[3] / "shared" / "data/pararel/data_all_allbags.json"
@@ -144,3 +151,11 @@ def test_bundled_wikitext():
     passages = wikitext_passages(5, seed=1)
     assert passages == wikitext_passages(5, seed=1) != wikitext_passages(5, seed=2)
     assert all(len(p) >= 1200 and p in text for p in passages)
+
+
+def test_a_sweep_works_round_robin_over_relations():
+    facts = [Fact(f"{r}-{i}", r, r, "s", "o", ("q", "p")) for r in ("P36", "P19", "P101") for i in range(3)]
+    facts = facts[:-1]  # P101 has 2 facts
+    order = [f.id for f in interleave_relations(facts)]
+    assert order[:3] == ["P19-0", "P36-0", "P101-0"] and order[-1] == "P36-2"  # numeric relation order
+    assert sorted(order) == sorted(f.id for f in facts)
