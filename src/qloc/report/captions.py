@@ -20,7 +20,10 @@ EDIT_READING = (
     "Rel: the edit works on the edited query; Gen: on the fact's other queries; Loc: 10 unrelated "
     "queries keep their answers; Avg: their mean (all 0-1, higher is better). dPPL: relative change "
     "of WikiText-2 perplexity (0 unchanged, 1 doubled); cells above 1 are marked: such an edit "
-    "broke the model."
+    "broke the model. An erasure's Rel and Gen are 1 on a query the model never answered right: "
+    "rel_known and gen_known count only the queries it answered right (top-1) before the edit "
+    "(known_queries, known_neighbours of them; empty: not stored), and prob_drop is the mean fall of "
+    "the edited query's P(answer)."
 )
 TEMPLATES = {
     "fig9_ki_share": (

@@ -88,6 +88,12 @@ class EditRow(Row):
     neighbours_moved: int = 0
     ppl_after: float = NOT_MEASURED
     dppl: float = NOT_MEASURED
+    query_known: bool | None = None
+    """Whether the model answered the edited query right (o at top-1) before the edit."""
+    neighbours_known: int | None = None
+    """Neighbour queries the model answered right before the edit."""
+    gen_known: float = NOT_MEASURED
+    """Gen over those neighbours alone."""
 
 
 def edit_work(
@@ -158,7 +164,14 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     edits that had a KN to edit, beside what keeps a mean honest: the median dPPL, the share of
     catastrophic edits (dPPL > 1), the share that moved the edited query's answer the right way,
     median probabilities before and after, the mean KN-set size, KNs removed by the shared filter,
-    and how many sets were empty (not edited)."""
+    and how many sets were empty (not edited).
+
+    Erasure's Rel and Gen are 1 - accuracy, 1 on a query the model never answered right, whatever
+    the edit does. So beside them: Rel over the edited queries the model answered right (o at top-1)
+    before the edit (``rel_known``, over ``known_queries`` of them), Gen over such neighbours
+    (``gen_known``, over ``known_neighbours``), and the mean drop of the edited query's P(o), which
+    every query can fail (``prob_drop``). Rows stored before the known columns were recorded leave
+    them NaN: not stored."""
     frame = edits[edits["kn_set"].isin(sets)].copy()
     numeric = METRICS + [
         "moved_right",
@@ -167,12 +180,20 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
         "new_prob_before",
         "new_prob_after",
         "kn_dropped",
+        "query_known",
+        "neighbours_known",
+        "gen_known",
     ]
     for column in numeric:
         # NaN is stored as NULL (a column of only NULLs reads back as objects); a store written
         # before a column was recorded has none of it.
         frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame else float("nan")
     frame["catastrophic"] = (frame["dppl"] > CATASTROPHIC_DPPL).astype(float).where(frame["dppl"].notna())
+    edited = frame["kn_size"] > 0
+    frame["known_edit"] = frame["query_known"].where(edited)
+    frame["rel_of_known"] = frame["rel"].where(frame["known_edit"] == 1)
+    frame["known_neighbours"] = frame["neighbours_known"].where(edited)
+    frame["prob_drop"] = frame["prob_before"] - frame["prob_after"]
     grouped = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)
     table = grouped[METRICS].mean()
     table["dppl_median"] = grouped["dppl"].median()
@@ -184,6 +205,11 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     table["kn_dropped"] = grouped["kn_dropped"].mean()
     table["empty_sets"] = grouped["kn_size"].agg(lambda sizes: int((sizes == 0).sum()))
     table["facts"] = grouped.size()
+    table["rel_known"] = grouped["rel_of_known"].mean()
+    table["known_queries"] = grouped["known_edit"].sum(min_count=1)
+    table["gen_known"] = grouped["gen_known"].mean()
+    table["known_neighbours"] = grouped["known_neighbours"].sum(min_count=1)
+    table["prob_drop"] = grouped["prob_drop"].mean()
     order = {name: i for i, name in enumerate(KN_SETS)}
     table = table.reset_index()
     table["order"] = table["kn_set"].map(order)
