@@ -47,7 +47,14 @@ from .edit_protocol import (
     sequential_work,
 )
 from .knsets import LOCALIZE_STAGE, FactKnowledge, filtered_knowledge
-from .localized import FACT_LIMIT_HELP, LOCALIZED_RUN_HELP, read_localized_run
+from .localized import (
+    FACT_LIMIT_HELP,
+    LOCALIZED_RUN_HELP,
+    STRATIFY_HELP,
+    STRATIFY_METHOD_HELP,
+    check_stratification,
+    read_localized_run,
+)
 from .registry import Outcome, Panel, Reproduction, Study
 
 NOT_MEASURED = float("nan")
@@ -227,6 +234,8 @@ class EditRequest:
     config: EditConfig = setting(factory=EditConfig)
     method: str | None = setting(None)
     limit: int | None = setting(None, FACT_LIMIT_HELP)
+    stratify: str | None = setting(None, STRATIFY_HELP)
+    stratify_method: str | None = setting(None, STRATIFY_METHOD_HELP)
     sequential: int = setting(0, "Edit N sampled facts one after another (Table 7); 0: one at a time.")
     seeds: int = setting(5, "Sequential editing: repeats with different samples.")
     case: str | None = setting(
@@ -239,6 +248,16 @@ class EditRequest:
     model: str = setting(DEFAULT_MODEL)
     device: str = setting(DEFAULT_DEVICE)
     execution: Execution = setting(factory=Execution)
+
+    def __post_init__(self) -> None:
+        check_stratification(self.stratify, self.stratify_method)
+        if self.sequential > 0 and self.stratify is not None:
+            raise ConfigError(
+                lambda name: (
+                    f"{name('sequential')} samples from all of the run's facts; it does not combine with "
+                    f"{name('stratify')}"
+                )
+            )
 
 
 def run(request: EditRequest) -> Outcome:
@@ -290,14 +309,18 @@ def run(request: EditRequest) -> Outcome:
         edit_work, config=config, knowledge=localized.knowledge, dataset=localized.dataset, passages=passages
     )
     description = f"{mode} via {','.join(config.sets)}"
-    facts = localized.first_facts(request.limit, config.seed)
-    plan = localized.sweep(config.stage, config.params(), build, description, facts)
+    sample = localized.sample(request.limit, config.seed, request.stratify, request.stratify_method)
+    plan = localized.sweep(
+        config.stage, {**config.params(), **sample.params}, build, description, sample.facts
+    )
     summary = execute(plan, request.execution)
     with RunStore.open_existing(request.run_dir) as store:
         edits = store.frame("edits")
     for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
         write_table(edit_table(edits, chosen), tables, name)
-    return Outcome([edit_table(edits, config.sets), f"facts: {summary.describe()}; tables in {tables}"])
+    return Outcome(
+        [edit_table(edits, config.sets), f"facts: {summary.describe()}{sample.note}; tables in {tables}"]
+    )
 
 
 def run_case(request: EditRequest, config: EditConfig) -> Outcome:

@@ -250,14 +250,15 @@ def run(request: MappingRequest) -> Outcome:
     localized = request.read()
     config = replace(request.config, method=localized.method)
     build = partial(mapping_work, config=config, knowledge=localized.knowledge)
-    facts = localized.first_facts(request.limit, config.seed)
-    plan = localized.sweep(config.stage, config.params(), build, f"mapping {localized.method}", facts)
+    sample = request.sample(localized, config.seed)
+    params = {**config.params(), **sample.params}
+    plan = localized.sweep(config.stage, params, build, f"mapping {localized.method}", sample.facts)
     summary = execute(plan, request.execution)
     with RunStore.open_existing(request.run_dir) as store:
         table = mapping_table(store.frame("mapping"))
     csv = write_table(table, request.run_dir / "tables", "fig4_mapping")
     png = save_figure(mapping_figure(table), request.run_dir / "figures", "fig4_mapping")
-    return Outcome([table, f"facts: {summary.describe()}; {csv}, {png}"])
+    return Outcome([table, f"facts: {summary.describe()}{sample.note}; {csv}, {png}"])
 
 
 def reproduce(plan: Reproduction) -> list[tuple[str, Any]]:
