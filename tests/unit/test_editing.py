@@ -327,3 +327,13 @@ def test_edit_table_reports_erasure_over_known_queries_and_not_stored_for_old_ro
     old_table = edit_table(old, ("self",)).iloc[0]
     assert old_table["rel"] == table["rel"] and old_table["prob_drop"] == table["prob_drop"]
     assert old_table[["rel_known", "known_queries", "gen_known", "known_neighbours"]].isna().all()
+
+
+def test_reproduce_edits_the_papers_100_facts_in_a_row_at_full_scale():
+    from qloc.studies.editing import reproduce
+    from qloc.studies.registry import Reproduction
+
+    full = dict(reproduce(Reproduction(scale="full")))["sequential update"]
+    assert (full.sequential, full.seeds) == (100, 5)
+    # --facts makes the run smaller: sequential editing takes at most all of its facts.
+    assert dict(reproduce(Reproduction(scale="full", facts=30)))["sequential update"].sequential == 30

@@ -362,14 +362,16 @@ def run_case(request: EditRequest, config: EditConfig) -> Outcome:
     return Outcome([title, table[["role", "prompt", "before", "after"]]])
 
 
-SEQUENTIAL = {"sample": (4, 2), "full": (20, 5)}
+SEQUENTIAL = {"sample": (4, 2), "full": (100, 5)}
 """(facts edited in a row, seeds) of sequential editing in ``qloc reproduce``, per scale (full: the
-paper's setting)."""
+paper's setting, 100 facts and 5 runs)."""
 
 
 def reproduce(plan: Reproduction) -> list[tuple[str, Any]]:
     config = EditConfig(seed=plan.seed)
     sequential, seeds = SEQUENTIAL[plan.scale]
+    if plan.facts is not None:  # --facts overrides the scale's run size: edit at most all its facts
+        sequential = min(sequential, plan.facts)
     request = EditRequest(
         plan.directory, config=config, method=plan.method, device=plan.device, execution=plan.execution
     )
