@@ -54,6 +54,10 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
         and (table3["dppl_median"] <= table3["dppl"].abs().max() + 1e-12).all()
     )
     assert table3["empty_sets"].sum() == int((edits["kn_size"] == 0).sum())
+    assert (
+        table3["kn_dropped_total"].sum() == erase["kn_dropped"].sum()
+        and table3["emptied_by_filter"].sum() > 0
+    )
     assert {"catastrophic", "moved_right", "prob_before_median", "prob_after_median", "kn_dropped"} <= set(
         table3
     )

@@ -321,6 +321,7 @@ def test_edit_table_reports_erasure_over_known_queries_and_not_stored_for_old_ro
     assert table["known_queries"] == 2 and table["known_neighbours"] == 3
     assert table["gen_known"] == 0.5 and table["prob_drop"] == pytest.approx((0.1 - 0.01 + 0.4) / 3)
     assert table["facts"] == 4 and table["empty_sets"] == 1
+    assert table["kn_dropped_total"] == 0 and table["emptied_by_filter"] == 0
     # A store written before the known columns were recorded: the old columns as they were, the
     # new ones NaN (not stored), except the drop of P(o), which older rows already hold.
     old = pd.DataFrame(rows).drop(columns=["query_known", "neighbours_known", "gen_known"])
@@ -337,3 +338,18 @@ def test_reproduce_edits_the_papers_100_facts_in_a_row_at_full_scale():
     assert (full.sequential, full.seeds) == (100, 5)
     # --facts makes the run smaller: sequential editing takes at most all of its facts.
     assert dict(reproduce(Reproduction(scale="full", facts=30)))["sequential update"].sequential == 30
+
+
+def test_shared_filter_report_counts_what_the_filter_removes_per_set_kind():
+    from qloc.studies.knsets import FactKnowledge, shared_filter_report
+
+    common = (9, 9)
+    knowledge = {
+        f"P1/{i}": FactKnowledge([[common], [(0, i), common]], [common, (1, i)], "P1") for i in range(4)
+    }
+    report = shared_filter_report(knowledge, 0.1, 50)
+    # Only the neuron every fact holds goes; it was each Self set's only KN.
+    assert report.startswith("shared-neuron filter 0.1: drops 1 distinct neurons")
+    assert "self 4 KNs, 4 of 4 sets emptied" in report and "union 4 KNs, 0 of 4 sets emptied" in report
+    assert "cas 4 KNs, 0 of 4" in report
+    assert shared_filter_report(knowledge, None) == "shared-neuron filter off"

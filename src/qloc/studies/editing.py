@@ -46,7 +46,7 @@ from .edit_protocol import (
     sequential_table,
     sequential_work,
 )
-from .knsets import LOCALIZE_STAGE, FactKnowledge, filtered_knowledge
+from .knsets import LOCALIZE_STAGE, FactKnowledge, filtered_knowledge, shared_filter_report
 from .localized import (
     FACT_LIMIT_HELP,
     LOCALIZED_RUN_HELP,
@@ -170,8 +170,8 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     """Tables 2 and 3 per (method, mode, KN set, class): mean Rel, Gen, Loc, Avg and dPPL over the
     edits that had a KN to edit, beside what keeps a mean honest: the median dPPL, the share of
     catastrophic edits (dPPL > 1), the share that moved the edited query's answer the right way,
-    median probabilities before and after, the mean KN-set size, KNs removed by the shared filter,
-    and how many sets were empty (not edited).
+    median probabilities before and after, the mean KN-set size, KNs removed by the shared filter
+    (mean and total), how many sets were empty (not edited) and how many of those the filter emptied.
 
     Erasure's Rel and Gen are 1 - accuracy, 1 on a query the model never answered right, whatever
     the edit does. So beside them: Rel over the edited queries the model answered right (o at top-1)
@@ -201,6 +201,7 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     frame["rel_of_known"] = frame["rel"].where(frame["known_edit"] == 1)
     frame["known_neighbours"] = frame["neighbours_known"].where(edited)
     frame["prob_drop"] = frame["prob_before"] - frame["prob_after"]
+    frame["emptied_by_filter"] = (frame["kn_size"] == 0) & (frame["kn_dropped"] > 0)
     grouped = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)
     table = grouped[METRICS].mean()
     table["dppl_median"] = grouped["dppl"].median()
@@ -211,6 +212,8 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     table["kn_size"] = grouped["kn_size"].mean()
     table["kn_dropped"] = grouped["kn_dropped"].mean()
     table["empty_sets"] = grouped["kn_size"].agg(lambda sizes: int((sizes == 0).sum()))
+    table["kn_dropped_total"] = grouped["kn_dropped"].sum()
+    table["emptied_by_filter"] = grouped["emptied_by_filter"].sum()
     table["facts"] = grouped.size()
     table["rel_known"] = grouped["rel_of_known"].mean()
     table["known_queries"] = grouped["known_edit"].sum(min_count=1)
@@ -318,8 +321,15 @@ def run(request: EditRequest) -> Outcome:
         edits = store.frame("edits")
     for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
         write_table(edit_table(edits, chosen), tables, name)
+    filtered = shared_filter_report(
+        localized.knowledge, config.shared_filter, config.shared_min_facts, config.sets
+    )
     return Outcome(
-        [edit_table(edits, config.sets), f"facts: {summary.describe()}{sample.note}; tables in {tables}"]
+        [
+            edit_table(edits, config.sets),
+            filtered,
+            f"facts: {summary.describe()}{sample.note}; tables in {tables}",
+        ]
     )
 
 

@@ -44,6 +44,7 @@ from .knsets import (
     check_share,
     filtered_knowledge,
     random_neurons,
+    shared_filter_report,
 )
 from .localized import LocalizedRequest
 from .registry import Outcome, Panel, Reproduction, Study
@@ -258,7 +259,10 @@ def run(request: MappingRequest) -> Outcome:
         table = mapping_table(store.frame("mapping"))
     csv = write_table(table, request.run_dir / "tables", "fig4_mapping")
     png = save_figure(mapping_figure(table), request.run_dir / "figures", "fig4_mapping")
-    return Outcome([table, f"facts: {summary.describe()}{sample.note}; {csv}, {png}"])
+    filtered = shared_filter_report(
+        localized.knowledge, config.shared_filter, config.shared_min_facts, ("self", "union")
+    )
+    return Outcome([table, filtered, f"facts: {summary.describe()}{sample.note}; {csv}, {png}"])
 
 
 def reproduce(plan: Reproduction) -> list[tuple[str, Any]]:
