@@ -54,6 +54,17 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
         and (table3["dppl_median"] <= table3["dppl"].abs().max() + 1e-12).all()
     )
     assert table3["empty_sets"].sum() == int((edits["kn_size"] == 0).sum())
+    assert (
+        table3["kn_dropped_total"].sum() == erase["kn_dropped"].sum()
+        and table3["emptied_by_filter"].sum() > 0
+    )
     assert {"catastrophic", "moved_right", "prob_before_median", "prob_after_median", "kn_dropped"} <= set(
         table3
     )
+    # Which queries the model knew before each edit is stored, and erasure is reported over them.
+    assert (
+        edited["query_known"].isin([0, 1]).all()
+        and (edited["neighbours_known"] <= edited["neighbours"]).all()
+    )
+    assert {"rel_known", "known_queries", "gen_known", "known_neighbours", "prob_drop"} <= set(table3)
+    assert table3["known_queries"].sum() == edited["query_known"].sum()

@@ -32,3 +32,29 @@ def test_cli_mapping(tmp_path, tiny_model_dir):
     )
     # The tiny model's KNs are shared by every fact: the default shared filter removes some.
     assert (mapping[mapping.kn_set == "self"].self_dropped > 0).any()
+
+
+def test_cli_mapping_on_a_stratified_sample(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    localize_tiny(tiny_model_dir, run, "--relations", "P19,P36", "--facts-per-relation", "2")
+
+    def mapping(*options: str) -> subprocess.CompletedProcess:
+        command = ["mapping", "--run-dir", str(run), "--device", "cpu", "--quiet", *options]
+        return subprocess.run([sys.executable, "-m", "qloc.cli", *command], capture_output=True, text=True)
+
+    first = mapping("--limit", "2", "--stratify", "static")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "KC and" in first.stdout and "static threshold, ig KN sets" in first.stdout
+    with qloc.RunStore.open_existing(run) as store:
+        params = store.params("mapping-ig")
+        assert store.frame("mapping")["fact_id"].nunique() == 2
+    assert params["stratify"] == "static" and params["stratify_method"] == "ig"
+    # Another stratification is another sample: the stage refuses it by name.
+    other = mapping("--limit", "2", "--stratify", "otsu")
+    assert other.returncode == 2 and "stratify: stored 'static', given 'otsu'" in other.stderr
+    # A larger limit extends the same stratified sample.
+    more = mapping("--limit", "3", "--stratify", "static")
+    assert more.returncode == 0, more.stderr[-2000:]
+    with qloc.RunStore.open_existing(run) as store:
+        units = store.units("mapping-ig")
+    assert len(units) == 3 and (units.status == "done").all()

@@ -1,5 +1,7 @@
 """KN editing: restore is bit-exact, one neuron touches one value vector, updates move the answer."""
 
+import math
+
 import pytest
 import torch
 
@@ -258,3 +260,96 @@ def test_shared_filter_counts_small_relation_samples_over_the_run():
         knowledge[f"P6/{i}"] = FactKnowledge([[(1, i)], [(1, i)]], [], "P6")
     assert shared_neurons(knowledge, 0.1)["P5/0"] == frozenset()
     assert shared_neurons(knowledge, 0.1, min_facts=10)["P5/0"] == {answer}
+
+
+def _score(accuracy: float, rank: int, prob: float):
+    from qloc.engine.cloze import ClozeScore
+
+    return ClozeScore("q", "o", [1], prob, rank, 0.0, "o", [1], accuracy)
+
+
+def test_erasure_evidence_says_which_queries_the_model_knew():
+    from qloc.studies.edit_protocol import Measurement, edit_evidence
+
+    # The edited query and one neighbour were answered right before; one neighbour never was.
+    before = Measurement([_score(1.0, 0, 0.6), _score(1.0, 0, 0.5), _score(0.0, 7, 0.01)], None, [])
+    after = Measurement([_score(0.0, 3, 0.1), _score(1.0, 0, 0.4), _score(0.0, 9, 0.005)], None, [])
+    evidence = edit_evidence("erase", before, after)
+    # Gen counts the neighbour the model never knew as erased; over known neighbours it failed.
+    assert evidence["gen"] == 0.5 and evidence["gen_known"] == 0.0
+    assert evidence["query_known"] is True and evidence["neighbours_known"] == 1
+    unknown = Measurement([_score(0.0, 4, 0.02), *before.old[1:]], None, [])
+    assert edit_evidence("erase", unknown, after)["query_known"] is False
+    nobody = Measurement([before.old[0], _score(0.0, 2, 0.1), _score(0.0, 7, 0.01)], None, [])
+    assert math.isnan(edit_evidence("erase", nobody, after)["gen_known"])
+
+
+def test_edit_table_reports_erasure_over_known_queries_and_not_stored_for_old_rows():
+    import pandas as pd
+
+    from qloc.studies.editing import edit_table
+
+    def row(fact, rel, gen, known, neighbours_known, gen_known, before, after, size=3):
+        return {
+            "fact_id": fact,
+            "method": "amig",
+            "mode": "erase",
+            "kn_set": "self",
+            "class": "KI",
+            "kn_size": size,
+            "kn_dropped": 0,
+            "rel": rel,
+            "gen": gen,
+            "loc": 1.0,
+            "avg": 1.0,
+            "dppl": 0.0,
+            "prob_before": before,
+            "prob_after": after,
+            "query_known": known,
+            "neighbours_known": neighbours_known,
+            "gen_known": gen_known,
+        }
+
+    rows = [
+        row("a", 0.0, 0.5, True, 2, 0.0, 0.6, 0.5),  # known and not erased
+        row("b", 1.0, 1.0, False, 0, float("nan"), 0.01, 0.02),  # never known: Rel 1 for free
+        row("c", 1.0, 1.0, True, 1, 1.0, 0.4, 0.0),  # known and erased
+        row("d", None, None, None, None, float("nan"), None, None, size=0),  # empty set, not edited
+    ]
+    table = edit_table(pd.DataFrame(rows), ("self",)).iloc[0]
+    assert table["rel"] == pytest.approx(2 / 3) and table["rel_known"] == 0.5
+    assert table["known_queries"] == 2 and table["known_neighbours"] == 3
+    assert table["gen_known"] == 0.5 and table["prob_drop"] == pytest.approx((0.1 - 0.01 + 0.4) / 3)
+    assert table["facts"] == 4 and table["empty_sets"] == 1
+    assert table["kn_dropped_total"] == 0 and table["emptied_by_filter"] == 0
+    # A store written before the known columns were recorded: the old columns as they were, the
+    # new ones NaN (not stored), except the drop of P(o), which older rows already hold.
+    old = pd.DataFrame(rows).drop(columns=["query_known", "neighbours_known", "gen_known"])
+    old_table = edit_table(old, ("self",)).iloc[0]
+    assert old_table["rel"] == table["rel"] and old_table["prob_drop"] == table["prob_drop"]
+    assert old_table[["rel_known", "known_queries", "gen_known", "known_neighbours"]].isna().all()
+
+
+def test_reproduce_edits_the_papers_100_facts_in_a_row_at_full_scale():
+    from qloc.studies.editing import reproduce
+    from qloc.studies.registry import Reproduction
+
+    full = dict(reproduce(Reproduction(scale="full")))["sequential update"]
+    assert (full.sequential, full.seeds) == (100, 5)
+    # --facts makes the run smaller: sequential editing takes at most all of its facts.
+    assert dict(reproduce(Reproduction(scale="full", facts=30)))["sequential update"].sequential == 30
+
+
+def test_shared_filter_report_counts_what_the_filter_removes_per_set_kind():
+    from qloc.studies.knsets import FactKnowledge, shared_filter_report
+
+    common = (9, 9)
+    knowledge = {
+        f"P1/{i}": FactKnowledge([[common], [(0, i), common]], [common, (1, i)], "P1") for i in range(4)
+    }
+    report = shared_filter_report(knowledge, 0.1, 50)
+    # Only the neuron every fact holds goes; it was each Self set's only KN.
+    assert report.startswith("shared-neuron filter 0.1: drops 1 distinct neurons")
+    assert "self 4 KNs, 4 of 4 sets emptied" in report and "union 4 KNs, 0 of 4 sets emptied" in report
+    assert "cas 4 KNs, 0 of 4" in report
+    assert shared_filter_report(knowledge, None) == "shared-neuron filter off"

@@ -70,6 +70,20 @@ def test_failed_unit_writes_nothing(tmp_path):
         assert len(store.frame("scores")) == 2
 
 
+def test_a_column_added_later_reads_as_not_stored_in_older_rows(tmp_path):
+    with RunStore.open_stage(tmp_path, "demo", PARAMS) as store:
+        run_sweep(store, "demo", FACTS[:1], write_rows, quiet=True)
+
+    def with_evidence(fact, writer):
+        writer.add("scores", {"fact_id": fact.id, "query": "a", "value": 1.0, "tokens": [], "known": 1.0})
+
+    with RunStore.open_stage(tmp_path, "demo", PARAMS) as store:
+        run_sweep(store, "demo", FACTS[:2], with_evidence, quiet=True)
+        frame = store.frame("scores")
+    assert frame[frame.fact_id == "P1/0"]["known"].isna().all()
+    assert frame[frame.fact_id == "P1/1"]["known"].tolist() == [1.0]
+
+
 def test_other_parameters_are_refused_by_name(tmp_path):
     RunStore.open_stage(tmp_path, "demo", PARAMS).close()
     with pytest.raises(RunDirectoryError, match=r"model: stored 'tiny', given 'other'"):

@@ -20,7 +20,10 @@ EDIT_READING = (
     "Rel: the edit works on the edited query; Gen: on the fact's other queries; Loc: 10 unrelated "
     "queries keep their answers; Avg: their mean (all 0-1, higher is better). dPPL: relative change "
     "of WikiText-2 perplexity (0 unchanged, 1 doubled); cells above 1 are marked: such an edit "
-    "broke the model."
+    "broke the model. An erasure's Rel and Gen are 1 on a query the model never answered right: "
+    "rel_known and gen_known count only the queries it answered right (top-1) before the edit "
+    "(known_queries, known_neighbours of them; empty: not stored), and prob_drop is the mean fall of "
+    "the edited query's P(answer)."
 )
 TEMPLATES = {
     "fig9_ki_share": (
@@ -39,12 +42,6 @@ TEMPLATES = {
     "table3": (
         "Table 2 with Consistency-Aware KN selection (CAS: neurons scoring high and alike across the fact's "
         "queries); {facts} facts per row. " + EDIT_READING
-    ),
-    "fig4_mapping": (
-        "Relative change of the answer's probability (dProb: -1 = gone, 1 = doubled) when neurons of a query "
-        "are suppressed (x0) or enhanced (x2): its own KNs (Self), the union, intersection or refined set "
-        "(in two or more) of its neighbour queries' KNs, and as many unrelated neurons; {queries} queries "
-        "per row. Under query localization Self moves the answer most."
     ),
     "fig5_heatmap": (
         "KN activations of one fact (columns: its KNs by layer; rows: its queries) with no manipulation, "
@@ -121,8 +118,34 @@ def _synapse_effects(t: Frames, panel: Panel) -> str:
     )
 
 
+def _mapping(t: Frames, panel: Panel) -> str:
+    frame = t["fig4_mapping"]
+    text = (
+        "Relative change of the answer's probability (dProb: -1 = gone, 1 = doubled) when neurons of a query "
+        "are suppressed (x0) or enhanced (x2): its own KNs (Self), the union, intersection or refined set "
+        "(in two or more) of its neighbour queries' KNs, and as many unrelated neurons; "
+        f"{_count(frame, 'queries')} queries per row. Under query localization Self moves the answer most."
+    )
+    if "empty_sets" not in frame:
+        return text
+    # Both operations act on the same sets: one operation's "Avg" rows count them, per method.
+    overall = frame[(frame["class"] == "Avg") & (frame["operation"] == frame["operation"].iloc[0])]
+    counts = "; ".join(
+        f"{method.upper()} " + ", ".join(f"{r.kn_set.capitalize()} {int(r.empty_sets):,}" for r in empty)
+        for method, rows in overall.groupby("method", sort=False)
+        if (empty := list(rows[rows["empty_sets"] > 0].itertuples()))
+    )
+    return text + (
+        " A query whose set is empty (nothing to change) is left out of that set's statistics; empty "
+        f"sets: {counts} (column empty_sets)."
+        if counts
+        else " No set was empty."
+    )
+
+
 WRITERS: dict[str, Callable[[Frames, Panel], str]] = {
     "table1": _table1,
+    "fig4_mapping": _mapping,
     "relations_{method}": _relations,
     "fig6_synapses": _synapse_effects,
     "fig6_synapses_magnitude": _synapse_effects,

@@ -177,7 +177,9 @@ class ModelClaims(ConsistencyClaims):
             direction = -1.0 if operation == "suppress" else 1.0
             for kind in classes:
                 part = rows[rows["class"] == kind]
+                # A set empty for every query has no statistic (NaN): there is no order to read.
                 effect = {r.kn_set: float(getattr(r, column)) for r in records(part)}
+                effect = {name: value for name, value in effect.items() if not math.isnan(value)}
                 if not {"self", "intersection", "refine", "unrelated"} <= set(effect):
                     continue
                 order = sorted(effect, key=lambda s: -direction * effect[s])

@@ -449,8 +449,12 @@ class RunStore:
             )
             self._db.execute(f"CREATE TABLE {table} ({spec})")
             self._db.execute(f"CREATE INDEX {table}_unit ON {table} (stage, unit_id)")
-        elif missing := [c for c in columns if c not in existing]:
-            raise RunDirectoryError(f"table {table!r} in {str(self.run_dir)!r} has no column(s) {missing}")
+        else:
+            # A row class that gained a field since the table was made (a new piece of evidence):
+            # the rows stored before read NULL there, "not stored", and the run can be extended.
+            for column, kind in schema:
+                if column not in existing:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         placeholders = ", ".join("?" for _ in columns)
         self._db.executemany(
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})",

@@ -164,10 +164,14 @@ def by_relation(dataset: list[Fact]) -> dict[str, list[Fact]]:
 def edit_evidence(mode: str, before: Measurement, after: Measurement) -> dict[str, Any]:
     """Rel/Gen/Loc/Avg and what shows the edit did what it should: the edited query's P(o) (and
     P(o') for updates) before and after, whether it moved the right way (P(o) fell for an erasure,
-    P(o') rose for an update), and how many neighbour queries moved the right way."""
+    P(o') rose for an update), and how many neighbour queries moved the right way. And which
+    queries the model answered right (o at top-1) before the edit, with Gen over those neighbours
+    alone: an erasure "succeeds" on a query the model never answered right whatever it does."""
     target_before, target_after = before.target, after.target
     direction = 1 if mode == "update" else -1
     moved = [direction * (a.prob - b.prob) > 0 for b, a in zip(target_before, target_after)]
+    known = [score.rank == 0 for score in before.old]
+    known_neighbours = [a.accuracy for a, k in zip(target_after[1:], known[1:]) if k]
     return {
         **edit_metrics(
             mode,
@@ -183,6 +187,11 @@ def edit_evidence(mode: str, before: Measurement, after: Measurement) -> dict[st
         "moved_right": float(moved[0]),
         "neighbours": len(moved) - 1,
         "neighbours_moved": int(sum(moved[1:])),
+        "query_known": known[0],
+        "neighbours_known": len(known_neighbours),
+        "gen_known": (
+            edit_success(mode, float(np.mean(known_neighbours))) if known_neighbours else float("nan")
+        ),
     }
 
 
@@ -365,6 +374,12 @@ def case_study(
     )
 
 
+def edit_success(mode: str, accuracy: float) -> float:
+    """An edit's success from acc(x, target): of o' for an update (success = predicted), of o for an
+    erasure (success = no longer predicted)."""
+    return accuracy if mode == "update" else 1 - accuracy
+
+
 def edit_metrics(
     mode: str,
     query_accuracy: float,
@@ -375,9 +390,8 @@ def edit_metrics(
     """Rel, Gen, Loc and Avg of one edit (METHODS.md section 5). Accuracies are acc(x, target):
     of o' for an update (success = predicted), of o for an erasure (success = no longer predicted).
     Loc = share of unrelated queries whose argmax answer tokens did not change."""
-    success = (lambda acc: acc) if mode == "update" else (lambda acc: 1 - acc)
-    rel = success(query_accuracy)
-    gen = success(float(np.mean(neighbour_accuracies))) if neighbour_accuracies else float("nan")
+    rel = edit_success(mode, query_accuracy)
+    gen = edit_success(mode, float(np.mean(neighbour_accuracies))) if neighbour_accuracies else float("nan")
     loc = (
         float(np.mean([a == b for a, b in zip(unrelated_before, unrelated_after)]))
         if unrelated_before

@@ -46,8 +46,15 @@ from .edit_protocol import (
     sequential_table,
     sequential_work,
 )
-from .knsets import LOCALIZE_STAGE, FactKnowledge, filtered_knowledge
-from .localized import FACT_LIMIT_HELP, LOCALIZED_RUN_HELP, read_localized_run
+from .knsets import LOCALIZE_STAGE, FactKnowledge, filtered_knowledge, shared_filter_report
+from .localized import (
+    FACT_LIMIT_HELP,
+    LOCALIZED_RUN_HELP,
+    STRATIFY_HELP,
+    STRATIFY_METHOD_HELP,
+    check_stratification,
+    read_localized_run,
+)
 from .registry import Outcome, Panel, Reproduction, Study
 
 NOT_MEASURED = float("nan")
@@ -88,6 +95,12 @@ class EditRow(Row):
     neighbours_moved: int = 0
     ppl_after: float = NOT_MEASURED
     dppl: float = NOT_MEASURED
+    query_known: bool | None = None
+    """Whether the model answered the edited query right (o at top-1) before the edit."""
+    neighbours_known: int | None = None
+    """Neighbour queries the model answered right before the edit."""
+    gen_known: float = NOT_MEASURED
+    """Gen over those neighbours alone."""
 
 
 def edit_work(
@@ -157,8 +170,15 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     """Tables 2 and 3 per (method, mode, KN set, class): mean Rel, Gen, Loc, Avg and dPPL over the
     edits that had a KN to edit, beside what keeps a mean honest: the median dPPL, the share of
     catastrophic edits (dPPL > 1), the share that moved the edited query's answer the right way,
-    median probabilities before and after, the mean KN-set size, KNs removed by the shared filter,
-    and how many sets were empty (not edited)."""
+    median probabilities before and after, the mean KN-set size, KNs removed by the shared filter
+    (mean and total), how many sets were empty (not edited) and how many of those the filter emptied.
+
+    Erasure's Rel and Gen are 1 - accuracy, 1 on a query the model never answered right, whatever
+    the edit does. So beside them: Rel over the edited queries the model answered right (o at top-1)
+    before the edit (``rel_known``, over ``known_queries`` of them), Gen over such neighbours
+    (``gen_known``, over ``known_neighbours``), and the mean drop of the edited query's P(o), which
+    every query can fail (``prob_drop``). Rows stored before the known columns were recorded leave
+    them NaN: not stored."""
     frame = edits[edits["kn_set"].isin(sets)].copy()
     numeric = METRICS + [
         "moved_right",
@@ -167,12 +187,21 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
         "new_prob_before",
         "new_prob_after",
         "kn_dropped",
+        "query_known",
+        "neighbours_known",
+        "gen_known",
     ]
     for column in numeric:
         # NaN is stored as NULL (a column of only NULLs reads back as objects); a store written
         # before a column was recorded has none of it.
         frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame else float("nan")
     frame["catastrophic"] = (frame["dppl"] > CATASTROPHIC_DPPL).astype(float).where(frame["dppl"].notna())
+    edited = frame["kn_size"] > 0
+    frame["known_edit"] = frame["query_known"].where(edited)
+    frame["rel_of_known"] = frame["rel"].where(frame["known_edit"] == 1)
+    frame["known_neighbours"] = frame["neighbours_known"].where(edited)
+    frame["prob_drop"] = frame["prob_before"] - frame["prob_after"]
+    frame["emptied_by_filter"] = (frame["kn_size"] == 0) & (frame["kn_dropped"] > 0)
     grouped = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)
     table = grouped[METRICS].mean()
     table["dppl_median"] = grouped["dppl"].median()
@@ -183,7 +212,14 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     table["kn_size"] = grouped["kn_size"].mean()
     table["kn_dropped"] = grouped["kn_dropped"].mean()
     table["empty_sets"] = grouped["kn_size"].agg(lambda sizes: int((sizes == 0).sum()))
+    table["kn_dropped_total"] = grouped["kn_dropped"].sum()
+    table["emptied_by_filter"] = grouped["emptied_by_filter"].sum()
     table["facts"] = grouped.size()
+    table["rel_known"] = grouped["rel_of_known"].mean()
+    table["known_queries"] = grouped["known_edit"].sum(min_count=1)
+    table["gen_known"] = grouped["gen_known"].mean()
+    table["known_neighbours"] = grouped["known_neighbours"].sum(min_count=1)
+    table["prob_drop"] = grouped["prob_drop"].mean()
     order = {name: i for i, name in enumerate(KN_SETS)}
     table = table.reset_index()
     table["order"] = table["kn_set"].map(order)
@@ -201,6 +237,8 @@ class EditRequest:
     config: EditConfig = setting(factory=EditConfig)
     method: str | None = setting(None)
     limit: int | None = setting(None, FACT_LIMIT_HELP)
+    stratify: str | None = setting(None, STRATIFY_HELP)
+    stratify_method: str | None = setting(None, STRATIFY_METHOD_HELP)
     sequential: int = setting(0, "Edit N sampled facts one after another (Table 7); 0: one at a time.")
     seeds: int = setting(5, "Sequential editing: repeats with different samples.")
     case: str | None = setting(
@@ -213,6 +251,16 @@ class EditRequest:
     model: str = setting(DEFAULT_MODEL)
     device: str = setting(DEFAULT_DEVICE)
     execution: Execution = setting(factory=Execution)
+
+    def __post_init__(self) -> None:
+        check_stratification(self.stratify, self.stratify_method)
+        if self.sequential > 0 and self.stratify is not None:
+            raise ConfigError(
+                lambda name: (
+                    f"{name('sequential')} samples from all of the run's facts; it does not combine with "
+                    f"{name('stratify')}"
+                )
+            )
 
 
 def run(request: EditRequest) -> Outcome:
@@ -264,14 +312,25 @@ def run(request: EditRequest) -> Outcome:
         edit_work, config=config, knowledge=localized.knowledge, dataset=localized.dataset, passages=passages
     )
     description = f"{mode} via {','.join(config.sets)}"
-    facts = localized.first_facts(request.limit, config.seed)
-    plan = localized.sweep(config.stage, config.params(), build, description, facts)
+    sample = localized.sample(request.limit, config.seed, request.stratify, request.stratify_method)
+    plan = localized.sweep(
+        config.stage, {**config.params(), **sample.params}, build, description, sample.facts
+    )
     summary = execute(plan, request.execution)
     with RunStore.open_existing(request.run_dir) as store:
         edits = store.frame("edits")
     for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
         write_table(edit_table(edits, chosen), tables, name)
-    return Outcome([edit_table(edits, config.sets), f"facts: {summary.describe()}; tables in {tables}"])
+    filtered = shared_filter_report(
+        localized.knowledge, config.shared_filter, config.shared_min_facts, config.sets
+    )
+    return Outcome(
+        [
+            edit_table(edits, config.sets),
+            filtered,
+            f"facts: {summary.describe()}{sample.note}; tables in {tables}",
+        ]
+    )
 
 
 def run_case(request: EditRequest, config: EditConfig) -> Outcome:
@@ -313,14 +372,16 @@ def run_case(request: EditRequest, config: EditConfig) -> Outcome:
     return Outcome([title, table[["role", "prompt", "before", "after"]]])
 
 
-SEQUENTIAL = {"sample": (4, 2), "full": (20, 5)}
+SEQUENTIAL = {"sample": (4, 2), "full": (100, 5)}
 """(facts edited in a row, seeds) of sequential editing in ``qloc reproduce``, per scale (full: the
-paper's setting)."""
+paper's setting, 100 facts and 5 runs)."""
 
 
 def reproduce(plan: Reproduction) -> list[tuple[str, Any]]:
     config = EditConfig(seed=plan.seed)
     sequential, seeds = SEQUENTIAL[plan.scale]
+    if plan.facts is not None:  # --facts overrides the scale's run size: edit at most all its facts
+        sequential = min(sequential, plan.facts)
     request = EditRequest(
         plan.directory, config=config, method=plan.method, device=plan.device, execution=plan.execution
     )

@@ -181,6 +181,29 @@ def filtered_knowledge(
     return {fact_id: known.without(removed[fact_id]) for fact_id, known in knowledge.items()}
 
 
+def shared_filter_report(
+    knowledge: Mapping[str, FactKnowledge],
+    share: float | None,
+    min_facts: int = SHARED_FILTER_MIN_FACTS,
+    sets: Sequence[str] = ("self", "union", "cas"),
+) -> str:
+    """What the shared-neuron filter removes from a run's KN sets, in words: the distinct neurons it
+    drops, and per set kind how many KNs it removed and how many sets it emptied (on a run of few
+    facts, "held by more than 10 %" can mean "held by two", and a set can lose every KN)."""
+    if share is None:
+        return "shared-neuron filter off"
+    removed = shared_neurons(knowledge, share, min_facts)
+    distinct = set().union(*removed.values()) if removed else set()
+    kinds = []
+    for name in sets:
+        before = {fact_id: known.kn_set(name) for fact_id, known in knowledge.items()}
+        after = {fact_id: [u for u in kns if u not in removed[fact_id]] for fact_id, kns in before.items()}
+        dropped = sum(len(before[f]) - len(after[f]) for f in before)
+        emptied = sum(1 for f in before if before[f] and not after[f])
+        kinds.append(f"{name} {dropped:,} KNs, {emptied:,} of {len(before):,} sets emptied")
+    return f"shared-neuron filter {share:g}: drops {len(distinct):,} distinct neurons ({'; '.join(kinds)})"
+
+
 def cas_scores(
     per_query_scores: Sequence[torch.Tensor], beta1: float = 1.0, beta2: float = 1.0
 ) -> torch.Tensor:

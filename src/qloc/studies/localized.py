@@ -5,8 +5,10 @@ request every such experiment takes (which run, whose KN sets, how many of its f
 from __future__ import annotations
 
 import json
+import math
 import random
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from ..errors import ConfigError, DataError, QlocError
 from ..runs.executors import Execution, ModelSpec, SweepPlan, WorkBuilder
 from ..runs.store import RunStore
 from ..settings import setting
+from .consistency import classify, fact_consistency
 from .knsets import LOCALIZE_STAGE, FactKnowledge
 
 
@@ -43,6 +46,38 @@ def knowledge_from_store(
 
 LOCALIZED_RUN_HELP = "A localize run: its model, facts and KN sets are used."
 FACT_LIMIT_HELP = "Only the first N of the run's facts in a seeded order (raise it later to extend the run)."
+STRATA = ("static", "otsu")
+"""The KC/KI thresholds a sample can be stratified by (METHODS.md section 4)."""
+STRATIFY_HELP = (
+    "Draw the --limit sample about half KC, half KI facts (all of a class that has fewer), classed by "
+    "their CS under the static or the Otsu threshold; default: no stratification."
+)
+STRATIFY_METHOD_HELP = "Whose KN sets class the facts for --stratify (default: the study's method)."
+
+
+def check_stratification(stratify: str | None, stratify_method: str | None) -> None:
+    """Refuse an unknown stratification, and a method to stratify by without one."""
+    if stratify is not None and stratify not in STRATA:
+        raise ConfigError.invalid("stratify", stratify, f"choose {' or '.join(STRATA)}")
+    if stratify is None and stratify_method is not None:
+        raise ConfigError(
+            lambda name: (
+                f"{name('stratify_method')} {stratify_method!r} needs {name('stratify')} (static or otsu)"
+            )
+        )
+
+
+def stratified_prefix(ordered: Sequence[Fact], classes: Mapping[str, str], limit: int) -> list[Fact]:
+    """The first ``limit`` facts of a stratified sample of ``ordered`` (a seeded order): half of them
+    (the odd one to KC) from the KC facts and half from the KI facts, each class's in ``ordered``'s
+    order, and a class with fewer facts than its half gives all it has and the other fills the
+    rest. How many a class gives never falls as ``limit`` grows, so a larger limit extends each
+    class's prefix, as an unstratified limit extends the run's."""
+    kc = [f for f in ordered if classes[f.id] == "KC"]
+    ki = [f for f in ordered if classes[f.id] == "KI"]
+    from_kc = min(len(kc), max(math.ceil(limit / 2), limit - len(ki)))
+    chosen = {f.id for f in kc[:from_kc] + ki[: limit - from_kc]}
+    return [f for f in ordered if f.id in chosen]
 
 
 @dataclass
@@ -91,6 +126,47 @@ class LocalizedRun:
         random.Random(seed).shuffle(facts)
         return facts[:limit] if limit is not None else facts
 
+    def knowledge_classes(self, stratify: str, method: str) -> dict[str, str]:
+        """Per fact id, KC or KI by the run's ``method`` KN sets under the ``stratify`` threshold
+        (static, or Otsu's over the run's facts), as the consistency study classes them."""
+        with RunStore.open_existing(self.run_dir) as store:
+            kn_frame = store.frame("kn_sets")
+        kn_frame = kn_frame[kn_frame["method"] == method]
+        if kn_frame.empty:
+            raise QlocError(f"the localize run has no KN sets for method {method!r} to stratify by")
+        classes = classify(fact_consistency(kn_frame))
+        return dict(zip(classes["fact_id"], classes[f"class_{stratify}"]))
+
+    def sample(
+        self, limit: int | None, seed: int, stratify: str | None = None, stratify_method: str | None = None
+    ) -> FactSample:
+        """The facts a study takes: the seeded prefix of :meth:`first_facts`, or with ``stratify``
+        its class-stratified counterpart (:func:`stratified_prefix`, classes by ``stratify_method``'s
+        KN sets, default the study's method); with the parameters that say which."""
+        check_stratification(stratify, stratify_method)
+        if stratify is None:
+            return FactSample(self.first_facts(limit, seed), {"stratify": None, "stratify_method": None})
+        method = stratify_method or self.method
+        ordered = self.first_facts(None, seed)
+        classes = self.knowledge_classes(stratify, method)
+        facts = stratified_prefix(ordered, classes, limit) if limit is not None else ordered
+        counts = Counter(classes[f.id] for f in facts)
+        description = (
+            f"{counts['KC']} KC and {counts['KI']} KI facts ({stratify} threshold, {method} KN sets)"
+        )
+        return FactSample(facts, {"stratify": stratify, "stratify_method": method}, description)
+
+
+@dataclass
+class FactSample:
+    """The facts a study on a localize run takes, the stage parameters that say how they were drawn
+    (a prefix of one seeded order extends a stage; another way of drawing is another stage's
+    parameters), and, for a stratified sample, its classes in words (to append to a summary)."""
+
+    facts: list[Fact]
+    params: dict[str, Any]
+    note: str = ""
+
 
 @dataclass(frozen=True)
 class LocalizedRequest:
@@ -99,11 +175,20 @@ class LocalizedRequest:
     run_dir: Path = setting(help=LOCALIZED_RUN_HELP)
     method: str | None = setting(None)
     limit: int | None = setting(None, FACT_LIMIT_HELP)
+    stratify: str | None = setting(None, STRATIFY_HELP)
+    stratify_method: str | None = setting(None, STRATIFY_METHOD_HELP)
     device: str = setting(DEFAULT_DEVICE)
     execution: Execution = setting(factory=Execution)
 
+    def __post_init__(self) -> None:
+        check_stratification(self.stratify, self.stratify_method)
+
     def read(self) -> LocalizedRun:
         return read_localized_run(self.run_dir, self.method, self.device)
+
+    def sample(self, localized: LocalizedRun, seed: int) -> FactSample:
+        """The run's facts this request takes (:meth:`LocalizedRun.sample`)."""
+        return localized.sample(self.limit, seed, self.stratify, self.stratify_method)
 
 
 def read_localized_run(

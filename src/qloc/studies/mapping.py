@@ -7,9 +7,10 @@ Unrelated = |K_q| random neurons in none of the fact's KN sets (seeded). Under Q
 Self moves the answer most, and for KI facts the other queries' Intersection least.
 
 The KN sets go through the shared-neuron filter first (:func:`qloc.knsets.shared_neurons`), as
-for editing. A set that is empty changes nothing (dProb 0 exactly); tables count such sets. A
-handful of near-zero probabilities can decide a mean of relative changes, so tables give the
-median and a bootstrap interval of the mean beside it.
+for editing. A set that is empty changes nothing (dProb 0 exactly): its row is stored, but tables
+leave it out of the statistics and count such sets instead. A handful of near-zero probabilities
+can decide a mean of relative changes, so tables give the median and a bootstrap interval of the
+mean beside it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .knsets import (
     check_share,
     filtered_knowledge,
     random_neurons,
+    shared_filter_report,
 )
 from .localized import LocalizedRequest
 from .registry import Outcome, Panel, Reproduction, Study
@@ -158,8 +160,11 @@ def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, Fa
 
 
 def mapping_table(mapping: pd.DataFrame) -> pd.DataFrame:
-    """dProb per (method, operation, set, class), and "Avg" over all facts' queries: mean, median,
-    bootstrap 95 % interval of the mean, queries, and how many of the sets were empty."""
+    """dProb per (method, operation, set, class), and "Avg" over all facts' queries: mean, median and
+    bootstrap 95 % interval of the mean over the queries whose set was not empty, all the queries,
+    and how many of the sets were empty. An empty set changes nothing by construction; counting its
+    dProb of 0 would pull a set's mean towards 0 by how often the filter or the set's rule empties it
+    (Intersection and Refine most), which says nothing about what its neurons do."""
     mapping = mapping.assign(empty=mapping["set_size"] == 0)
     keys = ["method", "operation", "kn_set"]
     parts = [
@@ -169,12 +174,13 @@ def mapping_table(mapping: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for grouped in parts:
         for key, group in grouped:
-            low, high = bootstrap_mean_ci(group["dprob"])
+            measured = group.loc[~group["empty"], "dprob"]
+            low, high = bootstrap_mean_ci(measured)
             rows.append(
                 {
                     **dict(zip(keys + ["class"], key)),
-                    "dprob": group["dprob"].mean(),
-                    "dprob_median": group["dprob"].median(),
+                    "dprob": measured.mean(),
+                    "dprob_median": measured.median(),
                     "ci_low": low,
                     "ci_high": high,
                     "queries": len(group),
@@ -188,8 +194,16 @@ def mapping_table(mapping: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns=["set_order", "class_order"]).reset_index(drop=True)
 
 
+def _class_label(part: pd.DataFrame, kind: str) -> str:
+    """A class's tick label, with how many of its queries had each set empty (left out of the bar)."""
+    empty = part[part["class"] == kind].groupby("kn_set", sort=False)["empty_sets"].sum()
+    counts = [f"{name.capitalize()} {int(count)}" for name, count in empty.items() if count > 0]
+    return "\n".join([kind, "empty sets:", *counts]) if counts else kind
+
+
 def mapping_figure(table: pd.DataFrame) -> Figure:
-    """Figure 4: bars of mean dProb per set, grouped by class, one panel per operation."""
+    """Figure 4: bars of mean dProb per set over the queries whose set is not empty, grouped by
+    class, one panel per operation; each class's label counts the empty sets left out."""
     plt = pyplot()
     operations = list(dict.fromkeys(table["operation"]))
     classes = [c for c in ("KC", "KI", "Avg") if c in set(table["class"])]
@@ -219,7 +233,7 @@ def mapping_figure(table: pd.DataFrame) -> Figure:
         ax.axhline(0, color="black", linewidth=0.6)
         if part["dprob"].abs().max() > 10:  # enhancing can multiply a tiny probability many times
             ax.set_yscale("symlog", linthresh=1)
-        ax.set_xticks(range(len(classes)), classes)
+        ax.set_xticks(range(len(classes)), [_class_label(part, c) for c in classes], fontsize=7)
         ax.set_ylabel("dProb (relative; mean, 95 % CI)")
         ax.set_title(f"{operation.capitalize()} KN sets ({', '.join(sorted(set(part['method'])))})")
     handles, labels = axes[0, 0].get_legend_handles_labels()
@@ -237,14 +251,18 @@ def run(request: MappingRequest) -> Outcome:
     localized = request.read()
     config = replace(request.config, method=localized.method)
     build = partial(mapping_work, config=config, knowledge=localized.knowledge)
-    facts = localized.first_facts(request.limit, config.seed)
-    plan = localized.sweep(config.stage, config.params(), build, f"mapping {localized.method}", facts)
+    sample = request.sample(localized, config.seed)
+    params = {**config.params(), **sample.params}
+    plan = localized.sweep(config.stage, params, build, f"mapping {localized.method}", sample.facts)
     summary = execute(plan, request.execution)
     with RunStore.open_existing(request.run_dir) as store:
         table = mapping_table(store.frame("mapping"))
     csv = write_table(table, request.run_dir / "tables", "fig4_mapping")
     png = save_figure(mapping_figure(table), request.run_dir / "figures", "fig4_mapping")
-    return Outcome([table, f"facts: {summary.describe()}; {csv}, {png}"])
+    filtered = shared_filter_report(
+        localized.knowledge, config.shared_filter, config.shared_min_facts, ("self", "union")
+    )
+    return Outcome([table, filtered, f"facts: {summary.describe()}{sample.note}; {csv}, {png}"])
 
 
 def reproduce(plan: Reproduction) -> list[tuple[str, Any]]:

@@ -245,11 +245,12 @@ class SynapseRequest(LocalizedRequest):
 def run(request: SynapseRequest) -> Outcome:
     localized = request.read()
     config = replace(request.config, method=localized.method)
-    facts = localized.first_facts(request.limit, config.seed)
+    sample = request.sample(localized, config.seed)
     build = partial(
         synapse_work, config=config, knowledge=localized.knowledge, max_batch_rows=request.max_batch_rows
     )
-    plan = localized.sweep(config.stage, config.params(), build, f"synapses {localized.method}", facts)
+    params = {**config.params(), **sample.params}
+    plan = localized.sweep(config.stage, params, build, f"synapses {localized.method}", sample.facts)
     summary = execute(plan, request.execution)
     with RunStore.open_existing(request.run_dir) as store:
         if "synapse_effects" not in store.tables():
@@ -263,7 +264,7 @@ def run(request: SynapseRequest) -> Outcome:
         shown += [f"dKN measure: {measure}", effects_table(effects, measure)]
     shown.append(cost_table(effects))
     shown += [f"{name}: {path}" for name, path in written.items()]
-    return Outcome([*shown, f"facts: {summary.describe()}"])
+    return Outcome([*shown, f"facts: {summary.describe()}{sample.note}"])
 
 
 SYNAPSE_FACTS = {"sample": 2, "full": None}
