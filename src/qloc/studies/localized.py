@@ -22,7 +22,7 @@ from ..errors import ConfigError, DataError, QlocError
 from ..runs.executors import Execution, ModelSpec, SweepPlan, WorkBuilder
 from ..runs.store import RunStore
 from ..settings import setting
-from .consistency import classify, fact_consistency
+from .consistency_tables import classify, fact_consistency
 from .knsets import LOCALIZE_STAGE, FactKnowledge
 
 
