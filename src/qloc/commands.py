@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .data.selection import Selection
-from .engine.attribution import attribute
+from .engine.attribution import DEFAULT_KN_THRESHOLD, DEFAULT_STEPS, attribute
 from .engine.gguf import BUILTIN_MODELS
 from .engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL
 from .report import open_in_browser, write_report
@@ -121,10 +121,10 @@ class Attribute:
     answer: str = setting(help="The answer (a leading space is added).")
     model: str = setting(DEFAULT_MODEL)
     method: str = setting("ig", "ig, amig, sig, or the first-order gxa or gxa-amig (METHODS.md section 3).")
-    steps: int = setting(20)
+    steps: int = setting(DEFAULT_STEPS)
     rule: str = setting("right")
     answer_tokens: str = setting("first")
-    threshold: float = setting(0.2, "KN set: score >= threshold * max score.")
+    threshold: float = setting(DEFAULT_KN_THRESHOLD, "KN set: score >= threshold * max score.")
     top_k: int | None = setting(None, "KN set: the k best neurons instead of the threshold.")
     top: int = setting(10, "How many top neurons to print.")
     out_file: Path | None = setting(

@@ -31,6 +31,10 @@ from .sites import ATTENTION, NEURONS, Site, Synapse
 from .tokens import EncodedQuery, encode_query
 
 ANSWER_TOKENS = ("all", "first")
+DEFAULT_STEPS = 20
+"""Integration steps m of every path method (Dai et al.'s setting), wherever a caller gives none."""
+DEFAULT_KN_THRESHOLD = 0.2
+"""A query's KN set: the neurons scoring at least this share of its best score (METHODS.md section 3)."""
 RESIDUAL_WARNING = 0.05
 """Warn when a layer's completeness residual exceeds this fraction of F(input)."""
 
@@ -325,7 +329,9 @@ class Attribution:
     rule: str
     params: dict[str, Any] = field(default_factory=dict)
 
-    def kn_set(self, threshold: float = 0.2, top_k: int | None = None) -> list[tuple[int, int]]:
+    def kn_set(
+        self, threshold: float = DEFAULT_KN_THRESHOLD, top_k: int | None = None
+    ) -> list[tuple[int, int]]:
         return kn_set(self.scores, threshold, top_k)
 
     def top(self, k: int = 10) -> list[tuple[int, int, float]]:
@@ -355,7 +361,7 @@ class AttentionAttribution:
 
 
 def kn_set(
-    scores: torch.Tensor, threshold: float = 0.2, top_k_neurons: int | None = None
+    scores: torch.Tensor, threshold: float = DEFAULT_KN_THRESHOLD, top_k_neurons: int | None = None
 ) -> list[tuple[int, int]]:
     """K_q = {(l, i) : score >= t * max score} (Dai et al., t = 0.2); with ``top_k_neurons``, the
     k highest-scoring neurons instead. Empty where no score is positive (nothing to localize)."""
@@ -393,7 +399,7 @@ def attribute(
     prompt: str,
     answer: str,
     method: str = "ig",
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     rule: str = "right",
     answer_tokens: str = "first",
     max_batch_rows: int | None = None,
@@ -438,7 +444,7 @@ def attribute_many(
 
 
 def attribute_attention(
-    lm: LoadedModel, prompt: str, answer: str, steps: int = 20, rule: str = "right",
+    lm: LoadedModel, prompt: str, answer: str, steps: int = DEFAULT_STEPS, rule: str = "right",
     answer_tokens: str = "first", max_batch_rows: int | None = None, warn: bool = True,
 ) -> AttentionAttribution:  # fmt: skip
     """Integrated-gradient scores of every attention probability for ``answer`` after ``prompt``

@@ -41,6 +41,7 @@ EDIT_SIGNS = ("activation", "none")
 """``activation``: each KN's change times the sign of its activation (the default); ``none``: the
 literal equation for every KN."""
 Neuron = tuple[int, int]
+"""A neuron of the MLP: (layer, index into its d_ff activations)."""
 
 
 def answer_embedding(lm: LoadedModel, text: str) -> torch.Tensor:

@@ -7,9 +7,9 @@ import math
 
 import pandas as pd
 
+from ..studies.edit_protocol import CATASTROPHIC_DPPL
 from .claims_consistency import ConsistencyClaims
 from .findings import (
-    BROKEN_DPPL,
     SET_NAMES,
     Evidence,
     ModelFindings,
@@ -97,7 +97,8 @@ class ModelClaims(ConsistencyClaims):
                     chosen = edits[
                         (edits["method"] == method) & (edits["mode"] == mode) & (edits["kn_set"] == kn_set)
                     ]["dppl"].dropna()
-                    median, catastrophic, count = chosen.median(), (chosen > BROKEN_DPPL).mean(), len(chosen)
+                    median, count = chosen.median(), len(chosen)
+                    catastrophic = (chosen > CATASTROPHIC_DPPL).mean()
                 elif "dppl_median" in part:
                     median, count = part["dppl_median"].median(), int(part["facts"].sum())
                     catastrophic = weighted(part, "catastrophic")
@@ -118,7 +119,7 @@ class ModelClaims(ConsistencyClaims):
                 moved = weighted(part, "moved_right")
                 if not math.isnan(moved):
                     notes.append(f"{format_share(moved)} moved P(answer) the intended way")
-                if median > BROKEN_DPPL:
+                if median > CATASTROPHIC_DPPL:
                     broken.setdefault(f"{method.upper()} {mode}", []).append(
                         f"{name} x{format_number(1 + median)}"
                     )

@@ -25,8 +25,6 @@ from .paper import PaperQuote, PaperReference
 from .sections import RunSection
 
 SIGNIFICANCE = 0.05
-BROKEN_DPPL = 1.0
-"""A median edit with dPPL above 1 more than doubles perplexity: the model is broken, not edited."""
 KNOWN_RANK = 10
 """A query "knows" its fact when the answer's first token is among the model's top 10."""
 LARGE_MODEL = 1e9

@@ -23,6 +23,7 @@ import pandas as pd
 
 from ..errors import ConfigError, QlocError
 from ..runs.outputs import check_output_file, write_text
+from ..studies.edit_protocol import CATASTROPHIC_DPPL
 from ..studies.registry import Panel
 from .captions import caption
 from .claims import model_findings
@@ -42,9 +43,8 @@ PAIRED_COLUMNS = 9
 
 def _flagged(column: str, value: object) -> bool:
     """Cells that signal a broken setting: a perplexity change above 1 (perplexity more than doubled)."""
-    return (
-        column.startswith("dppl") and not column.endswith("_std") and isinstance(value, float) and value > 1
-    )
+    perplexity_change = column.startswith("dppl") and not column.endswith("_std")
+    return perplexity_change and isinstance(value, float) and value > CATASTROPHIC_DPPL
 
 
 def _html_table(frame: pd.DataFrame) -> str:

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from ..data.pararel import Fact
-from ..engine.attribution import attribute, kn_set
+from ..engine.attribution import DEFAULT_STEPS, attribute, kn_set
 from ..engine.cloze import ClozeScore, score_cloze
 from ..engine.editing import (
     EDIT_SIGNS,
@@ -339,7 +339,7 @@ def case_study(
     new: str | None,
     method: str = "ig",
     set_name: str = "self",
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     max_new_tokens: int = 8,
     edit_sign: str = "activation",
 ) -> pd.DataFrame:

@@ -25,6 +25,7 @@ import torch
 
 from ..engine.architectures import architecture_for
 from ..engine.attribution import METHODS, kn_set
+from ..engine.editing import Neuron
 from ..engine.models import model_label
 from ..errors import ConfigError, QlocError, UnsupportedArchitectureError
 from ..runs.rows import Row
@@ -33,7 +34,6 @@ from ..settings import setting
 
 LOCALIZE_STAGE = "localize"
 """The stage whose KN sets every other study reads (:mod:`qloc.studies.localize`)."""
-Neuron = tuple[int, int]
 STATIC_THRESHOLD = 0.1
 """KC/KI split of a fact by its relaxed CS (METHODS.md section 4)."""
 SHARED_FILTER = 0.10

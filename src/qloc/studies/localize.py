@@ -17,7 +17,7 @@ from typing import Any
 
 from ..data.pararel import Fact, interleave_relations
 from ..data.selection import Selection
-from ..engine.attribution import METHODS, attribute, check_answer_tokens
+from ..engine.attribution import DEFAULT_KN_THRESHOLD, DEFAULT_STEPS, METHODS, attribute, check_answer_tokens
 from ..engine.cloze import score_cloze
 from ..engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, LoadedModel
 from ..engine.paths import integration_points
@@ -42,10 +42,10 @@ class LocalizeConfig:
         ("ig", "amig", "sig"),
         "Comma-separated attribution methods: ig, amig, sig, and the first-order gxa, gxa-amig.",
     )
-    steps: int = setting(20)
+    steps: int = setting(DEFAULT_STEPS)
     rule: str = setting("right")
     answer_tokens: str = setting("first")
-    threshold: float = setting(0.2, "KN set: score >= threshold * max score.")
+    threshold: float = setting(DEFAULT_KN_THRESHOLD, "KN set: score >= threshold * max score.")
     top_k: int | None = setting(None, "KN set: the k best neurons instead of the threshold.")
     cas_beta1: float = setting(1.0, hidden=True)
     cas_beta2: float = setting(1.0, hidden=True)

@@ -26,6 +26,7 @@ import torch
 
 from ..data.pararel import Fact
 from ..engine.cloze import score_cloze
+from ..engine.editing import Neuron
 from ..engine.models import LoadedModel
 from ..engine.sites import NEURONS
 from ..engine.tokens import encode_query
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 SETS = ("self", "union", "intersection", "refine", "unrelated")
-Neuron = tuple[int, int]
 
 
 @dataclass(frozen=True)

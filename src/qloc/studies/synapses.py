@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from ..data.pararel import Fact
-from ..engine.attribution import attribute_attention, check_answer_tokens
+from ..engine.attribution import DEFAULT_STEPS, attribute_attention, check_answer_tokens
 from ..engine.models import LoadedModel
 from ..engine.paths import integration_points
 from ..engine.sites import ATTENTION, NEURONS
@@ -52,7 +52,7 @@ class SynapseConfig(ManipulationConfig):
     """The synapse stage's parameters."""
 
     stage_name = "synapses"
-    steps: int = setting(20)
+    steps: int = setting(DEFAULT_STEPS)
     rule: str = setting("right")
     answer_tokens: str = setting("first")
     threshold: float = setting(0.3, "Knowledge synapses: score >= threshold * max score.")
