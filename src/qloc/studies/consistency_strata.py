@@ -247,7 +247,11 @@ def ablation_figure(ablation: pd.DataFrame, paper: pd.DataFrame | None = None) -
     for ax, (column, title) in zip(axes, ABLATION_PANELS):
         if paper is not None and not paper.empty:
             cells = paper[paper["threshold"] == "static"][column.removesuffix("_static")]
-            ax.axvspan(cells.min(), cells.max(), color="#f2b880", alpha=0.5, linewidth=0, label="paper")
+            label = f"paper, {paper['model'].iloc[0]} (its 3 methods)"
+            if cells.min() == cells.max():  # a band of no width would not show
+                ax.axvline(cells.min(), color="#f2b880", linewidth=3, label=label)
+            else:
+                ax.axvspan(cells.min(), cells.max(), color="#f2b880", alpha=0.5, linewidth=0, label=label)
         for (model, method), group in ablation.groupby(["model", "method"], sort=False):
             y = [position[f"({g}) {s}" if g != "-" else s] for g, s in zip(group["group"], group["setting"])]
             ax.scatter(group[column], y, s=18, label=f"{model} {method.upper()}")
