@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+import qloc
 from qloc.data.selection import Selection
 from qloc.engine.attribution import METHODS, attribute, attribute_many
 from qloc.engine.paths import PathIntegrator, frozen_parameters
@@ -196,7 +197,8 @@ def test_kn_set_rules_apply_as_to_every_method(word_tokenizer):
 
 def test_localize_stores_first_order_rows_as_it_does_ig(tmp_path, tiny_model_dir):
     """A tiny localize run with gxa beside IG: the same row kinds per method, KN sets that follow
-    from the stored dense scores, residuals, and the run's steps left to IG."""
+    from the stored dense scores, residuals, and the run's steps left to IG. The fact's queries,
+    attributed together, store what each attributed alone gives."""
     request = localize.LocalizeRequest(
         run_dir=tmp_path / "run",
         model=str(tiny_model_dir),
@@ -224,3 +226,8 @@ def test_localize_stores_first_order_rows_as_it_does_ig(tmp_path, tiny_model_dir
         assert float(scores.max()) == pytest.approx(stored["max_score"], rel=2e-3, abs=1e-7)
         if kn:
             assert scores[tuple(zip(*kn))].min() >= 0.2 * stored["max_score"] - 1e-7
+    lm = qloc.load_model(str(tiny_model_dir), device="cpu")
+    for row in first_order.itertuples():
+        alone = quietly(lm, row.prompt, row.answer, row.method)
+        assert json.loads(row.kn) == [list(u) for u in alone.kn_set()]
+        assert row.max_residual == pytest.approx(float(alone.completeness_residual.max()), rel=1e-4, abs=1e-9)
