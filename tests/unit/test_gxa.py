@@ -8,8 +8,11 @@ import warnings
 import pytest
 import torch
 
+import qloc
 from qloc.data.selection import Selection
-from qloc.engine.attribution import METHODS, attribute
+from qloc.engine.attribution import METHODS, attribute, attribute_many
+from qloc.engine.paths import PathIntegrator, frozen_parameters
+from qloc.engine.sites import NEURONS
 from qloc.engine.tokens import encode_query
 from qloc.runs.executors import Execution
 from qloc.runs.store import RunStore
@@ -42,6 +45,69 @@ def test_first_order_equals_one_step_of_the_per_layer_reference(tiny, method):
     assert found.scores.shape == (tiny.num_layers, tiny.d_ff) and found.scores.dtype == torch.float32
     assert_equivalent(found.scores, reference)
     assert (found.steps, found.rule, found.params["steps"]) == (1, "right", 1)
+
+
+BATCHED_QUERIES = [
+    ("Paris is the capital of", "France"),
+    ("The official language of Italy is", "Italian language"),
+    ("Rome is the capital of", "Italy"),
+    ("Madrid is located in", "Spain"),
+    ("Berlin is the capital of", "Germany"),
+    ("The native language of Paris is", "French"),
+    ("The capital of France is", "Paris"),
+]
+"""Four prompts of 5 tokens, two of 6 and one of 4 (the word tokenizer); the two-token answer's
+second token is predicted after 7."""
+
+
+@pytest.mark.parametrize("answer_tokens", ["first", "all"])
+@pytest.mark.parametrize("method", list(FIRST_ORDER))
+def test_batched_queries_get_their_one_query_results(tiny, method, answer_tokens):
+    """attribute_many groups queries by prompt length (batches of 3 split the group of 4; a small
+    row chunk splits the residual rows across queries) and gives each query what attribute gives it
+    alone: scores to fp32 rounding, the same KN set, F and completeness residual."""
+    prompts, answers = zip(*BATCHED_QUERIES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batched = attribute_many(
+            tiny, prompts, answers, method, answer_tokens=answer_tokens, batch_size=3, max_batch_rows=4
+        )
+    for found, (prompt, answer) in zip(batched, BATCHED_QUERIES):
+        alone = quietly(tiny, prompt, answer, method, answer_tokens=answer_tokens)
+        assert (found.prompt, found.answer, found.answer_tokens) == (prompt, answer, alone.answer_tokens)
+        peak = float(alone.scores.abs().max())
+        assert float((found.scores - alone.scores).abs().max()) <= 1e-5 * peak
+        assert found.kn_set() == alone.kn_set()
+        torch.testing.assert_close(found.f_input, alone.f_input, rtol=1e-5, atol=0)
+        torch.testing.assert_close(found.f_baseline, alone.f_baseline, rtol=1e-5, atol=0)
+        # The residual is a difference of nearly equal sums: its rounding scales with F, not with it.
+        f_scale = float(alone.f_input.max())
+        torch.testing.assert_close(
+            found.completeness_residual, alone.completeness_residual, rtol=1e-4, atol=1e-5 * f_scale
+        )
+        assert found.params == alone.params
+
+
+def test_one_backward_gives_each_query_its_own_gradient(tiny):
+    """The batched clean run's one backward of sum_q F_q: queries share no computation across the
+    batch dimension, so dF_q/da_q comes out for every q as from a run of q alone, and F at each
+    query's zeroed layers as well."""
+    queries = [encode_query(tiny, p, a) for p, a in BATCHED_QUERIES if p.endswith("capital of")]
+    integrator = PathIntegrator(tiny, NEURONS)
+    with frozen_parameters(tiny):
+        clean = integrator.clean_batch(
+            [q.input_ids for q in queries], [q.answer_ids[0] for q in queries], True
+        )
+        batched = integrator.input_gradients(clean, None)
+        for query, paths in zip(queries, batched):
+            alone = integrator.clean_run(query.input_ids, query.answer_ids[0], gradients=True)
+            (expected,) = integrator.input_gradients(alone, None)
+            torch.testing.assert_close(paths.grad_sums, expected.grad_sums, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(paths.values, expected.values)
+            torch.testing.assert_close(paths.f_start, expected.f_start, rtol=1e-5, atol=0)
+            assert paths.f_input == pytest.approx(expected.f_input, rel=1e-6)
+    with pytest.raises(ValueError, match="one length"):
+        integrator.clean_batch([[1, 2, 3], [1, 2]], [4, 5])
 
 
 @pytest.mark.parametrize("method", list(FIRST_ORDER))
@@ -131,7 +197,8 @@ def test_kn_set_rules_apply_as_to_every_method(word_tokenizer):
 
 def test_localize_stores_first_order_rows_as_it_does_ig(tmp_path, tiny_model_dir):
     """A tiny localize run with gxa beside IG: the same row kinds per method, KN sets that follow
-    from the stored dense scores, residuals, and the run's steps left to IG."""
+    from the stored dense scores, residuals, and the run's steps left to IG. The fact's queries,
+    attributed together, store what each attributed alone gives."""
     request = localize.LocalizeRequest(
         run_dir=tmp_path / "run",
         model=str(tiny_model_dir),
@@ -159,3 +226,8 @@ def test_localize_stores_first_order_rows_as_it_does_ig(tmp_path, tiny_model_dir
         assert float(scores.max()) == pytest.approx(stored["max_score"], rel=2e-3, abs=1e-7)
         if kn:
             assert scores[tuple(zip(*kn))].min() >= 0.2 * stored["max_score"] - 1e-7
+    lm = qloc.load_model(str(tiny_model_dir), device="cpu")
+    for row in first_order.itertuples():
+        alone = quietly(lm, row.prompt, row.answer, row.method)
+        assert json.loads(row.kn) == [list(u) for u in alone.kn_set()]
+        assert row.max_residual == pytest.approx(float(alone.completeness_residual.max()), rel=1e-4, abs=1e-9)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -122,34 +123,46 @@ class PathMethod:
         query = encode_query(lm, prompt, answer)
         alphas, weights = integration_points(steps, rule)
         integrator = PathIntegrator(lm, self.site, max_batch_rows)
-        tokens = range(1 if answer_tokens == "first" else len(query.answer_ids))
-        per_token, f_inputs, f_starts, residuals = [], [], [], []
+        per_token = []
         with frozen_parameters(lm):
-            for t in tokens:
+            for t in range(tokens_used(query, answer_tokens)):
                 target = query.target_positions[t]
                 starts = self.baselines(lm, query, t)
                 with self.site.active(lm):
                     ids = query.input_ids[: target + 1]
                     paths = self.path_integrals(integrator, ids, query.answer_ids[t], starts, alphas, weights)
-                start = torch.zeros_like(paths.values)[None] if starts is None else starts
-                per_start = (paths.values[None] - start) * paths.grad_sums
-                per_token.append(self.combine(per_start))
-                f_inputs.append(paths.f_input)
-                f_starts.append(paths.f_start.mean(0))
-                expected = (paths.f_input - paths.f_start).sum(0)
-                residuals.append((per_start.flatten(2).sum(2).sum(0) - expected).abs())
+                per_token.append((paths, starts))
+        return self.path_scores(query, per_token)
+
+    def path_scores(
+        self, query: EncodedQuery, per_token: Sequence[tuple[PathIntegrals, torch.Tensor | None]]
+    ) -> PathScores:
+        """The query's scores from each answer token's path integrals and their start points
+        (None: zeros), with F and the completeness residual per token and layer."""
+        scores, f_inputs, f_starts, residuals = [], [], [], []
+        for paths, starts in per_token:
+            start = torch.zeros_like(paths.values)[None] if starts is None else starts
+            per_start = (paths.values[None] - start) * paths.grad_sums
+            scores.append(self.combine(per_start))
+            f_inputs.append(paths.f_input)
+            f_starts.append(paths.f_start.mean(0))
+            expected = (paths.f_input - paths.f_start).sum(0)
+            residuals.append((per_start.flatten(2).sum(2).sum(0) - expected).abs())
         return PathScores(
-            scores=_mean_padded(per_token),
+            scores=_mean_padded(scores),
             f_input=torch.tensor(f_inputs),
             f_start=torch.stack(f_starts),
             completeness_residual=torch.stack(residuals),
-            answer_tokens=list(query.answer_ids[: len(tokens)]),
+            answer_tokens=list(query.answer_ids[: len(per_token)]),
             baselines=len(per_start),
         )
 
-    def warn_if_incomplete(self, found: PathScores, prompt: str, answer: str, steps: int, rule: str) -> None:
+    def warn_if_incomplete(
+        self, found: PathScores, prompt: str, answer: str, steps: int, rule: str, stacklevel: int = 3
+    ) -> None:
         """Warn where a layer's scores miss F(input) - F(baseline) by more than RESIDUAL_WARNING of
-        F(input): the integration rule is too coarse for this query."""
+        F(input): the integration rule is too coarse for this query. ``stacklevel`` as for
+        :func:`warnings.warn`, from here: the default names the caller of the caller."""
         worst = found.completeness_residual.max(dim=0).values
         # SIG's residual sums one path per prompt token, so its tolerance does too.
         limit = RESIDUAL_WARNING * float(found.f_input.max()) * found.baselines
@@ -159,8 +172,13 @@ class PathMethod:
                 f"{self.name} on {prompt!r} / {answer!r}: layer {layer}'s scores miss F(input) - "
                 f"F(baseline) by {float(worst[layer]):.3g} (F(input) = {float(found.f_input.max()):.3g}); "
                 + self.incompleteness_advice(steps, rule),
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
+
+
+def tokens_used(query: EncodedQuery, answer_tokens: str) -> int:
+    """How many of the answer's tokens are attributed: the first, or all (teacher forced)."""
+    return 1 if answer_tokens == "first" else len(query.answer_ids)
 
 
 def _mean_padded(per_token: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -239,23 +257,66 @@ class SIG(NeuronMethod):
 class FirstOrder(NeuronMethod):
     """Gradient x activation from a method's baseline: score_l = (a_l - b_l) * dF/da_l at the input,
     IG's one-step right Riemann sum, for every layer from one forward and one backward (METHODS.md
-    section 3.1). Its completeness residual is the first-order Taylor error of each layer."""
+    section 3.1). Its completeness residual is the first-order Taylor error of each layer. Several
+    queries share these passes (:meth:`scores_many`); a single query is a batch of one."""
 
     fixed_rule = (1, "right")
     path_method: ClassVar[str]
     """The path method whose baseline it takes, and whose m = 1 right sum it is."""
 
-    def path_integrals(
+    def scores(
         self,
-        integrator: PathIntegrator,
-        ids: Sequence[int],
-        answer_token: int,
-        starts: torch.Tensor | None,
-        alphas: torch.Tensor,
-        weights: torch.Tensor,
-    ) -> PathIntegrals:
-        clean = integrator.clean_run(ids, answer_token, gradients=True)
-        return integrator.input_gradients(clean, starts)
+        lm: LoadedModel,
+        prompt: str,
+        answer: str,
+        steps: int,
+        rule: str,
+        answer_tokens: str,
+        max_batch_rows: int | None,
+    ) -> PathScores:
+        (found,) = self.scores_many(lm, [(prompt, answer)], answer_tokens, max_batch_rows, batch_size=1)
+        return found
+
+    def scores_many(
+        self,
+        lm: LoadedModel,
+        queries: Sequence[tuple[str, str]],
+        answer_tokens: str,
+        max_batch_rows: int | None,
+        batch_size: int,
+    ) -> list[PathScores]:
+        """:meth:`scores` of every (prompt, answer), up to ``batch_size`` answer tokens per forward
+        and backward. Only answer tokens predicted after prompts of one length share a batch (no
+        padding, so every query's numbers are those of a batch of one, to rounding); F at the
+        baselines, for the residual, runs in one replayed batch per group too."""
+        check_answer_tokens(answer_tokens)
+        if batch_size < 1:
+            raise ConfigError.invalid("batch_size", batch_size, "must be at least 1")
+        encoded = [encode_query(lm, prompt, answer) for prompt, answer in queries]
+        by_length: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for q, query in enumerate(encoded):
+            for t in range(tokens_used(query, answer_tokens)):
+                by_length[query.target_positions[t] + 1].append((q, t))
+        integrator = PathIntegrator(lm, self.site, max_batch_rows)
+        found: dict[tuple[int, int], tuple[PathIntegrals, torch.Tensor | None]] = {}
+        with frozen_parameters(lm), self.site.active(lm):
+            for length, items in by_length.items():
+                for first in range(0, len(items), batch_size):
+                    batch = items[first : first + batch_size]
+                    starts = [self.baselines(lm, encoded[q], t) for q, t in batch]
+                    clean = integrator.clean_batch(
+                        [encoded[q].input_ids[:length] for q, _ in batch],
+                        [encoded[q].answer_ids[t] for q, t in batch],
+                        gradients=True,
+                    )
+                    given = [start for start in starts if start is not None]  # every query's, or none
+                    stacked = torch.stack(given) if given else None
+                    for item, start, paths in zip(batch, starts, integrator.input_gradients(clean, stacked)):
+                        found[item] = (paths, start)
+        return [
+            self.path_scores(query, [found[q, t] for t in range(tokens_used(query, answer_tokens))])
+            for q, query in enumerate(encoded)
+        ]
 
     def incompleteness_advice(self, steps: int, rule: str) -> str:
         return (
@@ -410,6 +471,55 @@ def attribute(
     sweep turns it off: it stores every query's residual instead). The first-order methods (gxa,
     gxa-amig) have one rule, the one-step right sum: they ignore ``steps`` and ``rule`` and record
     1 and right."""
+    algorithm, steps, rule = _method(lm, method, steps, rule, answer_tokens, warn)
+    found = algorithm.scores(lm, prompt, answer, steps, rule, answer_tokens, max_batch_rows)
+    return _attribution(algorithm, found, prompt, answer, steps, rule, answer_tokens, warn)
+
+
+FIRST_ORDER_BATCH = 32
+"""Queries per forward and backward of a first-order method in :func:`attribute_many`. On a CPU a
+one-query pass is bound by reading the weights: 8 queries of one length per pass took a third of
+the time per query, 32 a quarter, 64 little less (smollm2-135m, benchmarks/NOTES.md)."""
+
+
+def attribute_many(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    method: str = "ig",
+    steps: int = DEFAULT_STEPS,
+    rule: str = "right",
+    answer_tokens: str = "first",
+    max_batch_rows: int | None = None,
+    warn: bool = True,
+    batch_size: int = FIRST_ORDER_BATCH,
+) -> list[Attribution]:
+    """:func:`attribute` for each (prompt, answer), the same numbers (to fp32 rounding). The
+    first-order methods (gxa, gxa-amig) batch up to ``batch_size`` queries whose prompts have one
+    token length into each forward and backward, which is where their speed is; a path method runs
+    query by query, its rows already filling each batch."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    algorithm, steps, rule = _method(lm, method, steps, rule, answer_tokens, warn)
+    if isinstance(algorithm, FirstOrder):
+        queries = list(zip(prompts, answers))
+        found = algorithm.scores_many(lm, queries, answer_tokens, max_batch_rows, batch_size)
+    else:
+        found = [
+            algorithm.scores(lm, p, a, steps, rule, answer_tokens, max_batch_rows)
+            for p, a in zip(prompts, answers)
+        ]
+    return [
+        _attribution(algorithm, scores, p, a, steps, rule, answer_tokens, warn)
+        for scores, p, a in zip(found, prompts, answers)
+    ]
+
+
+def _method(
+    lm: LoadedModel, method: str, steps: int, rule: str, answer_tokens: str, warn: bool
+) -> tuple[NeuronMethod, int, str]:
+    """The method's algorithm and the steps and rule it runs with, once its settings are checked
+    and, with ``warn``, a method degenerate on the model is warned about."""
     if method not in METHODS:
         raise ConfigError.invalid("method", method, f"choose {', '.join(METHODS)}")
     check_answer_tokens(answer_tokens)
@@ -420,27 +530,31 @@ def attribute(
             f"{lm.name!r} ({lm.arch.family}) normalises the MLP output before the residual add, so F is "
             f"flat in a uniform scaling of the activations and {method} scores (a zero baseline) sum "
             "to about 0. AMIG and SIG (non-zero baselines; gxa-amig too) remain meaningful on this model.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    found = algorithm.scores(lm, prompt, answer, steps, rule, answer_tokens, max_batch_rows)
+    return algorithm, steps, rule
+
+
+def _attribution(
+    algorithm: NeuronMethod,
+    found: PathScores,
+    prompt: str,
+    answer: str,
+    steps: int,
+    rule: str,
+    answer_tokens: str,
+    warn: bool,
+) -> Attribution:
+    """The result of one query, warned about where it misses completeness (with ``warn``)."""
     if warn:
-        algorithm.warn_if_incomplete(found, prompt, answer, steps, rule)
-    params = {"method": method, "steps": steps, "rule": rule, "answer_tokens": answer_tokens}
+        algorithm.warn_if_incomplete(found, prompt, answer, steps, rule, stacklevel=4)
+    params = {"method": algorithm.name, "steps": steps, "rule": rule, "answer_tokens": answer_tokens}
     return Attribution(
-        method=method,
+        method=algorithm.name,
         f_baseline=found.f_start,
         params={**params, "baselines": found.baselines},
         **found.result_fields(prompt, answer, steps, rule),
     )
-
-
-def attribute_many(
-    lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], method: str = "ig", **kwargs: Any
-) -> list[Attribution]:
-    """:func:`attribute` for each (prompt, answer); each query's rows are one batched pass."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    return [attribute(lm, p, a, method, **kwargs) for p, a in zip(prompts, answers)]
 
 
 def attribute_attention(

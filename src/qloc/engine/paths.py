@@ -23,6 +23,10 @@ The one-step right rule (the first-order methods, gxa) needs no path rows for it
 clean run itself, kept on the graph at every layer, gives dF/dv_l for all layers in one backward
 (:meth:`PathIntegrator.clean_run` with ``gradients``); only F at the start points, for the
 completeness check, takes one replayed row per layer (:meth:`PathIntegrator.input_gradients`).
+Such a pass reads every weight for one row, so several queries whose prompts have the same length
+share it (:meth:`PathIntegrator.clean_batch`: one batch row per query, no padding), and their
+replayed rows share one batch too, each row carrying the layer inputs and prefix cache of its own
+query.
 """
 
 from __future__ import annotations
@@ -88,29 +92,31 @@ class AnswerProbability(torch.autograd.Function):
 
     Autograd's generic softmax or logsumexp backward makes several passes over the
     [rows, vocabulary] tensors, which cost more than the output head's matmul on the CPU;
-    this one reuses the saved probabilities in place."""
+    this one reuses the saved probabilities in place. ``token`` is one token for every row, or a
+    [rows] tensor of each row's own."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, token: int) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, token: int | torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits.float(), -1)
-        ctx.save_for_backward(probs)
-        ctx.token, ctx.logits_dtype = token, logits.dtype
-        return probs[:, token].clone()
+        index = torch.as_tensor(token, device=probs.device).expand(len(probs))[:, None]
+        ctx.save_for_backward(probs, index)
+        ctx.logits_dtype = logits.dtype
+        return probs.gather(1, index)[:, 0]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (probs,) = ctx.saved_tensors
-        coefficient = grad * probs[:, ctx.token]
-        grad_logits = probs.mul_(-coefficient[:, None])  # the graph is not kept: probs is free to reuse
-        grad_logits[:, ctx.token] += coefficient
+        probs, index = ctx.saved_tensors
+        coefficient = (grad * probs.gather(1, index)[:, 0])[:, None]
+        grad_logits = probs.mul_(-coefficient)  # the graph is not kept: probs is free to reuse
+        grad_logits.scatter_add_(1, index, coefficient)
         return grad_logits.to(ctx.logits_dtype), None
 
 
 @dataclass
 class LayerCall:
-    """How the stock forward called one decoder layer (batch 1)."""
+    """How the stock forward called one decoder layer, for a batch of one row per query."""
 
-    hidden: torch.Tensor  # the layer's input hidden state [1, positions, d_model]
+    hidden: torch.Tensor  # the layer's input hidden state [queries, positions, d_model]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
 
@@ -147,27 +153,47 @@ def replay_layers(
     row_layers: torch.Tensor,
     intervene: Callable[[int, slice], contextlib.AbstractContextManager[None]],
     cache: Any = None,
+    row_queries: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Push rows through the stock decoder layers as recorded in ``layer_calls``, each row joining
-    at its own intervention layer (``row_layers``, sorted) from the clean input of that layer;
-    ``intervene(layer, rows)`` is entered around the layer where the batch rows ``rows`` join.
-    Returns the last layer's output hidden states [rows, positions, d_model]."""
+    at its own intervention layer (``row_layers``, sorted) from the clean input of that layer for
+    its query (``row_queries``, the recorded batch row; default all 0); ``intervene(layer, rows)``
+    is entered around the layer where the batch rows ``rows`` join. ``cache`` must already hold
+    each running row's prefix. Returns the last layer's output hidden states [rows, positions,
+    d_model]."""
     joining = torch.bincount(row_layers, minlength=lm.num_layers).tolist()
     active = list(itertools.accumulate(joining))  # rows running at each layer
+    if row_queries is None:
+        row_queries = torch.zeros_like(row_layers)
     hidden = None
     for layer in range(int(row_layers[0]), lm.num_layers):
         call = layer_calls[layer]
-        if joining[layer]:
-            new_rows = call.hidden.expand(joining[layer], *call.hidden.shape[1:])
-            hidden = new_rows if hidden is None else torch.cat([hidden, new_rows])
-        args = tuple(cache if isinstance(a, Cache) else a for a in call.args)
-        kwargs = {k: cache if isinstance(v, Cache) else v for k, v in call.kwargs.items()}
         rows = slice(active[layer] - joining[layer], active[layer])
+        if joining[layer]:
+            new_rows = call.hidden[row_queries[rows].to(call.hidden.device)]
+            hidden = new_rows if hidden is None else torch.cat([hidden, new_rows])
+        running = row_queries[: active[layer]]
+        args = tuple(_for_rows(a, running, cache, len(call.hidden)) for a in call.args)
+        kwargs = {k: _for_rows(v, running, cache, len(call.hidden)) for k, v in call.kwargs.items()}
         with intervene(layer, rows) if joining[layer] else contextlib.nullcontext():
             hidden = lm.layers[layer](hidden, *args, **kwargs)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     assert hidden is not None
     return hidden
+
+
+def _for_rows(value: Any, row_queries: torch.Tensor, cache: Any, queries: int) -> Any:
+    """A recorded layer argument for the running rows: the cache becomes theirs, and a tensor with
+    one entry per query (the attention mask; position embeddings of prompts that differ) becomes
+    one per row. Tensors shared by the whole recorded batch (leading size 1) broadcast as they are.
+    A batch-leading tensor is told by its leading size, as every decoder layer lays them out."""
+    if isinstance(value, Cache):
+        return cache
+    if isinstance(value, tuple):
+        return tuple(_for_rows(v, row_queries, cache, queries) for v in value)
+    if queries > 1 and isinstance(value, torch.Tensor) and value.dim() >= 2 and len(value) == queries:
+        return value[row_queries.to(value.device)]
+    return value
 
 
 def default_batch_rows(lm: LoadedModel, row_tokens: int = 1) -> int:
@@ -201,20 +227,24 @@ def free_gpu_bytes(device: torch.device) -> int:
 
 @dataclass
 class CleanRun:
-    """The unintervened run of one answer token: the decoder-layer calls to replay above each row's
+    """The unintervened run of one or more queries, each an answer token predicted after a prompt
+    of the same length (one batch row each): the decoder-layer calls to replay above each row's
     layer, the site tensors the paths end at, and (where rows share it) the prefix cache."""
 
     layer_calls: list[LayerCall]
-    answer_token: int
+    answer_tokens: torch.Tensor
+    """[queries] each query's answer token."""
     values: torch.Tensor
-    """The site's clean tensor per layer, fp32: [L, d_ff] at the target (neurons), [L, heads, T, T]
-    (attention)."""
-    f_input: float
+    """The site's clean tensor per query and layer, fp32: [queries, L, d_ff] at the target
+    (neurons), [queries, L, heads, T, T] (attention)."""
+    f_input: torch.Tensor
+    """[queries] F at the clean input."""
     row_positions: int
     """Positions a replayed row carries: 1 over a shared prefix cache, else the whole prompt."""
     prefix_cache: Any = None
-    """A transformers Cache of the positions before the target, shared by every row; None where
-    rows carry the whole prompt, or the target is position 0."""
+    """A transformers Cache of the positions before the target, one batch row per query, shared by
+    every replayed row of that query; None where rows carry the whole prompt, or the target is
+    position 0."""
     input_gradients: torch.Tensor | None = None
     """dF/dv_l at the clean input, fp32, shaped as ``values``; only where asked for."""
 
@@ -250,14 +280,23 @@ class PathIntegrator:
         self.lm, self.site, self.max_batch_rows = lm, site, max_batch_rows
 
     def clean_run(self, ids: Sequence[int], answer_token: int, gradients: bool = False) -> CleanRun:
-        """The decoder-layer calls, the site tensors and F(input) for ``answer_token`` predicted
-        after ``ids`` (at their last position). With ``gradients``, also dF/dv_l at the clean input
-        for every layer, from the same forward and one backward: a zero offset added to every
+        """The clean run of one query: ``answer_token`` predicted after ``ids``."""
+        return self.clean_batch([ids], [answer_token], gradients)
+
+    def clean_batch(
+        self, ids: Sequence[Sequence[int]], answer_tokens: Sequence[int], gradients: bool = False
+    ) -> CleanRun:
+        """The decoder-layer calls, the site tensors and F(input) for each query q, ``answer_tokens[q]``
+        predicted after ``ids[q]`` (at their last position; every ``ids[q]`` of one length, so that
+        the batch holds no padding). With ``gradients``, also dF/dv_l at the clean input for every
+        query and layer, from the same forward and one backward: a zero offset added to every
         layer's site tensor keeps each on the graph, and the gradient with respect to layer l's
         offset is the total derivative through every layer above it, as a path row of layer l
         alone computes it at alpha = 1."""
         lm, shared_prefix = self.lm, self.site.one_position
-        ids_t = torch.tensor([list(ids)], device=lm.device)
+        if len({len(row) for row in ids}) != 1:
+            raise ValueError("a clean batch needs prompts of one length")
+        ids_t = torch.tensor([list(row) for row in ids], device=lm.device)
         target = ids_t.shape[1] - 1
         recorded: dict[int, torch.Tensor] = {}
         offsets: dict[int, torch.Tensor] = {}
@@ -288,40 +327,60 @@ class PathIntegrator:
                     use_cache=shared_prefix,
                     logits_to_keep=1,
                 )
-                f = AnswerProbability.apply(out.logits[:, -1], answer_token)
+                f = AnswerProbability.apply(out.logits[:, -1], torch.tensor(list(answer_tokens)))
         input_gradients = None
         if gradients:
+            # Batch rows do not interact (no padding, and every layer acts on each row alone), so
+            # F_q depends on query q's offsets only, and the gradient of sum_q F_q with respect to
+            # row q of an offset is dF_q/dv_q: one backward gives every query its own gradients.
             grads = torch.autograd.grad(f.sum(), [offsets[layer] for layer in range(lm.num_layers)])
-            input_gradients = torch.stack([grad[0].to(lm.device) for grad in grads])
-        values = torch.stack([recorded[layer][0].to(lm.device) for layer in range(lm.num_layers)]).float()
+            input_gradients = torch.stack([grad.to(lm.device) for grad in grads], dim=1)
+        values = torch.stack([recorded[layer].to(lm.device) for layer in range(lm.num_layers)], dim=1).float()
         return CleanRun(
-            calls, answer_token, values, float(f[0].detach()), run_ids.shape[1], prefix_cache, input_gradients
+            calls,
+            torch.tensor(list(answer_tokens)),
+            values,
+            f.detach().cpu(),
+            run_ids.shape[1],
+            prefix_cache,
+            input_gradients,
         )
 
-    def replay(self, clean: CleanRun, row_layers: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    def replay(
+        self,
+        clean: CleanRun,
+        row_layers: torch.Tensor,
+        points: torch.Tensor,
+        row_queries: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits at the last position [rows, vocab] for rows sorted by layer (``row_layers``),
-        row r's site tensor at its layer replaced by ``points[r]``."""
+        row r a row of query ``row_queries[r]`` (default all 0) with its site tensor at its layer
+        replaced by ``points[r]``."""
         num_layers = self.lm.num_layers
+        if row_queries is None:
+            row_queries = torch.zeros_like(row_layers)
         active = list(itertools.accumulate(torch.bincount(row_layers, minlength=num_layers).tolist()))
         cache = copy.deepcopy(clean.prefix_cache)
         if cache is not None:
             for layer in range(num_layers):
                 if active[layer]:
-                    cache.layers[layer].batch_repeat_interleave(active[layer])
+                    cache.layers[layer].batch_select_indices(row_queries[: active[layer]].to(self.lm.device))
 
         def intervene(layer: int, rows: slice) -> contextlib.AbstractContextManager[None]:
             return self.site.replace(self.lm, {layer: _replace_rows(rows, points)})
 
-        hidden = replay_layers(self.lm, clean.layer_calls, row_layers, intervene, cache)
+        hidden = replay_layers(self.lm, clean.layer_calls, row_layers, intervene, cache, row_queries)
         return self.lm.logits_from_final_hidden(hidden[:, -1])
 
     def integrate(
         self, clean: CleanRun, starts: torch.Tensor | None, alphas: torch.Tensor, weights: torch.Tensor
     ) -> PathIntegrals:
         """Integrate from each start point ([B, L, *site] fp32, or None for zeros) to the clean site
-        tensors, every layer on its own."""
+        tensors, every layer on its own; for a clean run of one query (its rows fill the batch)."""
+        if len(clean.values) != 1:
+            raise ValueError("path integration takes the clean run of one query")
         num_layers, device = self.lm.num_layers, self.lm.device
-        values = clean.values.to(device)
+        values = clean.values[0].to(device)
         starts = (torch.zeros((1, *values.shape)) if starts is None else starts).to(device)
         num_starts = starts.shape[0]
         # Row = (layer l, start b, step k), ordered by layer so that a chunk holds nearby layers;
@@ -341,40 +400,52 @@ class PathIntegrator:
             start_points = starts[row_b, row_l]
             alpha = path_alphas[row_k].view(per_row)
             points = (start_points + alpha * (values[row_l] - start_points)).requires_grad_(True)
-            f = AnswerProbability.apply(self.replay(clean, row_l, points), clean.answer_token)
+            f = AnswerProbability.apply(self.replay(clean, row_l, points), int(clean.answer_tokens[0]))
             (grad,) = torch.autograd.grad(f[row_k > 0].sum(), points)
             weighted = grad.float() * path_weights[row_k].view(per_row)
             grad_sums.index_put_((row_b, row_l), weighted, accumulate=True)
             at_start = row_k == 0
             f_start[row_b[at_start], row_l[at_start]] = f[at_start].detach()
-        return PathIntegrals(values.cpu(), grad_sums.cpu(), clean.f_input, f_start.cpu())
+        return PathIntegrals(values.cpu(), grad_sums.cpu(), float(clean.f_input[0]), f_start.cpu())
 
-    def input_gradients(self, clean: CleanRun, starts: torch.Tensor | None) -> PathIntegrals:
-        """What :meth:`integrate` gives for the one-step right rule (alpha = 1, weight 1), from a
-        clean run made with ``gradients``: its input gradients for every start point, and F at
-        each start point (one row per start and layer, no backward) for the completeness check."""
+    def input_gradients(self, clean: CleanRun, starts: torch.Tensor | None) -> list[PathIntegrals]:
+        """What :meth:`integrate` gives for the one-step right rule (alpha = 1, weight 1), per query
+        of a clean run made with ``gradients``: its input gradients for every start point, and F at
+        each start point for the completeness check (one replayed row per query, start and layer,
+        all queries in one batch, no backward). ``starts``: [queries, B, L, *site] fp32, or None for
+        zeros."""
         if clean.input_gradients is None:
             raise ValueError("the clean run was made without gradients")
-        starts = (torch.zeros((1, *clean.values.shape)) if starts is None else starts).to(self.lm.device)
-        grads = clean.input_gradients
-        return PathIntegrals(
-            clean.values.cpu(),
-            grads.expand(len(starts), *grads.shape).cpu(),
-            clean.f_input,
-            self.f_at(clean, starts).cpu(),
-        )
+        values, grads = clean.values, clean.input_gradients
+        if starts is None:
+            starts = torch.zeros((len(values), 1, *values.shape[1:]))
+        f_start = self.f_at(clean, starts.to(self.lm.device)).cpu()
+        return [
+            PathIntegrals(
+                values[q].cpu(),
+                grads[q].expand(starts.shape[1], *grads.shape[1:]).cpu(),
+                float(f),
+                f_start[q],
+            )
+            for q, f in enumerate(clean.f_input)
+        ]
 
     @torch.no_grad()
     def f_at(self, clean: CleanRun, starts: torch.Tensor) -> torch.Tensor:
-        """[B, L]: F with layer l's site tensor set to start point b ([B, L, *site]), every layer on
-        its own, in row chunks as :meth:`integrate` cuts them."""
-        num_starts, num_layers = starts.shape[:2]
-        f_start = torch.zeros((num_starts, num_layers), device=starts.device)
-        total = num_starts * num_layers
+        """[queries, B, L]: F with query q's layer l site tensor set to its start point b
+        ([queries, B, L, *site]), every layer on its own, in row chunks as :meth:`integrate` cuts
+        them."""
+        num_queries, num_starts, num_layers = starts.shape[:3]
+        f_start = torch.zeros((num_queries, num_starts, num_layers), device=starts.device)
+        per_layer = num_queries * num_starts
+        total = per_layer * num_layers
         chunk = self.max_batch_rows or default_batch_rows(self.lm, clean.row_positions)
+        tokens = clean.answer_tokens.to(starts.device)
         for first in range(0, total, chunk):
             rows = torch.arange(first, min(first + chunk, total), device=starts.device)
-            row_l, row_b = rows // num_starts, rows % num_starts  # ordered by layer, as replay needs
-            logits = self.replay(clean, row_l, starts[row_b, row_l])
-            f_start[row_b, row_l] = torch.softmax(logits.float(), -1)[:, clean.answer_token]
+            # Ordered by layer, as replay needs; within a layer by query, then start point.
+            row_l, row_q, row_b = rows // per_layer, (rows // num_starts) % num_queries, rows % num_starts
+            logits = self.replay(clean, row_l, starts[row_q, row_b, row_l], row_q)
+            probs = torch.softmax(logits.float(), -1)
+            f_start[row_q, row_b, row_l] = probs.gather(1, tokens[row_q][:, None])[:, 0]
         return f_start

@@ -17,7 +17,16 @@ from typing import Any
 
 from ..data.pararel import Fact, interleave_relations
 from ..data.selection import Selection
-from ..engine.attribution import DEFAULT_KN_THRESHOLD, DEFAULT_STEPS, METHODS, attribute, check_answer_tokens
+from ..engine.attribution import (
+    DEFAULT_KN_THRESHOLD,
+    DEFAULT_STEPS,
+    METHODS,
+    Attribution,
+    FirstOrder,
+    attribute,
+    attribute_many,
+    check_answer_tokens,
+)
 from ..engine.cloze import score_cloze
 from ..engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, LoadedModel
 from ..engine.paths import integration_points
@@ -86,6 +95,7 @@ class KnSetRow(QueryRow):
     f_input: float
     max_residual: float
     seconds: float
+    """Seconds the query's attribution took; a first-order method's share of its fact's batches."""
 
 
 @dataclass
@@ -120,19 +130,8 @@ def localize_work(lm: LoadedModel, config: LocalizeConfig, max_batch_rows: int |
             raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
         for method in config.methods:
             per_query = []
-            for index, (prompt, knows) in enumerate(zip(fact.queries, cloze)):
-                started = time.perf_counter()
-                result = attribute(
-                    lm,
-                    prompt,
-                    fact.object,
-                    method,
-                    steps=config.steps,
-                    rule=config.rule,
-                    answer_tokens=config.answer_tokens,
-                    max_batch_rows=max_batch_rows,
-                    warn=False,  # the residual is stored with every query
-                )
+            attributed = fact_attributions(lm, fact, method, config, max_batch_rows)
+            for index, (prompt, knows, (result, seconds)) in enumerate(zip(fact.queries, cloze, attributed)):
                 per_query.append(result.scores)
                 kn = result.kn_set(config.threshold, config.top_k)
                 writer.add(
@@ -151,7 +150,7 @@ def localize_work(lm: LoadedModel, config: LocalizeConfig, max_batch_rows: int |
                         rank=knows.rank,
                         f_input=float(result.f_input[0]),
                         max_residual=float(result.completeness_residual.max()),
-                        seconds=round(time.perf_counter() - started, 3),
+                        seconds=round(seconds, 3),
                     )
                 )
                 if config.save_scores:
@@ -160,6 +159,32 @@ def localize_work(lm: LoadedModel, config: LocalizeConfig, max_batch_rows: int |
             writer.add(CasSetRow(fact.id, fact.relation, method, [list(u) for u in cas], len(cas)))
 
     return work
+
+
+def fact_attributions(
+    lm: LoadedModel, fact: Fact, method: str, config: LocalizeConfig, max_batch_rows: int | None
+) -> list[tuple[Attribution, float]]:
+    """Each of the fact's queries attributed with ``method``, and the seconds it took. A first-order
+    method attributes the fact's queries together (those of one prompt length share each pass), and
+    each is charged an equal share of the time; a path method runs query by query."""
+    settings: dict[str, Any] = dict(
+        steps=config.steps,
+        rule=config.rule,
+        answer_tokens=config.answer_tokens,
+        max_batch_rows=max_batch_rows,
+        warn=False,  # the residual is stored with every query
+    )
+    if issubclass(METHODS[method], FirstOrder):
+        started = time.perf_counter()
+        results = attribute_many(lm, fact.queries, [fact.object] * len(fact.queries), method, **settings)
+        share = (time.perf_counter() - started) / len(results)
+        return [(result, share) for result in results]
+    timed = []
+    for prompt in fact.queries:
+        started = time.perf_counter()
+        result = attribute(lm, prompt, fact.object, method, **settings)
+        timed.append((result, time.perf_counter() - started))
+    return timed
 
 
 @dataclass(frozen=True)
