@@ -25,7 +25,7 @@ from ..engine.models import model_label
 from ..runs.outputs import pyplot, save_figure, write_table
 from ..runs.store import RunStore
 from .consistency_tables import classify, fact_consistency
-from .knsets import LOCALIZE_STAGE, STATIC_THRESHOLD, consistency_score, load_kn_sets
+from .knsets import LOCALIZE_STAGE, STATIC_THRESHOLD, load_kn_sets
 from .statistics import welch
 
 if TYPE_CHECKING:
@@ -53,28 +53,8 @@ def decoded(kn_frame: pd.DataFrame) -> pd.DataFrame:
 def fact_cs(kn_frame: pd.DataFrame, count: str = "relaxed") -> pd.DataFrame:
     """Per (model, fact, method): queries, union size and CS under a count rule of :data:`CS_COUNTS`
     (``cs`` column), with the columns :func:`classify` needs."""
-    if count in ("relaxed", "strict"):
-        frame = fact_consistency(kn_frame)
-        return frame.assign(cs=frame[f"cs_{count}"])
-    rows = []
-    for (model, fact_id, relation, method), group in kn_frame.groupby(
-        ["model", "fact_id", "relation", "method"], sort=False
-    ):
-        sets = list(group.sort_values("query_index")["kn"])
-        need = len(sets) // 2 + 1
-        union = set().union(*(map(tuple, s) for s in sets))
-        rows.append(
-            {
-                "model": model,
-                "fact_id": fact_id,
-                "relation": relation,
-                "method": method,
-                "queries": len(sets),
-                "union_size": len(union),
-                "cs": consistency_score(sets, min_count=need),
-            }
-        )
-    return pd.DataFrame(rows)
+    frame = fact_consistency(kn_frame)
+    return frame.assign(cs=frame[f"cs_{count}"])
 
 
 def split_summary(classified: pd.DataFrame) -> dict[str, float]:

@@ -37,7 +37,8 @@ PER_FACT_COLUMNS = (
 
 
 def fact_consistency(kn_frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, fact, method): CS relaxed and strict, union size, query count.
+    """One row per (model, fact, method): CS relaxed, majority (a KN in more than half of the
+    queries' sets) and strict, union size, query count.
 
     ``kn_frame``: rows of the ``kn_sets`` table (``kn`` as JSON text or lists), with a ``model``
     column where several runs are combined."""
@@ -57,6 +58,7 @@ def fact_consistency(kn_frame: pd.DataFrame) -> pd.DataFrame:
                 "queries": len(sets),
                 "union_size": len(union),
                 "cs_relaxed": consistency_score(sets),
+                "cs_majority": consistency_score(sets, min_count=len(sets) // 2 + 1),
                 "cs_strict": consistency_score(sets, strict=True),
             }
         )
