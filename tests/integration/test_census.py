@@ -92,6 +92,7 @@ def test_cli_census_then_known_localize_then_edit_a_known_query(tmp_path, tiny_m
         lm,
         EditConfig(sets=("self",), unrelated_queries=2, ppl_passages=1, ppl_tokens=16),
         localized.knowledge,
+        localized.shared_filter(0.1),
         localized.dataset,
         passages=["Paris is the capital of France ."],
     )

@@ -13,16 +13,20 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "qloc.cli"]
     localize_tiny(tiny_model_dir, run, "--relations", "P19,P36,P101", "--methods", "amig")
+    few_facts = ["--shared-min-facts", "2"]  # the tiny run's handful of facts count shares, as in a large run
     # --limit 2 edits a seeded prefix of the run's facts; the run without it then extends that stage.
     first = subprocess.run(
-        base + ["edit", "--run-dir", str(run), "--limit", "2", "--device", "cpu", "--quiet"],
+        base + ["edit", "--run-dir", str(run), "--limit", "2", "--device", "cpu", "--quiet"] + few_facts,
         capture_output=True,
         text=True,
     )
     assert first.returncode == 0, first.stderr[-2000:]
     with qloc.RunStore.open_existing(run) as store:
         assert store.frame("edits")["fact_id"].nunique() == 2
-    for mode, options in (("erase", []), ("update", ["--shared-filter", "off", "--edit-sign", "none"])):
+    for mode, options in (
+        ("erase", few_facts),
+        ("update", ["--shared-filter", "off", "--edit-sign", "none"]),
+    ):
         result = subprocess.run(
             base + ["edit", "--run-dir", str(run), "--mode", mode, "--device", "cpu", "--quiet"] + options,
             capture_output=True,
@@ -68,3 +72,33 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
     )
     assert {"rel_known", "known_queries", "gen_known", "known_neighbours", "prob_drop"} <= set(table3)
     assert table3["known_queries"].sum() == edited["query_known"].sum()
+
+
+def test_edit_counts_shared_neurons_over_a_reference_run(tmp_path, tiny_model_dir, qloc_cli):
+    """``--shared-reference`` counts the filter's shares over another localize run of the model,
+    recorded in the stage's parameters; a run whose KN sets were cut otherwise is refused by name."""
+    from tests.helpers import assert_refused
+
+    run, reference, other = tmp_path / "run", tmp_path / "reference", tmp_path / "other"
+    localize_tiny(tiny_model_dir, run, "--relations", "P19")
+    localize_tiny(tiny_model_dir, reference, "--relations", "P19,P36,P101")
+    localize_tiny(tiny_model_dir, other, "--relations", "P19", "--steps", "4")
+    edit = (
+        "edit",
+        "--run-dir",
+        run,
+        "--sets",
+        "self",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--shared-min-facts",
+        "2",
+    )
+    refused = qloc_cli(*edit, "--shared-reference", other)
+    assert_refused(refused, "--shared-reference", "steps: 4 there, 3 here")
+    done = qloc_cli(*edit, "--shared-reference", reference)
+    assert done.code == 0, done.err[-2000:]
+    assert f"facts of reference run {str(reference)!r}" in done.out
+    with qloc.RunStore.open_existing(run) as store:
+        assert store.params("edit-erase-ig")["shared_reference"] == str(reference.resolve())

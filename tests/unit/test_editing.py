@@ -126,7 +126,7 @@ def test_sequential_editing_restores_the_model(word_tokenizer):
     import pandas as pd
 
     from qloc.studies.edit_protocol import EditConfig, sequential_edit, sequential_table
-    from qloc.studies.knsets import FactKnowledge
+    from qloc.studies.knsets import FactKnowledge, SharedNeuronFilter
 
     lm = make_tiny_model("llama", word_tokenizer)
     facts = [
@@ -141,6 +141,7 @@ def test_sequential_editing_restores_the_model(word_tokenizer):
             lm,
             EditConfig(mode="update", unrelated_queries=2),
             knowledge,
+            SharedNeuronFilter(0.1, knowledge),
             facts,
             facts,
             "union",
@@ -217,7 +218,7 @@ def test_signs_follow_the_mean_activation():
 
 
 def test_shared_filter_drops_neurons_many_facts_hold():
-    from qloc.studies.knsets import FactKnowledge, filtered_knowledge, shared_neurons
+    from qloc.studies.knsets import FactKnowledge, SharedNeuronFilter, shared_neurons
 
     common, relation_only = (9, 9), (8, 8)
     knowledge = {}
@@ -231,16 +232,16 @@ def test_shared_filter_drops_neurons_many_facts_hold():
     assert removed["P1/0"] == {common, relation_only} and removed["P1/5"] == {common}
     assert removed["P2/1"] == {common}
     assert shared_neurons(knowledge, 0.2, min_facts=10)["P1/0"] == {common}  # 2 of 12 is not above 20 %
-    filtered = filtered_knowledge(knowledge, 0.10, min_facts=10)
+    filtered = SharedNeuronFilter(0.10, knowledge, min_facts=10).apply(knowledge)
     assert filtered["P1/0"].kn_set("self") == [(0, 0)] and filtered["P2/0"].kn_set("cas") == []
     assert filtered["P1/0"].query_sets[1] == [(1, 0)]
-    assert filtered_knowledge(knowledge, None)["P1/0"].kn_set("self") == [(0, 0), common]
+    assert SharedNeuronFilter(None, knowledge).apply(knowledge)["P1/0"].kn_set("self") == [(0, 0), common]
     # A neuron of one fact is never shared, however few facts the run has.
     pair = {
         "P3/0": FactKnowledge([[(0, 0)], [(0, 0)]], [], "P3"),
         "P4/0": FactKnowledge([[(1, 1)], [(1, 1)]], [], "P4"),
     }
-    assert shared_neurons(pair, 0.1) == {"P3/0": frozenset(), "P4/0": frozenset()}
+    assert shared_neurons(pair, 0.1, min_facts=2) == {"P3/0": frozenset(), "P4/0": frozenset()}
     with pytest.raises(qloc.QlocError, match="share 1.5"):
         shared_neurons(knowledge, 1.5)
 
@@ -341,15 +342,46 @@ def test_reproduce_edits_the_papers_100_facts_in_a_row_at_full_scale():
 
 
 def test_shared_filter_report_counts_what_the_filter_removes_per_set_kind():
-    from qloc.studies.knsets import FactKnowledge, shared_filter_report
+    from qloc.studies.knsets import FactKnowledge, SharedNeuronFilter
 
     common = (9, 9)
     knowledge = {
         f"P1/{i}": FactKnowledge([[common], [(0, i), common]], [common, (1, i)], "P1") for i in range(4)
     }
-    report = shared_filter_report(knowledge, 0.1, 50)
+    report = SharedNeuronFilter(0.1, knowledge, min_facts=4).report(knowledge)
     # Only the neuron every fact holds goes; it was each Self set's only KN.
-    assert report.startswith("shared-neuron filter 0.1: drops 1 distinct neurons")
+    assert report.startswith("shared-neuron filter 0.1 (shares over 4 facts of this run): drops 1 distinct")
     assert "self 4 KNs, 4 of 4 sets emptied" in report and "union 4 KNs, 0 of 4 sets emptied" in report
     assert "cas 4 KNs, 0 of 4" in report
-    assert shared_filter_report(knowledge, None) == "shared-neuron filter off"
+    assert SharedNeuronFilter(None, knowledge).report(knowledge) == "shared-neuron filter off"
+
+
+def test_shared_filter_needs_enough_facts_and_takes_them_from_a_reference():
+    """On 12 facts of 4 relations (3 each), "held by more than 10 % of the facts" means "held by
+    two": such a run is not filtered, and says so; a larger reference run of the model counts the
+    shares instead, so a neuron of a few of its facts stays and one of most of them goes."""
+    from qloc.studies.knsets import FactKnowledge, SharedNeuronFilter
+
+    everywhere, pair = (29, 0), (28, 5)
+    small = {
+        f"P{r}/{i}": FactKnowledge([[(r, i), everywhere] + ([pair] if i < 2 else []), [(r, i)]], [], f"P{r}")
+        for r in range(1, 5)
+        for i in range(3)
+    }
+    unfiltered = SharedNeuronFilter(0.1, small)  # the default pool is the run itself: 12 < 50 facts
+    assert all(not dropped for dropped in unfiltered.removed(small).values())
+    assert unfiltered.apply(small)["P1/0"].kn_set("self") == [(1, 0), everywhere, pair]
+    assert unfiltered.report(small).startswith(
+        "shared-neuron filter 0.1 not applied: this run has 12 facts, fewer than the 50"
+    )
+    reference = {
+        f"P{r}/{i}": FactKnowledge([[(r, i), everywhere] + ([pair] if i < 2 else []), [(r, i)]], [], f"P{r}")
+        for r in range(1, 6)
+        for i in range(20)
+    }
+    counted = SharedNeuronFilter(0.1, reference, "reference run 'big'")
+    filtered = counted.apply(small)
+    # 100 facts, each relation's 20 below 50: shares over all 100; "pair" is in 10 of them (not > 10).
+    assert filtered["P1/0"].kn_set("self") == [(1, 0), pair] and filtered["P1/2"].kn_set("self") == [(1, 2)]
+    report = counted.report(small, ("self",))
+    assert "shares over 100 facts of reference run 'big'" in report and "self 12 KNs, 0 of 12" in report

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,11 +36,14 @@ from ..settings import setting
 from .knsets import (
     SHARED_FILTER,
     SHARED_FILTER_MIN_FACTS,
+    SHARED_MIN_FACTS_HELP,
+    SHARED_REFERENCE_HELP,
     STATIC_THRESHOLD,
     FactKnowledge,
+    SharedNeuronFilter,
     cas_set,
     check_share,
-    filtered_knowledge,
+    reference_param,
 )
 
 KN_SETS = ("self", "union", "cas")
@@ -76,8 +80,8 @@ class EditConfig:
     )
     shared_filter: float | None = setting(SHARED_FILTER, word="off")
     """Drop KNs held by more than this share of the relation's facts before editing; None: off."""
-    shared_min_facts: int = setting(SHARED_FILTER_MIN_FACTS, hidden=True)
-    """Relations with fewer facts in the run count the shared filter's shares over the whole run."""
+    shared_min_facts: int = setting(SHARED_FILTER_MIN_FACTS, SHARED_MIN_FACTS_HELP)
+    shared_reference: Path | None = setting(None, SHARED_REFERENCE_HELP)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -94,7 +98,11 @@ class EditConfig:
         return f"edit-{self.mode}-{self.method}"
 
     def params(self) -> dict:
-        return {**asdict(self), "sets": list(self.sets)}
+        return {
+            **asdict(self),
+            "sets": list(self.sets),
+            "shared_reference": reference_param(self.shared_reference),
+        }
 
 
 @dataclass
@@ -205,6 +213,7 @@ def sequential_edit(
     lm: LoadedModel,
     config: EditConfig,
     knowledge: dict[str, FactKnowledge],
+    shared: SharedNeuronFilter,
     dataset: list[Fact],
     facts: list[Fact],
     set_name: str,
@@ -218,7 +227,7 @@ def sequential_edit(
     signs are those of the activations of the model it edits (after the edits before it). The
     model is restored bit-exactly afterwards."""
     facts_by_relation = by_relation(dataset)
-    filtered = filtered_knowledge(knowledge, config.shared_filter, config.shared_min_facts)
+    filtered = shared.apply(knowledge)
     chosen = random.Random(f"{config.seed}:sequential:{repeat}").sample(facts, min(count, len(facts)))
     cases = []
     for fact in chosen:
@@ -290,6 +299,7 @@ def sequential_work(
     lm: LoadedModel,
     config: EditConfig,
     knowledge: dict[str, FactKnowledge],
+    shared: SharedNeuronFilter,
     dataset: list[Fact],
     facts: list[Fact],
     count: int,
@@ -299,7 +309,7 @@ def sequential_work(
 
     def work(unit: SequentialUnit, writer: UnitWriter) -> None:
         result = sequential_edit(
-            lm, config, knowledge, dataset, facts, unit.set_name, count, unit.repeat, passages
+            lm, config, knowledge, shared, dataset, facts, unit.set_name, count, unit.repeat, passages
         )
         writer.add(SequentialRow(config.method, config.mode, unit.set_name, unit.repeat, count, **result))
 

@@ -46,7 +46,7 @@ from .edit_protocol import (
     sequential_table,
     sequential_work,
 )
-from .knsets import LOCALIZE_STAGE, FactKnowledge, filtered_knowledge, shared_filter_report
+from .knsets import LOCALIZE_STAGE, FactKnowledge, SharedNeuronFilter
 from .localized import (
     FACT_LIMIT_HELP,
     LOCALIZED_RUN_HELP,
@@ -107,12 +107,13 @@ def edit_work(
     lm: LoadedModel,
     config: EditConfig,
     knowledge: dict[str, FactKnowledge],
+    shared: SharedNeuronFilter,
     dataset: list[Fact],
     passages: list[str],
 ) -> WorkFn:
     """Per-fact work function for :func:`qloc.runs.sweep.run_sweep`."""
     facts_by_relation = by_relation(dataset)
-    filtered = filtered_knowledge(knowledge, config.shared_filter, config.shared_min_facts)
+    filtered = shared.apply(knowledge)
     ppl_before = perplexity(lm, passages, config.ppl_tokens)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
@@ -280,6 +281,7 @@ def run(request: EditRequest) -> Outcome:
         )
     localized = read_localized_run(request.run_dir, request.method, request.device)
     config = replace(request.config, mode=mode, method=localized.method)
+    shared = localized.shared_filter(config.shared_filter, config.shared_reference, config.shared_min_facts)
     passages = wikitext_passages(config.ppl_passages, seed=config.seed)
     tables = request.run_dir / "tables"
     if request.sequential > len(localized.facts):
@@ -295,6 +297,7 @@ def run(request: EditRequest) -> Outcome:
             sequential_work,
             config=config,
             knowledge=localized.knowledge,
+            shared=shared,
             dataset=localized.dataset,
             facts=localized.facts,
             count=request.sequential,
@@ -309,7 +312,12 @@ def run(request: EditRequest) -> Outcome:
         write_table(table, tables, "table7")
         return Outcome([table])
     build = partial(
-        edit_work, config=config, knowledge=localized.knowledge, dataset=localized.dataset, passages=passages
+        edit_work,
+        config=config,
+        knowledge=localized.knowledge,
+        shared=shared,
+        dataset=localized.dataset,
+        passages=passages,
     )
     description = f"{mode} via {','.join(config.sets)}"
     sample = localized.sample(request.limit, config.seed, request.stratify, request.stratify_method)
@@ -321,9 +329,7 @@ def run(request: EditRequest) -> Outcome:
         edits = store.frame("edits")
     for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
         write_table(edit_table(edits, chosen), tables, name)
-    filtered = shared_filter_report(
-        localized.knowledge, config.shared_filter, config.shared_min_facts, config.sets
-    )
+    filtered = shared.report(localized.knowledge, config.sets)
     return Outcome(
         [
             edit_table(edits, config.sets),

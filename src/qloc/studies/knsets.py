@@ -46,6 +46,21 @@ known facts (10 per relation) that rule emptied the Self set of 21 facts and dro
 neurons, against 4 and 89 when shares are counted over the run."""
 
 
+SHARED_MIN_FACTS_HELP = (
+    "Facts a relation needs for the shared-neuron filter to count shares within it (else over all the "
+    "pool's facts); a pool with fewer is not filtered."
+)
+SHARED_REFERENCE_HELP = (
+    "A localize run of the same model (KN sets cut alike) whose facts count the shared-neuron filter's "
+    "shares; default: this run."
+)
+
+
+def reference_param(reference: Path | None) -> str | None:
+    """A shared-filter reference run as a stage parameter: its absolute path."""
+    return str(Path(reference).resolve()) if reference is not None else None
+
+
 @dataclass
 class FactKnowledge:
     """What the localize run knows of one fact for one method."""
@@ -143,65 +158,96 @@ def shared_neurons(
     knowledge: Mapping[str, FactKnowledge],
     share: float = SHARED_FILTER,
     min_facts: int = SHARED_FILTER_MIN_FACTS,
+    pool: Mapping[str, FactKnowledge] | None = None,
 ) -> dict[str, frozenset[Neuron]]:
-    """Per fact id, the neurons the shared-neuron filter removes: those held (in any query's KN set)
-    by more than ``share`` of the facts of the fact's relation in the run, or of all the run's
-    facts where the relation has fewer than ``min_facts``, and by at least two facts (a neuron of
-    one fact is not shared, however small the run). Such neurons fire for the relation, the prompt
-    format or every token (a last-layer neuron in 59 % of SmolLM2's KN sets), not for a fact."""
+    """Per fact id of ``knowledge``, the neurons the shared-neuron filter removes: those held (in any
+    query's KN set) by more than ``share`` of the ``pool``'s facts (default: ``knowledge`` itself) of
+    the fact's relation, or of all the pool's facts where the relation has fewer than ``min_facts``
+    there, and by at least two facts (a neuron of one fact is not shared). Such neurons fire for the
+    relation, the prompt format or every token (a last-layer neuron in 59 % of SmolLM2's KN sets),
+    not for a fact. A pool of fewer than ``min_facts`` facts cannot estimate a share (on 12 facts,
+    "more than 10 %" means "two facts", and the filter emptied 5 of 12 Self sets): nothing is removed."""
     check_share(share, "share")
-    held = {fact_id: known.neurons for fact_id, known in knowledge.items()}
-    overall = Counter(u for neurons in held.values() for u in neurons)
+    pool = knowledge if pool is None else pool
+    if len(pool) < min_facts:
+        return {fact_id: frozenset() for fact_id in knowledge}
+    overall: Counter = Counter()
     by_relation: dict[str, Counter] = {}
     facts_in: Counter = Counter()
-    for fact_id, known in knowledge.items():
-        by_relation.setdefault(known.relation, Counter()).update(held[fact_id])
+    for known in pool.values():
+        neurons = known.neurons
+        overall.update(neurons)
+        by_relation.setdefault(known.relation, Counter()).update(neurons)
         facts_in[known.relation] += 1
-    dropped: dict[str, frozenset[Neuron]] = {}
     cache: dict[str, frozenset[Neuron]] = {}
+    dropped: dict[str, frozenset[Neuron]] = {}
     for fact_id, known in knowledge.items():
         relation = known.relation
         if relation not in cache:
             local = facts_in[relation] >= min_facts
-            counts, total = (
-                (by_relation[relation], facts_in[relation]) if local else (overall, len(knowledge))
-            )
+            counts, total = (by_relation[relation], facts_in[relation]) if local else (overall, len(pool))
             cache[relation] = frozenset(u for u, c in counts.items() if c > max(1.0, share * total))
-        dropped[fact_id] = cache[relation] & held[fact_id]
+        dropped[fact_id] = cache[relation] & known.neurons
     return dropped
 
 
-def filtered_knowledge(
-    knowledge: Mapping[str, FactKnowledge], share: float | None, min_facts: int = SHARED_FILTER_MIN_FACTS
-) -> dict[str, FactKnowledge]:
-    """The KN sets after the shared-neuron filter (``share`` None: unfiltered)."""
-    if share is None:
-        return dict(knowledge)
-    removed = shared_neurons(knowledge, share, min_facts)
-    return {fact_id: known.without(removed[fact_id]) for fact_id, known in knowledge.items()}
+@dataclass(frozen=True)
+class SharedNeuronFilter:
+    """Dai et al.'s shared-neuron filter as an experiment applies it before editing or mapping:
+    its share (None: off), and the facts whose KN sets count the shares (the run's own, or a
+    larger reference run of the same model, METHODS.md section 5).
 
+    Args:
+        share: drop KNs held by more than this share of the pool's facts; None turns it off.
+        pool: per fact id, the KN sets that count the shares.
+        pool_name: the pool in words, for the report ("this run", "reference run DIR").
+        min_facts: the facts a relation (else the whole pool) needs to count shares within it.
+    """
 
-def shared_filter_report(
-    knowledge: Mapping[str, FactKnowledge],
-    share: float | None,
-    min_facts: int = SHARED_FILTER_MIN_FACTS,
-    sets: Sequence[str] = ("self", "union", "cas"),
-) -> str:
-    """What the shared-neuron filter removes from a run's KN sets, in words: the distinct neurons it
-    drops, and per set kind how many KNs it removed and how many sets it emptied (on a run of few
-    facts, "held by more than 10 %" can mean "held by two", and a set can lose every KN)."""
-    if share is None:
-        return "shared-neuron filter off"
-    removed = shared_neurons(knowledge, share, min_facts)
-    distinct = set().union(*removed.values()) if removed else set()
-    kinds = []
-    for name in sets:
-        before = {fact_id: known.kn_set(name) for fact_id, known in knowledge.items()}
-        after = {fact_id: [u for u in kns if u not in removed[fact_id]] for fact_id, kns in before.items()}
-        dropped = sum(len(before[f]) - len(after[f]) for f in before)
-        emptied = sum(1 for f in before if before[f] and not after[f])
-        kinds.append(f"{name} {dropped:,} KNs, {emptied:,} of {len(before):,} sets emptied")
-    return f"shared-neuron filter {share:g}: drops {len(distinct):,} distinct neurons ({'; '.join(kinds)})"
+    share: float | None
+    pool: Mapping[str, FactKnowledge]
+    pool_name: str = "this run"
+    min_facts: int = SHARED_FILTER_MIN_FACTS
+
+    def removed(self, knowledge: Mapping[str, FactKnowledge]) -> dict[str, frozenset[Neuron]]:
+        """Per fact id, the neurons the filter takes out of its KN sets."""
+        if self.share is None:
+            return {fact_id: frozenset() for fact_id in knowledge}
+        return shared_neurons(knowledge, self.share, self.min_facts, self.pool)
+
+    def apply(self, knowledge: Mapping[str, FactKnowledge]) -> dict[str, FactKnowledge]:
+        """The KN sets after the filter (each fact keeps the class of its unfiltered sets)."""
+        removed = self.removed(knowledge)
+        return {fact_id: known.without(removed[fact_id]) for fact_id, known in knowledge.items()}
+
+    def report(
+        self, knowledge: Mapping[str, FactKnowledge], sets: Sequence[str] = ("self", "union", "cas")
+    ) -> str:
+        """What the filter removes from ``knowledge``, in words: whence its shares, the distinct
+        neurons it drops, and per set kind how many KNs it removed and how many sets it emptied."""
+        if self.share is None:
+            return "shared-neuron filter off"
+        if len(self.pool) < self.min_facts:
+            return (
+                f"shared-neuron filter {self.share:g} not applied: {self.pool_name} has "
+                f"{len(self.pool):,} facts, fewer than the {self.min_facts} a share needs "
+                "(--shared-reference takes a larger localize run of the model)"
+            )
+        removed = self.removed(knowledge)
+        distinct = set().union(*removed.values()) if removed else set()
+        kinds = []
+        for name in sets:
+            before = {fact_id: known.kn_set(name) for fact_id, known in knowledge.items()}
+            after = {
+                fact_id: [u for u in kns if u not in removed[fact_id]] for fact_id, kns in before.items()
+            }
+            dropped = sum(len(before[f]) - len(after[f]) for f in before)
+            emptied = sum(1 for f in before if before[f] and not after[f])
+            kinds.append(f"{name} {dropped:,} KNs, {emptied:,} of {len(before):,} sets emptied")
+        return (
+            f"shared-neuron filter {self.share:g} (shares over {len(self.pool):,} facts of "
+            f"{self.pool_name}): drops {len(distinct):,} distinct neurons ({'; '.join(kinds)})"
+        )
 
 
 def cas_scores(

@@ -23,7 +23,7 @@ from ..runs.executors import Execution, ModelSpec, SweepPlan, WorkBuilder
 from ..runs.store import RunStore
 from ..settings import setting
 from .consistency_tables import classify, fact_consistency
-from .knsets import LOCALIZE_STAGE, FactKnowledge
+from .knsets import LOCALIZE_STAGE, SHARED_FILTER_MIN_FACTS, FactKnowledge, SharedNeuronFilter
 
 
 def knowledge_from_store(
@@ -126,6 +126,17 @@ class LocalizedRun:
         random.Random(seed).shuffle(facts)
         return facts[:limit] if limit is not None else facts
 
+    def shared_filter(
+        self, share: float | None, reference: Path | None = None, min_facts: int = SHARED_FILTER_MIN_FACTS
+    ) -> SharedNeuronFilter:
+        """The shared-neuron filter over this run's KN sets, its shares counted over this run's
+        facts or, with ``reference``, over those of another localize run of the same model whose
+        KN sets were cut the same way (:func:`reference_knowledge`)."""
+        if reference is None:
+            return SharedNeuronFilter(share, self.knowledge, "this run", min_facts)
+        pool = reference_knowledge(reference, self.params, self.method)
+        return SharedNeuronFilter(share, pool, f"reference run {str(reference)!r}", min_facts)
+
     def knowledge_classes(self, stratify: str, method: str) -> dict[str, str]:
         """Per fact id, KC or KI by the run's ``method`` KN sets under the ``stratify`` threshold
         (static, or Otsu's over the run's facts), as the consistency study classes them."""
@@ -212,6 +223,35 @@ def read_localized_run(
         _refuse_changed_data(run_dir, kn_frame, facts, data.source)
         store.refuse_other_facts(LOCALIZE_STAGE, facts, data.source)
     return LocalizedRun(Path(run_dir), localized, method, knowledge, dataset, facts, device, data.source)
+
+
+KN_CUT = ("model", "dtype", "answer_tokens", "threshold", "top_k", "steps", "rule", "query_filter")
+"""The localize parameters that decide which neurons enter a KN set: a reference run for the
+shared-neuron filter must agree with the edited run on all of them."""
+
+
+def reference_knowledge(reference: Path, params: Mapping[str, Any], method: str) -> dict[str, FactKnowledge]:
+    """The ``method`` KN sets of the localize run ``reference``, refused where its model or the way
+    its KN sets were cut differs from ``params`` (another run's localize parameters)."""
+    with RunStore.open_existing(reference) as store:
+        theirs = store.params(LOCALIZE_STAGE)
+        differing = [k for k in KN_CUT if theirs.get(k) != params.get(k)]
+        if differing:
+            details = "; ".join(f"{k}: {theirs.get(k)!r} there, {params.get(k)!r} here" for k in differing)
+            raise ConfigError(
+                lambda name: (
+                    f"{name('shared_reference')} {str(reference)!r} cut its KN sets otherwise than this "
+                    f"run ({details}): its shares would not count the same neurons"
+                )
+            )
+        if method not in theirs["methods"]:
+            raise ConfigError(
+                lambda name: (
+                    f"{name('shared_reference')} {str(reference)!r} has no {method} KN sets "
+                    f"(it localized with {', '.join(theirs['methods'])})"
+                )
+            )
+        return knowledge_from_store(store.frame("kn_sets"), store.frame("cas_sets"), method)
 
 
 def _refuse_changed_data(run_dir: Path, kn_frame: pd.DataFrame, facts: list[Fact], source: str) -> None:

@@ -19,6 +19,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -40,12 +41,14 @@ from ..settings import setting
 from .knsets import (
     SHARED_FILTER,
     SHARED_FILTER_MIN_FACTS,
+    SHARED_MIN_FACTS_HELP,
+    SHARED_REFERENCE_HELP,
     FactKnowledge,
     ManipulationConfig,
+    SharedNeuronFilter,
     check_share,
-    filtered_knowledge,
     random_neurons,
-    shared_filter_report,
+    reference_param,
 )
 from .localized import LocalizedRequest
 from .registry import Outcome, Panel, Reproduction, Study
@@ -64,11 +67,14 @@ class MappingConfig(ManipulationConfig):
     stage_name = "mapping"
     shared_filter: float | None = setting(SHARED_FILTER, word="off")
     """Drop KNs held by more than this share of the relation's facts first; None: off."""
-    shared_min_facts: int = setting(SHARED_FILTER_MIN_FACTS, hidden=True)
-    """Relations with fewer facts in the run count the shared filter's shares over the whole run."""
+    shared_min_facts: int = setting(SHARED_FILTER_MIN_FACTS, SHARED_MIN_FACTS_HELP)
+    shared_reference: Path | None = setting(None, SHARED_REFERENCE_HELP)
 
     def __post_init__(self) -> None:
         check_share(self.shared_filter)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "shared_reference": reference_param(self.shared_reference)}
 
 
 def mapping_sets(
@@ -114,10 +120,12 @@ class MappingRow(Row):
     dprob: float
 
 
-def mapping_work(lm: LoadedModel, config: MappingConfig, knowledge: dict[str, FactKnowledge]) -> WorkFn:
+def mapping_work(
+    lm: LoadedModel, config: MappingConfig, knowledge: dict[str, FactKnowledge], shared: SharedNeuronFilter
+) -> WorkFn:
     """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
     shape = (lm.num_layers, lm.d_ff)
-    filtered = filtered_knowledge(knowledge, config.shared_filter, config.shared_min_facts)
+    filtered = shared.apply(knowledge)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
         original, known = knowledge[fact.id], filtered[fact.id]
@@ -250,7 +258,8 @@ class MappingRequest(LocalizedRequest):
 def run(request: MappingRequest) -> Outcome:
     localized = request.read()
     config = replace(request.config, method=localized.method)
-    build = partial(mapping_work, config=config, knowledge=localized.knowledge)
+    shared = localized.shared_filter(config.shared_filter, config.shared_reference, config.shared_min_facts)
+    build = partial(mapping_work, config=config, knowledge=localized.knowledge, shared=shared)
     sample = request.sample(localized, config.seed)
     params = {**config.params(), **sample.params}
     plan = localized.sweep(config.stage, params, build, f"mapping {localized.method}", sample.facts)
@@ -259,9 +268,7 @@ def run(request: MappingRequest) -> Outcome:
         table = mapping_table(store.frame("mapping"))
     csv = write_table(table, request.run_dir / "tables", "fig4_mapping")
     png = save_figure(mapping_figure(table), request.run_dir / "figures", "fig4_mapping")
-    filtered = shared_filter_report(
-        localized.knowledge, config.shared_filter, config.shared_min_facts, ("self", "union")
-    )
+    filtered = shared.report(localized.knowledge, ("self", "union"))
     return Outcome([table, filtered, f"facts: {summary.describe()}{sample.note}; {csv}, {png}"])
 
 
