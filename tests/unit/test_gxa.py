@@ -231,3 +231,46 @@ def test_localize_stores_first_order_rows_as_it_does_ig(tmp_path, tiny_model_dir
         alone = quietly(lm, row.prompt, row.answer, row.method)
         assert json.loads(row.kn) == [list(u) for u in alone.kn_set()]
         assert row.max_residual == pytest.approx(float(alone.completeness_residual.max()), rel=1e-4, abs=1e-9)
+
+
+def test_units_of_several_facts_batch_across_facts_and_store_each_fact(tmp_path, tiny_model_dir):
+    """``facts_per_unit`` groups consecutive facts into one unit whose queries share passes: the
+    same KN sets and scores per query as one fact per unit, every fact's digest recorded, and a
+    path method refused (it has nothing to batch)."""
+    import sqlite3
+
+    import pandas as pd
+
+    selection = Selection(relations="P19,P36,P101", facts_per_relation=2)
+
+    def run(name: str, facts_per_unit: int, methods: tuple[str, ...] = ("gxa",)) -> pd.DataFrame:
+        request = localize.LocalizeRequest(
+            run_dir=tmp_path / name,
+            model=str(tiny_model_dir),
+            config=localize.LocalizeConfig(methods=methods),
+            selection=selection,
+            facts_per_unit=facts_per_unit,
+            device="cpu",
+            execution=Execution(quiet=True),
+        )
+        localize.run(request)
+        with RunStore.open_existing(request.run_dir) as store:
+            assert store.params("localize").get("facts_per_unit", 1) == facts_per_unit
+            kn_sets = store.frame("kn_sets")
+        with sqlite3.connect(request.run_dir / "qloc.sqlite") as db:  # every fact's digest, chunked or not
+            assert db.execute("SELECT count(*) FROM fact_digests").fetchone()[0] == 6
+        return kn_sets
+
+    one = run("one", 1)
+    chunked = run("chunked", 4)
+    with RunStore.open_existing(tmp_path / "chunked") as store:
+        assert len(store.units("localize")) == 2  # 6 facts, 4 and 2
+    key = ["fact_id", "query_index"]
+    one, chunked = (
+        one.sort_values(key).reset_index(drop=True),
+        chunked.sort_values(key).reset_index(drop=True),
+    )
+    assert list(one["fact_id"]) == list(chunked["fact_id"]) and list(one["kn"]) == list(chunked["kn"])
+    assert chunked["max_score"].to_numpy() == pytest.approx(one["max_score"].to_numpy(), rel=1e-5)
+    with pytest.raises(qloc.QlocError, match="ig attribute query by query"):
+        run("path", 4, ("gxa", "ig"))

@@ -89,7 +89,14 @@ class SweepPlan:
 
     @property
     def facts(self) -> list[Fact]:
-        return [unit for unit in self.units if isinstance(unit, Fact)] if self.source is not None else []
+        """The facts of the units: units that are facts, and those of units of several facts."""
+        if self.source is None:
+            return []
+        return [
+            f
+            for unit in self.units
+            for f in ((unit,) if isinstance(unit, Fact) else getattr(unit, "facts", ()))
+        ]
 
 
 def execute(

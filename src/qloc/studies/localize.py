@@ -10,10 +10,11 @@ has about 2 million (query, method) pairs.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..data.pararel import Fact, interleave_relations
 from ..data.selection import Selection
@@ -27,9 +28,10 @@ from ..engine.attribution import (
     attribute_many,
     check_answer_tokens,
 )
-from ..engine.cloze import score_cloze
+from ..engine.cloze import ClozeScore, score_cloze
 from ..engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, LoadedModel
 from ..engine.paths import integration_points
+from ..engine.tokens import encode_query
 from ..errors import ConfigError, DataError
 from ..runs.executors import Execution, ModelSpec, SweepPlan, execute
 from ..runs.rows import Row, UnitWriter
@@ -41,6 +43,7 @@ from .knsets import LOCALIZE_STAGE, QueryRow, cas_set, compress_scores
 from .registry import Outcome, Reproduction, Study
 
 STAGE = LOCALIZE_STAGE
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,53 +123,145 @@ class CasSetRow(Row):
     kn_size: int
 
 
-def localize_work(lm: LoadedModel, config: LocalizeConfig, max_batch_rows: int | None = None) -> WorkFn:
-    """The per-fact work function for :func:`qloc.sweep.run_sweep`."""
+@dataclass
+class SkippedFactRow(Row):
+    """A fact of a :class:`FactChunk` that could not be localized (a one-fact unit is skipped as a
+    whole instead, in the store's units table)."""
 
-    def work(fact: Fact, writer: UnitWriter) -> None:
-        try:
-            cloze = score_cloze(lm, fact.queries, [fact.object] * len(fact.queries))
-        except DataError as exc:
-            raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
+    table = "skipped_facts"
+    fact_id: str
+    relation: str
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FactChunk:
+    """A unit of a first-order localize sweep: consecutive facts of the sweep's order whose queries
+    are attributed together, so that queries of one length from different facts share each
+    forward and backward (where a first-order method's speed is; a fact has about 6 queries)."""
+
+    facts: tuple[Fact, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{self.facts[0].id}..{self.facts[-1].id}"
+
+    @property
+    def label(self) -> str:
+        return f"facts {self.id} ({len(self.facts)} facts)"
+
+    @property
+    def size(self) -> int:
+        """Facts: the progress bar counts these, as it does in a sweep of one fact per unit."""
+        return len(self.facts)
+
+
+def check_facts_per_unit(facts_per_unit: int, methods: Sequence[str]) -> None:
+    """Refuse units of several facts for a path method (nothing to batch) or of under one fact."""
+    if facts_per_unit < 1:
+        raise ConfigError.invalid("facts_per_unit", facts_per_unit, "at least 1")
+    if path := [m for m in methods if not issubclass(METHODS[m], FirstOrder)]:
+        raise ConfigError(
+            lambda name: (
+                f"{name('facts_per_unit')} {facts_per_unit} batches first-order methods only (gxa, "
+                f"gxa-amig); {', '.join(path)} attribute query by query: give them a run of their own"
+            )
+        )
+
+
+def fact_chunks(facts: Sequence[Fact], facts_per_unit: int) -> list[FactChunk]:
+    """``facts`` in their order, ``facts_per_unit`` at a time (the last chunk may be shorter)."""
+    return [FactChunk(tuple(facts[i : i + facts_per_unit])) for i in range(0, len(facts), facts_per_unit)]
+
+
+def localize_work(lm: LoadedModel, config: LocalizeConfig, max_batch_rows: int | None = None) -> WorkFn:
+    """The work function for :func:`qloc.sweep.run_sweep` over facts or :class:`FactChunk` s."""
+
+    def work(unit: Fact | FactChunk, writer: UnitWriter) -> None:
+        facts = unit.facts if isinstance(unit, FactChunk) else (unit,)
+        usable = []
+        for fact in facts:
+            try:
+                for prompt in fact.queries:  # what scoring needs: a prompt and answer that tokenize
+                    encode_query(lm, prompt, fact.object)
+            except DataError as exc:
+                if isinstance(unit, Fact):
+                    raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
+                writer.add(SkippedFactRow(fact.id, fact.relation, "answer not tokenizable", str(exc)))
+                continue
+            usable.append(fact)
+        prompts = [q for fact in usable for q in fact.queries]
+        answers = [fact.object for fact in usable for _ in fact.queries]
+        cloze = per_fact(usable, score_cloze(lm, prompts, answers) if prompts else [])
         for method in config.methods:
-            per_query = []
-            attributed = fact_attributions(lm, fact, method, config, max_batch_rows)
-            for index, (prompt, knows, (result, seconds)) in enumerate(zip(fact.queries, cloze, attributed)):
-                per_query.append(result.scores)
-                kn = result.kn_set(config.threshold, config.top_k)
-                writer.add(
-                    KnSetRow(
-                        fact_id=fact.id,
-                        relation=fact.relation,
-                        method=method,
-                        query_index=index,
-                        prompt=prompt,
-                        answer=fact.object,
-                        kn=[list(u) for u in kn],
-                        kn_size=len(kn),
-                        max_score=float(result.scores.max()),
-                        top=[[layer, i, round(v, 8)] for layer, i, v in result.top(config.top_scores)],
-                        prob=knows.prob,
-                        rank=knows.rank,
-                        f_input=float(result.f_input[0]),
-                        max_residual=float(result.completeness_residual.max()),
-                        seconds=round(seconds, 3),
-                    )
-                )
-                if config.save_scores:
-                    writer.add(DenseScoresRow(fact.id, method, index, compress_scores(result.scores.numpy())))
-            cas = cas_set(per_query, config.cas_beta1, config.cas_beta2, config.cas_threshold)
-            writer.add(CasSetRow(fact.id, fact.relation, method, [list(u) for u in cas], len(cas)))
+            attributed = per_fact(
+                usable, timed_attributions(lm, prompts, answers, method, config, max_batch_rows)
+            )
+            for fact, knows, results in zip(usable, cloze, attributed):
+                write_fact(writer, fact, method, config, knows, results)
 
     return work
 
 
-def fact_attributions(
-    lm: LoadedModel, fact: Fact, method: str, config: LocalizeConfig, max_batch_rows: int | None
+def per_fact(facts: Sequence[Fact], values: Sequence[T]) -> list[list[T]]:
+    """``values`` (one per query, the facts' queries in order) split into one list per fact."""
+    split, start = [], 0
+    for fact in facts:
+        split.append(list(values[start : start + len(fact.queries)]))
+        start += len(fact.queries)
+    return split
+
+
+def write_fact(
+    writer: UnitWriter,
+    fact: Fact,
+    method: str,
+    config: LocalizeConfig,
+    cloze: Sequence[ClozeScore],
+    attributed: Sequence[tuple[Attribution, float]],
+) -> None:
+    """One fact's rows for one method: a KN set per query (and its dense scores where kept), and
+    the fact's CAS set from the same per-query scores."""
+    for index, (prompt, knows, (result, seconds)) in enumerate(zip(fact.queries, cloze, attributed)):
+        kn = result.kn_set(config.threshold, config.top_k)
+        writer.add(
+            KnSetRow(
+                fact_id=fact.id,
+                relation=fact.relation,
+                method=method,
+                query_index=index,
+                prompt=prompt,
+                answer=fact.object,
+                kn=[list(u) for u in kn],
+                kn_size=len(kn),
+                max_score=float(result.scores.max()),
+                top=[[layer, i, round(v, 8)] for layer, i, v in result.top(config.top_scores)],
+                prob=knows.prob,
+                rank=knows.rank,
+                f_input=float(result.f_input[0]),
+                max_residual=float(result.completeness_residual.max()),
+                seconds=round(seconds, 3),
+            )
+        )
+        if config.save_scores:
+            writer.add(DenseScoresRow(fact.id, method, index, compress_scores(result.scores.numpy())))
+    per_query = [result.scores for result, _ in attributed]
+    cas = cas_set(per_query, config.cas_beta1, config.cas_beta2, config.cas_threshold)
+    writer.add(CasSetRow(fact.id, fact.relation, method, [list(u) for u in cas], len(cas)))
+
+
+def timed_attributions(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    method: str,
+    config: LocalizeConfig,
+    max_batch_rows: int | None,
 ) -> list[tuple[Attribution, float]]:
-    """Each of the fact's queries attributed with ``method``, and the seconds it took. A first-order
-    method attributes the fact's queries together (those of one prompt length share each pass), and
-    each is charged an equal share of the time; a path method runs query by query."""
+    """Each query attributed with ``method``, and the seconds it took. A first-order method
+    attributes the queries together (those of one prompt length share each pass), and each is
+    charged an equal share of the time; a path method runs query by query."""
     settings: dict[str, Any] = dict(
         steps=config.steps,
         rule=config.rule,
@@ -174,17 +269,25 @@ def fact_attributions(
         max_batch_rows=max_batch_rows,
         warn=False,  # the residual is stored with every query
     )
+    if not prompts:
+        return []
     if issubclass(METHODS[method], FirstOrder):
         started = time.perf_counter()
-        results = attribute_many(lm, fact.queries, [fact.object] * len(fact.queries), method, **settings)
+        results = attribute_many(lm, prompts, answers, method, **settings)
         share = (time.perf_counter() - started) / len(results)
         return [(result, share) for result in results]
     timed = []
-    for prompt in fact.queries:
+    for prompt, answer in zip(prompts, answers):
         started = time.perf_counter()
-        result = attribute(lm, prompt, fact.object, method, **settings)
+        result = attribute(lm, prompt, answer, method, **settings)
         timed.append((result, time.perf_counter() - started))
     return timed
+
+
+FACTS_PER_UNIT_HELP = (
+    "Facts per unit of work (stored and resumed together): above 1, the first-order methods (gxa, "
+    "gxa-amig) batch the queries of a unit's facts, which path methods cannot use."
+)
 
 
 @dataclass(frozen=True)
@@ -194,6 +297,7 @@ class LocalizeRequest:
     config: LocalizeConfig = setting(factory=LocalizeConfig)
     selection: Selection = setting(factory=lambda: Selection(facts_per_relation=1))
     max_batch_rows: int | None = setting(None)
+    facts_per_unit: int = setting(1, FACTS_PER_UNIT_HELP)
     known: int | None = setting(None, word="all")
     census_dir: Path | None = setting(None, CENSUS_DIR_HELP, flag="--census")
     known_pool: int | None = setting(None, KNOWN_POOL_HELP)
@@ -205,6 +309,9 @@ class LocalizeRequest:
 def run(request: LocalizeRequest) -> Outcome:
     selection = request.selection
     params = {"model": request.model, "dtype": request.dtype, **selection.params(), **request.config.params()}
+    if request.facts_per_unit != 1:  # recorded only when chosen, so that older runs resume
+        check_facts_per_unit(request.facts_per_unit, request.config.methods)
+        params["facts_per_unit"] = request.facts_per_unit
     if request.known is None:
         if request.census_dir is not None or request.known_pool is not None:
             raise ConfigError(
@@ -228,11 +335,13 @@ def run(request: LocalizeRequest) -> Outcome:
             request.census_dir,
             request.known_pool,
         )
+    ordered = interleave_relations(facts)  # the order of work only: a run stopped early spans all relations
+    units = ordered if request.facts_per_unit == 1 else fact_chunks(ordered, request.facts_per_unit)
     plan = SweepPlan(
         request.run_dir,
         STAGE,
         params,
-        interleave_relations(facts),  # the order of work only: a run stopped early spans all relations
+        units,
         partial(localize_work, config=request.config, max_batch_rows=request.max_batch_rows),
         ModelSpec(request.model, request.device, request.dtype),
         f"localize {request.model}",
