@@ -40,8 +40,10 @@ def exact_cpu_peaks() -> None:
 
 
 def peak_bytes(memory: dict[str, float]) -> float:
-    """Bytes of the peak that :func:`qloc.runs.profiling.peak_memory` measured (in MiB)."""
-    return memory["peak_mb"] * 2**20
+    """Bytes of the peak that :func:`qloc.runs.profiling.peak_memory` measured (in MiB): a whole
+    number, as the counters it reads (NaN where it could not measure)."""
+    value = memory["peak_mb"] * 2**20
+    return round(value) if math.isfinite(value) else value
 
 
 def measure_engine(
