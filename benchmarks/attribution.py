@@ -4,7 +4,7 @@
 
 Prints seconds per query of the reference and of the engine for IG, AMIG, SIG and the first-order
 gxa and gxa-amig on the same ParaRel queries, the speed-up ratios, AMIG/IG and SIG/IG time ratios,
-and the largest score difference. The reference is tests/reference_attribution.py (the METHODS.md
+and the largest score difference. The reference is qloc.testing (the METHODS.md
 definition; for gxa and gxa-amig, IG's and AMIG's at one step). Then each first-order method
 beside the path method whose baseline it takes: how much faster, and how far its KN sets are.
 Notes of measured figures: benchmarks/NOTES.md.
@@ -14,21 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1])
-)  # the repository, for tests.reference_attribution
-from tests.reference_attribution import reference_scores  # noqa: E402
-
-import qloc  # noqa: E402
-from qloc.engine.attribution import METHODS, FirstOrder, attribute, kn_set  # noqa: E402
-from qloc.engine.tokens import encode_query  # noqa: E402
+import qloc
+from qloc.engine.attribution import METHODS, FirstOrder, attribute, kn_set
+from qloc.engine.tokens import encode_query
+from qloc.testing import reference_scores
 
 
 def timed(fn):

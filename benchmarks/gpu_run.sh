@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network): install the wheels of benchmarks/gpu_prepare.sh over the
-# machine's own torch, then run benchmarks/gpu.py within a time limit; its JSON, log and the
-# machine's description land in $OUT. Extra arguments go to gpu.py.
+# machine's own torch, then run python -m benchmarks.gpu within a time limit; its JSON, log and the
+# machine's description land in $OUT. Extra arguments go to the benchmark.
 #
 #   bash benchmarks/gpu_run.sh [--queries 3 ...]      (carry benchmarks/wheels; LIMIT=seconds)
 #
@@ -25,5 +25,5 @@ export PYTHONPATH="$SITE:$PWD/src" PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers, qloc
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'qloc', qloc.__file__,
       'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT/machine.txt" || exit 1
-timeout "$LIMIT" python3 benchmarks/gpu.py --device cuda --profile amig --json "$OUT/gpu.json" "$@" 2>&1 |
+timeout "$LIMIT" python3 -m benchmarks.gpu --device cuda --profile amig --json "$OUT/gpu.json" "$@" 2>&1 |
     tee "$OUT/gpu.log"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qloc.engine.attribution import attribute
+from qloc.testing import reference_scores
 from tests.helpers import assert_equivalent
-from tests.reference_attribution import reference_scores
 
 
 @pytest.mark.real_model

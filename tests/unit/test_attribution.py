@@ -8,8 +8,8 @@ import torch
 from qloc.engine.attribution import attribute, kn_set, top_k
 from qloc.engine.paths import integration_points
 from qloc.errors import QlocError
+from qloc.testing import reference_scores, reference_token_scores
 from tests.helpers import FAMILY_MODEL_TYPES, assert_equivalent, make_tiny_model
-from tests.reference_attribution import reference_scores, reference_token_scores
 
 PROMPT, ANSWER = "Paris is the capital of", "France"
 

@@ -6,7 +6,7 @@ from unittest import mock
 import torch
 import transformers
 
-from qloc.engine.paths import default_batch_rows
+from qloc.engine.paths import default_batch_rows, gpu_batch_rows
 
 GIB = 2**30
 
@@ -63,3 +63,13 @@ def test_cpu_rows_are_fixed():
     lm = gpu_model()
     lm.device = torch.device("cpu")
     assert default_batch_rows(lm) == 1024
+
+
+def test_free_memory_given_is_used_as_measured():
+    """Free memory passed in sizes the batch as the device's own report would, with no model needed
+    for the estimate itself (a card not at hand can be sized)."""
+    measured = rows_with(gpu_model(), 125 * GIB)
+    assert default_batch_rows(gpu_model(), free_bytes=125 * GIB) == measured
+    config = transformers.LlamaConfig(**LLAMA3_8B)
+    assert gpu_batch_rows(config, torch.bfloat16, 32, 14_336, 125 * GIB) == measured
+    assert gpu_batch_rows(config, torch.bfloat16, 16, 14_336, 125 * GIB) > measured

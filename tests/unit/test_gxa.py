@@ -18,8 +18,8 @@ from qloc.runs.executors import Execution
 from qloc.runs.store import RunStore
 from qloc.studies import localize
 from qloc.studies.knsets import load_dense_scores
+from qloc.testing import reference_scores
 from tests.helpers import assert_equivalent, make_tiny_model
-from tests.reference_attribution import reference_scores
 
 PROMPT, ANSWER = "Paris is the capital of", "France"
 FIRST_ORDER = {"gxa": "ig", "gxa-amig": "amig"}

@@ -196,25 +196,35 @@ def _for_rows(value: Any, row_queries: torch.Tensor, cache: Any, queries: int) -
     return value
 
 
-def default_batch_rows(lm: LoadedModel, row_tokens: int = 1) -> int:
+def default_batch_rows(lm: LoadedModel, row_tokens: int = 1, free_bytes: int | None = None) -> int:
     """Rows per chunk for rows of ``row_tokens`` positions. On the CPU, CPU_ROW_TOKENS positions.
-    On a GPU, what fits in half of the free memory by a per-row estimate: the activations every
-    layer saves for the backward, keys and values of ESTIMATED_PROMPT_TOKENS positions (a row's
-    copy of the prefix cache, or its own), and the fp32 output distribution three times over."""
+    On a GPU, what fits in half of ``free_bytes`` (default: what :func:`free_gpu_bytes` measures on
+    the model's device now) by :func:`gpu_batch_rows`' per-row estimate."""
     if lm.device.type != "cuda":
         return max(1, CPU_ROW_TOKENS // row_tokens)
-    config = lm.config
+    free = free_gpu_bytes(lm.device) if free_bytes is None else free_bytes
+    return gpu_batch_rows(lm.config, lm.dtype, lm.num_layers, lm.d_ff, free, row_tokens)
+
+
+def gpu_batch_rows(
+    config: Any, dtype: torch.dtype, num_layers: int, d_ff: int, free_bytes: int, row_tokens: int = 1
+) -> int:
+    """Rows of ``row_tokens`` positions that fit in half of ``free_bytes`` of GPU memory, for a model
+    of ``config`` (a transformers configuration) with ``num_layers`` layers of ``d_ff`` neurons in
+    ``dtype``. Per row: the activations every layer saves for the backward, keys and values of
+    ESTIMATED_PROMPT_TOKENS positions (a row's copy of the prefix cache, or its own), and the fp32
+    output distribution three times over. Needs no model, so a card not at hand can be sized."""
     d_model = config.hidden_size
     # Keys and values are those of the key-value heads only: a quarter of d_model wide under
     # Llama-3-8B's grouped-query attention (8 of 32 heads).
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or d_model // heads
     kv_width = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    element = torch.finfo(lm.dtype).bits // 8
+    element = torch.finfo(dtype).bits // 8
     kv_tokens = max(ESTIMATED_PROMPT_TOKENS, row_tokens)
-    per_layer = (row_tokens * (8 * d_model + 4 * lm.d_ff) + 2 * kv_tokens * kv_width) * element
-    per_row = lm.num_layers * per_layer + 3 * config.vocab_size * 4
-    return max(1 if row_tokens > 1 else 8, int(0.5 * free_gpu_bytes(lm.device) / per_row))
+    per_layer = (row_tokens * (8 * d_model + 4 * d_ff) + 2 * kv_tokens * kv_width) * element
+    per_row = num_layers * per_layer + 3 * config.vocab_size * 4
+    return max(1 if row_tokens > 1 else 8, int(0.5 * free_bytes / per_row))
 
 
 def free_gpu_bytes(device: torch.device) -> int:

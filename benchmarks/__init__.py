@@ -1,0 +1,1 @@
+"""Benchmarks of qloc; run each from the repository root (see NOTES.md)."""
