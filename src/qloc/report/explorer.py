@@ -5,7 +5,7 @@ KN activations (Figures 1 and 5 of the paper, for every fact).
 
 Everything comes from the run store, compactly: a neuron as one index (layer x MLP width +
 neuron), floats cut to 4 significant digits, no dense score tensors, so the embedded data grows
-linearly with the facts. The explorer's JavaScript (``report_assets/explorer.js``) draws it; the
+linearly with the facts. The explorer's JavaScript (``assets/explorer.js``) draws it; the
 Jaccard overlap of the KN sets is computed there from the sets.
 """
 
