@@ -4,12 +4,14 @@ a headless browser drives fact by fact, and text from the data escaped everywher
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
 import qloc
 from qloc.errors import QlocError
+from qloc.report import render
 from qloc.report.claims import model_findings
 from qloc.report.explorer import explorer_run
 from qloc.report.findings import Evidence, reference_model
@@ -54,6 +56,25 @@ def test_script_json_round_trips_and_cannot_close_its_element():
     text = script_json(value)
     assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
     assert json.loads(text) == value
+
+
+def test_the_page_templates_escape_every_value_as_the_report_does():
+    """Autoescape with the report's own escape: quotes, U+2028 and markup from the data as character
+    references; only the code's own numbers keep their tags."""
+    page = render.environment().from_string("<p title='{{ text }}'>{{ text }}</p>{{ value|number }}")
+    html = page.render(text=HOSTILE + "'\"&", value=1.2e52)
+    assert "<script" not in html and "<!--" not in html and "\u2028" not in html
+    assert "&lt;/script&gt;" in html and "&#8232;" in html and "&#x27;&quot;&amp;" in html
+    assert html.endswith("1.2×10<sup>52</sup>")
+    assert set(render.environment().list_templates()) >= {"report.html.j2", "tables.html.j2"}
+
+
+def test_an_asset_that_could_end_its_element_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "x.js").write_text("let s = '</SCRIPT>';")
+    monkeypatch.setattr(render, "resources", SimpleNamespace(files=lambda package: tmp_path))
+    with pytest.raises(QlocError, match="closing"):
+        render.asset("x.js")
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ KN activations (Figures 1 and 5 of the paper, for every fact).
 
 Everything comes from the run store, compactly: a neuron as one index (layer x MLP width +
 neuron), floats cut to 4 significant digits, no dense score tensors, so the embedded data grows
-linearly with the facts. The explorer's JavaScript (``report_assets/explorer.js``) draws it; the
+linearly with the facts. The explorer's JavaScript (``assets/explorer.js``) draws it; the
 Jaccard overlap of the KN sets is computed there from the sets.
 """
 
@@ -112,19 +112,40 @@ def explorer_run(
     # Plain Python from here: per-fact pandas selections cost seconds per thousand facts.
     kn_sets = frames["kn_sets"].sort_values("query_index", kind="stable")
     kn_sets = kn_sets.assign(pairs=[_pairs(k) for k in kn_sets["kn"]])
-    cas = (
-        {(r.fact_id, r.method): _pairs(r.kn) for r in frames["cas_sets"].itertuples(index=False)}
-        if "cas_sets" in frames
-        else {}
-    )
+    cas = _cas_sets(frames)
     if shape is None:
-        every = [p for pairs in [*kn_sets["pairs"], *cas.values()] for p in pairs] or [(0, 0)]
-        shape = (max(p[0] for p in every) + 1, max(p[1] for p in every) + 1)
+        shape = _inferred_shape([*kn_sets["pairs"], *cas.values()])
     layers, width = shape
-    classified = classify(fact_consistency(kn_sets.assign(model=model)))
-    scores = {(r.fact_id, r.method): r for r in classified.itertuples(index=False)}
-    edits, mapping = _by_fact(frames.get("edits")), _by_fact(frames.get("mapping"))
-    synapses, effects = _by_fact(frames.get("synapses")), _by_fact(frames.get("synapse_effects"))
+    facts = _facts(kn_sets, width)
+    _add_consistency(facts, kn_sets.assign(model=model), cas, width)
+    _add_experiments(facts, frames)
+    return {
+        "label": label,
+        "model": model,
+        "methods": list(dict.fromkeys(kn_sets["method"])),
+        "layers": int(layers),
+        "width": int(width),
+        "static_threshold": STATIC_THRESHOLD,
+        "facts": list(facts.values()),
+    }
+
+
+def _cas_sets(frames: dict[str, pd.DataFrame]) -> dict[tuple[str, str], list[tuple[int, int]]]:
+    """The CAS set of each (fact, method), where the store has CAS sets."""
+    if "cas_sets" not in frames:
+        return {}
+    return {(r.fact_id, r.method): _pairs(r.kn) for r in frames["cas_sets"].itertuples(index=False)}
+
+
+def _inferred_shape(neuron_sets: list[list[tuple[int, int]]]) -> tuple[int, int]:
+    """(layers, MLP width) as small as holds every neuron of ``neuron_sets`` (1 x 1 where they are empty)."""
+    every = [p for pairs in neuron_sets for p in pairs] or [(0, 0)]
+    return max(p[0] for p in every) + 1, max(p[1] for p in every) + 1
+
+
+def _facts(kn_sets: pd.DataFrame, width: int) -> dict[str, dict]:
+    """Each fact with its queries (prompt, probability and rank of the answer) and its KN sets per
+    method, one per query; ``cs`` and ``cas`` left empty for :func:`_add_consistency`."""
     facts: dict[str, dict] = {}
     for row in kn_sets.itertuples(index=False):
         fact = facts.setdefault(
@@ -142,6 +163,19 @@ def explorer_run(
         if not fact["kn"] or row.method == next(iter(fact["kn"])):  # queries as the first method lists them
             fact["queries"].append([row.prompt, rounded(row.prob), int(row.rank)])
         fact["kn"].setdefault(row.method, []).append(_indices(row.pairs, width))
+    return facts
+
+
+def _add_consistency(
+    facts: dict[str, dict],
+    kn_sets: pd.DataFrame,
+    cas: dict[tuple[str, str], list[tuple[int, int]]],
+    width: int,
+) -> None:
+    """Per fact and method: its CS (relaxed and strict), its classes and its CAS set. ``kn_sets``
+    carries the run's ``model`` column, which :func:`fact_consistency` groups by."""
+    classified = classify(fact_consistency(kn_sets))
+    scores = {(r.fact_id, r.method): r for r in classified.itertuples(index=False)}
     for fact_id, fact in facts.items():
         for method in fact["kn"]:
             score = scores[(fact_id, method)]
@@ -154,6 +188,13 @@ def explorer_run(
             }
             if (fact_id, method) in cas:
                 fact["cas"][method] = _indices(cas[(fact_id, method)], width)
+
+
+def _add_experiments(facts: dict[str, dict], frames: dict[str, pd.DataFrame]) -> None:
+    """Each fact's edits, mapping effects and knowledge synapses, where the store has them."""
+    edits, mapping = _by_fact(frames.get("edits")), _by_fact(frames.get("mapping"))
+    synapses, effects = _by_fact(frames.get("synapses")), _by_fact(frames.get("synapse_effects"))
+    for fact_id, fact in facts.items():
         if fact_id in edits:
             fact["edits"] = {"method": edits[fact_id]["method"].iloc[0], "rows": _edits(edits[fact_id])}
         if fact_id in mapping:
@@ -163,12 +204,3 @@ def explorer_run(
             }
         if fact_id in synapses:
             fact["synapses"] = _synapses(synapses[fact_id], effects.get(fact_id))
-    return {
-        "label": label,
-        "model": model,
-        "methods": list(dict.fromkeys(kn_sets["method"])),
-        "layers": int(layers),
-        "width": int(width),
-        "static_threshold": STATIC_THRESHOLD,
-        "facts": list(facts.values()),
-    }
