@@ -36,6 +36,9 @@ DEFAULT_STEPS = 20
 """Integration steps m of every path method (Dai et al.'s setting), wherever a caller gives none."""
 DEFAULT_KN_THRESHOLD = 0.2
 """A query's KN set: the neurons scoring at least this share of its best score (METHODS.md section 3)."""
+DEFAULT_SYNAPSE_THRESHOLD = 0.3
+"""A query's knowledge synapses: the attention probabilities scoring at least this share of its best
+score (METHODS.md section 7)."""
 RESIDUAL_WARNING = 0.05
 """Warn when a layer's completeness residual exceeds this fraction of F(input)."""
 
@@ -417,7 +420,7 @@ class AttentionAttribution:
     steps: int
     rule: str
 
-    def synapses(self, threshold: float = 0.3) -> list[tuple[Synapse, float]]:
+    def synapses(self, threshold: float = DEFAULT_SYNAPSE_THRESHOLD) -> list[tuple[Synapse, float]]:
         return knowledge_synapses(self.scores, threshold)
 
 
@@ -442,7 +445,9 @@ def top_k(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
     return [(int(i) // d_ff, int(i) % d_ff) for i in flat]
 
 
-def knowledge_synapses(scores: torch.Tensor, threshold: float = 0.3) -> list[tuple[Synapse, float]]:
+def knowledge_synapses(
+    scores: torch.Tensor, threshold: float = DEFAULT_SYNAPSE_THRESHOLD
+) -> list[tuple[Synapse, float]]:
     """KS = {(l, h, i, j) : S >= tau * max S} with their scores, best first; empty where no score
     is positive."""
     peak = float(scores.max())

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from ..engine.attribution import DEFAULT_SYNAPSE_THRESHOLD
+from ..studies.knsets import STATIC_THRESHOLD
 from ..studies.registry import Panel
 from .format import format_number
 
@@ -90,7 +92,7 @@ def _table1(t: Frames, panel: Panel) -> str:
         "facts (0-1) that are inconsistent / consistent; CS_KI / CS_KC: their mean consistency score (share "
         "of a fact's KN union held by two or more of its queries, 0-1); t, p: Welch's t-test of KC against "
         "KI; U_KI: share of facts every method classes KI; empty_union: facts without any KN. KC means "
-        "CS >= the threshold: static 0.1, or Otsu's per run." + chance
+        f"CS >= the threshold: static {STATIC_THRESHOLD:g}, or Otsu's per run." + chance
     )
 
 
@@ -100,8 +102,8 @@ def _relations(t: Frames, panel: Panel) -> str:
     size = f" {int(frame['facts'].sum()):,} facts in {len(frame):,} relations." if frame is not None else ""
     return (
         f"CS of every fact per relation, {method.upper()} KN sets (dots: facts; red line: the static "
-        f"threshold 0.1). Relations whose facts sit low are KI.{size} Columns: facts, mean and median CS, "
-        "share of KI facts."
+        f"threshold {STATIC_THRESHOLD:g}). Relations whose facts sit low are KI.{size} Columns: facts, "
+        "mean and median CS, share of KI facts."
     )
 
 
@@ -111,9 +113,10 @@ def _synapse_effects(t: Frames, panel: Panel) -> str:
     measure = "mean |activation|" if name.endswith("magnitude") else "mean activation"
     return (
         "Suppressing (x0) or enhancing (x2) each query's knowledge synapses (attention probabilities "
-        f"with an IG score >= 0.3 x the top one; {format_number(frame['synapses_mean'].max())} per query "
-        f"on average): relative change of the {measure} of the query's KNs, of neighbour queries' KNs, of "
-        f"random non-KNs, and of P(answer); {_count(frame, 'queries')} queries. Means of ratios explode "
+        f"with an IG score >= {DEFAULT_SYNAPSE_THRESHOLD:g} x the top one; "
+        f"{format_number(frame['synapses_mean'].max())} per query on average): relative change of the "
+        f"{measure} of the query's KNs, of neighbour queries' KNs, of random non-KNs, and of P(answer); "
+        f"{_count(frame, 'queries')} queries. Means of ratios explode "
         "where a mean is near 0: read the medians. Figure 11 shows their distributions."
     )
 

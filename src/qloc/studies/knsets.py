@@ -260,8 +260,15 @@ def cas_scores(
     return beta1 * stacked.mean(0) - beta2 * stacked.var(0, unbiased=False)
 
 
+CAS_THRESHOLD = 0.3
+"""K_CAS: the neurons whose CAS reaches this share of the fact's best (METHODS.md section 8)."""
+
+
 def cas_set(
-    per_query_scores: Sequence[torch.Tensor], beta1: float = 1.0, beta2: float = 1.0, threshold: float = 0.3
+    per_query_scores: Sequence[torch.Tensor],
+    beta1: float = 1.0,
+    beta2: float = 1.0,
+    threshold: float = CAS_THRESHOLD,
 ) -> list[tuple[int, int]]:
     """K_CAS = {u : CAS(u) >= threshold * max CAS}."""
     return kn_set(cas_scores(per_query_scores, beta1, beta2), threshold)

@@ -39,7 +39,7 @@ from ..runs.store import RunStore
 from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
 from .known import CENSUS_DIR_HELP, KNOWN_POOL_HELP, known_facts
-from .knsets import LOCALIZE_STAGE, QueryRow, cas_set, compress_scores
+from .knsets import CAS_THRESHOLD, LOCALIZE_STAGE, QueryRow, cas_set, compress_scores
 from .registry import Outcome, Reproduction, Study
 
 STAGE = LOCALIZE_STAGE
@@ -61,7 +61,7 @@ class LocalizeConfig:
     top_k: int | None = setting(None, "KN set: the k best neurons instead of the threshold.")
     cas_beta1: float = setting(1.0, hidden=True)
     cas_beta2: float = setting(1.0, hidden=True)
-    cas_threshold: float = setting(0.3, hidden=True)
+    cas_threshold: float = setting(CAS_THRESHOLD, hidden=True)
     top_scores: int = setting(
         20, "How many of each query's best (layer, neuron, score) are stored.", hidden=True
     )

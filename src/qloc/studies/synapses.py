@@ -23,7 +23,12 @@ import pandas as pd
 import torch
 
 from ..data.pararel import Fact
-from ..engine.attribution import DEFAULT_STEPS, attribute_attention, check_answer_tokens
+from ..engine.attribution import (
+    DEFAULT_STEPS,
+    DEFAULT_SYNAPSE_THRESHOLD,
+    attribute_attention,
+    check_answer_tokens,
+)
 from ..engine.models import LoadedModel
 from ..engine.paths import integration_points
 from ..engine.sites import ATTENTION, NEURONS
@@ -55,7 +60,9 @@ class SynapseConfig(ManipulationConfig):
     steps: int = setting(DEFAULT_STEPS)
     rule: str = setting("right")
     answer_tokens: str = setting("first")
-    threshold: float = setting(0.3, "Knowledge synapses: score >= threshold * max score.")
+    threshold: float = setting(
+        DEFAULT_SYNAPSE_THRESHOLD, "Knowledge synapses: score >= threshold * max score."
+    )
 
     def __post_init__(self) -> None:
         """Reject bad settings before they are stored as the run's parameters."""
