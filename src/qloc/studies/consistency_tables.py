@@ -14,7 +14,6 @@ the table under other KN-set rules without attributing again.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Sequence
@@ -40,14 +39,14 @@ def fact_consistency(kn_frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, fact, method): CS relaxed, majority (a KN in more than half of the
     queries' sets) and strict, union size, query count.
 
-    ``kn_frame``: rows of the ``kn_sets`` table (``kn`` as JSON text or lists), with a ``model``
-    column where several runs are combined."""
+    ``kn_frame``: rows of the ``kn_sets`` table (``kn`` as lists, as ``RunStore.frame(KnSetRow)``
+    reads it), with a ``model`` column where several runs are combined."""
     frame = kn_frame if "model" in kn_frame else kn_frame.assign(model="model")
     rows = []
     for (model, fact_id, relation, method), group in frame.groupby(
         ["model", "fact_id", "relation", "method"], sort=False
     ):
-        sets = [json.loads(k) if isinstance(k, str) else k for k in group.sort_values("query_index")["kn"]]
+        sets = list(group.sort_values("query_index")["kn"])
         union = set().union(*(map(tuple, s) for s in sets))
         rows.append(
             {
@@ -70,10 +69,7 @@ def _query_sets(kn_frame: pd.DataFrame) -> dict[tuple[str, str], list[list[froze
     frame = kn_frame if "model" in kn_frame else kn_frame.assign(model="model")
     runs: dict[tuple[str, str], list[list[frozenset]]] = {}
     for (model, method, _), group in frame.groupby(["model", "method", "fact_id"], sort=False):
-        sets = [
-            frozenset(map(tuple, json.loads(k) if isinstance(k, str) else k))
-            for k in group.sort_values("query_index")["kn"]
-        ]
+        sets = [frozenset(map(tuple, k)) for k in group.sort_values("query_index")["kn"]]
         runs.setdefault((model, method), []).append(sets)
     return runs
 
