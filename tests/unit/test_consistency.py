@@ -1,7 +1,6 @@
 """KN consistency: scores on hand-made KN sets, Otsu, Welch, Table 1, plot data, and a localize
 sweep killed midway that resumes to the same tables."""
 
-
 import numpy as np
 import pandas as pd
 import pytest

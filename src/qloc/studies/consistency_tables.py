@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,15 @@ PER_FACT_COLUMNS = (
 ).split()
 
 
+def _query_kn(group: pd.DataFrame) -> list[Any]:
+    """A fact's query KN sets in query order; JSON text (a table read by name) is refused rather
+    than read as characters."""
+    sets = list(group.sort_values("query_index")["kn"])
+    if any(isinstance(s, str) for s in sets):
+        raise TypeError("kn holds JSON text: read the table with RunStore.frame(KnSetRow)")
+    return sets
+
+
 def fact_consistency(kn_frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, fact, method): CS relaxed, majority (a KN in more than half of the
     queries' sets) and strict, union size, query count.
@@ -46,7 +56,7 @@ def fact_consistency(kn_frame: pd.DataFrame) -> pd.DataFrame:
     for (model, fact_id, relation, method), group in frame.groupby(
         ["model", "fact_id", "relation", "method"], sort=False
     ):
-        sets = list(group.sort_values("query_index")["kn"])
+        sets = _query_kn(group)
         union = set().union(*(map(tuple, s) for s in sets))
         rows.append(
             {
@@ -69,7 +79,7 @@ def _query_sets(kn_frame: pd.DataFrame) -> dict[tuple[str, str], list[list[froze
     frame = kn_frame if "model" in kn_frame else kn_frame.assign(model="model")
     runs: dict[tuple[str, str], list[list[frozenset]]] = {}
     for (model, method, _), group in frame.groupby(["model", "method", "fact_id"], sort=False):
-        sets = [frozenset(map(tuple, k)) for k in group.sort_values("query_index")["kn"]]
+        sets = [frozenset(map(tuple, k)) for k in _query_kn(group)]
         runs.setdefault((model, method), []).append(sets)
     return runs
 
