@@ -1,8 +1,6 @@
 """KN consistency: scores on hand-made KN sets, Otsu, Welch, Table 1, plot data, and a localize
 sweep killed midway that resumes to the same tables."""
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -53,7 +51,7 @@ def fact_rows(fact_sets, method="amig", model="m"):
                 "relation": "P1",
                 "method": method,
                 "query_index": q,
-                "kn": json.dumps(kn),
+                "kn": kn,
             }
             for f, sets in enumerate(fact_sets)
             for q, kn in enumerate(sets)
@@ -73,7 +71,7 @@ def test_consistency_score_relaxed_and_strict():
 
 def test_fact_consistency_from_stored_rows():
     rows = [
-        {"fact_id": "P1/0", "relation": "P1", "method": "ig", "query_index": i, "kn": json.dumps(kn)}
+        {"fact_id": "P1/0", "relation": "P1", "method": "ig", "query_index": i, "kn": kn}
         for i, kn in enumerate([[[0, 1], [2, 3]], [[0, 1]], []])
     ]
     frame = fact_consistency(pd.DataFrame(rows))

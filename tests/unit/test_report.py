@@ -268,7 +268,7 @@ def test_the_closest_paper_model_and_its_cells(tmp_path):
 
 
 def test_explorer_data_is_compact_and_carries_the_columns_a_store_has():
-    kn = ["[[0, 1], [2, 3]]", "[[2, 3]]", "[[1, 0]]", "[[1, 0], [2, 3]]"]
+    kn = [[[0, 1], [2, 3]], [[2, 3]], [[1, 0]], [[1, 0], [2, 3]]]
     kn_sets = pd.DataFrame(
         {
             "fact_id": ["f1", "f1", "f2", "f2"],

@@ -213,7 +213,7 @@ class ConsistencyClaims(ClaimRules):
     # -- what the model knows, and empty KN sets -------------------------------------------
     def knowledge(self) -> None:
         kn_sets = self.evidence.kn_sets
-        if kn_sets is None or kn_sets.empty or "rank" not in kn_sets:
+        if kn_sets is None or kn_sets.empty or kn_sets["rank"].isna().all():
             return
         queries = kn_sets.drop_duplicates(["fact_id", "query_index"])
         best = queries.groupby("fact_id")["rank"].min()

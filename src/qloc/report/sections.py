@@ -22,6 +22,7 @@ from ..runs.outputs import pyplot
 from ..runs.store import STORE_FILE, RunStore
 from ..studies import STUDIES
 from ..studies.consistency import consistency_study, written_by_consistency
+from ..studies.knrows import CasSetRow, KnSetRow
 from ..studies.knsets import LOCALIZE_STAGE, load_kn_sets
 from ..studies.registry import Panel
 
@@ -36,6 +37,8 @@ ROWS_SHOWN = 40
 
 STORE_TABLES = ("kn_sets", "cas_sets", "edits", "mapping", "synapses", "synapse_effects")
 """Store tables the findings and the explorer read."""
+DECODED_TABLES = {"kn_sets": KnSetRow, "cas_sets": CasSetRow}
+"""Those read through their row classes (KN sets as lists)."""
 
 
 FIGURE_DPI = 110
@@ -105,7 +108,9 @@ def read_section(directory: Path) -> RunSection:
         with RunStore.open_existing(directory) as store:
             section.stages, section.units = store.stages(), store.units()
             present = set(store.tables())
-            section.store = {name: store.frame(name) for name in STORE_TABLES if name in present}
+            section.store = {
+                name: store.frame(DECODED_TABLES.get(name, name)) for name in STORE_TABLES if name in present
+            }
             stages = {s["stage"]: s["params"] for s in section.stages}
             if LOCALIZE_STAGE in stages:
                 section.model = model_label(stages[LOCALIZE_STAGE]["model"])

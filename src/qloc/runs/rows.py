@@ -9,6 +9,12 @@ keyword ends in ``_`` (``class_``), which the column name drops. The run store c
 from its row class, so the schema is the class, not whatever the first row held. (A table no study
 declares may still be written as plain dicts: its column types are then those of the first row's
 values.)
+
+Reading goes through the same class: :meth:`Row.decode` turns a stored record back into a row
+(JSON text into lists and dicts, INTEGER into bool, NULL into NaN for a float field), and
+:func:`decode_frame` does the same for a DataFrame's JSON columns. Both read a column the table
+lacks (a table written before its row class gained the field) as the field's default, or None for
+a field without one, so no reader needs to know which version wrote a table.
 """
 
 from __future__ import annotations
@@ -19,10 +25,14 @@ import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _IDENTIFIER = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 PlainRow = Mapping[str, Any]
+_R = TypeVar("_R", bound="Row")
 
 
 @dataclasses.dataclass
@@ -36,6 +46,30 @@ class Row:
     def schema(cls) -> list[tuple[str, str]]:
         """(column, SQL type) of every column, in order."""
         return [(column_name(path[-1]), sql_type(kind)) for path, kind in cls._columns(cls)]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Per column, what a row stored before the column existed reads: its field's default, else None."""
+        return {column_name(path[-1]): _default(cls, path) for path, _ in cls._columns(cls)}
+
+    @classmethod
+    def json_columns(cls) -> list[str]:
+        """The columns stored as JSON text (list and dict fields)."""
+        return [column_name(path[-1]) for path, kind in cls._columns(cls) if _is_json(kind)]
+
+    @classmethod
+    def decode(cls: type[_R], record: Mapping[str, Any]) -> _R:
+        """The row a stored record (column -> SQL value) holds; a column it lacks reads as its default.
+        A nested dataclass's unstored fields read None."""
+        defaults = cls.defaults()
+        fields: dict[str, Any] = {}
+        for path, kind in cls._columns(cls):
+            column = column_name(path[-1])
+            value = record[column] if column in record else defaults[column]
+            functools.reduce(lambda d, k: d.setdefault(k, {}), path[:-1], fields)[path[-1]] = decode_value(
+                kind, value
+            )
+        return _build(cls, fields)
 
     def values(self) -> list[Any]:
         return [functools.reduce(getattr, path, self) for path, _ in self._columns(type(self))]
@@ -54,15 +88,74 @@ class Row:
         return columns
 
 
+def _default(of: type[Any], path: tuple[str, ...]) -> Any:
+    for name in path[:-1]:
+        of = typing.get_type_hints(of)[name]
+    field = {f.name: f for f in dataclasses.fields(of)}[path[-1]]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _build(of: type[Any], fields: dict[str, Any]) -> Any:
+    """An instance of dataclass ``of`` from its fields' values (nested ones as dicts)."""
+    hints = typing.get_type_hints(of)
+    values = {}
+    for f in dataclasses.fields(of):
+        if dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = _build(hints[f.name], fields.get(f.name, {}))
+        else:
+            values[f.name] = fields.get(f.name)
+    return of(**values)
+
+
+def _bare(annotation: Any) -> Any:
+    """X of ``X | None``, with its generic arguments dropped (``list[int]``: list)."""
+    if isinstance(annotation, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return typing.get_origin(annotation) or annotation
+
+
+def _is_json(annotation: Any) -> bool:
+    return _bare(annotation) in (list, dict, tuple)
+
+
+def decode_value(annotation: Any, value: Any) -> Any:
+    """A field's value from its SQL value: the inverse of :func:`sql_value` for the field's type."""
+    if value is None:
+        optional = isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)
+        return float("nan") if _bare(annotation) is float and not optional else None  # NaN is stored NULL
+    if _is_json(annotation):
+        return json.loads(value) if isinstance(value, str | bytes) else value
+    if _bare(annotation) is bool:
+        return bool(value)
+    return value
+
+
+def decode_frame(row_class: type[Row], frame: pd.DataFrame) -> pd.DataFrame:
+    """A table read into a DataFrame, as ``row_class`` declares it: the columns it lacks added with
+    their defaults (in the class's order), its JSON columns as lists and dicts."""
+    frame = frame.copy()
+    defaults = row_class.defaults()
+    for column, default in defaults.items():
+        if column not in frame:
+            frame[column] = [default] * len(frame)
+    keys = [c for c in ("stage", "unit_id") if c in frame]
+    frame = frame[keys + list(defaults) + [c for c in frame if c not in defaults and c not in keys]]
+    for column in row_class.json_columns():
+        frame[column] = [json.loads(v) if isinstance(v, str) else v for v in frame[column]]
+    return frame
+
+
 def column_name(field: str) -> str:
     return field.removesuffix("_")
 
 
 def sql_type(annotation: Any) -> str:
     """The SQL type of a field's annotation (``X | None``: that of X)."""
-    if isinstance(annotation, types.UnionType):
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    kind = typing.get_origin(annotation) or annotation
+    kind = _bare(annotation)
     if kind in (bool, int):
         return "INTEGER"
     return {float: "REAL", bytes: "BLOB"}.get(kind, "TEXT")

@@ -13,7 +13,9 @@ for its whole sweep, and a second writer is refused at once. Readers take no loc
 database read-only, so that analysing a run never changes its directory.
 
 Results tables are created from their row classes (:mod:`qloc.runs.rows`: the explicit schema
-of each table) and load into pandas with :meth:`RunStore.frame`.
+of each table), and read back through them: typed rows with :meth:`RunStore.rows`, or a DataFrame
+with :meth:`RunStore.frame`. A table written by an older qloc, before its class gained a field,
+reads that column as the field's default.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..data.pararel import Fact
 from ..errors import QlocError, RunDirectoryError
 from .lock import LOCK_FILE, STORE_FILE, RunLock
 from .outputs import write_text
-from .rows import PlainRow, Row, check_identifier, table_layout
+from .rows import PlainRow, Row, check_identifier, decode_frame, table_layout
 
 __all__ = ["LOCK_FILE", "STORE_FILE", "RunLock", "RunStore", "environment"]
 
@@ -122,6 +124,7 @@ def _damaged_store(path: Path, exc: BaseException) -> RunDirectoryError | None:
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
+_R = TypeVar("_R", bound=Row)
 
 
 def _reads_store(method: _Method) -> _Method:
@@ -370,13 +373,40 @@ class RunStore:
         return [r[0] for r in rows if r[0] not in BOOKKEEPING_TABLES]
 
     @_reads_store
-    def frame(self, table: str) -> pd.DataFrame:
-        """A results table as a DataFrame (one call: ``RunStore.open_existing(d).frame("cloze")``)."""
+    def frame(self, table: str | type[Row]) -> pd.DataFrame:
+        """A results table as a DataFrame (one call: ``RunStore.open_existing(d).frame("cloze")``);
+        given its row class, as the class declares it (:func:`~qloc.runs.rows.decode_frame`)."""
+        name = table if isinstance(table, str) else table.table
+        self._refuse_missing(name)
+        frame = pd.read_sql_query(f"SELECT * FROM {check_identifier(name)} ORDER BY rowid", self._db)
+        return frame if isinstance(table, str) else decode_frame(table, frame)
+
+    @_reads_store
+    def rows(self, row_class: type[_R], **where: Any) -> list[_R]:
+        """The rows of ``row_class``'s table whose columns equal ``where`` (``method="ig"``), in the
+        order they were written, decoded by the class (:meth:`~qloc.runs.rows.Row.decode`)."""
+        self._refuse_missing(row_class.table)
+        table = check_identifier(row_class.table)
+        present = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+        defaults, conditions, args = row_class.defaults(), [], []
+        for column, value in where.items():
+            if column not in defaults:
+                raise ValueError(f"{row_class.__name__} has no column {column!r}")
+            if column in present:
+                conditions.append(f"{column} = ?")
+                args.append(value)
+            elif defaults[column] != value:  # a table older than the column: every row has the default
+                return []
+        query = f"SELECT * FROM {table}" + (f" WHERE {' AND '.join(conditions)}" if conditions else "")
+        cursor = self._db.execute(query + " ORDER BY rowid", args)
+        names = [d[0] for d in cursor.description]
+        return [row_class.decode(dict(zip(names, values))) for values in cursor]
+
+    def _refuse_missing(self, table: str) -> None:
         if table not in self.tables():
             raise RunDirectoryError(
                 f"run directory {str(self.run_dir)!r} has no table {table!r}; it has {self.tables()}"
             )
-        return pd.read_sql_query(f"SELECT * FROM {check_identifier(table)} ORDER BY rowid", self._db)
 
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -11,7 +11,6 @@ tier that keeps the classes can stand in for the consistency study even where se
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from ..runs.outputs import check_writable, pyplot, save_figure, write_table
 from ..runs.store import RunStore
 from ..settings import setting
 from .consistency_tables import classify, fact_consistency
+from .knrows import KnSetRow
 from .knsets import LOCALIZE_STAGE, load_dense_scores
 from .registry import Outcome, Panel, Study
 
@@ -131,7 +131,7 @@ def run_queries(
         )
         for row in dense[dense.method.isin(references)].itertuples()
     }
-    rows = store.frame("kn_sets")
+    rows = store.frame(KnSetRow)
     rows = rows[rows.method.isin(references)]
     keep = [(f, int(q), m) in scores for f, q, m in zip(rows.fact_id, rows.query_index, rows.method)]
     return rows[keep], scores
@@ -187,7 +187,7 @@ def method_agreement(
                 )
             )
             for reference in group.itertuples():
-                reference_set = [tuple(u) for u in json.loads(reference.kn)]
+                reference_set = [tuple(u) for u in reference.kn]
                 measures = query_agreement(
                     found.scores,
                     kn,

@@ -10,7 +10,6 @@ CS_KC, CS_KI and R_KI to the paper's cells.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,11 +42,6 @@ CS_COUNTS = {
     "all queries (strict)": "strict",
 }
 """Setting (g): how many of a fact's queries must hold a KN for it to count in CS's numerator."""
-
-
-def decoded(kn_frame: pd.DataFrame) -> pd.DataFrame:
-    """``kn`` as lists of (layer, neuron) pairs, however the store held it."""
-    return kn_frame.assign(kn=[json.loads(k) if isinstance(k, str) else k for k in kn_frame["kn"]])
 
 
 def fact_cs(kn_frame: pd.DataFrame, count: str = "relaxed") -> pd.DataFrame:
@@ -139,8 +133,6 @@ def cs_ablation(
     facts only), (b) without the last 1 and 3 layers, (c) without shared neurons, (d) other KN rules
     (``dense``: rows of :func:`qloc.studies.knsets.dense_kn_sets`), (e) known vs unknown facts,
     (f) 2 queries per fact vs all, (g) the count a KN needs to enter CS."""
-    kn_frame = decoded(kn_frame)
-    all_tokens = decoded(all_tokens) if all_tokens is not None else None
     known = known_facts(kn_frame)
     settings = [Setting("-", "as run (relaxed CS)", kn_frame)]
     if all_tokens is not None and not all_tokens.empty:
@@ -268,7 +260,7 @@ def write_strata_tables(
     """``table1_by_knowledge``, ``cs_by_queries`` and, per model, ``cs_ablation[_<model>]`` with its
     figure beside the paper's cells of the closest model (GPT-2)."""
     written = {"cs_by_queries": write_table(cs_by_queries(kn_frame), tables, "cs_by_queries")}
-    if "rank" in kn_frame:
+    if kn_frame["rank"].notna().any():  # runs made before ranks were stored read None
         written["table1_by_knowledge"] = write_table(
             table1_by_knowledge(kn_frame), tables, "table1_by_knowledge"
         )

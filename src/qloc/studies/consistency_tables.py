@@ -14,10 +14,10 @@ the table under other KN-set rules without attributing again.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,18 +36,27 @@ PER_FACT_COLUMNS = (
 ).split()
 
 
+def _query_kn(group: pd.DataFrame) -> list[Any]:
+    """A fact's query KN sets in query order; JSON text (a table read by name) is refused rather
+    than read as characters."""
+    sets = list(group.sort_values("query_index")["kn"])
+    if any(isinstance(s, str) for s in sets):
+        raise TypeError("kn holds JSON text: read the table with RunStore.frame(KnSetRow)")
+    return sets
+
+
 def fact_consistency(kn_frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, fact, method): CS relaxed, majority (a KN in more than half of the
     queries' sets) and strict, union size, query count.
 
-    ``kn_frame``: rows of the ``kn_sets`` table (``kn`` as JSON text or lists), with a ``model``
-    column where several runs are combined."""
+    ``kn_frame``: rows of the ``kn_sets`` table (``kn`` as lists, as ``RunStore.frame(KnSetRow)``
+    reads it), with a ``model`` column where several runs are combined."""
     frame = kn_frame if "model" in kn_frame else kn_frame.assign(model="model")
     rows = []
     for (model, fact_id, relation, method), group in frame.groupby(
         ["model", "fact_id", "relation", "method"], sort=False
     ):
-        sets = [json.loads(k) if isinstance(k, str) else k for k in group.sort_values("query_index")["kn"]]
+        sets = _query_kn(group)
         union = set().union(*(map(tuple, s) for s in sets))
         rows.append(
             {
@@ -70,10 +79,7 @@ def _query_sets(kn_frame: pd.DataFrame) -> dict[tuple[str, str], list[list[froze
     frame = kn_frame if "model" in kn_frame else kn_frame.assign(model="model")
     runs: dict[tuple[str, str], list[list[frozenset]]] = {}
     for (model, method, _), group in frame.groupby(["model", "method", "fact_id"], sort=False):
-        sets = [
-            frozenset(map(tuple, json.loads(k) if isinstance(k, str) else k))
-            for k in group.sort_values("query_index")["kn"]
-        ]
+        sets = [frozenset(map(tuple, k)) for k in _query_kn(group)]
         runs.setdefault((model, method), []).append(sets)
     return runs
 

@@ -18,7 +18,7 @@ from ..engine.cloze import EXACT_RANKS
 from ..errors import NOTE, ConfigError, QlocError
 from ..runs.executors import Execution, execute
 from ..runs.store import RunStore
-from .census import MIN_KNOWN_QUERIES, STAGE, CensusConfig, census_plan
+from .census import MIN_KNOWN_QUERIES, STAGE, CensusConfig, CensusRow, census_plan
 
 log = logging.getLogger("qloc")
 
@@ -94,8 +94,8 @@ def read_census(run_dir: Path, facts: Sequence[Fact], expected: dict[str, Any]) 
                     f"this run uses {expected.get(key)!r}"
                 )
         tables = store.tables()
-        empty = pd.DataFrame(columns=["fact_id", "query_index", "prompt", "rank"])
-        rows = store.frame(STAGE) if STAGE in tables else empty
+        empty = pd.DataFrame(columns=list(CensusRow.defaults()))
+        rows = store.frame(CensusRow) if STAGE in tables else empty
         skipped = store.frame("census_skipped")["fact_id"] if "census_skipped" in tables else []
     covered = set(rows["fact_id"]) | set(skipped)
     missing = [f for f in facts if f.id not in covered]
@@ -112,7 +112,7 @@ def read_census(run_dir: Path, facts: Sequence[Fact], expected: dict[str, Any]) 
 def keep_known(facts: Sequence[Fact], census: pd.DataFrame, k: int) -> list[Fact]:
     """Each fact with only its queries whose first answer token ranks below ``k`` (in query
     order), and only the facts left with at least MIN_KNOWN_QUERIES of them."""
-    if k > EXACT_RANKS and "scored_in" in census and (census["scored_in"] == "bfloat16").any():
+    if k > EXACT_RANKS and (census["scored_in"] == "bfloat16").any():  # older censuses read None
         raise QlocError(
             f"--known {k}: the census scored some queries in bfloat16, whose ranks are exact "
             f"only below {EXACT_RANKS}; use a census made with --census-dtype float32"

@@ -28,9 +28,10 @@ from ..engine.attribution import METHODS, kn_set
 from ..engine.editing import Neuron
 from ..engine.models import model_label
 from ..errors import ConfigError, QlocError, UnsupportedArchitectureError
-from ..runs.rows import Row
 from ..runs.store import RunStore
 from ..settings import setting
+from .knrows import KnSetRow
+from .knrows import QueryRow as QueryRow  # its home before the KN-set rows moved beside it
 
 LOCALIZE_STAGE = "localize"
 """The stage whose KN sets every other study reads (:mod:`qloc.studies.localize`)."""
@@ -112,18 +113,6 @@ def random_neurons(
         if candidate not in avoid:
             chosen.add(candidate)
     return sorted(chosen)
-
-
-@dataclass
-class QueryRow(Row):
-    """A result row about one query of a fact, for one method's KN sets."""
-
-    fact_id: str
-    relation: str
-    method: str
-    query_index: int
-    prompt: str
-    answer: str
 
 
 @dataclass(frozen=True)
@@ -336,7 +325,7 @@ def load_kn_sets(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         with RunStore.open_existing(run_dir) as store:
             model = model_label(store.params(LOCALIZE_STAGE)["model"])
             degenerate = degenerate_methods(store)
-            frame = store.frame("kn_sets")
+            frame = store.frame(KnSetRow)
             frames.append(
                 frame.assign(model=model, run_dir=str(run_dir), degenerate=frame["method"].isin(degenerate))
             )

@@ -39,7 +39,8 @@ from ..runs.store import RunStore
 from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
 from .known import CENSUS_DIR_HELP, KNOWN_POOL_HELP, known_facts
-from .knsets import CAS_THRESHOLD, LOCALIZE_STAGE, QueryRow, cas_set, compress_scores
+from .knrows import CasSetRow, DenseScoresRow, KnSetRow
+from .knsets import CAS_THRESHOLD, LOCALIZE_STAGE, cas_set, compress_scores
 from .registry import Outcome, Reproduction, Study
 
 STAGE = LOCALIZE_STAGE
@@ -81,46 +82,6 @@ class LocalizeConfig:
 
     def params(self) -> dict:
         return {**asdict(self), "methods": list(self.methods)}
-
-
-@dataclass
-class KnSetRow(QueryRow):
-    """One query's KN set for one method, its best scores, and what the attribution measured."""
-
-    table = "kn_sets"
-    kn: list[list[int]]
-    kn_size: int
-    max_score: float
-    top: list[list[float]]
-    """The query's best (layer, neuron, score)."""
-    prob: float
-    rank: int
-    f_input: float
-    max_residual: float
-    seconds: float
-    """Seconds the query's attribution took; a first-order method's share of its fact's batches."""
-
-
-@dataclass
-class DenseScoresRow(Row):
-    table = "dense_scores"
-    fact_id: str
-    method: str
-    query_index: int
-    scores_npz: bytes
-    """[L, d_ff] fp16 scores (:func:`qloc.studies.knsets.load_dense_scores`)."""
-
-
-@dataclass
-class CasSetRow(Row):
-    """One fact's Consistency-Aware KN set for one method."""
-
-    table = "cas_sets"
-    fact_id: str
-    relation: str
-    method: str
-    kn: list[list[int]]
-    kn_size: int
 
 
 @dataclass

@@ -4,7 +4,6 @@ request every such experiment takes (which run, whose KN sets, how many of its f
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import Counter
@@ -23,6 +22,7 @@ from ..runs.executors import Execution, ModelSpec, SweepPlan, WorkBuilder
 from ..runs.store import RunStore
 from ..settings import setting
 from .consistency_tables import classify, fact_consistency
+from .knrows import CasSetRow, KnSetRow
 from .knsets import LOCALIZE_STAGE, SHARED_FILTER_MIN_FACTS, FactKnowledge, SharedNeuronFilter
 
 
@@ -34,12 +34,12 @@ def knowledge_from_store(
     if kn_frame.empty:
         raise QlocError(f"the localize run has no KN sets for method {method!r}")
     cas = {
-        row.fact_id: [tuple(u) for u in json.loads(row.kn)]
+        row.fact_id: [tuple(u) for u in row.kn]
         for row in cas_frame[cas_frame["method"] == method].itertuples()
     }
     result = {}
     for fact_id, group in kn_frame.groupby("fact_id", sort=False):
-        sets = [[tuple(u) for u in json.loads(k)] for k in group.sort_values("query_index")["kn"]]
+        sets = [[tuple(u) for u in k] for k in group.sort_values("query_index")["kn"]]
         result[fact_id] = FactKnowledge(sets, cas.get(fact_id, []), str(group["relation"].iloc[0]))
     return result
 
@@ -141,7 +141,7 @@ class LocalizedRun:
         """Per fact id, KC or KI by the run's ``method`` KN sets under the ``stratify`` threshold
         (static, or Otsu's over the run's facts), as the consistency study classes them."""
         with RunStore.open_existing(self.run_dir) as store:
-            kn_frame = store.frame("kn_sets")
+            kn_frame = store.frame(KnSetRow)
         kn_frame = kn_frame[kn_frame["method"] == method]
         if kn_frame.empty:
             raise QlocError(f"the localize run has no KN sets for method {method!r} to stratify by")
@@ -209,7 +209,7 @@ def read_localized_run(
     run's first method). Refuses data that no longer says what the run localized."""
     with RunStore.open_existing(run_dir) as store:
         localized = store.params(LOCALIZE_STAGE)
-        kn_frame, cas_frame = store.frame("kn_sets"), store.frame("cas_sets")
+        kn_frame, cas_frame = store.frame(KnSetRow), store.frame(CasSetRow)
         method = method or localized["methods"][0]
         knowledge = knowledge_from_store(kn_frame, cas_frame, method)
         data = Selection(data=None if localized["data"] == "bundled" else Path(localized["data"]))
@@ -251,7 +251,7 @@ def reference_knowledge(reference: Path, params: Mapping[str, Any], method: str)
                     f"(it localized with {', '.join(theirs['methods'])})"
                 )
             )
-        return knowledge_from_store(store.frame("kn_sets"), store.frame("cas_sets"), method)
+        return knowledge_from_store(store.frame(KnSetRow), store.frame(CasSetRow), method)
 
 
 def _refuse_changed_data(run_dir: Path, kn_frame: pd.DataFrame, facts: list[Fact], source: str) -> None:

@@ -4,8 +4,6 @@ distributions), Table 6 (cost), and the KN-activation heatmaps of Figures 5/10."
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -210,24 +208,14 @@ def heatmap_facts(effects: pd.DataFrame, count: int) -> list[str]:
     return chosen
 
 
-def decode_json_columns(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    """The store keeps lists as JSON text; figures need them as lists."""
-    frame = frame.copy()
-    for column in columns:
-        frame[column] = [json.loads(v) if isinstance(v, str) else v for v in frame[column]]
-    return frame
-
-
 def write_synapse_report(
     synapses: pd.DataFrame, effects: pd.DataFrame, directory: Path, heatmaps: int = 3
 ) -> dict[str, Path]:
     """Figure 6's data (for each dKN measure) and Table 6 (CSV + Markdown under ``directory/tables``),
     Figures 6, 11 (each measure) and the heatmaps of Figures 5/10 (PNG + SVG under
-    ``directory/figures``) from the stored rows."""
+    ``directory/figures``) from the stored rows, as their row classes read them (lists, not JSON)."""
     if effects.empty:
         raise QlocError("the synapses run has no stored queries yet")
-    synapses = decode_json_columns(synapses, ["heatmap_neurons"])
-    effects = decode_json_columns(effects, ["heatmap"])
     tables, figures = directory / "tables", directory / "figures"
     written = {"table6_cost": write_table(cost_table(effects), tables, "table6_cost")}
     for measure in MEASURES:  # METHODS.md's signed means, and the magnitude variant beside them

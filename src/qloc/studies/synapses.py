@@ -264,7 +264,7 @@ def run(request: SynapseRequest) -> Outcome:
             raise QlocError(
                 f"no fact of {str(request.run_dir)!r} could be processed ({dict(summary.skip_reasons)})"
             )
-        found, effects = store.frame("synapses"), store.frame("synapse_effects")
+        found, effects = store.frame(SynapseRow), store.frame(SynapseEffectRow)
     written = write_synapse_report(found, effects, request.run_dir, request.heatmaps)
     shown: list[str | pd.DataFrame] = []
     for measure in MEASURES:
