@@ -35,11 +35,16 @@ def test_cli_mapping(tmp_path, tiny_model_dir):
 
 
 def test_cli_mapping_on_a_stratified_sample(tmp_path, tiny_model_dir):
-    run = tmp_path / "run"
-    localize_tiny(tiny_model_dir, run, "--relations", "P19,P36", "--facts-per-relation", "2")
+    import shutil
 
-    def mapping(*options: str) -> subprocess.CompletedProcess:
-        command = ["mapping", "--run-dir", str(run), "--device", "cpu", "--quiet", *options]
+    from qloc.studies.localized import read_localized_run
+
+    run, by_otsu = tmp_path / "run", tmp_path / "by-otsu"
+    localize_tiny(tiny_model_dir, run, "--relations", "P19,P36", "--facts-per-relation", "2")
+    shutil.copytree(run, by_otsu)
+
+    def mapping(*options: str, run_dir=run) -> subprocess.CompletedProcess:
+        command = ["mapping", "--run-dir", str(run_dir), "--device", "cpu", "--quiet", *options]
         return subprocess.run([sys.executable, "-m", "qloc.cli", *command], capture_output=True, text=True)
 
     first = mapping("--limit", "2", "--stratify", "static")
@@ -58,3 +63,10 @@ def test_cli_mapping_on_a_stratified_sample(tmp_path, tiny_model_dir):
     with qloc.RunStore.open_existing(run) as store:
         units = store.units("mapping-ig")
     assert len(units) == 3 and (units.status == "done").all()
+    # A stage stratified by Otsu's threshold labels its rows with the Otsu classes it sampled by.
+    otsu = mapping("--limit", "2", "--stratify", "otsu", run_dir=by_otsu)
+    assert otsu.returncode == 0, otsu.stderr[-2000:]
+    sampled = read_localized_run(by_otsu).sample(2, 0, "otsu").classes
+    with qloc.RunStore.open_existing(by_otsu) as store:
+        rows = store.frame("mapping")
+    assert sampled and dict(zip(rows["fact_id"], rows["class"])) == sampled

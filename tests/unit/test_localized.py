@@ -82,6 +82,9 @@ def test_a_stratified_sample_of_a_run_and_the_parameters_it_records(tmp_path):
     # The study's method classes the facts unless another is named; the resolved one is recorded.
     assert stratified.params == {"stratify": "static", "stratify_method": "amig"}
     assert "2 KC and 2 KI facts (static threshold, amig KN sets)" in stratified.note
+    # The studies' rows carry the stratum's class; an unstratified sample leaves each study its own.
+    assert stratified.classes == {f.id: "KC" if f in kc else "KI" for f in stratified.facts}
+    assert plain.classes is None
     assert run.sample(4, seed=0, stratify="otsu").params["stratify"] == "otsu"
     by_ig = run.sample(4, seed=0, stratify="static", stratify_method="ig")
     assert by_ig.facts == run.first_facts(4, 0) and "0 KC and 4 KI" in by_ig.note  # no KC to take

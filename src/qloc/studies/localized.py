@@ -165,7 +165,8 @@ class LocalizedRun:
         description = (
             f"{counts['KC']} KC and {counts['KI']} KI facts ({stratify} threshold, {method} KN sets)"
         )
-        return FactSample(facts, {"stratify": stratify, "stratify_method": method}, description)
+        chosen = {f.id: classes[f.id] for f in facts}
+        return FactSample(facts, {"stratify": stratify, "stratify_method": method}, description, chosen)
 
 
 @dataclass
@@ -177,6 +178,9 @@ class FactSample:
     facts: list[Fact]
     params: dict[str, Any]
     note: str = ""
+    classes: dict[str, str] | None = None
+    """Per fact id, the class its rows carry in a stratified sample: its stratum (KC/KI by the
+    stratification's threshold and method); None: each study's own static class."""
 
 
 @dataclass(frozen=True)

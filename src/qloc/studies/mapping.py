@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -121,15 +122,20 @@ class MappingRow(Row):
 
 
 def mapping_work(
-    lm: LoadedModel, config: MappingConfig, knowledge: dict[str, FactKnowledge], shared: SharedNeuronFilter
+    lm: LoadedModel,
+    config: MappingConfig,
+    knowledge: dict[str, FactKnowledge],
+    shared: SharedNeuronFilter,
+    classes: Mapping[str, str] | None = None,
 ) -> WorkFn:
-    """Per-fact work function for :func:`qloc.sweep.run_sweep`."""
+    """Per-fact work function for :func:`qloc.sweep.run_sweep`; ``classes``: a stratified sample's
+    (:attr:`qloc.studies.localized.FactSample.classes`), else each fact's static class."""
     shape = (lm.num_layers, lm.d_ff)
     filtered = shared.apply(knowledge)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
         original, known = knowledge[fact.id], filtered[fact.id]
-        kind = original.knowledge_class(config.static_threshold)
+        kind = classes[fact.id] if classes else original.knowledge_class(config.static_threshold)
         rng = random.Random(f"{config.seed}:{fact.id}")
         for index, prompt in enumerate(fact.queries):
             try:
@@ -259,8 +265,10 @@ def run(request: MappingRequest) -> Outcome:
     localized = request.read()
     config = replace(request.config, method=localized.method)
     shared = localized.shared_filter(config.shared_filter, config.shared_reference, config.shared_min_facts)
-    build = partial(mapping_work, config=config, knowledge=localized.knowledge, shared=shared)
     sample = request.sample(localized, config.seed)
+    build = partial(
+        mapping_work, config=config, knowledge=localized.knowledge, shared=shared, classes=sample.classes
+    )
     params = {**config.params(), **sample.params}
     plan = localized.sweep(config.stage, params, build, f"mapping {localized.method}", sample.facts)
     summary = execute(plan, request.execution)
