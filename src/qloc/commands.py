@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .data.selection import Selection
-from .engine.attribution import DEFAULT_KN_THRESHOLD, DEFAULT_STEPS, attribute
+from .engine.attribution import DEFAULT_KN_THRESHOLD, DEFAULT_STEPS, Attribution, attribute
 from .engine.gguf import BUILTIN_MODELS
-from .engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL
+from .engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, LoadedModel
 from .report import open_in_browser, write_report
 from .runs.executors import ModelSpec
 from .runs.outputs import check_output_file, write_atomically
@@ -143,6 +143,22 @@ def attribute_query(request: Attribute) -> None:
     if request.out_file is not None:
         check_output_file(request.out_file, "the scores")  # before the attribution, not after it
     lm = ModelSpec(request.model, request.device, request.dtype).load()
+    result = _attribute_showing_warnings(lm, request)
+    if request.out_file is not None:
+        scores = result.scores.numpy().astype(np.float32)
+        write_atomically(request.out_file, lambda out: np.save(out, scores))
+    kn = result.kn_set(request.threshold, request.top_k)
+    top = result.top(request.top)
+    if request.json_out:
+        out.print_json(json.dumps(_attribution_payload(request, result, top, kn)))
+        return
+    _print_top_and_kn_set(request, result, top, kn)
+    _print_completeness(request, result)
+
+
+def _attribute_showing_warnings(lm: LoadedModel, request: Attribute) -> Attribution:
+    """The query's attribution; its warnings (such as a coarse rule's completeness residual) are
+    printed on stderr in qloc's format, not as Python's warning lines with their source location."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = attribute(
@@ -158,28 +174,31 @@ def attribute_query(request: Attribute) -> None:
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             err.print(labelled("warning:", "yellow", warning.message), highlight=False, soft_wrap=True)
-    if request.out_file is not None:
-        scores = result.scores.numpy().astype(np.float32)
-        write_atomically(request.out_file, lambda out: np.save(out, scores))
-    kn = result.kn_set(request.threshold, request.top_k)
-    top = result.top(request.top)
-    if request.json_out:
-        payload = {
-            "model": request.model,
-            "prompt": request.prompt,
-            "answer": request.answer,
-            **result.params,
-            "answer_tokens": result.answer_tokens,
-            "shape": list(result.scores.shape),
-            "f_input": result.f_input.tolist(),
-            "f_baseline": result.f_baseline.tolist(),
-            "completeness_residual": result.completeness_residual.tolist(),
-            "top": [{"layer": layer, "neuron": i, "score": v} for layer, i, v in top],
-            "kn_set": [list(u) for u in kn],
-            "out": str(request.out_file) if request.out_file else None,
-        }
-        out.print_json(json.dumps(payload))
-        return
+    return result
+
+
+def _attribution_payload(
+    request: Attribute, result: Attribution, top: list[tuple[int, int, float]], kn: list[tuple[int, int]]
+) -> dict[str, Any]:
+    return {
+        "model": request.model,
+        "prompt": request.prompt,
+        "answer": request.answer,
+        **result.params,
+        "answer_tokens": result.answer_tokens,
+        "shape": list(result.scores.shape),
+        "f_input": result.f_input.tolist(),
+        "f_baseline": result.f_baseline.tolist(),
+        "completeness_residual": result.completeness_residual.tolist(),
+        "top": [{"layer": layer, "neuron": i, "score": v} for layer, i, v in top],
+        "kn_set": [list(u) for u in kn],
+        "out": str(request.out_file) if request.out_file else None,
+    }
+
+
+def _print_top_and_kn_set(
+    request: Attribute, result: Attribution, top: list[tuple[int, int, float]], kn: list[tuple[int, int]]
+) -> None:
     steps, rule = result.steps, result.rule  # the first-order methods have one rule of their own
     title = f"top {request.top} neurons ({request.method}, {steps} steps, {rule} rule)"
     table = Table("rank", "layer", "neuron", "score", title=title)
@@ -189,6 +208,11 @@ def attribute_query(request: Attribute) -> None:
     rule = f"top {request.top_k}" if request.top_k else f"score >= {request.threshold} x max"
     listed = ", ".join(f"L{layer}.{i}" for layer, i in kn[:30]) + (" ..." if len(kn) > 30 else "")
     out.print(plain(f"KN set ({rule}): {len(kn)} neurons {listed}"), highlight=False)
+
+
+def _print_completeness(request: Attribute, result: Attribution) -> None:
+    """Per layer: the sum of scores beside F(input) - F(baseline), which it should equal, and the
+    residual; then F(input) per answer token."""
     title = "completeness per layer (mean over answer tokens; residual: worst token)"
     if request.method == "sig":
         title += (

@@ -143,16 +143,9 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("qloc.data").joinpath(name)))
 
 
-def load_pararel(
-    path: str | Path | None = None,
-    min_queries: int = 2,
-    query_filter: QueryFilter = "mask_final",
-) -> ParaRel:
-    """Load ParaRel facts, keeping those with at least ``min_queries`` usable causal-LM queries.
-
-    ``path``: a ``data_all_allbags.json`` (optionally ``.gz``); default the bundled copy. Malformed
-    rows and facts are named in ``warnings``, counted in ``skipped`` and left out; the rest loads.
-    """
+def _data_paths(path: str | Path | None) -> tuple[Path, Path | None]:
+    """The ParaRel file to read (``path``, or the bundled copy) and the query-pairs file beside it
+    that gives each fact's subject, where there is one."""
     pairs_path: Path | None
     if path is None:
         data_path, pairs_path = (
@@ -177,6 +170,20 @@ def load_pararel(
             ),
             None,
         )
+    return data_path, pairs_path
+
+
+def load_pararel(
+    path: str | Path | None = None,
+    min_queries: int = 2,
+    query_filter: QueryFilter = "mask_final",
+) -> ParaRel:
+    """Load ParaRel facts, keeping those with at least ``min_queries`` usable causal-LM queries.
+
+    ``path``: a ``data_all_allbags.json`` (optionally ``.gz``); default the bundled copy. Malformed
+    rows and facts are named in ``warnings``, counted in ``skipped`` and left out; the rest loads.
+    """
+    data_path, pairs_path = _data_paths(path)
     raw = _read_json(data_path, "ParaRel file")
     if not isinstance(raw, dict):
         raise DataError(

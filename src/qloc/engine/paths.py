@@ -282,6 +282,27 @@ def _replace_rows(rows: slice, points: torch.Tensor) -> SiteFn:
     return fn
 
 
+class _CleanObserver:
+    """The site functions of a clean run: each records its layer's clean site tensor and, where
+    input gradients are asked for, adds a zero fp32 offset to it, a leaf that keeps the layer's
+    tensor on the graph so that one backward gives dF/dv_l for every layer."""
+
+    def __init__(self, gradients: bool) -> None:
+        self.gradients = gradients
+        self.recorded: dict[int, torch.Tensor] = {}
+        self.offsets: dict[int, torch.Tensor] = {}
+
+    def site_fn(self, layer: int) -> SiteFn:
+        def fn(tensor: torch.Tensor) -> torch.Tensor:
+            self.recorded[layer] = tensor.detach().clone()
+            if not self.gradients:
+                return tensor
+            self.offsets[layer] = torch.zeros_like(tensor, dtype=torch.float32, requires_grad=True)
+            return tensor + self.offsets[layer].to(tensor.dtype)
+
+        return fn
+
+
 class PathIntegrator:
     """Batched path integration at one site of one model (see the module docstring). For a site
     that needs a context (attention: the probe), both steps run inside ``site.active(lm)``."""
@@ -308,19 +329,7 @@ class PathIntegrator:
             raise ValueError("a clean batch needs prompts of one length")
         ids_t = torch.tensor([list(row) for row in ids], device=lm.device)
         target = ids_t.shape[1] - 1
-        recorded: dict[int, torch.Tensor] = {}
-        offsets: dict[int, torch.Tensor] = {}
-
-        def observe(layer: int) -> SiteFn:
-            def fn(tensor: torch.Tensor) -> torch.Tensor:
-                recorded[layer] = tensor.detach().clone()
-                if not gradients:
-                    return tensor
-                offsets[layer] = torch.zeros_like(tensor, dtype=torch.float32, requires_grad=True)
-                return tensor + offsets[layer].to(tensor.dtype)
-
-            return fn
-
+        observer = _CleanObserver(gradients)
         with capture_layer_calls(lm) as calls:
             prefix_cache = None
             if shared_prefix and target > 0:
@@ -329,7 +338,7 @@ class PathIntegrator:
                 prefix_cache = prefix.cache
             run_ids = ids_t[:, target:] if shared_prefix else ids_t
             positions = torch.tensor([0]) if shared_prefix else None
-            observers = {layer: observe(layer) for layer in range(lm.num_layers)}
+            observers = {layer: observer.site_fn(layer) for layer in range(lm.num_layers)}
             with self.site.replace(lm, observers, positions), torch.set_grad_enabled(gradients):
                 out = lm.model(
                     input_ids=run_ids,
@@ -343,9 +352,11 @@ class PathIntegrator:
             # Batch rows do not interact (no padding, and every layer acts on each row alone), so
             # F_q depends on query q's offsets only, and the gradient of sum_q F_q with respect to
             # row q of an offset is dF_q/dv_q: one backward gives every query its own gradients.
-            grads = torch.autograd.grad(f.sum(), [offsets[layer] for layer in range(lm.num_layers)])
+            grads = torch.autograd.grad(f.sum(), [observer.offsets[layer] for layer in range(lm.num_layers)])
             input_gradients = torch.stack([grad.to(lm.device) for grad in grads], dim=1)
-        values = torch.stack([recorded[layer].to(lm.device) for layer in range(lm.num_layers)], dim=1).float()
+        values = torch.stack(
+            [observer.recorded[layer].to(lm.device) for layer in range(lm.num_layers)], dim=1
+        ).float()
         return CleanRun(
             calls,
             torch.tensor(list(answer_tokens)),

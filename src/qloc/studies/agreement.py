@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -137,6 +137,10 @@ def run_queries(
     return rows[keep], scores
 
 
+KN_COLUMNS = ["model", "fact_id", "relation", "method", "query_index", "kn"]
+"""The KN-set columns :func:`fact_classes` reads, for the method's sets and the references'."""
+
+
 def method_agreement(
     run_dirs: Sequence[str | Path],
     method: str = "gxa",
@@ -153,68 +157,100 @@ def method_agreement(
         raise ConfigError.invalid("method", method, f"choose {', '.join(METHODS)}")
     if method in references:
         raise ConfigError.invalid("references", ",".join(references), f"{method} is the method compared")
-    query_rows, kn_rows = [], []
+    query_rows: list[dict[str, Any]] = []
+    kn_rows: list[pd.DataFrame] = []
     for run_dir in run_dirs:
-        with RunStore.open_existing(run_dir) as store:
-            params = store.params(LOCALIZE_STAGE)
-            rows, reference_scores = run_queries(store, references)
-        if facts is not None:
-            rows = rows[rows.fact_id.isin(list(dict.fromkeys(rows.fact_id))[:facts])]
+        params, rows, reference_scores = _read_run(run_dir, references, facts)
         model = lm or ModelSpec(params["model"], device, params["dtype"]).load()
-        label = model_label(params["model"])
-        kn_rows.append(
-            rows.assign(model=label)[["model", "fact_id", "relation", "method", "query_index", "kn"]]
-        )
+        run = _RunAgreement(model, model_label(params["model"]), params, method, reference_scores, overlap_k)
+        kn_rows.append(rows.assign(model=run.label)[KN_COLUMNS])
         for (fact_id, query_index), group in rows.groupby(["fact_id", "query_index"], sort=False):
-            first = group.iloc[0]
-            started = time.perf_counter()
-            found = attribute(
-                model,
-                first.prompt,
-                first.answer,
-                method,
-                steps=params["steps"],
-                rule=params["rule"],
-                answer_tokens=params["answer_tokens"],
-                warn=False,
-            )
-            seconds = time.perf_counter() - started
-            kn = found.kn_set(params["threshold"], params["top_k"])
-            kn_rows.append(
-                pd.DataFrame(
-                    [[label, fact_id, first.relation, method, query_index, [list(u) for u in kn]]],
-                    columns=["model", "fact_id", "relation", "method", "query_index", "kn"],
-                )
-            )
-            for reference in group.itertuples():
-                reference_set = [tuple(u) for u in reference.kn]
-                measures = query_agreement(
-                    found.scores,
-                    kn,
-                    reference_scores[(fact_id, int(query_index), reference.method)],
-                    reference_set,
-                    overlap_k,
-                )
-                query_rows.append(
-                    {
-                        "model": label,
-                        "fact_id": fact_id,
-                        "relation": first.relation,
-                        "query_index": int(query_index),
-                        "method": method,
-                        "reference": reference.method,
-                        "kn_size": len(kn),
-                        "reference_kn_size": len(reference_set),
-                        **measures,
-                        "max_residual": float(found.completeness_residual.max()),
-                        "f_input": float(found.f_input[0]),
-                        "seconds": seconds,
-                        "reference_seconds": float(reference.seconds),
-                    }
-                )
+            kn_row, measured = run.compare(fact_id, query_index, group)
+            kn_rows.append(kn_row)
+            query_rows += measured
     queries = pd.DataFrame(query_rows)
     fact_rows = fact_classes(pd.concat(kn_rows, ignore_index=True), method, references)
     return Agreement(queries, fact_rows, summarize(queries, fact_rows, overlap_k))
+
+
+def _read_run(
+    run_dir: str | Path, references: Sequence[str], facts: int | None
+) -> tuple[dict[str, Any], pd.DataFrame, dict[tuple[str, int, str], torch.Tensor]]:
+    """A localize run's parameters, its reference KN-set rows (of its first ``facts`` facts, where
+    given) and their dense scores."""
+    with RunStore.open_existing(run_dir) as store:
+        params = store.params(LOCALIZE_STAGE)
+        rows, reference_scores = run_queries(store, references)
+    if facts is not None:
+        rows = rows[rows.fact_id.isin(list(dict.fromkeys(rows.fact_id))[:facts])]
+    return params, rows, reference_scores
+
+
+@dataclass
+class _RunAgreement:
+    """The method computed afresh on one localize run's queries, with the run's settings, and
+    compared with the run's references."""
+
+    model: LoadedModel
+    label: str
+    params: dict[str, Any]
+    """The localize stage's parameters: steps, rule, answer tokens and the KN-set rule."""
+    method: str
+    reference_scores: dict[tuple[str, int, str], torch.Tensor]
+    overlap_k: int
+
+    def compare(
+        self, fact_id: str, query_index: int, group: pd.DataFrame
+    ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+        """The method's KN-set row for one query (``group``: its reference rows), and one row of
+        measures per reference."""
+        first = group.iloc[0]
+        params = self.params
+        started = time.perf_counter()
+        found = attribute(
+            self.model,
+            first.prompt,
+            first.answer,
+            self.method,
+            steps=params["steps"],
+            rule=params["rule"],
+            answer_tokens=params["answer_tokens"],
+            warn=False,
+        )
+        seconds = time.perf_counter() - started
+        kn = found.kn_set(params["threshold"], params["top_k"])
+        kn_row = pd.DataFrame(
+            [[self.label, fact_id, first.relation, self.method, query_index, [list(u) for u in kn]]],
+            columns=KN_COLUMNS,
+        )
+        measured = []
+        for reference in group.itertuples():
+            reference_set = [tuple(u) for u in reference.kn]
+            measures = query_agreement(
+                found.scores,
+                kn,
+                self.reference_scores[(fact_id, int(query_index), reference.method)],
+                reference_set,
+                self.overlap_k,
+            )
+            measured.append(
+                {
+                    "model": self.label,
+                    "fact_id": fact_id,
+                    "relation": first.relation,
+                    "query_index": int(query_index),
+                    "method": self.method,
+                    "reference": reference.method,
+                    "kn_size": len(kn),
+                    "reference_kn_size": len(reference_set),
+                    **measures,
+                    "max_residual": float(found.completeness_residual.max()),
+                    "f_input": float(found.f_input[0]),
+                    "seconds": seconds,
+                    "reference_seconds": float(reference.seconds),
+                }
+            )
+        return kn_row, measured
 
 
 def fact_classes(kn_frame: pd.DataFrame, method: str, references: Sequence[str]) -> pd.DataFrame:

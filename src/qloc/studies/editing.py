@@ -13,7 +13,7 @@ query before and after, how many neighbours moved, and how many KNs the filter r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from .edit_protocol import (
     METRICS,
     EditCase,
     EditConfig,
+    Measurement,
     SequentialUnit,
     by_relation,
     case_study,
@@ -46,12 +47,13 @@ from .edit_protocol import (
     sequential_table,
     sequential_work,
 )
-from .knsets import LOCALIZE_STAGE, FactKnowledge, SharedNeuronFilter
+from .knsets import LOCALIZE_STAGE, FactKnowledge, Neuron, SharedNeuronFilter
 from .localized import (
     FACT_LIMIT_HELP,
     LOCALIZED_RUN_HELP,
     STRATIFY_HELP,
     STRATIFY_METHOD_HELP,
+    LocalizedRun,
     check_stratification,
     read_localized_run,
 )
@@ -103,38 +105,44 @@ class EditRow(Row):
     """Gen over those neighbours alone."""
 
 
-def edit_work(
-    lm: LoadedModel,
-    config: EditConfig,
-    knowledge: dict[str, FactKnowledge],
-    shared: SharedNeuronFilter,
-    dataset: list[Fact],
-    passages: list[str],
-) -> WorkFn:
-    """Per-fact work function for :func:`qloc.runs.sweep.run_sweep`."""
-    facts_by_relation = by_relation(dataset)
-    filtered = shared.apply(knowledge)
-    ppl_before = perplexity(lm, passages, config.ppl_tokens)
+@dataclass
+class EditWork:
+    """Per-fact work function for :func:`qloc.runs.sweep.run_sweep`: the fact edited through each
+    KN set in turn, from the unedited model each time.
 
-    def work(fact: Fact, writer: UnitWriter) -> None:
-        original, known = knowledge[fact.id], filtered[fact.id]
-        case = EditCase.draw(fact, config, facts_by_relation, dataset)
-        try:
-            for answer in filter(None, (fact.object, case.new_object)):
-                answer_token_ids(lm, answer)  # fail here, before any edit, if an answer has no tokens
-            before = case.measure(lm)
-        except DataError as exc:
-            raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
-        activations = target_activations(lm, fact.queries, fact.object)
-        kind = original.knowledge_class(config.static_threshold)
-        for set_name in config.sets:
+    A class rather than a closure so that Ray can pickle it and its parameters can be read."""
+
+    lm: LoadedModel
+    config: EditConfig
+    knowledge: dict[str, FactKnowledge]
+    shared: SharedNeuronFilter
+    dataset: list[Fact]
+    passages: list[str]
+    facts_by_relation: dict[str, list[Fact]] = field(init=False)
+    filtered: dict[str, FactKnowledge] = field(init=False)
+    """The KN sets after the shared-neuron filter."""
+    ppl_before: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Once per model replica: none of these depends on the fact.
+        self.facts_by_relation = by_relation(self.dataset)
+        self.filtered = self.shared.apply(self.knowledge)
+        self.ppl_before = perplexity(self.lm, self.passages, self.config.ppl_tokens)
+
+    def __call__(self, fact: Fact, writer: UnitWriter) -> None:
+        original, known = self.knowledge[fact.id], self.filtered[fact.id]
+        case = EditCase.draw(fact, self.config, self.facts_by_relation, self.dataset)
+        before = self._measure_unedited(fact, case)
+        activations = target_activations(self.lm, fact.queries, fact.object)
+        kind = original.knowledge_class(self.config.static_threshold)
+        for set_name in self.config.sets:
             neurons = known.kn_set(set_name)
             signs = kn_signs(activations, set_name, neurons)  # recorded with the literal equation too
             row = EditRow(
                 fact_id=fact.id,
                 relation=fact.relation,
-                method=config.method,
-                mode=config.mode,
+                method=self.config.method,
+                mode=self.config.mode,
                 kn_set=set_name,
                 class_=kind,
                 cs=original.consistency,
@@ -144,27 +152,58 @@ def edit_work(
                 object=fact.object,
                 new_object=case.new_object,
                 query=fact.queries[0],
-                ppl_before=ppl_before,
+                ppl_before=self.ppl_before,
                 neighbours=len(fact.queries) - 1,
             )
             if not neurons:  # nothing to edit through: no measurement, counted as an empty set
                 writer.add(row)
                 continue
-            with edit_knowledge(
-                lm,
-                neurons,
-                fact.object,
-                case.new_object,
-                config.lambda1,
-                config.lambda2,
-                signs if config.edit_sign == "activation" else None,
-            ):
-                after = case.measure(lm)
-                ppl = perplexity(lm, passages, config.ppl_tokens)
-            evidence = edit_evidence(config.mode, before, after)
-            writer.add(replace(row, **evidence, ppl_after=ppl, dppl=(ppl - ppl_before) / ppl_before))
+            writer.add(self._edited(row, fact, case, before, neurons, signs))
 
-    return work
+    def _measure_unedited(self, fact: Fact, case: EditCase) -> Measurement:
+        try:
+            for answer in filter(None, (fact.object, case.new_object)):
+                answer_token_ids(self.lm, answer)  # fail here, before any edit, if an answer has no tokens
+            return case.measure(self.lm)
+        except DataError as exc:
+            raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
+
+    def _edited(
+        self,
+        row: EditRow,
+        fact: Fact,
+        case: EditCase,
+        before: Measurement,
+        neurons: list[Neuron],
+        signs: list[int],
+    ) -> EditRow:
+        """``row`` with what editing through ``neurons`` did; the model is restored on return."""
+        config = self.config
+        with edit_knowledge(
+            self.lm,
+            neurons,
+            fact.object,
+            case.new_object,
+            config.lambda1,
+            config.lambda2,
+            signs if config.edit_sign == "activation" else None,
+        ):
+            after = case.measure(self.lm)
+            ppl = perplexity(self.lm, self.passages, config.ppl_tokens)
+        evidence = edit_evidence(config.mode, before, after)
+        return replace(row, **evidence, ppl_after=ppl, dppl=(ppl - self.ppl_before) / self.ppl_before)
+
+
+def edit_work(
+    lm: LoadedModel,
+    config: EditConfig,
+    knowledge: dict[str, FactKnowledge],
+    shared: SharedNeuronFilter,
+    dataset: list[Fact],
+    passages: list[str],
+) -> WorkFn:
+    """The sweep's :data:`~qloc.runs.executors.WorkBuilder`: an :class:`EditWork` on ``lm``."""
+    return EditWork(lm, config, knowledge, shared, dataset, passages)
 
 
 def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
@@ -268,6 +307,24 @@ def run(request: EditRequest) -> Outcome:
     mode = request.mode or ("update" if request.new is not None else "erase")
     if request.case is not None:
         return run_case(request, replace(request.config, mode=mode))
+    run_dir = _checked_run_dir(request)
+    localized = read_localized_run(run_dir, request.method, request.device)
+    config = replace(request.config, mode=mode, method=localized.method)
+    shared = localized.shared_filter(config.shared_filter, config.shared_reference, config.shared_min_facts)
+    passages = wikitext_passages(config.ppl_passages, seed=config.seed)
+    if request.sequential > len(localized.facts):
+        raise ConfigError.invalid(
+            "sequential",
+            request.sequential,
+            f"run {str(run_dir)!r} has only {len(localized.facts)} facts",
+        )
+    if request.sequential > 0:
+        return _run_sequential(request, localized, config, shared, passages)
+    return _run_fact_by_fact(request, localized, config, shared, passages)
+
+
+def _checked_run_dir(request: EditRequest) -> Path:
+    """The localize run to edit; settings that only a case study takes are refused."""
     if request.run_dir is None:
         raise ConfigError(
             lambda name: f"{name('run_dir')} (a localize run) is needed, except for a {name('case')} study"
@@ -279,38 +336,48 @@ def run(request: EditRequest) -> Outcome:
                 "draw o' from the relation"
             )
         )
-    localized = read_localized_run(request.run_dir, request.method, request.device)
-    config = replace(request.config, mode=mode, method=localized.method)
-    shared = localized.shared_filter(config.shared_filter, config.shared_reference, config.shared_min_facts)
-    passages = wikitext_passages(config.ppl_passages, seed=config.seed)
-    tables = request.run_dir / "tables"
-    if request.sequential > len(localized.facts):
-        raise ConfigError.invalid(
-            "sequential",
-            request.sequential,
-            f"run {str(request.run_dir)!r} has only {len(localized.facts)} facts",
-        )
-    if request.sequential > 0:
-        # Seed-major, so that an interrupted run has every KN set for the seeds it finished.
-        units = [SequentialUnit(name, repeat) for repeat in range(request.seeds) for name in config.sets]
-        build = partial(
-            sequential_work,
-            config=config,
-            knowledge=localized.knowledge,
-            shared=shared,
-            dataset=localized.dataset,
-            facts=localized.facts,
-            count=request.sequential,
-            passages=passages,
-        )
-        sequence = {**config.params(), "sequential": request.sequential, "seeds": request.seeds}
-        stage = f"sequential-{config.mode}-{config.method}"
-        plan = localized.sweep(stage, sequence, build, f"sequential {mode}", units)
-        execute(plan, request.execution)
-        with RunStore.open_existing(request.run_dir) as store:
-            table = sequential_table(store.frame("sequential"))
-        write_table(table, tables, "table7")
-        return Outcome([table])
+    return request.run_dir
+
+
+def _run_sequential(
+    request: EditRequest,
+    localized: LocalizedRun,
+    config: EditConfig,
+    shared: SharedNeuronFilter,
+    passages: list[str],
+) -> Outcome:
+    """Table 7: ``request.sequential`` facts edited one after another, per KN set and seed."""
+    # Seed-major, so that an interrupted run has every KN set for the seeds it finished.
+    units = [SequentialUnit(name, repeat) for repeat in range(request.seeds) for name in config.sets]
+    build = partial(
+        sequential_work,
+        config=config,
+        knowledge=localized.knowledge,
+        shared=shared,
+        dataset=localized.dataset,
+        facts=localized.facts,
+        count=request.sequential,
+        passages=passages,
+    )
+    sequence = {**config.params(), "sequential": request.sequential, "seeds": request.seeds}
+    stage = f"sequential-{config.mode}-{config.method}"
+    plan = localized.sweep(stage, sequence, build, f"sequential {config.mode}", units)
+    execute(plan, request.execution)
+    with RunStore.open_existing(localized.run_dir) as store:
+        table = sequential_table(store.frame("sequential"))
+    write_table(table, localized.run_dir / "tables", "table7")
+    return Outcome([table])
+
+
+def _run_fact_by_fact(
+    request: EditRequest,
+    localized: LocalizedRun,
+    config: EditConfig,
+    shared: SharedNeuronFilter,
+    passages: list[str],
+) -> Outcome:
+    """Tables 2 and 3: each sampled fact edited alone, through each KN set."""
+    tables = localized.run_dir / "tables"
     build = partial(
         edit_work,
         config=config,
@@ -319,13 +386,13 @@ def run(request: EditRequest) -> Outcome:
         dataset=localized.dataset,
         passages=passages,
     )
-    description = f"{mode} via {','.join(config.sets)}"
+    description = f"{config.mode} via {','.join(config.sets)}"
     sample = localized.sample(request.limit, config.seed, request.stratify, request.stratify_method)
     plan = localized.sweep(
         config.stage, {**config.params(), **sample.params}, build, description, sample.facts
     )
     summary = execute(plan, request.execution)
-    with RunStore.open_existing(request.run_dir) as store:
+    with RunStore.open_existing(localized.run_dir) as store:
         edits = store.frame("edits")
     for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
         write_table(edit_table(edits, chosen), tables, name)

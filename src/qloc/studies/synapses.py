@@ -26,13 +26,14 @@ from ..data.pararel import Fact
 from ..engine.attribution import (
     DEFAULT_STEPS,
     DEFAULT_SYNAPSE_THRESHOLD,
+    AttentionAttribution,
     attribute_attention,
     check_answer_tokens,
 )
 from ..engine.models import LoadedModel
 from ..engine.paths import integration_points
-from ..engine.sites import ATTENTION, NEURONS
-from ..engine.tokens import encode_query
+from ..engine.sites import ATTENTION, NEURONS, Synapse
+from ..engine.tokens import EncodedQuery, encode_query
 from ..errors import DataError, QlocError
 from ..runs.executors import execute
 from ..runs.profiling import memory_measure, peak_memory
@@ -135,42 +136,88 @@ class SynapseEffectRow(Row):
     dkn_random_abs: float
 
 
-def synapse_work(
-    lm: LoadedModel,
-    config: SynapseConfig,
-    knowledge: dict[str, FactKnowledge],
-    max_batch_rows: int | None = None,
-) -> WorkFn:
-    """Per-fact work function for :func:`qloc.sweep.run_sweep`: KS of every query, then for each
-    operation (none / suppress / enhance) the KN activation changes, dProb, time and memory."""
-    shape = (lm.num_layers, lm.d_ff)
-    factors = {"none": 1.0, "suppress": config.suppress, "enhance": config.enhance}
+@dataclass
+class _Probe:
+    """What one forward pass of a query's prefix measured, under one operation on its synapses."""
 
-    def work(fact: Fact, writer: UnitWriter) -> None:
-        known = knowledge[fact.id]
-        kind = known.knowledge_class(config.static_threshold)
-        rng = random.Random(f"{config.seed}:{fact.id}")
+    activations: torch.Tensor
+    """(layers, d_ff) activations at the first answer token's position."""
+    prob: float
+    seconds: float
+    memory: dict[str, float]
+
+
+def _probe(lm: LoadedModel, query: EncodedQuery, chosen: list[Synapse], factor: float) -> _Probe:
+    """One forward pass up to the first answer token, with the ``chosen`` synapses scaled by
+    ``factor``; with none chosen it measures the unmodified model under the same probes."""
+    target = query.target_positions[0]
+    ids = torch.tensor([list(query.input_ids[: target + 1])], device=lm.device)
+    position = torch.tensor([target])
+    with (
+        torch.no_grad(),
+        ATTENTION.scale(lm, chosen, factor),
+        NEURONS.record(lm, positions=position) as acts,
+        peak_memory(lm.device) as memory,
+    ):
+        started = time.perf_counter()
+        logits = lm.model(input_ids=ids, logits_to_keep=1).logits
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize(lm.device)  # CUDA runs asynchronously: time the work, not its launch
+        seconds = time.perf_counter() - started
+    activations = torch.stack([acts[layer][0].cpu() for layer in range(lm.num_layers)]).float()
+    prob = float(torch.softmax(logits[0, -1].float(), -1)[query.answer_ids[0]])
+    return _Probe(activations, prob, seconds, memory)
+
+
+def _class_changes(
+    before: torch.Tensor, after: torch.Tensor, classes: dict[str, list[Neuron]]
+) -> dict[str, Any]:
+    """Per neuron class: its size and the relative change of its mean activation and of its mean
+    |activation| (NaN for an empty class)."""
+    changes: dict[str, Any] = {}
+    for name, neurons in classes.items():
+        changes[f"n_{name}"] = len(neurons)
+        if neurons:
+            layers, cols = map(list, zip(*neurons))
+            old, new = before[layers, cols], after[layers, cols]
+            changes[f"dkn_{name}"] = _relative_change(float(old.mean()), float(new.mean()))
+            changes[f"dkn_{name}_abs"] = _relative_change(float(old.abs().mean()), float(new.abs().mean()))
+        else:
+            changes[f"dkn_{name}"] = changes[f"dkn_{name}_abs"] = float("nan")
+    return changes
+
+
+@dataclass
+class SynapseWork:
+    """Per-fact work function for :func:`qloc.sweep.run_sweep`: KS of every query, then for each
+    operation (none / suppress / enhance) the KN activation changes, dProb, time and memory.
+
+    A class rather than a closure so that Ray can pickle it and its parameters can be read."""
+
+    lm: LoadedModel
+    config: SynapseConfig
+    knowledge: dict[str, FactKnowledge]
+    max_batch_rows: int | None = None
+
+    @property
+    def factors(self) -> dict[str, float]:
+        """Operation -> factor on the synapses; "none" comes first, as the baseline the others
+        are measured against."""
+        return {"none": 1.0, "suppress": self.config.suppress, "enhance": self.config.enhance}
+
+    def __call__(self, fact: Fact, writer: UnitWriter) -> None:
+        known = self.knowledge[fact.id]
+        kind = known.knowledge_class(self.config.static_threshold)
+        rng = random.Random(f"{self.config.seed}:{fact.id}")
         columns = heatmap_neurons(known)
+        shape = (self.lm.num_layers, self.lm.d_ff)
         for index, prompt in enumerate(fact.queries):
-            try:
-                query = encode_query(lm, prompt, fact.object)
-                scores = attribute_attention(
-                    lm,
-                    prompt,
-                    fact.object,
-                    config.steps,
-                    config.rule,
-                    config.answer_tokens,
-                    max_batch_rows,
-                    warn=False,  # the residual is stored with every query
-                )
-            except DataError as exc:
-                raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
-            synapses = scores.synapses(config.threshold)
+            query, scores = self._attribute(fact, prompt)
+            synapses = scores.synapses(self.config.threshold)
             key: dict[str, Any] = {
                 "fact_id": fact.id,
                 "relation": fact.relation,
-                "method": config.method,
+                "method": self.config.method,
                 "query_index": index,
             }
             writer.add(
@@ -187,59 +234,71 @@ def synapse_work(
                 )
             )
             classes = _neuron_classes(known, index, shape, rng)
-            target = query.target_positions[0]
-            ids = torch.tensor([list(query.input_ids[: target + 1])], device=lm.device)
-            position = torch.tensor([target])
-            # The measurements are of the first answer token's prediction; synapses at later
-            # (teacher-forced answer) positions of a multi-token answer cannot act on it.
-            in_prefix = [s for s, _ in synapses if s[2] <= target]
-            measured = {}
-            for operation, factor in factors.items():
-                chosen = in_prefix if operation != "none" else []
-                with (
-                    torch.no_grad(),
-                    ATTENTION.scale(lm, chosen, factor),  # with no synapse chosen: the probe alone
-                    NEURONS.record(lm, positions=position) as acts,
-                    peak_memory(lm.device) as memory,
-                ):
-                    started = time.perf_counter()
-                    logits = lm.model(input_ids=ids, logits_to_keep=1).logits
-                    if lm.device.type == "cuda":
-                        torch.cuda.synchronize(lm.device)
-                    seconds = time.perf_counter() - started
-                activations = torch.stack([acts[layer][0].cpu() for layer in range(lm.num_layers)]).float()
-                prob = float(torch.softmax(logits[0, -1].float(), -1)[query.answer_ids[0]])
-                measured[operation] = (activations, prob)
-                before, prob_before = measured["none"]
-                changes: dict[str, Any] = {}
-                for name, neurons in classes.items():
-                    changes[f"n_{name}"] = len(neurons)
-                    if neurons:
-                        layers, cols = map(list, zip(*neurons))
-                        old, new = before[layers, cols], activations[layers, cols]
-                        changes[f"dkn_{name}"] = _relative_change(float(old.mean()), float(new.mean()))
-                        changes[f"dkn_{name}_abs"] = _relative_change(
-                            float(old.abs().mean()), float(new.abs().mean())
-                        )
-                    else:
-                        changes[f"dkn_{name}"] = changes[f"dkn_{name}_abs"] = float("nan")
-                writer.add(
-                    SynapseEffectRow(
-                        **key,
-                        class_=kind,
-                        operation=operation,
-                        n_synapses=len(chosen),
-                        seconds=seconds,
-                        peak_mb=memory["peak_mb"],
-                        memory_measure=memory_measure(lm.device),
-                        prob=prob,
-                        dprob=_relative_change(prob_before, prob) if operation != "none" else 0.0,
-                        heatmap=[float(activations[layer, i]) for layer, i in columns],
-                        **changes,
-                    )
-                )
+            writer.add(self._effect_rows(query, synapses, classes, columns, {**key, "class_": kind}))
 
-    return work
+    def _attribute(self, fact: Fact, prompt: str) -> tuple[EncodedQuery, AttentionAttribution]:
+        """The query's tokens and its attention scores; an answer that cannot be tokenized skips
+        the whole fact."""
+        try:
+            query = encode_query(self.lm, prompt, fact.object)
+            scores = attribute_attention(
+                self.lm,
+                prompt,
+                fact.object,
+                self.config.steps,
+                self.config.rule,
+                self.config.answer_tokens,
+                self.max_batch_rows,
+                warn=False,  # the residual is stored with every query
+            )
+        except DataError as exc:
+            raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
+        return query, scores
+
+    def _effect_rows(
+        self,
+        query: EncodedQuery,
+        synapses: list[tuple[Synapse, float]],
+        classes: dict[str, list[Neuron]],
+        columns: list[Neuron],
+        key: dict[str, Any],
+    ) -> list[SynapseEffectRow]:
+        """One row per operation on the query's synapses, each against the unmodified pass."""
+        target = query.target_positions[0]
+        # The measurements are of the first answer token's prediction; synapses at later
+        # (teacher-forced answer) positions of a multi-token answer cannot act on it.
+        in_prefix = [s for s, _ in synapses if s[2] <= target]
+        rows = []
+        measured: dict[str, _Probe] = {}
+        for operation, factor in self.factors.items():
+            chosen = in_prefix if operation != "none" else []
+            probe = measured[operation] = _probe(self.lm, query, chosen, factor)
+            baseline = measured["none"]
+            rows.append(
+                SynapseEffectRow(
+                    **key,
+                    operation=operation,
+                    n_synapses=len(chosen),
+                    seconds=probe.seconds,
+                    peak_mb=probe.memory["peak_mb"],
+                    memory_measure=memory_measure(self.lm.device),
+                    prob=probe.prob,
+                    dprob=_relative_change(baseline.prob, probe.prob) if operation != "none" else 0.0,
+                    heatmap=[float(probe.activations[layer, i]) for layer, i in columns],
+                    **_class_changes(baseline.activations, probe.activations, classes),
+                )
+            )
+        return rows
+
+
+def synapse_work(
+    lm: LoadedModel,
+    config: SynapseConfig,
+    knowledge: dict[str, FactKnowledge],
+    max_batch_rows: int | None = None,
+) -> WorkFn:
+    """The sweep's :data:`~qloc.runs.executors.WorkBuilder`: a :class:`SynapseWork` on ``lm``."""
+    return SynapseWork(lm, config, knowledge, max_batch_rows)
 
 
 @dataclass(frozen=True)
