@@ -118,6 +118,9 @@ class EditWork:
     shared: SharedNeuronFilter
     dataset: list[Fact]
     passages: list[str]
+    classes: dict[str, str] | None = None
+    """A stratified sample's classes (:attr:`qloc.studies.localized.FactSample.classes`); None:
+    each fact's static class."""
     facts_by_relation: dict[str, list[Fact]] = field(init=False)
     filtered: dict[str, FactKnowledge] = field(init=False)
     """The KN sets after the shared-neuron filter."""
@@ -134,7 +137,9 @@ class EditWork:
         case = EditCase.draw(fact, self.config, self.facts_by_relation, self.dataset)
         before = self._measure_unedited(fact, case)
         activations = target_activations(self.lm, fact.queries, fact.object)
-        kind = original.knowledge_class(self.config.static_threshold)
+        kind = (
+            self.classes[fact.id] if self.classes else original.knowledge_class(self.config.static_threshold)
+        )
         for set_name in self.config.sets:
             neurons = known.kn_set(set_name)
             signs = kn_signs(activations, set_name, neurons)  # recorded with the literal equation too
@@ -201,9 +206,10 @@ def edit_work(
     shared: SharedNeuronFilter,
     dataset: list[Fact],
     passages: list[str],
+    classes: dict[str, str] | None = None,
 ) -> WorkFn:
     """The sweep's :data:`~qloc.runs.executors.WorkBuilder`: an :class:`EditWork` on ``lm``."""
-    return EditWork(lm, config, knowledge, shared, dataset, passages)
+    return EditWork(lm, config, knowledge, shared, dataset, passages, classes)
 
 
 def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
@@ -378,6 +384,7 @@ def _run_fact_by_fact(
 ) -> Outcome:
     """Tables 2 and 3: each sampled fact edited alone, through each KN set."""
     tables = localized.run_dir / "tables"
+    sample = localized.sample(request.limit, config.seed, request.stratify, request.stratify_method)
     build = partial(
         edit_work,
         config=config,
@@ -385,9 +392,9 @@ def _run_fact_by_fact(
         shared=shared,
         dataset=localized.dataset,
         passages=passages,
+        classes=sample.classes,
     )
     description = f"{config.mode} via {','.join(config.sets)}"
-    sample = localized.sample(request.limit, config.seed, request.stratify, request.stratify_method)
     plan = localized.sweep(
         config.stage, {**config.params(), **sample.params}, build, description, sample.facts
     )

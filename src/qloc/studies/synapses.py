@@ -198,6 +198,9 @@ class SynapseWork:
     config: SynapseConfig
     knowledge: dict[str, FactKnowledge]
     max_batch_rows: int | None = None
+    classes: dict[str, str] | None = None
+    """A stratified sample's classes (:attr:`qloc.studies.localized.FactSample.classes`); None:
+    each fact's static class."""
 
     @property
     def factors(self) -> dict[str, float]:
@@ -207,7 +210,7 @@ class SynapseWork:
 
     def __call__(self, fact: Fact, writer: UnitWriter) -> None:
         known = self.knowledge[fact.id]
-        kind = known.knowledge_class(self.config.static_threshold)
+        kind = self.classes[fact.id] if self.classes else known.knowledge_class(self.config.static_threshold)
         rng = random.Random(f"{self.config.seed}:{fact.id}")
         columns = heatmap_neurons(known)
         shape = (self.lm.num_layers, self.lm.d_ff)
@@ -296,9 +299,10 @@ def synapse_work(
     config: SynapseConfig,
     knowledge: dict[str, FactKnowledge],
     max_batch_rows: int | None = None,
+    classes: dict[str, str] | None = None,
 ) -> WorkFn:
     """The sweep's :data:`~qloc.runs.executors.WorkBuilder`: a :class:`SynapseWork` on ``lm``."""
-    return SynapseWork(lm, config, knowledge, max_batch_rows)
+    return SynapseWork(lm, config, knowledge, max_batch_rows, classes)
 
 
 @dataclass(frozen=True)
@@ -313,7 +317,11 @@ def run(request: SynapseRequest) -> Outcome:
     config = replace(request.config, method=localized.method)
     sample = request.sample(localized, config.seed)
     build = partial(
-        synapse_work, config=config, knowledge=localized.knowledge, max_batch_rows=request.max_batch_rows
+        synapse_work,
+        config=config,
+        knowledge=localized.knowledge,
+        max_batch_rows=request.max_batch_rows,
+        classes=sample.classes,
     )
     params = {**config.params(), **sample.params}
     plan = localized.sweep(config.stage, params, build, f"synapses {localized.method}", sample.facts)
