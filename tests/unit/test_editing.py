@@ -151,9 +151,39 @@ def test_sequential_editing_restores_the_model(word_tokenizer):
         )
         assert result["facts"] == 2 and 0 <= result["loc"] <= 1
         rows.append({"method": "ig", "mode": "update", "kn_set": "union", "seed": repeat, **result})
+    # The random control edits as many non-KN neurons in sequence, and restores the model too.
+    control = sequential_edit(
+        lm,
+        EditConfig(mode="update", unrelated_queries=2),
+        knowledge,
+        SharedNeuronFilter(0.1, knowledge),
+        facts,
+        facts,
+        "random",
+        2,
+        0,
+        ["Paris is the capital of France"],
+    )
+    assert control["facts"] == 2 and control["empty_sets"] == 0
     assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
     table = sequential_table(pd.DataFrame(rows))
     assert table.loc[0, "seeds"] == 2 and "rel_std" in table
+
+
+def test_the_random_control_set_has_selfs_size_and_no_kn_of_the_fact():
+    from qloc.studies.edit_protocol import EditConfig, edit_set
+    from qloc.studies.knsets import FactKnowledge
+
+    original = FactKnowledge([[(0, 1), (1, 2), (9, 9)], [(0, 1), (2, 3)]], [(3, 4)], "P1")
+    filtered = original.without({(9, 9)})
+    control = edit_set(original, filtered, "random", (4, 6), "0:random:P1/0")
+    assert len(control) == len(filtered.kn_set("self")) == 2
+    assert not set(control) & (original.neurons | {(3, 4)})
+    assert control == edit_set(original, filtered, "random", (4, 6), "0:random:P1/0")  # seeded
+    assert edit_set(original, filtered, "self", (4, 6), "") == [(0, 1), (1, 2)]
+    assert EditConfig(sets=("self", "random")).sets == ("self", "random")
+    with pytest.raises(qloc.QlocError, match="choose from self, union, cas, random"):
+        EditConfig(sets=("everything",))
 
 
 def test_case_study_table_and_restore(word_tokenizer):

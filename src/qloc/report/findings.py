@@ -37,6 +37,7 @@ SET_NAMES = {
     "self": "Self",
     "union": "Union",
     "cas": "CAS",
+    "random": "Random (control)",
     "intersection": "Intersection",
     "refine": "Refine",
     "unrelated": "Unrelated",

@@ -40,13 +40,19 @@ from .knsets import (
     SHARED_REFERENCE_HELP,
     STATIC_THRESHOLD,
     FactKnowledge,
+    Neuron,
     SharedNeuronFilter,
     cas_set,
     check_share,
+    random_neurons,
     reference_param,
 )
 
 KN_SETS = ("self", "union", "cas")
+CONTROL_SET = "random"
+"""The control an edit's KN sets are compared with: as many random neurons as the fact's (filtered)
+Self set, outside all of the fact's KNs, edited the same way."""
+EDIT_SETS = (*KN_SETS, CONTROL_SET)
 MODES = ("erase", "update")
 
 
@@ -62,7 +68,9 @@ class EditConfig:
     """The edit stages' parameters."""
 
     mode: str = setting("erase", hidden=True)
-    sets: tuple[str, ...] = setting(KN_SETS, "KN sets to edit through: self, union, cas.")
+    sets: tuple[str, ...] = setting(
+        KN_SETS, "KN sets to edit through: self, union, cas, and random (a control of non-KN neurons)."
+    )
     method: str = setting("ig", hidden=True)
     lambda1: float = setting(LAMBDA1, "Weight of the old answer's removal (Dai et al.: 1).")
     lambda2: float = setting(
@@ -86,9 +94,9 @@ class EditConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError.invalid("mode", self.mode, "choose erase or update")
-        unknown = [s for s in self.sets if s not in KN_SETS]
+        unknown = [s for s in self.sets if s not in EDIT_SETS]
         if unknown or not self.sets:
-            raise ConfigError.invalid("sets", ",".join(self.sets), f"choose from {', '.join(KN_SETS)}")
+            raise ConfigError.invalid("sets", ",".join(self.sets), f"choose from {', '.join(EDIT_SETS)}")
         if self.edit_sign not in EDIT_SIGNS:
             raise ConfigError.invalid("edit_sign", self.edit_sign, f"choose {' or '.join(EDIT_SIGNS)}")
         check_share(self.shared_filter)
@@ -204,9 +212,36 @@ def edit_evidence(mode: str, before: Measurement, after: Measurement) -> dict[st
 
 
 def kn_signs(activations: torch.Tensor, set_name: str, neurons: list[tuple[int, int]]) -> list[int]:
-    """Self: signs at the edited query's target position; Union and CAS: of the mean activation over
-    the fact's queries (``activations``: [queries, L, d_ff], the edited query first)."""
-    return activation_signs(activations[:1] if set_name == "self" else activations, neurons)
+    """Self (and its random control): signs at the edited query's target position; Union and CAS:
+    of the mean activation over the fact's queries (``activations``: [queries, L, d_ff], the edited
+    query first)."""
+    one_query = set_name in ("self", CONTROL_SET)
+    return activation_signs(activations[:1] if one_query else activations, neurons)
+
+
+def edit_set(
+    original: FactKnowledge, filtered: FactKnowledge, set_name: str, shape: tuple[int, int], seed: str
+) -> list[Neuron]:
+    """The neurons an edit of one fact goes through: its ``set_name`` KN set after the shared-neuron
+    filter, or for the random control as many neurons as that Self set, drawn (seeded by ``seed``)
+    outside every KN of the fact's unfiltered query and CAS sets."""
+    if set_name != CONTROL_SET:
+        return filtered.kn_set(set_name)
+    avoid = original.neurons | set(original.cas)
+    return random_neurons(len(filtered.kn_set("self")), shape, avoid, random.Random(seed))
+
+
+def dropped_by_filter(original: FactKnowledge, filtered: FactKnowledge, set_name: str) -> int:
+    """KNs the shared-neuron filter removed from the fact's ``set_name`` set (0 for the control,
+    drawn after it)."""
+    if set_name not in KN_SETS:
+        return 0
+    return len(original.kn_set(set_name)) - len(filtered.kn_set(set_name))
+
+
+def control_seed(config: EditConfig, fact: Fact) -> str:
+    """The seed of a fact's random control set: one per fact, in single and sequential edits."""
+    return f"{config.seed}:{CONTROL_SET}:{fact.id}"
 
 
 def sequential_edit(
@@ -240,7 +275,10 @@ def sequential_edit(
     with contextlib.ExitStack() as edits:  # unwinding restores the edits in reverse order
         for case in cases:
             fact = case.fact
-            neurons = filtered[fact.id].kn_set(set_name)
+            shape = (lm.num_layers, lm.d_ff)
+            neurons = edit_set(
+                knowledge[fact.id], filtered[fact.id], set_name, shape, control_seed(config, fact)
+            )
             signs = None
             if config.edit_sign == "activation":
                 signs = kn_signs(target_activations(lm, fact.queries, fact.object), set_name, neurons)
@@ -255,7 +293,8 @@ def sequential_edit(
         ppl_after = perplexity(lm, passages, config.ppl_tokens)
     keys = ("rel", "gen", "loc", "avg", "moved_right")
     means = {key: float(np.nanmean([m[key] for m in per_fact])) if per_fact else float("nan") for key in keys}
-    empty = sum(1 for case in cases if not filtered[case.fact.id].kn_set(set_name))
+    sized_by = set_name if set_name in KN_SETS else "self"  # the control has the size of Self
+    empty = sum(1 for case in cases if not filtered[case.fact.id].kn_set(sized_by))
     return {**means, "facts": len(cases), "empty_sets": empty, "dppl": (ppl_after - ppl_before) / ppl_before}
 
 

@@ -34,6 +34,7 @@ from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
 from .edit_protocol import (
     CATASTROPHIC_DPPL,
+    CONTROL_SET,
     KN_SETS,
     METRICS,
     EditCase,
@@ -42,7 +43,10 @@ from .edit_protocol import (
     SequentialUnit,
     by_relation,
     case_study,
+    control_seed,
+    dropped_by_filter,
     edit_evidence,
+    edit_set,
     kn_signs,
     sequential_table,
     sequential_work,
@@ -140,8 +144,9 @@ class EditWork:
         kind = (
             self.classes[fact.id] if self.classes else original.knowledge_class(self.config.static_threshold)
         )
+        shape = (self.lm.num_layers, self.lm.d_ff)
         for set_name in self.config.sets:
-            neurons = known.kn_set(set_name)
+            neurons = edit_set(original, known, set_name, shape, control_seed(self.config, fact))
             signs = kn_signs(activations, set_name, neurons)  # recorded with the literal equation too
             row = EditRow(
                 fact_id=fact.id,
@@ -152,7 +157,7 @@ class EditWork:
                 class_=kind,
                 cs=original.consistency,
                 kn_size=len(neurons),
-                kn_dropped=len(original.kn_set(set_name)) - len(neurons),
+                kn_dropped=dropped_by_filter(original, known, set_name),
                 kn_negative=sum(1 for sign in signs if sign < 0),
                 object=fact.object,
                 new_object=case.new_object,
@@ -401,9 +406,9 @@ def _run_fact_by_fact(
     summary = execute(plan, request.execution)
     with RunStore.open_existing(localized.run_dir) as store:
         edits = store.frame("edits")
-    for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas"))):
+    for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas", CONTROL_SET))):
         write_table(edit_table(edits, chosen), tables, name)
-    filtered = shared.report(localized.knowledge, config.sets)
+    filtered = shared.report(localized.knowledge, [s for s in config.sets if s in KN_SETS])
     return Outcome(
         [
             edit_table(edits, config.sets),
