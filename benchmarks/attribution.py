@@ -20,7 +20,7 @@ import warnings
 import torch
 
 import qloc
-from qloc.engine.attribution import METHODS, FirstOrder, attribute, kn_set
+from qloc.engine.attribution import DEFAULT_STEPS, METHODS, FirstOrder, attribute, kn_set
 from qloc.engine.tokens import encode_query
 from qloc.testing import reference_scores
 
@@ -37,7 +37,7 @@ def main() -> None:
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--queries", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--methods", default="ig,amig,sig,gxa,gxa-amig")
     parser.add_argument(
         "--reference-methods",

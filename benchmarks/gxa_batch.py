@@ -27,6 +27,7 @@ import warnings
 import torch
 
 import qloc
+from qloc.engine.attribution import DEFAULT_STEPS
 from qloc.engine.tokens import encode_query
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--facts", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--method", default="gxa", help="gxa or gxa-amig")
     parser.add_argument("--batch-sizes", default="8,32,64")
     parser.add_argument("--threads", type=int, default=None)

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import qloc
+from qloc.engine.attribution import DEFAULT_STEPS
 
 PARAREL_FACTS, PARAREL_QUERIES = 25_304, 160_934  # facts with >= 2 usable queries, and their queries
 
@@ -44,7 +45,7 @@ class Shape:
 LLAMA3_8B = Shape(layers=32, d_model=4096, d_ff=14336, vocab=128256)
 
 
-def query_flops(shape: Shape, method: str, steps: int = 20, prompt_tokens: int = 8) -> float:
+def query_flops(shape: Shape, method: str, steps: int = DEFAULT_STEPS, prompt_tokens: int = 8) -> float:
     """Engine FLOPs of one query and answer token. Each (layer l, step) row runs layers l..L-1 at one
     position (the prefix comes from the cache) forward and backward (input gradients only, about
     the forward's cost again), then the head; AMIG/SIG add their baseline forwards; SIG integrates

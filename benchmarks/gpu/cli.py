@@ -38,6 +38,7 @@ from benchmarks.gpu.report import (
     write_json,
 )
 from benchmarks.gpu.smollm2 import check_smollm2_reference, make_smollm2_reference
+from qloc.engine.attribution import DEFAULT_STEPS
 from qloc.engine.models import resolve_dtype
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32: the 8B depth)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--queries", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--methods", default="ig,amig,sig")
     parser.add_argument("--reference-layers", type=int, default=4, help="layers the reference is timed on")
     parser.add_argument("--in-flight", type=int, nargs="*", default=[2, 4], help="model replicas run at once")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from qloc.engine.attribution import DEFAULT_STEPS
 from qloc.engine.models import LoadedModel
 from qloc.engine.paths import integration_points
 from qloc.engine.tokens import encode_query
@@ -74,7 +75,7 @@ def reference_token_scores(
     answer: str,
     method: str,
     t: int,
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     rule: str = "right",
     layers: int | None = None,
 ) -> torch.Tensor:
@@ -119,7 +120,7 @@ def reference_scores(
     prompt: str,
     answer: str,
     method: str = "ig",
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     rule: str = "right",
     answer_tokens: str = "all",
     layers: int | None = None,
