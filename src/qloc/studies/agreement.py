@@ -30,7 +30,7 @@ from ..runs.outputs import check_writable, pyplot, save_figure, write_table
 from ..runs.store import RunStore
 from ..settings import setting
 from .consistency_tables import classify, fact_consistency
-from .knrows import KnSetRow
+from .knrows import DenseScoresRow, KnSetRow
 from .knsets import LOCALIZE_STAGE, load_dense_scores
 from .registry import Outcome, Panel, Study
 
@@ -118,7 +118,7 @@ def run_queries(
     (fact, query, method)."""
     if "dense_scores" not in store.tables():
         raise QlocError(f"{store.run_dir} holds no dense scores: make the localize run with --save-scores")
-    dense = store.frame("dense_scores")
+    dense = store.frame(DenseScoresRow)
     missing = sorted(set(references) - set(dense["method"]))
     if missing:
         raise QlocError(

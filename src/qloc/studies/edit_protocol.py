@@ -359,7 +359,7 @@ def sequential_table(sequential: pd.DataFrame) -> pd.DataFrame:
     """Table 7: mean, standard deviation and median over seeds per (method, mode, KN set), and the
     share of seeds whose edits broke the model (dPPL > 1)."""
     grouped = sequential.groupby(["method", "mode", "kn_set"], sort=False)
-    metrics = METRICS + [c for c in ("moved_right",) if c in sequential]
+    metrics = [*METRICS, "moved_right"]
     table = grouped[metrics].agg(["mean", "std", "median"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
     table["catastrophic"] = grouped["dppl"].agg(lambda d: float((d > CATASTROPHIC_DPPL).mean()))

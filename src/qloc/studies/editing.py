@@ -40,6 +40,7 @@ from .edit_protocol import (
     EditCase,
     EditConfig,
     Measurement,
+    SequentialRow,
     SequentialUnit,
     by_relation,
     case_study,
@@ -243,8 +244,8 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
         "gen_known",
     ]
     for column in numeric:
-        # NaN is stored as NULL (a column of only NULLs reads back as objects); a store written
-        # before a column was recorded has none of it.
+        # NaN is stored as NULL (a column of only NULLs reads back as objects); a frame not read
+        # through EditRow (which adds them) may lack columns newer than its rows.
         frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame else float("nan")
     frame["catastrophic"] = (frame["dppl"] > CATASTROPHIC_DPPL).astype(float).where(frame["dppl"].notna())
     edited = frame["kn_size"] > 0
@@ -375,7 +376,7 @@ def _run_sequential(
     plan = localized.sweep(stage, sequence, build, f"sequential {config.mode}", units)
     execute(plan, request.execution)
     with RunStore.open_existing(localized.run_dir) as store:
-        table = sequential_table(store.frame("sequential"))
+        table = sequential_table(store.frame(SequentialRow))
     write_table(table, localized.run_dir / "tables", "table7")
     return Outcome([table])
 
@@ -405,7 +406,7 @@ def _run_fact_by_fact(
     )
     summary = execute(plan, request.execution)
     with RunStore.open_existing(localized.run_dir) as store:
-        edits = store.frame("edits")
+        edits = store.frame(EditRow)
     for name, chosen in (("table2", ("self", "union")), ("table3", ("self", "union", "cas", CONTROL_SET))):
         write_table(edit_table(edits, chosen), tables, name)
     filtered = shared.report(localized.knowledge, [s for s in config.sets if s in KN_SETS])

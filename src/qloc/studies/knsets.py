@@ -30,7 +30,7 @@ from ..engine.models import model_label
 from ..errors import ConfigError, QlocError, UnsupportedArchitectureError
 from ..runs.store import RunStore
 from ..settings import setting
-from .knrows import KnSetRow
+from .knrows import DenseScoresRow, KnSetRow
 from .knrows import QueryRow as QueryRow  # its home before the KN-set rows moved beside it
 
 LOCALIZE_STAGE = "localize"
@@ -352,8 +352,8 @@ def dense_kn_sets(run_dirs: Sequence[str | Path], rules: Sequence[str] = KN_RULE
                 continue
             model = model_label(store.params(LOCALIZE_STAGE)["model"])
             degenerate = degenerate_methods(store)
-            relation = store.frame("kn_sets").drop_duplicates("fact_id").set_index("fact_id")["relation"]
-            for row in store.frame("dense_scores").itertuples():
+            relation = store.frame(KnSetRow).drop_duplicates("fact_id").set_index("fact_id")["relation"]
+            for row in store.frame(DenseScoresRow).itertuples():
                 scores = torch.from_numpy(load_dense_scores(row.scores_npz).astype(np.float32))
                 for rule in rules:
                     kn = kn_set_by_rule(scores, rule)

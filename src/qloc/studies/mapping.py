@@ -273,7 +273,7 @@ def run(request: MappingRequest) -> Outcome:
     plan = localized.sweep(config.stage, params, build, f"mapping {localized.method}", sample.facts)
     summary = execute(plan, request.execution)
     with RunStore.open_existing(request.run_dir) as store:
-        table = mapping_table(store.frame("mapping"))
+        table = mapping_table(store.frame(MappingRow))
     csv = write_table(table, request.run_dir / "tables", "fig4_mapping")
     png = save_figure(mapping_figure(table), request.run_dir / "figures", "fig4_mapping")
     filtered = shared.report(localized.knowledge, ("self", "union"))
