@@ -415,3 +415,23 @@ def test_shared_filter_needs_enough_facts_and_takes_them_from_a_reference():
     assert filtered["P1/0"].kn_set("self") == [(1, 0), pair] and filtered["P1/2"].kn_set("self") == [(1, 2)]
     report = counted.report(small, ("self",))
     assert "shares over 100 facts of reference run 'big'" in report and "self 12 KNs, 0 of 12" in report
+
+
+def test_edits_in_sequence_scale_by_the_unedited_norms(word_tokenizer):
+    """A neuron edited twice in a row with the unedited norms changes twice as much as once (with
+    the norms as they are after the first edit, the second edit would be larger: compounding)."""
+    from qloc.engine.editing import edit_knowledge, value_norms
+
+    lm = make_tiny_model("llama", word_tokenizer)
+    neuron, layer = (1, 3), 1
+    original = lm.value_vectors(layer)[3].clone().float()
+    unedited = value_norms(lm)
+    with edit_knowledge(lm, [neuron], "France", "Italy", norms=unedited):
+        once = lm.value_vectors(layer)[3].float() - original
+        with edit_knowledge(lm, [neuron], "France", "Italy", norms=unedited):
+            twice = lm.value_vectors(layer)[3].float() - original
+        with edit_knowledge(lm, [neuron], "France", "Italy"):
+            compounded = lm.value_vectors(layer)[3].float() - original
+    assert torch.allclose(twice, 2 * once, atol=1e-5)
+    assert compounded.norm() > 2.5 * once.norm()  # the current norm grew with the first edit
+    assert torch.equal(lm.value_vectors(layer)[3].float(), original)

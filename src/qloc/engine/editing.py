@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -83,11 +83,15 @@ def edit_knowledge(
     lambda1: float = LAMBDA1,
     lambda2: float = LAMBDA2,
     signs: Sequence[int] | None = None,
+    norms: Mapping[int, torch.Tensor] | None = None,
 ) -> Iterator[None]:
     """Erase ``erase`` (and write ``new`` where given) through the value vectors of ``neurons``.
 
     ``signs`` (one per neuron, from :func:`activation_signs`) multiplies each neuron's change;
-    a neuron with sign 0 is left as it is. ``None`` applies the literal equation to every neuron."""
+    a neuron with sign 0 is left as it is. ``None`` applies the literal equation to every neuron.
+    ``norms`` (per layer, [d_ff]; :func:`value_norms` of the unedited model) scales each change;
+    ``None``: the value vectors' norms as they are now. Edits made one after another pass the
+    unedited norms, so that a neuron edited k times changes k times as much, not (1 + lambda)^k."""
     if signs is not None and len(signs) != len(neurons):
         raise QlocError(f"{len(signs)} signs for {len(neurons)} neurons")
     e_old = answer_embedding(lm, erase)
@@ -106,10 +110,10 @@ def edit_knowledge(
                 rows = torch.tensor(indices, device=vectors.device)
                 saved[layer] = (rows, vectors[rows].clone())
                 v = vectors[rows].float()
-                norms = v.norm(dim=1, keepdim=True)
-                change = -lambda1 * norms / e_old.norm() * e_old.to(v.device)
+                scale = v.norm(dim=1, keepdim=True) if norms is None else norms[layer][rows][:, None]
+                change = -lambda1 * scale / e_old.norm() * e_old.to(v.device)
                 if e_new is not None:
-                    change = change + lambda2 * norms / e_new.norm() * e_new.to(v.device)
+                    change = change + lambda2 * scale / e_new.norm() * e_new.to(v.device)
                 direction = torch.tensor([float(sign_of[i]) for i in indices], device=v.device)[:, None]
                 vectors[rows] = (v + direction * change).to(vectors.dtype)
         yield
@@ -117,6 +121,13 @@ def edit_knowledge(
         with torch.no_grad():
             for layer, (rows, original) in saved.items():
                 lm.value_vectors(layer)[rows] = original
+
+
+@torch.no_grad()
+def value_norms(lm: LoadedModel) -> dict[int, torch.Tensor]:
+    """Per layer, the norm of every neuron's value vector ([d_ff], float32, on the model's device):
+    the scale of :func:`edit_knowledge` in a sequence of edits."""
+    return {layer: lm.value_vectors(layer).float().norm(dim=1) for layer in range(lm.num_layers)}
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from ..engine.editing import (
     edit_knowledge,
     perplexity,
     target_activations,
+    value_norms,
 )
 from ..engine.models import LoadedModel
 from ..engine.tokens import pad_token_id
@@ -272,6 +273,7 @@ def sequential_edit(
             continue
     ppl_before = perplexity(lm, passages, config.ppl_tokens)
     before = [case.measure(lm) for case in cases]
+    unedited = value_norms(lm)
     with contextlib.ExitStack() as edits:  # unwinding restores the edits in reverse order
         for case in cases:
             fact = case.fact
@@ -284,7 +286,7 @@ def sequential_edit(
                 signs = kn_signs(target_activations(lm, fact.queries, fact.object), set_name, neurons)
             edits.enter_context(
                 edit_knowledge(
-                    lm, neurons, fact.object, case.new_object, config.lambda1, config.lambda2, signs
+                    lm, neurons, fact.object, case.new_object, config.lambda1, config.lambda2, signs, unedited
                 )
             )
         per_fact = [
