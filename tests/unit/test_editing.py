@@ -349,6 +349,9 @@ def test_edit_table_reports_erasure_over_known_queries_and_not_stored_for_old_ro
     ]
     table = edit_table(pd.DataFrame(rows), ("self",)).iloc[0]
     assert table["rel"] == pytest.approx(2 / 3) and table["rel_known"] == 0.5
+    # Gen that every paraphrase can fail: the share of neighbours whose P(o) fell, per edited fact.
+    moved = pd.DataFrame(rows).assign(neighbours=[2, 4, 1, 0], neighbours_moved=[1, 4, 1, 0])
+    assert edit_table(moved, ("self",)).iloc[0]["gen_moved"] == pytest.approx((0.5 + 1 + 1) / 3)
     assert table["known_queries"] == 2 and table["known_neighbours"] == 3
     assert table["gen_known"] == 0.5 and table["prob_drop"] == pytest.approx((0.1 - 0.01 + 0.4) / 3)
     assert table["facts"] == 4 and table["empty_sets"] == 1

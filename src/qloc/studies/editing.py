@@ -35,6 +35,7 @@ from ..settings import setting
 from .edit_protocol import (
     CATASTROPHIC_DPPL,
     CONTROL_SET,
+    EDIT_SETS,
     KN_SETS,
     METRICS,
     EditCase,
@@ -229,7 +230,9 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     the edit does. So beside them: Rel over the edited queries the model answered right (o at top-1)
     before the edit (``rel_known``, over ``known_queries`` of them), Gen over such neighbours
     (``gen_known``, over ``known_neighbours``), and the mean drop of the edited query's P(o), which
-    every query can fail (``prob_drop``). Rows stored before the known columns were recorded leave
+    every query can fail (``prob_drop``); ``gen_moved`` is Gen's counterpart that every paraphrase
+    can fail: the share of the neighbour queries whose P(o) (update: P(o')) moved the intended way.
+    Rows stored before the known columns were recorded leave
     them NaN: not stored."""
     frame = edits[edits["kn_set"].isin(sets)].copy()
     numeric = METRICS + [
@@ -239,6 +242,8 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
         "new_prob_before",
         "new_prob_after",
         "kn_dropped",
+        "neighbours",
+        "neighbours_moved",
         "query_known",
         "neighbours_known",
         "gen_known",
@@ -253,12 +258,16 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     frame["rel_of_known"] = frame["rel"].where(frame["known_edit"] == 1)
     frame["known_neighbours"] = frame["neighbours_known"].where(edited)
     frame["prob_drop"] = frame["prob_before"] - frame["prob_after"]
+    frame["gen_moved"] = (frame["neighbours_moved"] / frame["neighbours"]).where(
+        edited & (frame["neighbours"] > 0)
+    )
     frame["emptied_by_filter"] = (frame["kn_size"] == 0) & (frame["kn_dropped"] > 0)
     grouped = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)
     table = grouped[METRICS].mean()
     table["dppl_median"] = grouped["dppl"].median()
     table["catastrophic"] = grouped["catastrophic"].mean()
     table["moved_right"] = grouped["moved_right"].mean()
+    table["gen_moved"] = grouped["gen_moved"].mean()
     for column in ("prob_before", "prob_after", "new_prob_before", "new_prob_after"):
         table[f"{column}_median"] = grouped[column].median()
     table["kn_size"] = grouped["kn_size"].mean()
@@ -272,7 +281,7 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     table["gen_known"] = grouped["gen_known"].mean()
     table["known_neighbours"] = grouped["known_neighbours"].sum(min_count=1)
     table["prob_drop"] = grouped["prob_drop"].mean()
-    order = {name: i for i, name in enumerate(KN_SETS)}
+    order = {name: i for i, name in enumerate(EDIT_SETS)}
     table = table.reset_index()
     table["order"] = table["kn_set"].map(order)
     return (
