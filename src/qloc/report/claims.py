@@ -21,65 +21,68 @@ from .findings import (
 from .format import format_number, format_share
 from .paper import PaperReference, no_paper_number
 
+SELF_REACH = 0.5
+"""Table 2's contrast: Self's Gen under this share of Union's is "Self does not reach the other
+queries" (the paper's KI rows: 0.10-0.24; its KC rows: 0.62-0.86)."""
+
 
 class ModelClaims(ConsistencyClaims):
     # -- Tables 2 and 3 ----------------------------------------------------------------------
-    def _gen(self, rows: pd.DataFrame, kind: str, kn_set: str) -> float | None:
+    def _gen(self, rows: pd.DataFrame, kind: str, kn_set: str, column: str = "gen") -> float | None:
         picked = rows[(rows["class"] == kind) & (rows["kn_set"] == kn_set)]
-        return float(picked["gen"].iloc[0]) if len(picked) else None
+        if not len(picked) or column not in picked:
+            return None
+        value = float(picked[column].iloc[0])
+        return None if math.isnan(value) else value
 
     def generalisation(self) -> None:
+        """Table 2's contrast: for KI facts, Self's KNs (one query's) reach the fact's other queries
+        far less than Union's (the paper: Self's Gen is 10-24 % of Union's on its three models),
+        for KC facts about as well (62-86 %). Self reaching under half of Union's Gen counts as
+        "far less"; the share of paraphrases whose P(o) moved is given beside, a Gen that a query
+        the model never answered right can still fail."""
         table2 = self.table("table2")
         if table2 is None:
             return
         for (method, mode), rows in table2.groupby(["method", "mode"], sort=False):
-            gaps = {}
+            ratios = {}
             for kind in ("KC", "KI"):
                 self_gen, union_gen = self._gen(rows, kind, "self"), self._gen(rows, kind, "union")
-                if self_gen is not None and union_gen is not None:
-                    gaps[kind] = (self_gen, union_gen)
-            for kind, (self_gen, union_gen) in gaps.items():
-                measure = f"{method.upper()} {mode}, {kind} facts: Gen through Self vs Union"
-                paper = self.paper.quote_each(
-                    "table2",
-                    "gen",
-                    self.reference,
-                    {SET_NAMES[s]: {"mode": mode, "class": kind, "kn_set": s} for s in ("self", "union")},
-                )
-                measured = f"Self {format_number(self_gen)} / Union {format_number(union_gen)}"
+                if self_gen is not None and union_gen:
+                    ratios[kind] = (self_gen, union_gen, self_gen / union_gen)
+            for kind, (self_gen, union_gen, ratio) in ratios.items():
+                moved = [self._gen(rows, kind, s, "gen_moved") for s in ("self", "union")]
+                notes = [f"Self's Gen is {format_number(ratio)} of Union's"]
+                if None not in moved:
+                    notes.append(
+                        f"paraphrases moved: Self {format_number(moved[0])}, Union {format_number(moved[1])}"
+                    )
                 if kind == "KI":
-                    verdict = "agrees" if union_gen > self_gen else "differs"
-                    self.add(
-                        "self_union_generalisation",
-                        measure,
-                        measured,
-                        paper,
-                        verdict,
-                        (
-                            "Union reaches the other queries, Self does not"
-                            if verdict == "agrees"
-                            else "Self generalises as well as Union"
-                        ),
+                    verdict = "agrees" if ratio < SELF_REACH else "differs"
+                    notes.insert(
+                        0,
+                        "Self reaches far less than Union"
+                        if verdict == "agrees"
+                        else "Self generalises about as well as Union",
                     )
-                elif "KI" in gaps:
-                    kc_gap, ki_gap = union_gen - self_gen, gaps["KI"][1] - gaps["KI"][0]
-                    self.add(
-                        "self_union_generalisation",
-                        measure,
-                        measured,
-                        paper,
-                        "agrees" if kc_gap < ki_gap else "differs",
-                        f"Union - Self: KC {format_number(kc_gap)}, KI {format_number(ki_gap)}",
-                    )
+                elif "KI" in ratios:
+                    verdict = "agrees" if ratio >= SELF_REACH > ratios["KI"][2] else "differs"
+                    notes.insert(0, f"KI: {format_number(ratios['KI'][2])} of Union's")
                 else:
-                    self.add(
-                        "self_union_generalisation",
-                        measure,
-                        measured,
-                        paper,
-                        "open",
-                        "no KI facts to compare with",
-                    )
+                    verdict, notes = "open", ["no KI facts to compare with"]
+                self.add(
+                    "self_union_generalisation",
+                    f"{method.upper()} {mode}, {kind} facts: Gen through Self vs Union",
+                    f"Self {format_number(self_gen)} / Union {format_number(union_gen)}",
+                    self.paper.quote_each(
+                        "table2",
+                        "gen",
+                        self.reference,
+                        {SET_NAMES[s]: {"mode": mode, "class": kind, "kn_set": s} for s in ("self", "union")},
+                    ),
+                    verdict,
+                    "; ".join(notes),
+                )
 
     def perplexity(self) -> None:
         table2 = self.table("table2")
