@@ -14,7 +14,8 @@ def test_cli_mapping(tmp_path, tiny_model_dir):
     base = [sys.executable, "-m", "qloc.cli"]
     localize_tiny(tiny_model_dir, run, "--relations", "P19,P36")
     result = subprocess.run(
-        base + ["mapping", "--run-dir", str(run), "--device", "cpu", "--quiet"],
+        # The tiny run's few facts count the filter's shares, as a run of >= 50 facts would.
+        base + ["mapping", "--run-dir", str(run), "--device", "cpu", "--quiet", "--shared-min-facts", "2"],
         capture_output=True,
         text=True,
     )
@@ -50,6 +51,7 @@ def test_cli_mapping_on_a_stratified_sample(tmp_path, tiny_model_dir):
     first = mapping("--limit", "2", "--stratify", "static")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "KC and" in first.stdout and "static threshold, ig KN sets" in first.stdout
+    assert "shared-neuron filter 0.1 not applied: this run has 4 facts" in first.stdout
     with qloc.RunStore.open_existing(run) as store:
         params = store.params("mapping-ig")
         assert store.frame("mapping")["fact_id"].nunique() == 2
