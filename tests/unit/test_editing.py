@@ -135,35 +135,19 @@ def test_sequential_editing_restores_the_model(word_tokenizer):
     ]
     knowledge = {f.id: FactKnowledge([[(0, i), (1, i + 1)], [(0, i)]], [(0, i)]) for i, f in enumerate(facts)}
     before = weights(lm)
+
+    def in_sequence(set_name: str, repeat: int) -> dict:
+        config, shared = EditConfig(mode="update", unrelated_queries=2), SharedNeuronFilter(0.1, knowledge)
+        passages = ["Paris is the capital of France"]
+        return sequential_edit(lm, config, knowledge, shared, facts, facts, set_name, 2, repeat, passages)
+
     rows = []
     for repeat in range(2):
-        result = sequential_edit(
-            lm,
-            EditConfig(mode="update", unrelated_queries=2),
-            knowledge,
-            SharedNeuronFilter(0.1, knowledge),
-            facts,
-            facts,
-            "union",
-            2,
-            repeat,
-            ["Paris is the capital of France"],
-        )
+        result = in_sequence("union", repeat)
         assert result["facts"] == 2 and 0 <= result["loc"] <= 1
         rows.append({"method": "ig", "mode": "update", "kn_set": "union", "seed": repeat, **result})
     # The random control edits as many non-KN neurons in sequence, and restores the model too.
-    control = sequential_edit(
-        lm,
-        EditConfig(mode="update", unrelated_queries=2),
-        knowledge,
-        SharedNeuronFilter(0.1, knowledge),
-        facts,
-        facts,
-        "random",
-        2,
-        0,
-        ["Paris is the capital of France"],
-    )
+    control = in_sequence("random", 0)
     assert control["facts"] == 2 and control["empty_sets"] == 0
     assert all(torch.equal(p, before[name]) for name, p in lm.model.named_parameters())
     table = sequential_table(pd.DataFrame(rows))
