@@ -6,19 +6,10 @@ from unittest import mock
 import torch
 import transformers
 
+from benchmarks.gpu.models import LLAMA3_8B  # the shape the GPU benchmark estimates for
 from qloc.engine.paths import default_batch_rows, gpu_batch_rows
 
 GIB = 2**30
-
-
-LLAMA3_8B = dict(
-    vocab_size=128_256,
-    hidden_size=4096,
-    intermediate_size=14_336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-)
 
 
 def gpu_model(**config):
