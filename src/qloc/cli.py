@@ -61,17 +61,26 @@ def parse_known(value: str | int) -> int | None:
     return k
 
 
-def parse_share(value: str) -> float | None:
-    """``--shared-filter``: a share such as 0.1, or ``off`` (None)."""
-    if value.strip().lower() == "off":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise QlocError(f"--shared-filter {value!r}: a share such as 0.1, or off") from None
+def share_parser(flag: str) -> Callable[[str], float | None]:
+    """The parser of a share setting (``--shared-filter``, ``--activity-filter``): a share such as
+    0.1, or ``off`` (None)."""
+
+    def parse(value: str) -> float | None:
+        if value.strip().lower() == "off":
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            raise QlocError(f"{flag} {value!r}: a share such as 0.1, or off") from None
+
+    return parse
 
 
-WORD_PARSERS: dict[str, Callable[[str], Any]] = {"known": parse_known, "shared_filter": parse_share}
+WORD_PARSERS: dict[str, Callable[[str], Any]] = {
+    "known": parse_known,
+    "shared_filter": share_parser("--shared-filter"),
+    "activity_filter": share_parser("--activity-filter"),
+}
 """Settings that take a word for None on the command line, and how their text is read."""
 
 

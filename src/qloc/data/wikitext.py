@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import random
+from collections.abc import Collection
 
 from .pararel import bundled_path
 
@@ -14,12 +15,16 @@ def load_wikitext_test() -> str:
         return f.read().replace("\r\n", "\n")
 
 
-def wikitext_passages(count: int = 5, min_chars: int = 1200, seed: int = 0) -> list[str]:
+def wikitext_passages(
+    count: int = 5, min_chars: int = 1200, seed: int | str = 0, exclude: Collection[str] = ()
+) -> list[str]:
     """``count`` seeded passages: article paragraphs (lines that are not ``= heading =``) of at
-    least ``min_chars`` characters, enough for 256 tokens with the usual tokenizers."""
+    least ``min_chars`` characters, enough for 256 tokens with the usual tokenizers, none of
+    ``exclude`` (passages another measurement uses)."""
     paragraphs = [
         line.strip()
         for line in load_wikitext_test().split("\n")
         if len(line.strip()) >= min_chars and not line.strip().startswith("=")
     ]
-    return random.Random(seed).sample(paragraphs, count)
+    left_out = set(exclude)
+    return random.Random(seed).sample([p for p in paragraphs if p not in left_out], count)

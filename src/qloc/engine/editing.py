@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -121,6 +121,44 @@ def edit_knowledge(
         with torch.no_grad():
             for layer, (rows, original) in saved.items():
                 lm.value_vectors(layer)[rows] = original
+
+
+@torch.no_grad()
+def neuron_footprints(lm: LoadedModel, passages: Sequence[str], max_tokens: int = 256) -> torch.Tensor:
+    """[L, d_ff] fp32: per neuron, ||v|| x the mean |activation| over every token of ``passages``
+    (each cut to its first ``max_tokens`` tokens): how much the neuron writes into the residual
+    stream on generic text, whatever the query. An edit of v reaches every token in proportion to
+    it (METHODS.md section 5, activity filter). Sums are kept per layer as the passages run, one
+    at a time, so the memory is that of one forward pass."""
+    totals = torch.zeros(lm.num_layers, lm.d_ff)
+    tokens = 0
+
+    def accumulate(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(tensor: torch.Tensor) -> torch.Tensor:
+            totals[layer] += tensor.detach().float().abs().sum(dim=(0, 1)).cpu()
+            return tensor
+
+        return fn
+
+    with NEURONS.replace(lm, {layer: accumulate(layer) for layer in range(lm.num_layers)}):
+        for passage in passages:
+            ids = lm.tokenizer(passage).input_ids[:max_tokens]
+            lm.model(input_ids=torch.tensor([ids], device=lm.device), logits_to_keep=1)
+            tokens += len(ids)
+    if tokens == 0:
+        raise QlocError("no tokens to measure neuron activity on")
+    norms = torch.stack([norm.cpu() for norm in value_norms(lm).values()])
+    return totals / tokens * norms
+
+
+def most_active(footprints: torch.Tensor, share: float) -> frozenset[Neuron]:
+    """The ``share`` of all neurons (rounded up) with the largest ``footprints``."""
+    count = math.ceil(share * footprints.numel())
+    if count == 0:
+        return frozenset()
+    flat = torch.topk(footprints.flatten(), count).indices
+    d_ff = footprints.shape[1]
+    return frozenset((int(i) // d_ff, int(i) % d_ff) for i in flat)
 
 
 @torch.no_grad()

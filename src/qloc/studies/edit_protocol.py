@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pandas as pd
 import torch
 
 from ..data.pararel import Fact
+from ..data.wikitext import wikitext_passages
 from ..engine.attribution import DEFAULT_STEPS, attribute, kn_set
 from ..engine.cloze import ClozeScore, score_cloze
 from ..engine.editing import (
@@ -24,6 +26,8 @@ from ..engine.editing import (
     LAMBDA2,
     activation_signs,
     edit_knowledge,
+    most_active,
+    neuron_footprints,
     perplexity,
     target_activations,
     value_norms,
@@ -55,6 +59,10 @@ CONTROL_SET = "random"
 Self set, outside all of the fact's KNs, edited the same way."""
 EDIT_SETS = (*KN_SETS, CONTROL_SET)
 MODES = ("erase", "update")
+ACTIVITY_FILTER: float | None = None
+"""The activity filter's default share of the model's neurons (None: off; METHODS.md section 5)."""
+ACTIVITY_PASSAGES = 10
+"""WikiText passages the activity filter measures neuron activity on."""
 
 
 METRICS = ["rel", "gen", "loc", "avg", "dppl"]
@@ -91,6 +99,12 @@ class EditConfig:
     """Drop KNs held by more than this share of the relation's facts before editing; None: off."""
     shared_min_facts: int = setting(SHARED_FILTER_MIN_FACTS, SHARED_MIN_FACTS_HELP)
     shared_reference: Path | None = setting(None, SHARED_REFERENCE_HELP)
+    activity_filter: float | None = setting(
+        ACTIVITY_FILTER,
+        "Leave out of every edit the neurons among this share of the model's with the largest "
+        "||v|| x mean |activation| on WikiText (written into every token; METHODS.md section 5), or off.",
+        word="off",
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -101,17 +115,21 @@ class EditConfig:
         if self.edit_sign not in EDIT_SIGNS:
             raise ConfigError.invalid("edit_sign", self.edit_sign, f"choose {' or '.join(EDIT_SIGNS)}")
         check_share(self.shared_filter)
+        check_share(self.activity_filter, "activity_filter")
 
     @property
     def stage(self) -> str:
         return f"edit-{self.mode}-{self.method}"
 
     def params(self) -> dict:
-        return {
+        params = {
             **asdict(self),
             "sets": list(self.sets),
             "shared_reference": reference_param(self.shared_reference),
         }
+        if self.activity_filter is None:  # so that runs stored before the filter existed resume
+            del params["activity_filter"]
+        return params
 
 
 @dataclass
@@ -221,15 +239,37 @@ def kn_signs(activations: torch.Tensor, set_name: str, neurons: list[tuple[int, 
 
 
 def edit_set(
-    original: FactKnowledge, filtered: FactKnowledge, set_name: str, shape: tuple[int, int], seed: str
+    original: FactKnowledge,
+    filtered: FactKnowledge,
+    set_name: str,
+    shape: tuple[int, int],
+    seed: str,
+    excluded: frozenset[Neuron] = frozenset(),
 ) -> list[Neuron]:
-    """The neurons an edit of one fact goes through: its ``set_name`` KN set after the shared-neuron
-    filter, or for the random control as many neurons as that Self set, drawn (seeded by ``seed``)
-    outside every KN of the fact's unfiltered query and CAS sets."""
+    """The neurons an edit of one fact goes through: its ``set_name`` KN set after the filters, or
+    for the random control as many neurons as that Self set, drawn (seeded by ``seed``) outside
+    every KN of the fact's unfiltered query and CAS sets and outside ``excluded`` (the activity
+    filter's neurons, which no edit may touch)."""
     if set_name != CONTROL_SET:
         return filtered.kn_set(set_name)
-    avoid = original.neurons | set(original.cas)
+    avoid = original.neurons | set(original.cas) | excluded
     return random_neurons(len(filtered.kn_set("self")), shape, avoid, random.Random(seed))
+
+
+def activity_excluded(lm: LoadedModel, config: EditConfig, ppl_passages: Sequence[str]) -> frozenset[Neuron]:
+    """The neurons the activity filter keeps out of every edit (none when it is off), measured on
+    WikiText passages other than those of the perplexity check."""
+    if config.activity_filter is None:
+        return frozenset()
+    passages = wikitext_passages(ACTIVITY_PASSAGES, seed=f"activity:{config.seed}", exclude=ppl_passages)
+    return most_active(neuron_footprints(lm, passages, config.ppl_tokens), config.activity_filter)
+
+
+def filtered_knowledge(
+    knowledge: Mapping[str, FactKnowledge], shared: SharedNeuronFilter, excluded: frozenset[Neuron]
+) -> dict[str, FactKnowledge]:
+    """The KN sets an experiment edits: after the shared-neuron filter and without ``excluded``."""
+    return {fact_id: known.without(excluded) for fact_id, known in shared.apply(knowledge).items()}
 
 
 def dropped_by_filter(original: FactKnowledge, filtered: FactKnowledge, set_name: str) -> int:
@@ -263,7 +303,8 @@ def sequential_edit(
     signs are those of the activations of the model it edits (after the edits before it). The
     model is restored bit-exactly afterwards."""
     facts_by_relation = by_relation(dataset)
-    filtered = shared.apply(knowledge)
+    excluded = activity_excluded(lm, config, passages)
+    filtered = filtered_knowledge(knowledge, shared, excluded)
     chosen = random.Random(f"{config.seed}:sequential:{repeat}").sample(facts, min(count, len(facts)))
     cases = []
     for fact in chosen:
@@ -279,7 +320,7 @@ def sequential_edit(
             fact = case.fact
             shape = (lm.num_layers, lm.d_ff)
             neurons = edit_set(
-                knowledge[fact.id], filtered[fact.id], set_name, shape, control_seed(config, fact)
+                knowledge[fact.id], filtered[fact.id], set_name, shape, control_seed(config, fact), excluded
             )
             signs = None
             if config.edit_sign == "activation":

@@ -43,12 +43,14 @@ from .edit_protocol import (
     Measurement,
     SequentialRow,
     SequentialUnit,
+    activity_excluded,
     by_relation,
     case_study,
     control_seed,
     dropped_by_filter,
     edit_evidence,
     edit_set,
+    filtered_knowledge,
     kn_signs,
     sequential_table,
     sequential_work,
@@ -128,14 +130,17 @@ class EditWork:
     """A stratified sample's classes (:attr:`qloc.studies.localized.FactSample.classes`); None:
     each fact's static class."""
     facts_by_relation: dict[str, list[Fact]] = field(init=False)
+    excluded: frozenset[Neuron] = field(init=False)
+    """The activity filter's neurons, which no edit touches."""
     filtered: dict[str, FactKnowledge] = field(init=False)
-    """The KN sets after the shared-neuron filter."""
+    """The KN sets after the shared-neuron and activity filters."""
     ppl_before: float = field(init=False)
 
     def __post_init__(self) -> None:
         # Once per model replica: none of these depends on the fact.
         self.facts_by_relation = by_relation(self.dataset)
-        self.filtered = self.shared.apply(self.knowledge)
+        self.excluded = activity_excluded(self.lm, self.config, self.passages)
+        self.filtered = filtered_knowledge(self.knowledge, self.shared, self.excluded)
         self.ppl_before = perplexity(self.lm, self.passages, self.config.ppl_tokens)
 
     def __call__(self, fact: Fact, writer: UnitWriter) -> None:
@@ -148,7 +153,9 @@ class EditWork:
         )
         shape = (self.lm.num_layers, self.lm.d_ff)
         for set_name in self.config.sets:
-            neurons = edit_set(original, known, set_name, shape, control_seed(self.config, fact))
+            neurons = edit_set(
+                original, known, set_name, shape, control_seed(self.config, fact), self.excluded
+            )
             signs = kn_signs(activations, set_name, neurons)  # recorded with the literal equation too
             row = EditRow(
                 fact_id=fact.id,
