@@ -14,7 +14,6 @@ query before and after, how many neighbours moved, and how many KNs the filter r
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -215,8 +214,46 @@ def edit_work(
     passages: list[str],
     classes: dict[str, str] | None = None,
 ) -> WorkFn:
-    """The sweep's :data:`~qloc.runs.executors.WorkBuilder`: an :class:`EditWork` on ``lm``."""
+    """An :class:`EditWork` on ``lm``."""
     return EditWork(lm, config, knowledge, shared, dataset, passages, classes)
+
+
+@dataclass(frozen=True)
+class EditWorkBuilder:
+    """The fact-by-fact edit sweep's :data:`~qloc.runs.executors.WorkBuilder`: each model replica
+    builds its :class:`EditWork` from it (a dataclass, so that Ray pickles it)."""
+
+    config: EditConfig
+    knowledge: dict[str, FactKnowledge]
+    shared: SharedNeuronFilter
+    dataset: list[Fact]
+    passages: list[str]
+    classes: dict[str, str] | None = None
+
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        return EditWork(
+            lm, self.config, self.knowledge, self.shared, self.dataset, self.passages, self.classes
+        )
+
+
+@dataclass(frozen=True)
+class SequentialWorkBuilder:
+    """The sequential edit sweep's :data:`~qloc.runs.executors.WorkBuilder` (Table 7): each model
+    replica builds :func:`~qloc.studies.edit_protocol.sequential_work` from it, ``count`` facts
+    edited one after another per unit (a dataclass, so that Ray pickles it)."""
+
+    config: EditConfig
+    knowledge: dict[str, FactKnowledge]
+    shared: SharedNeuronFilter
+    dataset: list[Fact]
+    facts: list[Fact]
+    count: int
+    passages: list[str]
+
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        return sequential_work(
+            lm, self.config, self.knowledge, self.shared, self.dataset, self.facts, self.count, self.passages
+        )
 
 
 def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
@@ -370,15 +407,8 @@ def _run_sequential(
     """Table 7: ``request.sequential`` facts edited one after another, per KN set and seed."""
     # Seed-major, so that an interrupted run has every KN set for the seeds it finished.
     units = [SequentialUnit(name, repeat) for repeat in range(request.seeds) for name in config.sets]
-    build = partial(
-        sequential_work,
-        config=config,
-        knowledge=localized.knowledge,
-        shared=shared,
-        dataset=localized.dataset,
-        facts=localized.facts,
-        count=request.sequential,
-        passages=passages,
+    build = SequentialWorkBuilder(
+        config, localized.knowledge, shared, localized.dataset, localized.facts, request.sequential, passages
     )
     sequence = {**config.params(), "sequential": request.sequential, "seeds": request.seeds}
     stage = f"sequential-{config.mode}-{config.method}"
@@ -400,15 +430,7 @@ def _run_fact_by_fact(
     """Tables 2 and 3: each sampled fact edited alone, through each KN set."""
     tables = localized.run_dir / "tables"
     sample = localized.sample(request.limit, config.seed, request.stratify, request.stratify_method)
-    build = partial(
-        edit_work,
-        config=config,
-        knowledge=localized.knowledge,
-        shared=shared,
-        dataset=localized.dataset,
-        passages=passages,
-        classes=sample.classes,
-    )
+    build = EditWorkBuilder(config, localized.knowledge, shared, localized.dataset, passages, sample.classes)
     description = f"{config.mode} via {','.join(config.sets)}"
     plan = localized.sweep(
         config.stage, {**config.params(), **sample.params}, build, description, sample.facts
