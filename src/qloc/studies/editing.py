@@ -271,7 +271,38 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     can fail: the share of the neighbour queries whose P(o) (update: P(o')) moved the intended way.
     Rows stored before the known columns were recorded leave
     them NaN: not stored."""
-    frame = edits[edits["kn_set"].isin(sets)].copy()
+    frame = _edit_measures(edits[edits["kn_set"].isin(sets)].copy())
+    grouped = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)
+    table = grouped[METRICS].mean()
+    table["dppl_median"] = grouped["dppl"].median()
+    table["catastrophic"] = grouped["catastrophic"].mean()
+    table["moved_right"] = grouped["moved_right"].mean()
+    table["gen_moved"] = grouped["gen_moved"].mean()
+    for column in ("prob_before", "prob_after", "new_prob_before", "new_prob_after"):
+        table[f"{column}_median"] = grouped[column].median()
+    table["kn_size"] = grouped["kn_size"].mean()
+    table["kn_dropped"] = grouped["kn_dropped"].mean()
+    table["empty_sets"] = grouped["kn_size"].agg(lambda sizes: int((sizes == 0).sum()))
+    table["kn_dropped_total"] = grouped["kn_dropped"].sum()
+    table["emptied_by_filter"] = grouped["emptied_by_filter"].sum()
+    table["facts"] = grouped.size()
+    table["rel_known"] = grouped["rel_of_known"].mean()
+    table["known_queries"] = grouped["known_edit"].sum(min_count=1)
+    table["gen_known"] = grouped["gen_known"].mean()
+    table["known_neighbours"] = grouped["known_neighbours"].sum(min_count=1)
+    table["prob_drop"] = grouped["prob_drop"].mean()
+    order = {name: i for i, name in enumerate(EDIT_SETS)}
+    table = table.reset_index()
+    table["order"] = table["kn_set"].map(order)
+    return (
+        table.sort_values(["method", "mode", "class", "order"]).drop(columns="order").reset_index(drop=True)
+    )
+
+
+def _edit_measures(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (edit rows) with its measures numeric and what :func:`edit_table` averages per
+    edit beside them: whether it was catastrophic, the edited query's known state and Rel where it
+    was known, the known neighbours, the drop of P(o), Gen's moved share and sets the filter emptied."""
     numeric = METRICS + [
         "moved_right",
         "prob_before",
@@ -299,31 +330,7 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
         edited & (frame["neighbours"] > 0)
     )
     frame["emptied_by_filter"] = (frame["kn_size"] == 0) & (frame["kn_dropped"] > 0)
-    grouped = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)
-    table = grouped[METRICS].mean()
-    table["dppl_median"] = grouped["dppl"].median()
-    table["catastrophic"] = grouped["catastrophic"].mean()
-    table["moved_right"] = grouped["moved_right"].mean()
-    table["gen_moved"] = grouped["gen_moved"].mean()
-    for column in ("prob_before", "prob_after", "new_prob_before", "new_prob_after"):
-        table[f"{column}_median"] = grouped[column].median()
-    table["kn_size"] = grouped["kn_size"].mean()
-    table["kn_dropped"] = grouped["kn_dropped"].mean()
-    table["empty_sets"] = grouped["kn_size"].agg(lambda sizes: int((sizes == 0).sum()))
-    table["kn_dropped_total"] = grouped["kn_dropped"].sum()
-    table["emptied_by_filter"] = grouped["emptied_by_filter"].sum()
-    table["facts"] = grouped.size()
-    table["rel_known"] = grouped["rel_of_known"].mean()
-    table["known_queries"] = grouped["known_edit"].sum(min_count=1)
-    table["gen_known"] = grouped["gen_known"].mean()
-    table["known_neighbours"] = grouped["known_neighbours"].sum(min_count=1)
-    table["prob_drop"] = grouped["prob_drop"].mean()
-    order = {name: i for i, name in enumerate(EDIT_SETS)}
-    table = table.reset_index()
-    table["order"] = table["kn_set"].map(order)
-    return (
-        table.sort_values(["method", "mode", "class", "order"]).drop(columns="order").reset_index(drop=True)
-    )
+    return frame
 
 
 @dataclass(frozen=True)
