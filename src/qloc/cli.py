@@ -14,7 +14,6 @@ import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -155,6 +154,16 @@ def run_study(study: Study, request: Any) -> None:
     show(study.run(request), getattr(request, "json_out", False))
 
 
+@dataclass(frozen=True)
+class StudyCommand:
+    """What a study's command runs: the study on the request, its outcome shown."""
+
+    study: Study
+
+    def __call__(self, request: Any) -> None:
+        run_study(self.study, request)
+
+
 def reproduce(plan: Reproduction) -> None:
     """The whole study with the paper's settings: localize (IG, AMIG, SIG), KN consistency, erasure
     and update through Self/Union/CAS sets, sequential editing, query-KN mapping, knowledge synapses,
@@ -250,7 +259,7 @@ COMMANDS = (
     Command.of("models", commands.Models, commands.models, commands.MODELS_EXAMPLES),
     Command.of("facts", commands.Facts, commands.facts, commands.FACTS_EXAMPLES),
     Command.of("attribute", commands.Attribute, commands.attribute_query, commands.ATTRIBUTE_EXAMPLES),
-    *(Command(s.name, s.request, partial(run_study, s), s.summary, s.examples) for s in STUDIES),
+    *(Command(s.name, s.request, StudyCommand(s), s.summary, s.examples) for s in STUDIES),
     Command.of("report", commands.Report, commands.report, commands.REPORT_EXAMPLES),
     Command.of("reproduce", Reproduction, reproduce, REPRODUCE_EXAMPLES),
     Command.of("demo", Demo, demo),

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .data.selection import Selection
-from .engine.attribution import DEFAULT_KN_THRESHOLD, DEFAULT_STEPS, Attribution, attribute
+from .engine.attribution import Attribution, AttributionSettings, attribute
 from .engine.gguf import BUILTIN_MODELS
 from .engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, LoadedModel
 from .report import open_in_browser, write_report
@@ -121,11 +121,9 @@ class Attribute:
     answer: str = setting(help="The answer (a leading space is added).")
     model: str = setting(DEFAULT_MODEL)
     method: str = setting("ig", "ig, amig, sig, or the first-order gxa or gxa-amig (METHODS.md section 3).")
-    steps: int = setting(DEFAULT_STEPS)
-    rule: str = setting("right")
-    answer_tokens: str = setting("first")
-    threshold: float = setting(DEFAULT_KN_THRESHOLD, "KN set: score >= threshold * max score.")
-    top_k: int | None = setting(None, "KN set: the k best neurons instead of the threshold.")
+    attribution: AttributionSettings = setting(factory=AttributionSettings)
+    """Steps, rule, answer tokens and the KN-set cut (``--steps``, ..., ``--top-k``), as ``qloc
+    localize`` takes them."""
     top: int = setting(10, "How many top neurons to print.")
     out_file: Path | None = setting(
         None, "Write the float32 [num_layers, d_ff] scores as .npy.", flag="--out"
@@ -147,7 +145,7 @@ def attribute_query(request: Attribute) -> None:
     if request.out_file is not None:
         scores = result.scores.numpy().astype(np.float32)
         write_atomically(request.out_file, lambda out: np.save(out, scores))
-    kn = result.kn_set(request.threshold, request.top_k)
+    kn = request.attribution.kn_set(result)
     top = result.top(request.top)
     if request.json_out:
         out.print_json(json.dumps(_attribution_payload(request, result, top, kn)))
@@ -166,10 +164,8 @@ def _attribute_showing_warnings(lm: LoadedModel, request: Attribute) -> Attribut
             request.prompt,
             request.answer,
             request.method,
-            request.steps,
-            request.rule,
-            request.answer_tokens,
-            request.max_batch_rows,
+            max_batch_rows=request.max_batch_rows,
+            settings=request.attribution,
         )
     for warning in caught:
         if issubclass(warning.category, UserWarning):
@@ -205,7 +201,8 @@ def _print_top_and_kn_set(
     for rank, (layer, neuron, value) in enumerate(top):
         table.add_row(str(rank), str(layer), str(neuron), f"{value:.4g}")
     out.print(table)
-    rule = f"top {request.top_k}" if request.top_k else f"score >= {request.threshold} x max"
+    cut = request.attribution
+    rule = f"top {cut.top_k}" if cut.top_k else f"score >= {cut.threshold} x max"
     listed = ", ".join(f"L{layer}.{i}" for layer, i in kn[:30]) + (" ..." if len(kn) > 30 else "")
     out.print(plain(f"KN set ({rule}): {len(kn)} neurons {listed}"), highlight=False)
 

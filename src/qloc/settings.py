@@ -82,6 +82,22 @@ def setting(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def flat_params(settings: Any) -> dict[str, Any]:
+    """A settings dataclass's values by field name, those of the settings dataclasses it nests
+    (such as :class:`qloc.engine.attribution.AttributionSettings`) in their place, as the command
+    line flattens them: the parameters a run stores and compares, in the layout they had before the
+    settings were grouped."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        nested = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        given = flat_params(value) if nested else {f.name: value}
+        twice = values.keys() & given.keys()
+        assert not twice, f"{type(settings).__name__} has {twice} twice"
+        values.update(given)
+    return values
+
+
 def help_of(field: dataclasses.Field[Any]) -> str:
     return field.metadata.get("help") or COMMON_HELP.get(field.name, "")
 

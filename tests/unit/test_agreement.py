@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qloc.data.selection import Selection
-from qloc.engine.attribution import kn_set
+from qloc.engine.attribution import AttributionSettings, kn_set
 from qloc.errors import QlocError
 from qloc.runs.executors import Execution
 from qloc.studies import localize
@@ -65,7 +65,9 @@ def saved_run(tmp_path_factory, tiny_model_dir):
         localize.LocalizeRequest(
             run_dir=run_dir,
             model=str(tiny_model_dir),
-            config=localize.LocalizeConfig(methods=("ig", "amig"), steps=2, save_scores=True),
+            config=localize.LocalizeConfig(
+                methods=("ig", "amig"), attribution=AttributionSettings(steps=2), save_scores=True
+            ),
             selection=Selection(relations="P19,P36", facts_per_relation=1),
             device="cpu",
             execution=Execution(quiet=True),
@@ -104,7 +106,9 @@ def test_first_order_of_one_step_runs_agrees_exactly(tmp_path, tiny_model_dir):
         localize.LocalizeRequest(
             run_dir=run_dir,
             model=str(tiny_model_dir),
-            config=localize.LocalizeConfig(methods=("ig",), steps=1, save_scores=True),
+            config=localize.LocalizeConfig(
+                methods=("ig",), attribution=AttributionSettings(steps=1), save_scores=True
+            ),
             selection=Selection(relations="P19", facts_per_relation=1),
             device="cpu",
             execution=Execution(quiet=True),
@@ -125,7 +129,7 @@ def test_runs_without_dense_scores_or_references_are_refused(saved_run, tmp_path
         localize.LocalizeRequest(
             run_dir=bare,
             model=str(tiny_model_dir),
-            config=localize.LocalizeConfig(methods=("ig",), steps=1),
+            config=localize.LocalizeConfig(methods=("ig",), attribution=AttributionSettings(steps=1)),
             selection=Selection(relations="P19", facts_per_relation=1),
             device="cpu",
             execution=Execution(quiet=True),

@@ -10,7 +10,7 @@ import torch
 
 import qloc
 from qloc.data.selection import Selection
-from qloc.engine.attribution import METHODS, attribute, attribute_many
+from qloc.engine.attribution import METHODS, AttributionSettings, attribute, attribute_many
 from qloc.engine.paths import PathIntegrator, frozen_parameters
 from qloc.engine.sites import NEURONS
 from qloc.engine.tokens import encode_query
@@ -202,7 +202,9 @@ def test_localize_stores_first_order_rows_as_it_does_ig(tmp_path, tiny_model_dir
     request = localize.LocalizeRequest(
         run_dir=tmp_path / "run",
         model=str(tiny_model_dir),
-        config=localize.LocalizeConfig(methods=("ig", "gxa", "gxa-amig"), steps=3, save_scores=True),
+        config=localize.LocalizeConfig(
+            methods=("ig", "gxa", "gxa-amig"), attribution=AttributionSettings(steps=3), save_scores=True
+        ),
         selection=Selection(relations="P19,P36", facts_per_relation=1),
         device="cpu",
         execution=Execution(quiet=True),

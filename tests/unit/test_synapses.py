@@ -8,7 +8,7 @@ import transformers
 
 import qloc
 from qloc import attention_hooks, record_attention, scale_attention
-from qloc.engine.attribution import attribute_attention, knowledge_synapses
+from qloc.engine.attribution import PathSettings, attribute_attention, knowledge_synapses
 from qloc.engine.paths import AnswerProbability, frozen_parameters, integration_points
 from qloc.engine.tokens import encode_query
 from qloc.errors import QlocError
@@ -212,7 +212,8 @@ def test_multi_token_answers_manipulate_only_synapses_of_the_first_tokens_prefix
     )
     knowledge = {fact.id: FactKnowledge([[(0, 1), (1, 2)], [(1, 2), (2, 3)]], [])}
     writer = UnitWriter()
-    synapse_work(lm, SynapseConfig(steps=3, threshold=0.0001, answer_tokens="all"), knowledge)(fact, writer)
+    config = SynapseConfig(path=PathSettings(steps=3, answer_tokens="all"), threshold=0.0001)
+    synapse_work(lm, config, knowledge)(fact, writer)
     found, effects = pd.DataFrame(writer.rows["synapses"]), pd.DataFrame(writer.rows["synapse_effects"])
     prompt_length = encode_query(lm, fact.queries[0], fact.object).target_positions[0] + 1
     stored = found.synapses[0]

@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar, Self
 
 import torch
 
 from ..errors import ConfigError, DataError
+from ..settings import setting
 from .architectures import ArchitectureSpec
 from .models import LoadedModel
 from .paths import PathIntegrals, PathIntegrator, frozen_parameters, integration_points
@@ -46,6 +47,68 @@ RESIDUAL_WARNING = 0.05
 def check_answer_tokens(answer_tokens: str) -> None:
     if answer_tokens not in ANSWER_TOKENS:
         raise ConfigError.invalid("answer_tokens", answer_tokens, "choose all or first")
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    """How a query's paths are integrated, whichever the method and the site: ``steps`` m of the
+    quadrature ``rule``, with F the probability of the first answer token or the mean over all of
+    them (METHODS.md section 3). Each has its one default here, and is checked here, once, when the
+    settings are made (the first-order methods ignore ``steps`` and ``rule``)."""
+
+    steps: int = setting(DEFAULT_STEPS)
+    rule: str = setting("right")
+    answer_tokens: str = setting("first")
+
+    def __post_init__(self) -> None:
+        """Reject bad settings before a run stores them as its parameters."""
+        integration_points(self.steps, self.rule)
+        check_answer_tokens(self.answer_tokens)
+
+    def params(self) -> dict[str, Any]:
+        """The settings by name, as a run stores them (flat, beside its other parameters)."""
+        return asdict(self)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Self:
+        """The settings a run stored among its parameters (``params``: a stage's, flat)."""
+        return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
+
+
+@dataclass(frozen=True)
+class AttributionSettings(PathSettings):
+    """What decides a query's neuron scores and its KN set, the method aside: the
+    :class:`PathSettings` and the KN-set cut, ``threshold`` x the best score or the ``top_k`` best
+    neurons. ``qloc localize`` stores them among its parameters, flat (``steps``, ``threshold``, ...,
+    as before they were grouped)."""
+
+    threshold: float = setting(DEFAULT_KN_THRESHOLD, "KN set: score >= threshold * max score.")
+    top_k: int | None = setting(None, "KN set: the k best neurons instead of the threshold.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.threshold <= 1:
+            raise ConfigError.invalid("threshold", self.threshold, "must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError.invalid("top_k", self.top_k, "must be at least 1")
+
+    def kn_set(self, result: Attribution) -> list[tuple[int, int]]:
+        """``result``'s KN set under this cut."""
+        return result.kn_set(self.threshold, self.top_k)
+
+
+def path_settings(
+    settings: PathSettings | None = None,
+    steps: int | None = None,
+    rule: str | None = None,
+    answer_tokens: str | None = None,
+) -> PathSettings:
+    """``settings`` (default: the defaults) with each of ``steps``, ``rule`` and ``answer_tokens``
+    that is given in its place: what :func:`attribute` and its siblings take as keyword arguments."""
+    given = {"steps": steps, "rule": rule, "answer_tokens": answer_tokens}
+    chosen: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+    base = settings if settings is not None else PathSettings()
+    return replace(base, **chosen) if chosen else base
 
 
 @dataclass
@@ -465,20 +528,24 @@ def attribute(
     prompt: str,
     answer: str,
     method: str = "ig",
-    steps: int = DEFAULT_STEPS,
-    rule: str = "right",
-    answer_tokens: str = "first",
+    steps: int | None = None,
+    rule: str | None = None,
+    answer_tokens: str | None = None,
     max_batch_rows: int | None = None,
     warn: bool = True,
+    *,
+    settings: PathSettings | None = None,
 ) -> Attribution:
-    """Attribution scores of every neuron for ``answer`` after ``prompt`` (METHODS.md section 3).
-    ``warn``: about a method degenerate on the model and about scores that miss completeness (a
-    sweep turns it off: it stores every query's residual instead). The first-order methods (gxa,
-    gxa-amig) have one rule, the one-step right sum: they ignore ``steps`` and ``rule`` and record
-    1 and right."""
-    algorithm, steps, rule = _method(lm, method, steps, rule, answer_tokens, warn)
-    found = algorithm.scores(lm, prompt, answer, steps, rule, answer_tokens, max_batch_rows)
-    return _attribution(algorithm, found, prompt, answer, steps, rule, answer_tokens, warn)
+    """Attribution scores of every neuron for ``answer`` after ``prompt`` (METHODS.md section 3),
+    with ``settings`` (an :class:`AttributionSettings` too; default: the defaults) and any of
+    ``steps``, ``rule`` and ``answer_tokens`` given in their place. ``warn``: about a method
+    degenerate on the model and about scores that miss completeness (a sweep turns it off: it
+    stores every query's residual instead). The first-order methods (gxa, gxa-amig) have one rule,
+    the one-step right sum: they ignore ``steps`` and ``rule`` and record 1 and right."""
+    path = path_settings(settings, steps, rule, answer_tokens)
+    algorithm, steps, rule = _method(lm, method, path, warn)
+    found = algorithm.scores(lm, prompt, answer, steps, rule, path.answer_tokens, max_batch_rows)
+    return _attribution(algorithm, found, prompt, answer, steps, rule, path.answer_tokens, warn)
 
 
 FIRST_ORDER_BATCH = 32
@@ -492,12 +559,14 @@ def attribute_many(
     prompts: Sequence[str],
     answers: Sequence[str],
     method: str = "ig",
-    steps: int = DEFAULT_STEPS,
-    rule: str = "right",
-    answer_tokens: str = "first",
+    steps: int | None = None,
+    rule: str | None = None,
+    answer_tokens: str | None = None,
     max_batch_rows: int | None = None,
     warn: bool = True,
     batch_size: int = FIRST_ORDER_BATCH,
+    *,
+    settings: PathSettings | None = None,
 ) -> list[Attribution]:
     """:func:`attribute` for each (prompt, answer), the same numbers (to fp32 rounding). The
     first-order methods (gxa, gxa-amig) batch up to ``batch_size`` queries whose prompts have one
@@ -505,7 +574,9 @@ def attribute_many(
     query by query, its rows already filling each batch."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    algorithm, steps, rule = _method(lm, method, steps, rule, answer_tokens, warn)
+    path = path_settings(settings, steps, rule, answer_tokens)
+    answer_tokens = path.answer_tokens
+    algorithm, steps, rule = _method(lm, method, path, warn)
     if isinstance(algorithm, FirstOrder):
         queries = list(zip(prompts, answers))
         found = algorithm.scores_many(lm, queries, answer_tokens, max_batch_rows, batch_size)
@@ -520,16 +591,13 @@ def attribute_many(
     ]
 
 
-def _method(
-    lm: LoadedModel, method: str, steps: int, rule: str, answer_tokens: str, warn: bool
-) -> tuple[NeuronMethod, int, str]:
-    """The method's algorithm and the steps and rule it runs with, once its settings are checked
-    and, with ``warn``, a method degenerate on the model is warned about."""
+def _method(lm: LoadedModel, method: str, path: PathSettings, warn: bool) -> tuple[NeuronMethod, int, str]:
+    """The method's algorithm and the steps and rule it runs with, once it is checked and, with
+    ``warn``, a method degenerate on the model is warned about."""
     if method not in METHODS:
         raise ConfigError.invalid("method", method, f"choose {', '.join(METHODS)}")
-    check_answer_tokens(answer_tokens)
     algorithm = METHODS[method]()
-    steps, rule = algorithm.fixed_rule or (steps, rule)
+    steps, rule = algorithm.fixed_rule or (path.steps, path.rule)
     if warn and algorithm.degenerate_on(lm.arch):
         warnings.warn(
             f"{lm.name!r} ({lm.arch.family}) normalises the MLP output before the residual add, so F is "
@@ -563,13 +631,17 @@ def _attribution(
 
 
 def attribute_attention(
-    lm: LoadedModel, prompt: str, answer: str, steps: int = DEFAULT_STEPS, rule: str = "right",
-    answer_tokens: str = "first", max_batch_rows: int | None = None, warn: bool = True,
+    lm: LoadedModel, prompt: str, answer: str, steps: int | None = None, rule: str | None = None,
+    answer_tokens: str | None = None, max_batch_rows: int | None = None, warn: bool = True, *,
+    settings: PathSettings | None = None,
 ) -> AttentionAttribution:  # fmt: skip
     """Integrated-gradient scores of every attention probability for ``answer`` after ``prompt``
-    (METHODS.md section 7); ``warn`` as for :func:`attribute`."""
+    (METHODS.md section 7); ``settings``, the keyword arguments in their place and ``warn`` as for
+    :func:`attribute`."""
+    path = path_settings(settings, steps, rule, answer_tokens)
     algorithm = AttentionIG()
-    found = algorithm.scores(lm, prompt, answer, steps, rule, answer_tokens, max_batch_rows)
+    found = algorithm.scores(lm, prompt, answer, path.steps, path.rule, path.answer_tokens, max_batch_rows)
     if warn:
-        algorithm.warn_if_incomplete(found, prompt, answer, steps, rule)
-    return AttentionAttribution(f_zero=found.f_start, **found.result_fields(prompt, answer, steps, rule))
+        algorithm.warn_if_incomplete(found, prompt, answer, path.steps, path.rule)
+    result = found.result_fields(prompt, answer, path.steps, path.rule)
+    return AttentionAttribution(f_zero=found.f_start, **result)

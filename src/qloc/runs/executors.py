@@ -16,7 +16,6 @@ import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,9 @@ from .store import RunLock, RunStore, environment
 from .sweep import Display, SweepSummary, UnitResult, WorkFn, drive, run_sweep, run_unit
 
 WorkBuilder = Callable[[LoadedModel], WorkFn]
-"""Builds a sweep's work function from a loaded model; sent to every Ray actor, so it must pickle
-(a module-level function or a ``functools.partial`` of one)."""
+"""Builds a sweep's work function from a loaded model; sent to every Ray actor, so it must pickle.
+Each study's is a frozen dataclass holding what the work is given, with a ``__call__(lm)`` (such as
+:class:`qloc.studies.localize.LocalizeWorkBuilder`), so that a reader can follow a setting there."""
 EXECUTORS = ("local", "ray")
 MAX_ATTEMPTS = 3
 """A unit whose worker died this many times is recorded as skipped, with the reason."""
@@ -117,11 +117,10 @@ def execute(
             lm = lm or plan.model.load()
             with _open_stage(plan, model_environment(lm)) as store:
                 return run_sweep(store, plan.stage, plan.units, plan.build(lm), quiet, plan.description)
-        with RayPool(plan.model, plan.build, execution.ray_address, execution.workers) as pool:
+        with RayPool(plan.model, plan.build, execution.ray_address, execution.workers, plan.run_dir) as pool:
             with _open_stage(plan, pool.environment()) as store:
-                results = partial(pool.results, run_dir=plan.run_dir)
                 display = Display(quiet, plan.description, pool.size)
-                return drive(store, plan.stage, plan.units, results, display)
+                return drive(store, plan.stage, plan.units, pool.results, display)
 
 
 def _open_stage(plan: SweepPlan, env: dict[str, Any]) -> RunStore:
@@ -168,10 +167,16 @@ class SweepWorker:
 
 
 class RayPool:
-    """Model replicas on Ray actors, fed units by the driver (this process)."""
+    """Model replicas on Ray actors, fed units by the driver (this process); ``run_dir``: where the
+    driver stores the finished units (an error on a worker names it)."""
 
     def __init__(
-        self, model: ModelSpec, build: WorkBuilder, address: str | None = None, workers: int | None = None
+        self,
+        model: ModelSpec,
+        build: WorkBuilder,
+        address: str | None = None,
+        workers: int | None = None,
+        run_dir: Path | None = None,
     ) -> None:
         try:
             import ray
@@ -203,7 +208,7 @@ class RayPool:
             self.size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         # Dead actors are replaced by the driver (with their unit resent), not restarted by Ray.
         self._actor_class = ray.remote(max_restarts=0, num_gpus=gpus_per_worker, num_cpus=1)(SweepWorker)
-        self._model, self._build = model, build
+        self._model, self._build, self.run_dir = model, build, run_dir
         self.actors = [self._new_actor() for _ in range(self.size)]
 
     def _new_actor(self) -> Any:
@@ -228,9 +233,7 @@ class RayPool:
     def pids(self) -> list[int]:
         return self.ray.get([actor.pid.remote() for actor in self.actors])
 
-    def results(
-        self, pending: list[Any], summary: SweepSummary, run_dir: Path
-    ) -> Iterator[tuple[Any, UnitResult]]:
+    def results(self, pending: list[Any], summary: SweepSummary) -> Iterator[tuple[Any, UnitResult]]:
         """Send ``pending`` units to the actors and yield each (unit, result) as it comes back; a
         unit whose actor died goes to a fresh one (counted in ``summary.retried``), up to
         MAX_ATTEMPTS times."""
@@ -264,7 +267,7 @@ class RayPool:
             except ray.exceptions.RayTaskError as exc:
                 raise QlocError(
                     f"{unit.label} failed on a Ray worker; finished units are stored in "
-                    f"{str(run_dir)!r}: {exc.cause!r}"
+                    f"{str(self.run_dir)!r}: {exc.cause!r}"
                 ) from None
             else:
                 idle.append(slot)

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from ..engine.attribution import METHODS, attribute, top_k
+from ..engine.attribution import METHODS, AttributionSettings, attribute, top_k
 from ..engine.models import DEFAULT_DEVICE, LoadedModel, model_label
 from ..errors import ConfigError, QlocError
 from ..runs.executors import ModelSpec
@@ -162,7 +162,8 @@ def method_agreement(
     for run_dir in run_dirs:
         params, rows, reference_scores = _read_run(run_dir, references, facts)
         model = lm or ModelSpec(params["model"], device, params["dtype"]).load()
-        run = _RunAgreement(model, model_label(params["model"]), params, method, reference_scores, overlap_k)
+        label, settings = model_label(params["model"]), AttributionSettings.from_params(params)
+        run = _RunAgreement(model, label, settings, method, reference_scores, overlap_k)
         kn_rows.append(rows.assign(model=run.label)[KN_COLUMNS])
         for (fact_id, query_index), group in rows.groupby(["fact_id", "query_index"], sort=False):
             kn_row, measured = run.compare(fact_id, query_index, group)
@@ -193,8 +194,8 @@ class _RunAgreement:
 
     model: LoadedModel
     label: str
-    params: dict[str, Any]
-    """The localize stage's parameters: steps, rule, answer tokens and the KN-set rule."""
+    settings: AttributionSettings
+    """The localize run's: steps, rule, answer tokens and the KN-set cut."""
     method: str
     reference_scores: dict[tuple[str, int, str], torch.Tensor]
     overlap_k: int
@@ -205,20 +206,12 @@ class _RunAgreement:
         """The method's KN-set row for one query (``group``: its reference rows), and one row of
         measures per reference."""
         first = group.iloc[0]
-        params = self.params
         started = time.perf_counter()
         found = attribute(
-            self.model,
-            first.prompt,
-            first.answer,
-            self.method,
-            steps=params["steps"],
-            rule=params["rule"],
-            answer_tokens=params["answer_tokens"],
-            warn=False,
+            self.model, first.prompt, first.answer, self.method, warn=False, settings=self.settings
         )
         seconds = time.perf_counter() - started
-        kn = found.kn_set(params["threshold"], params["top_k"])
+        kn = self.settings.kn_set(found)
         kn_row = pd.DataFrame(
             [[self.label, fact_id, first.relation, self.method, query_index, [list(u) for u in kn]]],
             columns=KN_COLUMNS,

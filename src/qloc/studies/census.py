@@ -16,7 +16,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +184,19 @@ def census_work(
     return work
 
 
+@dataclass(frozen=True)
+class CensusWorkBuilder:
+    """The census sweep's :data:`~qloc.runs.executors.WorkBuilder`: each model replica builds
+    :func:`census_work` from it (a dataclass, so that Ray pickles it)."""
+
+    precision: str
+    batch_size: int
+    calibration: Sequence[tuple[str, str]]
+
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        return census_work(lm, self.precision, self.batch_size, self.calibration)
+
+
 def _answer_token(lm: LoadedModel, answer: str) -> int:
     return answer_token_ids(lm, answer)[0]
 
@@ -217,7 +230,7 @@ def census_plan(
     if batch_size < 1:
         raise ConfigError.invalid("batch_size", batch_size, "must be at least 1")
     calibration = calibration_sample(facts) if config.precision != "float32" else []
-    build = partial(census_work, precision=config.precision, batch_size=batch_size, calibration=calibration)
+    build = CensusWorkBuilder(config.precision, batch_size, calibration)
     return SweepPlan(
         run_dir,
         STAGE,

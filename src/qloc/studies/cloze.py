@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -54,6 +53,17 @@ def cloze_sweep_work(lm: LoadedModel, batch_size: int = BATCH_SIZE) -> WorkFn:
 
 
 @dataclass(frozen=True)
+class ClozeWorkBuilder:
+    """The cloze sweep's :data:`~qloc.runs.executors.WorkBuilder`: each model replica builds
+    :func:`cloze_sweep_work` from it (a dataclass, so that Ray pickles it)."""
+
+    batch_size: int = BATCH_SIZE
+
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        return cloze_sweep_work(lm, self.batch_size)
+
+
+@dataclass(frozen=True)
 class ClozeRequest:
     model: str = setting(DEFAULT_MODEL)
     prompt: str | None = setting(None, "Score this prompt (needs --answer) instead of ParaRel queries.")
@@ -85,7 +95,7 @@ def run(request: ClozeRequest) -> Outcome:
         directory = request.run_dir or Path(
             scratch.enter_context(tempfile.TemporaryDirectory(prefix="qloc-cloze-"))
         )
-        build = partial(cloze_sweep_work, batch_size=request.batch_size)
+        build = ClozeWorkBuilder(request.batch_size)
         plan = SweepPlan(
             directory, STAGE, params, selected, build, model, STAGE, source=request.selection.source
         )

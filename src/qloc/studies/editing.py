@@ -14,7 +14,6 @@ query before and after, how many neighbours moved, and how many KNs the filter r
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -222,8 +221,46 @@ def edit_work(
     passages: list[str],
     classes: dict[str, str] | None = None,
 ) -> WorkFn:
-    """The sweep's :data:`~qloc.runs.executors.WorkBuilder`: an :class:`EditWork` on ``lm``."""
+    """An :class:`EditWork` on ``lm``."""
     return EditWork(lm, config, knowledge, shared, dataset, passages, classes)
+
+
+@dataclass(frozen=True)
+class EditWorkBuilder:
+    """The fact-by-fact edit sweep's :data:`~qloc.runs.executors.WorkBuilder`: each model replica
+    builds its :class:`EditWork` from it (a dataclass, so that Ray pickles it)."""
+
+    config: EditConfig
+    knowledge: dict[str, FactKnowledge]
+    shared: SharedNeuronFilter
+    dataset: list[Fact]
+    passages: list[str]
+    classes: dict[str, str] | None = None
+
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        return EditWork(
+            lm, self.config, self.knowledge, self.shared, self.dataset, self.passages, self.classes
+        )
+
+
+@dataclass(frozen=True)
+class SequentialWorkBuilder:
+    """The sequential edit sweep's :data:`~qloc.runs.executors.WorkBuilder` (Table 7): each model
+    replica builds :func:`~qloc.studies.edit_protocol.sequential_work` from it, ``count`` facts
+    edited one after another per unit (a dataclass, so that Ray pickles it)."""
+
+    config: EditConfig
+    knowledge: dict[str, FactKnowledge]
+    shared: SharedNeuronFilter
+    dataset: list[Fact]
+    facts: list[Fact]
+    count: int
+    passages: list[str]
+
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        return sequential_work(
+            lm, self.config, self.knowledge, self.shared, self.dataset, self.facts, self.count, self.passages
+        )
 
 
 def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
@@ -241,7 +278,38 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
     can fail: the share of the neighbour queries whose P(o) (update: P(o')) moved the intended way.
     Rows stored before the known columns were recorded leave
     them NaN: not stored."""
-    frame = edits[edits["kn_set"].isin(sets)].copy()
+    frame = _edit_measures(edits[edits["kn_set"].isin(sets)].copy())
+    grouped = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)
+    table = grouped[METRICS].mean()
+    table["dppl_median"] = grouped["dppl"].median()
+    table["catastrophic"] = grouped["catastrophic"].mean()
+    table["moved_right"] = grouped["moved_right"].mean()
+    table["gen_moved"] = grouped["gen_moved"].mean()
+    for column in ("prob_before", "prob_after", "new_prob_before", "new_prob_after"):
+        table[f"{column}_median"] = grouped[column].median()
+    table["kn_size"] = grouped["kn_size"].mean()
+    table["kn_dropped"] = grouped["kn_dropped"].mean()
+    table["empty_sets"] = grouped["kn_size"].agg(lambda sizes: int((sizes == 0).sum()))
+    table["kn_dropped_total"] = grouped["kn_dropped"].sum()
+    table["emptied_by_filter"] = grouped["emptied_by_filter"].sum()
+    table["facts"] = grouped.size()
+    table["rel_known"] = grouped["rel_of_known"].mean()
+    table["known_queries"] = grouped["known_edit"].sum(min_count=1)
+    table["gen_known"] = grouped["gen_known"].mean()
+    table["known_neighbours"] = grouped["known_neighbours"].sum(min_count=1)
+    table["prob_drop"] = grouped["prob_drop"].mean()
+    order = {name: i for i, name in enumerate(EDIT_SETS)}
+    table = table.reset_index()
+    table["order"] = table["kn_set"].map(order)
+    return (
+        table.sort_values(["method", "mode", "class", "order"]).drop(columns="order").reset_index(drop=True)
+    )
+
+
+def _edit_measures(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (edit rows) with its measures numeric and what :func:`edit_table` averages per
+    edit beside them: whether it was catastrophic, the edited query's known state and Rel where it
+    was known, the known neighbours, the drop of P(o), Gen's moved share and sets the filter emptied."""
     numeric = METRICS + [
         "moved_right",
         "prob_before",
@@ -269,31 +337,7 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
         edited & (frame["neighbours"] > 0)
     )
     frame["emptied_by_filter"] = (frame["kn_size"] == 0) & (frame["kn_dropped"] > 0)
-    grouped = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)
-    table = grouped[METRICS].mean()
-    table["dppl_median"] = grouped["dppl"].median()
-    table["catastrophic"] = grouped["catastrophic"].mean()
-    table["moved_right"] = grouped["moved_right"].mean()
-    table["gen_moved"] = grouped["gen_moved"].mean()
-    for column in ("prob_before", "prob_after", "new_prob_before", "new_prob_after"):
-        table[f"{column}_median"] = grouped[column].median()
-    table["kn_size"] = grouped["kn_size"].mean()
-    table["kn_dropped"] = grouped["kn_dropped"].mean()
-    table["empty_sets"] = grouped["kn_size"].agg(lambda sizes: int((sizes == 0).sum()))
-    table["kn_dropped_total"] = grouped["kn_dropped"].sum()
-    table["emptied_by_filter"] = grouped["emptied_by_filter"].sum()
-    table["facts"] = grouped.size()
-    table["rel_known"] = grouped["rel_of_known"].mean()
-    table["known_queries"] = grouped["known_edit"].sum(min_count=1)
-    table["gen_known"] = grouped["gen_known"].mean()
-    table["known_neighbours"] = grouped["known_neighbours"].sum(min_count=1)
-    table["prob_drop"] = grouped["prob_drop"].mean()
-    order = {name: i for i, name in enumerate(EDIT_SETS)}
-    table = table.reset_index()
-    table["order"] = table["kn_set"].map(order)
-    return (
-        table.sort_values(["method", "mode", "class", "order"]).drop(columns="order").reset_index(drop=True)
-    )
+    return frame
 
 
 @dataclass(frozen=True)
@@ -377,15 +421,8 @@ def _run_sequential(
     """Table 7: ``request.sequential`` facts edited one after another, per KN set and seed."""
     # Seed-major, so that an interrupted run has every KN set for the seeds it finished.
     units = [SequentialUnit(name, repeat) for repeat in range(request.seeds) for name in config.sets]
-    build = partial(
-        sequential_work,
-        config=config,
-        knowledge=localized.knowledge,
-        shared=shared,
-        dataset=localized.dataset,
-        facts=localized.facts,
-        count=request.sequential,
-        passages=passages,
+    build = SequentialWorkBuilder(
+        config, localized.knowledge, shared, localized.dataset, localized.facts, request.sequential, passages
     )
     sequence = {**config.params(), "sequential": request.sequential, "seeds": request.seeds}
     stage = f"sequential-{config.mode}-{config.method}"
@@ -407,15 +444,7 @@ def _run_fact_by_fact(
     """Tables 2 and 3: each sampled fact edited alone, through each KN set."""
     tables = localized.run_dir / "tables"
     sample = localized.sample(request.limit, config.seed, request.stratify, request.stratify_method)
-    build = partial(
-        edit_work,
-        config=config,
-        knowledge=localized.knowledge,
-        shared=shared,
-        dataset=localized.dataset,
-        passages=passages,
-        classes=sample.classes,
-    )
+    build = EditWorkBuilder(config, localized.knowledge, shared, localized.dataset, passages, sample.classes)
     description = f"{config.mode} via {','.join(config.sets)}"
     plan = localized.sweep(
         config.stage, {**config.params(), **sample.params}, build, description, sample.facts

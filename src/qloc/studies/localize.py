@@ -11,33 +11,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..data.pararel import Fact, interleave_relations
 from ..data.selection import Selection
 from ..engine.attribution import (
-    DEFAULT_KN_THRESHOLD,
-    DEFAULT_STEPS,
     METHODS,
     Attribution,
+    AttributionSettings,
     FirstOrder,
     attribute,
     attribute_many,
-    check_answer_tokens,
 )
 from ..engine.cloze import ClozeScore, score_cloze
 from ..engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, LoadedModel
-from ..engine.paths import integration_points
 from ..engine.tokens import encode_query
 from ..errors import ConfigError, DataError
 from ..runs.executors import Execution, ModelSpec, SweepPlan, execute
 from ..runs.rows import Row, UnitWriter
 from ..runs.store import RunStore
 from ..runs.sweep import SkipFact, WorkFn
-from ..settings import setting
+from ..settings import flat_params, setting
 from .known import CENSUS_DIR_HELP, KNOWN_POOL_HELP, known_facts
 from .knrows import CasSetRow, DenseScoresRow, KnSetRow
 from .knsets import CAS_THRESHOLD, LOCALIZE_STAGE, cas_set, compress_scores
@@ -55,11 +51,8 @@ class LocalizeConfig:
         ("ig", "amig", "sig"),
         "Comma-separated attribution methods: ig, amig, sig, and the first-order gxa, gxa-amig.",
     )
-    steps: int = setting(DEFAULT_STEPS)
-    rule: str = setting("right")
-    answer_tokens: str = setting("first")
-    threshold: float = setting(DEFAULT_KN_THRESHOLD, "KN set: score >= threshold * max score.")
-    top_k: int | None = setting(None, "KN set: the k best neurons instead of the threshold.")
+    attribution: AttributionSettings = setting(factory=AttributionSettings)
+    """Steps, rule, answer tokens and the KN-set cut (``--steps``, ..., ``--top-k``), checked there."""
     cas_beta1: float = setting(1.0, hidden=True)
     cas_beta2: float = setting(1.0, hidden=True)
     cas_threshold: float = setting(CAS_THRESHOLD, hidden=True)
@@ -73,15 +66,11 @@ class LocalizeConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ConfigError.invalid("methods", ",".join(self.methods), f"choose from {', '.join(METHODS)}")
-        integration_points(self.steps, self.rule)
-        check_answer_tokens(self.answer_tokens)
-        if not 0 < self.threshold <= 1:
-            raise ConfigError.invalid("threshold", self.threshold, "must be in (0, 1]")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError.invalid("top_k", self.top_k, "must be at least 1")
 
     def params(self) -> dict:
-        return {**asdict(self), "methods": list(self.methods)}
+        """The stage's parameters as a run stores them: the attribution settings flat among the
+        others (``steps``, ``threshold``, ...), as runs made before they were grouped stored them."""
+        return {**flat_params(self), "methods": list(self.methods)}
 
 
 @dataclass
@@ -165,6 +154,19 @@ def localize_work(lm: LoadedModel, config: LocalizeConfig, max_batch_rows: int |
     return work
 
 
+@dataclass(frozen=True)
+class LocalizeWorkBuilder:
+    """The localize sweep's :data:`~qloc.runs.executors.WorkBuilder`: each model replica builds
+    :func:`localize_work` from it (a dataclass, not a closure, so that Ray pickles it and a reader
+    sees what the work is given)."""
+
+    config: LocalizeConfig
+    max_batch_rows: int | None = None
+
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        return localize_work(lm, self.config, self.max_batch_rows)
+
+
 def per_fact(facts: Sequence[Fact], values: Sequence[T]) -> list[list[T]]:
     """``values`` (one per query, the facts' queries in order) split into one list per fact."""
     split, start = [], 0
@@ -185,7 +187,7 @@ def write_fact(
     """One fact's rows for one method: a KN set per query (and its dense scores where kept), and
     the fact's CAS set from the same per-query scores."""
     for index, (prompt, knows, (result, seconds)) in enumerate(zip(fact.queries, cloze, attributed)):
-        kn = result.kn_set(config.threshold, config.top_k)
+        kn = config.attribution.kn_set(result)
         writer.add(
             KnSetRow(
                 fact_id=fact.id,
@@ -223,24 +225,23 @@ def timed_attributions(
     """Each query attributed with ``method``, and the seconds it took. A first-order method
     attributes the queries together (those of one prompt length share each pass), and each is
     charged an equal share of the time; a path method runs query by query."""
-    settings: dict[str, Any] = dict(
-        steps=config.steps,
-        rule=config.rule,
-        answer_tokens=config.answer_tokens,
-        max_batch_rows=max_batch_rows,
-        warn=False,  # the residual is stored with every query
-    )
+    settings = config.attribution
+    warn = False  # the residual is stored with every query
     if not prompts:
         return []
     if issubclass(METHODS[method], FirstOrder):
         started = time.perf_counter()
-        results = attribute_many(lm, prompts, answers, method, **settings)
+        results = attribute_many(
+            lm, prompts, answers, method, max_batch_rows=max_batch_rows, warn=warn, settings=settings
+        )
         share = (time.perf_counter() - started) / len(results)
         return [(result, share) for result in results]
     timed = []
     for prompt, answer in zip(prompts, answers):
         started = time.perf_counter()
-        result = attribute(lm, prompt, answer, method, **settings)
+        result = attribute(
+            lm, prompt, answer, method, max_batch_rows=max_batch_rows, warn=warn, settings=settings
+        )
         timed.append((result, time.perf_counter() - started))
     return timed
 
@@ -303,7 +304,7 @@ def run(request: LocalizeRequest) -> Outcome:
         STAGE,
         params,
         units,
-        partial(localize_work, config=request.config, max_batch_rows=request.max_batch_rows),
+        LocalizeWorkBuilder(request.config, request.max_batch_rows),
         ModelSpec(request.model, request.device, request.dtype),
         f"localize {request.model}",
         required_table=KnSetRow.table,

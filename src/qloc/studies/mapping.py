@@ -19,7 +19,6 @@ import random
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -173,6 +172,20 @@ def mapping_work(
     return work
 
 
+@dataclass(frozen=True)
+class MappingWorkBuilder:
+    """The mapping sweep's :data:`~qloc.runs.executors.WorkBuilder`: each model replica builds
+    :func:`mapping_work` from it (a dataclass, so that Ray pickles it)."""
+
+    config: MappingConfig
+    knowledge: dict[str, FactKnowledge]
+    shared: SharedNeuronFilter
+    classes: Mapping[str, str] | None = None
+
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        return mapping_work(lm, self.config, self.knowledge, self.shared, self.classes)
+
+
 def mapping_table(mapping: pd.DataFrame) -> pd.DataFrame:
     """dProb per (method, operation, set, class), and "Avg" over all facts' queries: mean, median and
     bootstrap 95 % interval of the mean over the queries whose set was not empty, all the queries,
@@ -266,9 +279,7 @@ def run(request: MappingRequest) -> Outcome:
     config = replace(request.config, method=localized.method)
     shared = localized.shared_filter(config.shared_filter, config.shared_reference, config.shared_min_facts)
     sample = request.sample(localized, config.seed)
-    build = partial(
-        mapping_work, config=config, knowledge=localized.knowledge, shared=shared, classes=sample.classes
-    )
+    build = MappingWorkBuilder(config, localized.knowledge, shared, sample.classes)
     params = {**config.params(), **sample.params}
     plan = localized.sweep(config.stage, params, build, f"mapping {localized.method}", sample.facts)
     summary = execute(plan, request.execution)

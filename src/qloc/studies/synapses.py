@@ -16,7 +16,6 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -24,14 +23,12 @@ import torch
 
 from ..data.pararel import Fact
 from ..engine.attribution import (
-    DEFAULT_STEPS,
     DEFAULT_SYNAPSE_THRESHOLD,
     AttentionAttribution,
+    PathSettings,
     attribute_attention,
-    check_answer_tokens,
 )
 from ..engine.models import LoadedModel
-from ..engine.paths import integration_points
 from ..engine.sites import ATTENTION, NEURONS, Synapse
 from ..engine.tokens import EncodedQuery, encode_query
 from ..errors import DataError, QlocError
@@ -40,7 +37,7 @@ from ..runs.profiling import memory_measure, peak_memory
 from ..runs.rows import Row, UnitWriter
 from ..runs.store import RunStore
 from ..runs.sweep import SkipFact, WorkFn
-from ..settings import setting
+from ..settings import flat_params, setting
 from .knsets import (
     FactKnowledge,
     ManipulationConfig,
@@ -58,17 +55,17 @@ class SynapseConfig(ManipulationConfig):
     """The synapse stage's parameters."""
 
     stage_name = "synapses"
-    steps: int = setting(DEFAULT_STEPS)
-    rule: str = setting("right")
-    answer_tokens: str = setting("first")
+    path: PathSettings = setting(factory=PathSettings)
+    """Steps, rule and answer tokens of the attention attribution (``--steps``, ``--rule``,
+    ``--answer-tokens``), checked there."""
     threshold: float = setting(
         DEFAULT_SYNAPSE_THRESHOLD, "Knowledge synapses: score >= threshold * max score."
     )
 
-    def __post_init__(self) -> None:
-        """Reject bad settings before they are stored as the run's parameters."""
-        integration_points(self.steps, self.rule)
-        check_answer_tokens(self.answer_tokens)
+    def params(self) -> dict[str, Any]:
+        """The stage's parameters as a run stores them: the path settings flat among the others
+        (``steps``, ``rule``, ``answer_tokens``), as runs made before they were grouped stored them."""
+        return flat_params(self)
 
 
 def _relative_change(before: float, after: float) -> float:
@@ -248,11 +245,9 @@ class SynapseWork:
                 self.lm,
                 prompt,
                 fact.object,
-                self.config.steps,
-                self.config.rule,
-                self.config.answer_tokens,
-                self.max_batch_rows,
+                max_batch_rows=self.max_batch_rows,
                 warn=False,  # the residual is stored with every query
+                settings=self.config.path,
             )
         except DataError as exc:
             raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
@@ -301,8 +296,22 @@ def synapse_work(
     max_batch_rows: int | None = None,
     classes: dict[str, str] | None = None,
 ) -> WorkFn:
-    """The sweep's :data:`~qloc.runs.executors.WorkBuilder`: a :class:`SynapseWork` on ``lm``."""
+    """A :class:`SynapseWork` on ``lm``."""
     return SynapseWork(lm, config, knowledge, max_batch_rows, classes)
+
+
+@dataclass(frozen=True)
+class SynapseWorkBuilder:
+    """The synapse sweep's :data:`~qloc.runs.executors.WorkBuilder`: each model replica builds its
+    :class:`SynapseWork` from it (a dataclass, so that Ray pickles it)."""
+
+    config: SynapseConfig
+    knowledge: dict[str, FactKnowledge]
+    max_batch_rows: int | None = None
+    classes: dict[str, str] | None = None
+
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        return SynapseWork(lm, self.config, self.knowledge, self.max_batch_rows, self.classes)
 
 
 @dataclass(frozen=True)
@@ -316,13 +325,7 @@ def run(request: SynapseRequest) -> Outcome:
     localized = request.read()
     config = replace(request.config, method=localized.method)
     sample = request.sample(localized, config.seed)
-    build = partial(
-        synapse_work,
-        config=config,
-        knowledge=localized.knowledge,
-        max_batch_rows=request.max_batch_rows,
-        classes=sample.classes,
-    )
+    build = SynapseWorkBuilder(config, localized.knowledge, request.max_batch_rows, sample.classes)
     params = {**config.params(), **sample.params}
     plan = localized.sweep(config.stage, params, build, f"synapses {localized.method}", sample.facts)
     summary = execute(plan, request.execution)
