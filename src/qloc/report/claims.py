@@ -7,7 +7,7 @@ import math
 
 import pandas as pd
 
-from ..studies.edit_protocol import CATASTROPHIC_DPPL
+from ..studies.edit_measures import CATASTROPHIC_DPPL
 from .claims_consistency import ConsistencyClaims
 from .findings import (
     SET_NAMES,

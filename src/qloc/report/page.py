@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..errors import ConfigError, QlocError
 from ..runs.outputs import check_output_file, write_text
-from ..studies.edit_protocol import CATASTROPHIC_DPPL
+from ..studies.edit_measures import CATASTROPHIC_DPPL
 from ..studies.registry import Panel
 from .captions import caption
 from .claims import model_findings

@@ -31,8 +31,8 @@ from ..runs.store import RunStore
 from ..settings import setting
 from .consistency_tables import classify, fact_consistency
 from .knrows import DenseScoresRow, KnSetRow
-from .knsets import LOCALIZE_STAGE, load_dense_scores
 from .registry import Outcome, Panel, Study
+from .stored_knsets import LOCALIZE_STAGE, load_dense_scores
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -30,8 +30,8 @@ from .consistency_tables import (
     table1,
     threshold_sensitivity,
 )
-from .knsets import dense_kn_sets, load_kn_sets
 from .registry import Outcome, Panel, Reproduction, Study
+from .stored_knsets import dense_kn_sets, load_kn_sets
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -32,7 +32,7 @@ from ..runs.rows import Row, UnitWriter
 from ..runs.store import STORE_FILE, RunStore
 from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
-from .edit_protocol import (
+from .edit_measures import (
     CATASTROPHIC_DPPL,
     CONTROL_SET,
     EDIT_SETS,
@@ -53,8 +53,8 @@ from .edit_protocol import (
     sequential_table,
     sequential_work,
 )
-from .knsets import LOCALIZE_STAGE, FactKnowledge, Neuron, SharedNeuronFilter
-from .localized import (
+from .knsets import FactKNSets, Neuron, SharedNeuronFilter
+from .localize_run import (
     FACT_LIMIT_HELP,
     LOCALIZED_RUN_HELP,
     STRATIFY_HELP,
@@ -64,6 +64,7 @@ from .localized import (
     read_localized_run,
 )
 from .registry import Outcome, Panel, Reproduction, Study
+from .stored_knsets import LOCALIZE_STAGE
 
 NOT_MEASURED = float("nan")
 
@@ -120,15 +121,15 @@ class EditWork:
 
     lm: LoadedModel
     config: EditConfig
-    knowledge: dict[str, FactKnowledge]
+    knowledge: dict[str, FactKNSets]
     shared: SharedNeuronFilter
     dataset: list[Fact]
     passages: list[str]
     classes: dict[str, str] | None = None
-    """A stratified sample's classes (:attr:`qloc.studies.localized.FactSample.classes`); None:
+    """A stratified sample's classes (:attr:`qloc.studies.localize_run.FactSample.classes`); None:
     each fact's static class."""
     facts_by_relation: dict[str, list[Fact]] = field(init=False)
-    filtered: dict[str, FactKnowledge] = field(init=False)
+    filtered: dict[str, FactKNSets] = field(init=False)
     """The KN sets after the shared-neuron filter."""
     ppl_before: float = field(init=False)
 
@@ -209,7 +210,7 @@ class EditWork:
 def edit_work(
     lm: LoadedModel,
     config: EditConfig,
-    knowledge: dict[str, FactKnowledge],
+    knowledge: dict[str, FactKNSets],
     shared: SharedNeuronFilter,
     dataset: list[Fact],
     passages: list[str],

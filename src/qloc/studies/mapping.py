@@ -6,7 +6,7 @@ Self = K_q; Union, Intersection and Refine (in >= 2 sets) of the other queries' 
 Unrelated = |K_q| random neurons in none of the fact's KN sets (seeded). Under Query Localization
 Self moves the answer most, and for KI facts the other queries' Intersection least.
 
-The KN sets go through the shared-neuron filter first (:func:`qloc.knsets.shared_neurons`), as
+The KN sets go through the shared-neuron filter first (:func:`qloc.studies.knsets.shared_neurons`), as
 for editing. A set that is empty changes nothing (dProb 0 exactly): its row is stored, but tables
 leave it out of the statistics and count such sets instead. A handful of near-zero probabilities
 can decide a mean of relative changes, so tables give the median and a bootstrap interval of the
@@ -44,14 +44,14 @@ from .knsets import (
     SHARED_FILTER_MIN_FACTS,
     SHARED_MIN_FACTS_HELP,
     SHARED_REFERENCE_HELP,
-    FactKnowledge,
+    FactKNSets,
     ManipulationConfig,
     SharedNeuronFilter,
     check_share,
     random_neurons,
     reference_param,
 )
-from .localized import LocalizedRequest
+from .localize_run import LocalizedRequest
 from .registry import Outcome, Panel, Reproduction, Study
 from .statistics import bootstrap_mean_ci
 
@@ -124,12 +124,12 @@ class MappingRow(Row):
 def mapping_work(
     lm: LoadedModel,
     config: MappingConfig,
-    knowledge: dict[str, FactKnowledge],
+    knowledge: dict[str, FactKNSets],
     shared: SharedNeuronFilter,
     classes: Mapping[str, str] | None = None,
 ) -> WorkFn:
     """Per-fact work function for :func:`qloc.sweep.run_sweep`; ``classes``: a stratified sample's
-    (:attr:`qloc.studies.localized.FactSample.classes`), else each fact's static class."""
+    (:attr:`qloc.studies.localize_run.FactSample.classes`), else each fact's static class."""
     shape = (lm.num_layers, lm.d_ff)
     filtered = shared.apply(knowledge)
 

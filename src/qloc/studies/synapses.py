@@ -41,14 +41,14 @@ from ..runs.rows import Row, UnitWriter
 from ..runs.store import RunStore
 from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
+from .knrows import QueryRow
 from .knsets import (
-    FactKnowledge,
+    FactKNSets,
     ManipulationConfig,
     Neuron,
-    QueryRow,
     random_neurons,
 )
-from .localized import LocalizedRequest
+from .localize_run import LocalizedRequest
 from .registry import Outcome, Panel, Reproduction, Study
 from .synapse_tables import MEASURES, cost_table, effects_table, write_synapse_report
 
@@ -76,7 +76,7 @@ def _relative_change(before: float, after: float) -> float:
 
 
 def _neuron_classes(
-    known: FactKnowledge, query: int, shape: tuple[int, int], rng: random.Random
+    known: FactKNSets, query: int, shape: tuple[int, int], rng: random.Random
 ) -> dict[str, list[Neuron]]:
     own = sorted(set(known.query_sets[query]))
     everything = known.neurons
@@ -84,7 +84,7 @@ def _neuron_classes(
     return {"kn": own, "neighbour": sorted(everything - set(own)), "random": chosen}
 
 
-def heatmap_neurons(known: FactKnowledge, limit: int = 64) -> list[Neuron]:
+def heatmap_neurons(known: FactKNSets, limit: int = 64) -> list[Neuron]:
     """Columns of a fact's heatmap (Figures 5, 10): the KNs of its queries, those in the most
     queries' sets first, at most ``limit``, then ordered by (layer, neuron)."""
     counts = Counter(u for s in known.query_sets for u in set(s))
@@ -196,10 +196,10 @@ class SynapseWork:
 
     lm: LoadedModel
     config: SynapseConfig
-    knowledge: dict[str, FactKnowledge]
+    knowledge: dict[str, FactKNSets]
     max_batch_rows: int | None = None
     classes: dict[str, str] | None = None
-    """A stratified sample's classes (:attr:`qloc.studies.localized.FactSample.classes`); None:
+    """A stratified sample's classes (:attr:`qloc.studies.localize_run.FactSample.classes`); None:
     each fact's static class."""
 
     @property
@@ -297,7 +297,7 @@ class SynapseWork:
 def synapse_work(
     lm: LoadedModel,
     config: SynapseConfig,
-    knowledge: dict[str, FactKnowledge],
+    knowledge: dict[str, FactKNSets],
     max_batch_rows: int | None = None,
     classes: dict[str, str] | None = None,
 ) -> WorkFn:

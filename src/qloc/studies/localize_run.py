@@ -23,12 +23,13 @@ from ..runs.store import RunStore
 from ..settings import setting
 from .consistency_tables import classify, fact_consistency
 from .knrows import CasSetRow, KnSetRow
-from .knsets import LOCALIZE_STAGE, SHARED_FILTER_MIN_FACTS, FactKnowledge, SharedNeuronFilter
+from .knsets import SHARED_FILTER_MIN_FACTS, FactKNSets, SharedNeuronFilter
+from .stored_knsets import LOCALIZE_STAGE
 
 
 def knowledge_from_store(
     kn_frame: pd.DataFrame, cas_frame: pd.DataFrame, method: str
-) -> dict[str, FactKnowledge]:
+) -> dict[str, FactKNSets]:
     """Per fact id, the KN sets the localize run stored for ``method``."""
     kn_frame = kn_frame[kn_frame["method"] == method]
     if kn_frame.empty:
@@ -40,7 +41,7 @@ def knowledge_from_store(
     result = {}
     for fact_id, group in kn_frame.groupby("fact_id", sort=False):
         sets = [[tuple(u) for u in k] for k in group.sort_values("query_index")["kn"]]
-        result[fact_id] = FactKnowledge(sets, cas.get(fact_id, []), str(group["relation"].iloc[0]))
+        result[fact_id] = FactKNSets(sets, cas.get(fact_id, []), str(group["relation"].iloc[0]))
     return result
 
 
@@ -90,7 +91,7 @@ class LocalizedRun:
     run_dir: Path
     params: dict[str, Any]
     method: str
-    knowledge: dict[str, FactKnowledge]
+    knowledge: dict[str, FactKNSets]
     dataset: list[Fact]
     facts: list[Fact]
     device: str
@@ -234,7 +235,7 @@ KN_CUT = ("model", "dtype", "answer_tokens", "threshold", "top_k", "steps", "rul
 shared-neuron filter must agree with the edited run on all of them."""
 
 
-def reference_knowledge(reference: Path, params: Mapping[str, Any], method: str) -> dict[str, FactKnowledge]:
+def reference_knowledge(reference: Path, params: Mapping[str, Any], method: str) -> dict[str, FactKNSets]:
     """The ``method`` KN sets of the localize run ``reference``, refused where its model or the way
     its KN sets were cut differs from ``params`` (another run's localize parameters)."""
     with RunStore.open_existing(reference) as store:

@@ -40,7 +40,7 @@ from .knsets import (
     SHARED_MIN_FACTS_HELP,
     SHARED_REFERENCE_HELP,
     STATIC_THRESHOLD,
-    FactKnowledge,
+    FactKNSets,
     Neuron,
     SharedNeuronFilter,
     cas_set,
@@ -221,7 +221,7 @@ def kn_signs(activations: torch.Tensor, set_name: str, neurons: list[tuple[int, 
 
 
 def edit_set(
-    original: FactKnowledge, filtered: FactKnowledge, set_name: str, shape: tuple[int, int], seed: str
+    original: FactKNSets, filtered: FactKNSets, set_name: str, shape: tuple[int, int], seed: str
 ) -> list[Neuron]:
     """The neurons an edit of one fact goes through: its ``set_name`` KN set after the shared-neuron
     filter, or for the random control as many neurons as that Self set, drawn (seeded by ``seed``)
@@ -232,7 +232,7 @@ def edit_set(
     return random_neurons(len(filtered.kn_set("self")), shape, avoid, random.Random(seed))
 
 
-def dropped_by_filter(original: FactKnowledge, filtered: FactKnowledge, set_name: str) -> int:
+def dropped_by_filter(original: FactKNSets, filtered: FactKNSets, set_name: str) -> int:
     """KNs the shared-neuron filter removed from the fact's ``set_name`` set (0 for the control,
     drawn after it)."""
     if set_name not in KN_SETS:
@@ -248,7 +248,7 @@ def control_seed(config: EditConfig, fact: Fact) -> str:
 def sequential_edit(
     lm: LoadedModel,
     config: EditConfig,
-    knowledge: dict[str, FactKnowledge],
+    knowledge: dict[str, FactKNSets],
     shared: SharedNeuronFilter,
     dataset: list[Fact],
     facts: list[Fact],
@@ -339,7 +339,7 @@ class SequentialRow(Row):
 def sequential_work(
     lm: LoadedModel,
     config: EditConfig,
-    knowledge: dict[str, FactKnowledge],
+    knowledge: dict[str, FactKNSets],
     shared: SharedNeuronFilter,
     dataset: list[Fact],
     facts: list[Fact],
@@ -400,7 +400,7 @@ def case_study(
         raise ConfigError.invalid("edit_sign", edit_sign, f"choose {' or '.join(EDIT_SIGNS)}")
     scores = [attribute(lm, q, answer, method, steps=steps).scores for q in queries]
     query_sets = [kn_set(s) for s in scores]
-    neurons = FactKnowledge(query_sets, cas_set(scores)).kn_set(set_name)
+    neurons = FactKNSets(query_sets, cas_set(scores)).kn_set(set_name)
     signs = (
         kn_signs(target_activations(lm, queries, answer), set_name, neurons)
         if edit_sign == "activation"
