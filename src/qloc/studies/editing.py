@@ -32,6 +32,7 @@ from ..runs.rows import Row, UnitWriter
 from ..runs.store import STORE_FILE, RunStore
 from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
+from . import editing_claims
 from .edit_measures import (
     CATASTROPHIC_DPPL,
     CONTROL_SET,
@@ -501,6 +502,8 @@ STUDY = Study(
         Panel(110, "Table 7: sequential editing", ("table7",)),
         Panel(120, "Table 8: case study", ("table8",)),
     ),
+    captions=editing_claims.CAPTIONS,
+    claims=editing_claims.EditingClaims,
     examples=(
         "qloc edit --run-dir runs/smollm2 --mode erase            "
         "# Tables 2 and 3: Self, Union, CAS; KC vs KI",

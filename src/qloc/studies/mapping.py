@@ -39,6 +39,7 @@ from ..runs.rows import Row, UnitWriter
 from ..runs.store import RunStore
 from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
+from . import mapping_claims
 from .knsets import (
     SHARED_FILTER,
     SHARED_FILTER_MIN_FACTS,
@@ -296,6 +297,8 @@ STUDY = Study(
     request=MappingRequest,
     run=run,
     panels=(Panel(70, "Figure 4: query-KN mapping", ("fig4_mapping",), ("fig4_mapping",)),),
+    captions=mapping_claims.CAPTIONS,
+    claims=mapping_claims.MappingClaims,
     examples=(
         "qloc mapping --run-dir runs/smollm2                      "
         "# Figure 4: the query-KN mapping experiment",

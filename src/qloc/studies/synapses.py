@@ -41,6 +41,7 @@ from ..runs.rows import Row, UnitWriter
 from ..runs.store import RunStore
 from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
+from . import synapse_claims
 from .knrows import QueryRow
 from .knsets import (
     FactKNSets,
@@ -386,6 +387,8 @@ STUDY = Study(
         ),
         Panel(100, "Table 6: cost of suppressing and enhancing synapses", ("table6_cost",)),
     ),
+    captions=synapse_claims.CAPTIONS,
+    claims=synapse_claims.SynapseClaims,
     examples=(
         "qloc synapses --run-dir runs/smollm2 --limit 8           "
         "# Figures 5, 6, 10, 11 and Table 6: knowledge synapses",

@@ -1,5 +1,5 @@
-"""Every claim's rule, one model at a time: the consistency claims (:mod:`qloc.report.claims_consistency`)
-and those of the experiments on a localize run (Tables 2 and 3, Figures 4 and 6)."""
+"""What the editing study shows: the captions of Tables 2, 3, 7 and 8, and its claim rules (Tables
+2 and 3: Self against Union, the perplexity change, CAS)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,52 @@ import math
 
 import pandas as pd
 
-from ..studies.edit_measures import CATASTROPHIC_DPPL
-from .claims_consistency import ConsistencyClaims
-from .findings import (
-    SET_NAMES,
-    Evidence,
-    ModelFindings,
-    records,
-    reference_model,
-    sign_word,
-    weighted,
+from ..numbers import format_number, format_share
+from .claims import SET_NAMES, ClaimRules, records, weighted
+from .edit_measures import CATASTROPHIC_DPPL
+from .registry import Caption
+
+EDIT_READING = (
+    "Rel: the edit works on the edited query; Gen: on the fact's other queries; Loc: 10 unrelated "
+    "queries keep their answers; Avg: their mean (all 0-1, higher is better). dPPL: relative change "
+    "of WikiText-2 perplexity (0 unchanged, 1 doubled); cells above 1 are marked: such an edit "
+    "broke the model. An erasure's Rel and Gen are 1 on a query the model never answered right: "
+    "rel_known and gen_known count only the queries it answered right (top-1) before the edit "
+    "(known_queries, known_neighbours of them; empty: not stored), and prob_drop is the mean fall of "
+    "the edited query's P(answer)."
 )
-from .format import format_number, format_share
-from .paper import PaperReference, no_paper_number
+CAPTIONS: dict[str, Caption] = {
+    "table2": (
+        "Erasing each fact's answer, or updating it to another object of the relation, through one query's "
+        "KN set (Self) or the union of all its queries' sets (Union); {facts} facts per row, split into KC "
+        "and KI facts. " + EDIT_READING
+    ),
+    "table3": (
+        "Table 2 with Consistency-Aware KN selection (CAS: neurons scoring high and alike across the fact's "
+        "queries); {facts} facts per row. " + EDIT_READING
+    ),
+    "table7": (
+        "Sequential editing: {facts} facts updated one after another without restoring the weights, "
+        "everything measured at the end; mean and std over {seeds} seeds. Rel, Gen, Loc, Avg 0-1; dPPL "
+        "relative perplexity change."
+    ),
+    "table8": "Greedy continuations of the edited query and of a neighbour query before and after one edit.",
+}
+"""The editing study's captions, by panel key (:data:`qloc.studies.registry.Caption`)."""
 
 SELF_REACH = 0.5
 """Table 2's contrast: Self's Gen under this share of Union's is "Self does not reach the other
 queries" (the paper's KI rows: 0.10-0.24; its KC rows: 0.62-0.86)."""
 
 
-class ModelClaims(ConsistencyClaims):
-    # -- Tables 2 and 3 ----------------------------------------------------------------------
+class EditingClaims(ClaimRules):
+    """The editing study's claims (Tables 2 and 3)."""
+
+    def check(self) -> None:
+        self.generalisation()
+        self.perplexity()
+        self.cas()
+
     def _gen(self, rows: pd.DataFrame, kind: str, kn_set: str, column: str = "gen") -> float | None:
         picked = rows[(rows["class"] == kind) & (rows["kn_set"] == kn_set)]
         if not len(picked) or column not in picked:
@@ -168,92 +193,3 @@ class ModelClaims(ConsistencyClaims):
                 "agrees" if avg["cas"] > best_other else "differs",
                 f"CAS {'above' if avg['cas'] > best_other else 'not above'} the better of Self and Union",
             )
-
-    # -- Figures 4 and 6 --------------------------------------------------------------------
-    def mapping(self) -> None:
-        table = self.table("fig4_mapping")
-        if table is None:
-            return
-        column = "dprob_median" if "dprob_median" in table else "dprob"
-        statistic = "median" if column == "dprob_median" else "mean"
-        classes = [c for c in ("KC", "KI") if c in set(table["class"])] or ["Avg"]
-        for (method, operation), rows in table.groupby(["method", "operation"], sort=False):
-            direction = -1.0 if operation == "suppress" else 1.0
-            for kind in classes:
-                part = rows[rows["class"] == kind]
-                # A set empty for every query has no statistic (NaN): there is no order to read.
-                effect = {r.kn_set: float(getattr(r, column)) for r in records(part)}
-                effect = {name: value for name, value in effect.items() if not math.isnan(value)}
-                if not {"self", "intersection", "refine", "unrelated"} <= set(effect):
-                    continue
-                order = sorted(effect, key=lambda s: -direction * effect[s])
-                measured = "; ".join(f"{SET_NAMES[s]} {format_number(effect[s])}" for s in order)
-                self_first = direction * effect["self"] > max(
-                    direction * effect[s] for s in ("intersection", "refine")
-                )
-                unrelated_last = order[-1] == "unrelated"
-                paper = no_paper_number(self.paper.unquoted("mapping"))
-                misses = [
-                    text
-                    for ok, text in (
-                        (self_first, "Self does not beat Intersection/Refine"),
-                        (unrelated_last, "Unrelated is not the weakest"),
-                    )
-                    if not ok
-                ]
-                self.add(
-                    "mapping",
-                    f"{method.upper()} {operation}, {kind}: {statistic} dProb per KN set, strongest first",
-                    measured,
-                    paper,
-                    "agrees" if not misses else "differs",
-                    "; ".join(misses),
-                )
-
-    def synapses(self) -> None:
-        for name, measure_name in (
-            ("fig6_synapses", "dKN of mean activation"),
-            ("fig6_synapses_magnitude", "dKN of mean |activation|"),
-        ):
-            table = self.table(name)
-            if table is None:
-                continue
-            suffix = "_abs" if name.endswith("magnitude") else ""
-            for row in table[table["class"] == "Avg"].itertuples(index=False):
-                values = row._asdict()
-                statistic = "median" if f"dkn_kn{suffix}_median" in values else "mean"
-                dkn = values[f"dkn_kn{suffix}_{statistic}"]
-                dprob = values.get(f"dprob_{statistic}", values.get("dprob_mean"))
-                direction = -1 if row.operation == "suppress" else 1
-                right = [direction * dkn > 0, direction * dprob > 0]
-                paper = no_paper_number(self.paper.unquoted("synapses"))
-                note = (
-                    ""
-                    if all(right)
-                    else (f"query's KN activation {sign_word(dkn)}, P(answer) {sign_word(dprob)}")
-                )
-                self.add(
-                    "synapses",
-                    f"{row.method.upper()} {row.operation} KS, {row.queries} queries: "
-                    f"{statistic} {measure_name}, dProb",
-                    f"dKN {format_number(dkn)}, dProb {format_number(dprob)}",
-                    paper,
-                    "agrees" if all(right) else "differs",
-                    note,
-                )
-
-
-def model_findings(evidence: Evidence, paper: PaperReference) -> ModelFindings:
-    """Every finding of one model, its warnings and context lines."""
-    reference, reason = reference_model(evidence.model, evidence.d_ff, paper)
-    rules = ModelClaims(evidence, paper, reference)
-    if evidence.sources:
-        rules.context.append(f"From {', '.join(evidence.sources)}.")
-    rules.knowledge()
-    rules.consistency()
-    rules.generalisation()
-    rules.perplexity()
-    rules.cas()
-    rules.mapping()
-    rules.synapses()
-    return ModelFindings(evidence.model, reference, reason, rules.context, rules.warnings, rules.findings)
