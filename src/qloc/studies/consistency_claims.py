@@ -250,10 +250,10 @@ class ConsistencyClaims(ClaimRules):
 
     def _u_ki(self, table1: pd.DataFrame) -> None:
         methods = table1["method"].nunique()
-        for kind, rows in table1.groupby("threshold", sort=False):
+        for threshold, rows in table1.groupby("threshold", sort=False):
             row = rows.iloc[0]
-            quote = self.paper.quote("table1_u_ki", "U_KI", self.reference, share=True, threshold=kind)
-            measure = f"U_KI: KI under every method, {kind} threshold"
+            quote = self.paper.quote("table1_u_ki", "U_KI", self.reference, share=True, threshold=threshold)
+            measure = f"U_KI: KI under every method, {threshold} threshold"
             if math.isnan(row.U_KI):
                 self.add("u_ki", measure, "–", quote, "open", "needs two or more methods")
                 continue

@@ -55,13 +55,13 @@ def fact_cs(kn_frame: pd.DataFrame, count: str = "relaxed") -> pd.DataFrame:
 def split_summary(classified: pd.DataFrame) -> dict[str, float]:
     """R_KI, CS_KC and CS_KI under the static and the Otsu threshold, and Welch's t (static)."""
     out: dict[str, float] = {"facts": len(classified), "cs_mean": float(classified["cs"].mean())}
-    for kind in ("static", "otsu"):
-        ki = classified[classified[f"class_{kind}"] == "KI"]["cs"]
-        kc = classified[classified[f"class_{kind}"] == "KC"]["cs"]
-        out[f"R_KI_{kind}"] = len(ki) / len(classified) if len(classified) else float("nan")
-        out[f"CS_KC_{kind}"] = float(kc.mean()) if len(kc) else float("nan")
-        out[f"CS_KI_{kind}"] = float(ki.mean()) if len(ki) else float("nan")
-        if kind == "static":
+    for threshold in ("static", "otsu"):
+        ki = classified[classified[f"class_{threshold}"] == "KI"]["cs"]
+        kc = classified[classified[f"class_{threshold}"] == "KC"]["cs"]
+        out[f"R_KI_{threshold}"] = len(ki) / len(classified) if len(classified) else float("nan")
+        out[f"CS_KC_{threshold}"] = float(kc.mean()) if len(kc) else float("nan")
+        out[f"CS_KI_{threshold}"] = float(ki.mean()) if len(ki) else float("nan")
+        if threshold == "static":
             out["t_static"] = welch(kc.tolist(), ki.tolist())[0]
     out["otsu_threshold"] = float(classified["otsu_threshold"].iloc[0]) if len(classified) else float("nan")
     return out

@@ -145,7 +145,7 @@ class EditWork:
         case = EditCase.draw(fact, self.config, self.facts_by_relation, self.dataset)
         before = self._measure_unedited(fact, case)
         activations = target_activations(self.lm, fact.queries, fact.object)
-        kind = (
+        fact_class = (
             self.classes[fact.id] if self.classes else original.knowledge_class(self.config.static_threshold)
         )
         shape = (self.lm.num_layers, self.lm.d_ff)
@@ -158,7 +158,7 @@ class EditWork:
                 method=self.config.method,
                 mode=self.config.mode,
                 kn_set=set_name,
-                class_=kind,
+                class_=fact_class,
                 cs=original.consistency,
                 kn_size=len(neurons),
                 kn_dropped=dropped_by_filter(original, known, set_name),
@@ -221,22 +221,10 @@ def edit_work(
     return EditWork(lm, config, knowledge, shared, dataset, passages, classes)
 
 
-def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
-    """Tables 2 and 3 per (method, mode, KN set, class): mean Rel, Gen, Loc, Avg and dPPL over the
-    edits that had a KN to edit, beside what keeps a mean honest: the median dPPL, the share of
-    catastrophic edits (dPPL > 1), the share that moved the edited query's answer the right way,
-    median probabilities before and after, the mean KN-set size, KNs removed by the shared filter
-    (mean and total), how many sets were empty (not edited) and how many of those the filter emptied.
-
-    Erasure's Rel and Gen are 1 - accuracy, 1 on a query the model never answered right, whatever
-    the edit does. So beside them: Rel over the edited queries the model answered right (o at top-1)
-    before the edit (``rel_known``, over ``known_queries`` of them), Gen over such neighbours
-    (``gen_known``, over ``known_neighbours``), and the mean drop of the edited query's P(o), which
-    every query can fail (``prob_drop``); ``gen_moved`` is Gen's counterpart that every paraphrase
-    can fail: the share of the neighbour queries whose P(o) (update: P(o')) moved the intended way.
-    Rows stored before the known columns were recorded leave
-    them NaN: not stored."""
-    frame = edits[edits["kn_set"].isin(sets)].copy()
+def _per_edit(frame: pd.DataFrame) -> pd.DataFrame:
+    """The edits with the columns :func:`edit_table` averages: numbers read as numbers, and per edit
+    whether it was catastrophic, whether its query was known, P(o)'s drop, and the share of moved
+    neighbours."""
     numeric = METRICS + [
         "moved_right",
         "prob_before",
@@ -264,6 +252,25 @@ def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
         edited & (frame["neighbours"] > 0)
     )
     frame["emptied_by_filter"] = (frame["kn_size"] == 0) & (frame["kn_dropped"] > 0)
+    return frame
+
+
+def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
+    """Tables 2 and 3 per (method, mode, KN set, class): mean Rel, Gen, Loc, Avg and dPPL over the
+    edits that had a KN to edit, beside what keeps a mean honest: the median dPPL, the share of
+    catastrophic edits (dPPL > 1), the share that moved the edited query's answer the right way,
+    median probabilities before and after, the mean KN-set size, KNs removed by the shared filter
+    (mean and total), how many sets were empty (not edited) and how many of those the filter emptied.
+
+    Erasure's Rel and Gen are 1 - accuracy, 1 on a query the model never answered right, whatever
+    the edit does. So beside them: Rel over the edited queries the model answered right (o at top-1)
+    before the edit (``rel_known``, over ``known_queries`` of them), Gen over such neighbours
+    (``gen_known``, over ``known_neighbours``), and the mean drop of the edited query's P(o), which
+    every query can fail (``prob_drop``); ``gen_moved`` is Gen's counterpart that every paraphrase
+    can fail: the share of the neighbour queries whose P(o) (update: P(o')) moved the intended way.
+    Rows stored before the known columns were recorded leave
+    them NaN: not stored."""
+    frame = _per_edit(edits[edits["kn_set"].isin(sets)].copy())
     grouped = frame.groupby(["method", "mode", "kn_set", "class"], sort=False)
     table = grouped[METRICS].mean()
     table["dppl_median"] = grouped["dppl"].median()

@@ -45,6 +45,22 @@ SELF_REACH = 0.5
 queries" (the paper's KI rows: 0.10-0.24; its KC rows: 0.62-0.86)."""
 
 
+def _dppl_summary(
+    edits: pd.DataFrame | None, part: pd.DataFrame, method: str, mode: str, kn_set: str
+) -> tuple[float, int, float] | None:
+    """The median dPPL of one method's edits through one KN set, over how many edits, and the share
+    of them above :data:`CATASTROPHIC_DPPL`: from the stored edits where the store has them, else
+    from the table's rows (``part``); None where neither has dPPL."""
+    if edits is not None and {"mode", "kn_set", "dppl"} <= set(edits.columns):
+        chosen = edits[(edits["method"] == method) & (edits["mode"] == mode) & (edits["kn_set"] == kn_set)][
+            "dppl"
+        ].dropna()
+        return chosen.median(), len(chosen), (chosen > CATASTROPHIC_DPPL).mean()
+    if "dppl_median" in part:
+        return part["dppl_median"].median(), int(part["facts"].sum()), weighted(part, "catastrophic")
+    return None
+
+
 class EditingClaims(ClaimRules):
     """The editing study's claims (Tables 2 and 3)."""
 
@@ -53,8 +69,8 @@ class EditingClaims(ClaimRules):
         self.perplexity()
         self.cas()
 
-    def _gen(self, rows: pd.DataFrame, kind: str, kn_set: str, column: str = "gen") -> float | None:
-        picked = rows[(rows["class"] == kind) & (rows["kn_set"] == kn_set)]
+    def _gen(self, rows: pd.DataFrame, fact_class: str, kn_set: str, column: str = "gen") -> float | None:
+        picked = rows[(rows["class"] == fact_class) & (rows["kn_set"] == kn_set)]
         if not len(picked) or column not in picked:
             return None
         value = float(picked[column].iloc[0])
@@ -71,18 +87,21 @@ class EditingClaims(ClaimRules):
             return
         for (method, mode), rows in table2.groupby(["method", "mode"], sort=False):
             ratios = {}
-            for kind in ("KC", "KI"):
-                self_gen, union_gen = self._gen(rows, kind, "self"), self._gen(rows, kind, "union")
+            for fact_class in ("KC", "KI"):
+                self_gen, union_gen = (
+                    self._gen(rows, fact_class, "self"),
+                    self._gen(rows, fact_class, "union"),
+                )
                 if self_gen is not None and union_gen:
-                    ratios[kind] = (self_gen, union_gen, self_gen / union_gen)
-            for kind, (self_gen, union_gen, ratio) in ratios.items():
-                moved = [self._gen(rows, kind, s, "gen_moved") for s in ("self", "union")]
+                    ratios[fact_class] = (self_gen, union_gen, self_gen / union_gen)
+            for fact_class, (self_gen, union_gen, ratio) in ratios.items():
+                moved = [self._gen(rows, fact_class, s, "gen_moved") for s in ("self", "union")]
                 notes = [f"Self's Gen is {format_number(ratio)} of Union's"]
                 if None not in moved:
                     notes.append(
                         f"paraphrases moved: Self {format_number(moved[0])}, Union {format_number(moved[1])}"
                     )
-                if kind == "KI":
+                if fact_class == "KI":
                     verdict = "agrees" if ratio < SELF_REACH else "differs"
                     notes.insert(
                         0,
@@ -97,13 +116,16 @@ class EditingClaims(ClaimRules):
                     verdict, notes = "open", ["no KI facts to compare with"]
                 self.add(
                     "self_union_generalisation",
-                    f"{method.upper()} {mode}, {kind} facts: Gen through Self vs Union",
+                    f"{method.upper()} {mode}, {fact_class} facts: Gen through Self vs Union",
                     f"Self {format_number(self_gen)} / Union {format_number(union_gen)}",
                     self.paper.quote_each(
                         "table2",
                         "gen",
                         self.reference,
-                        {SET_NAMES[s]: {"mode": mode, "class": kind, "kn_set": s} for s in ("self", "union")},
+                        {
+                            SET_NAMES[s]: {"mode": mode, "class": fact_class, "kn_set": s}
+                            for s in ("self", "union")
+                        },
                     ),
                     verdict,
                     "; ".join(notes),
@@ -121,23 +143,19 @@ class EditingClaims(ClaimRules):
         for (method, mode), rows in sets_by_mode.groupby(["method", "mode"], sort=False):
             for kn_set in dict.fromkeys(rows["kn_set"]):
                 part = rows[rows["kn_set"] == kn_set]
-                if edits is not None and {"mode", "kn_set", "dppl"} <= set(edits.columns):
-                    chosen = edits[
-                        (edits["method"] == method) & (edits["mode"] == mode) & (edits["kn_set"] == kn_set)
-                    ]["dppl"].dropna()
-                    median, count = chosen.median(), len(chosen)
-                    catastrophic = (chosen > CATASTROPHIC_DPPL).mean()
-                elif "dppl_median" in part:
-                    median, count = part["dppl_median"].median(), int(part["facts"].sum())
-                    catastrophic = weighted(part, "catastrophic")
-                else:
+                summary = _dppl_summary(edits, part, method, mode, kn_set)
+                if summary is None:
                     continue
+                median, count, catastrophic = summary
                 name = SET_NAMES.get(kn_set, kn_set)
                 paper = self.paper.quote_each(
                     "table3",
                     "dppl",
                     self.reference,
-                    {kind: {"mode": mode, "class": kind, "kn_set": kn_set} for kind in ("KC", "KI")},
+                    {
+                        fact_class: {"mode": mode, "class": fact_class, "kn_set": kn_set}
+                        for fact_class in ("KC", "KI")
+                    },
                 )
                 notes = (
                     []
@@ -173,7 +191,7 @@ class EditingClaims(ClaimRules):
         table3 = self.table("table3")
         if table3 is None:
             return
-        for (method, mode, kind), rows in table3.groupby(["method", "mode", "class"], sort=False):
+        for (method, mode, fact_class), rows in table3.groupby(["method", "mode", "class"], sort=False):
             avg = {r.kn_set: float(r.avg) for r in records(rows)}
             if not {"cas", "self", "union"} <= set(avg):
                 continue
@@ -181,13 +199,16 @@ class EditingClaims(ClaimRules):
                 "table3",
                 "avg",
                 self.reference,
-                {SET_NAMES[s]: {"mode": mode, "class": kind, "kn_set": s} for s in ("cas", "self", "union")},
+                {
+                    SET_NAMES[s]: {"mode": mode, "class": fact_class, "kn_set": s}
+                    for s in ("cas", "self", "union")
+                },
             )
             measured = " / ".join(f"{SET_NAMES[s]} {format_number(avg[s])}" for s in ("cas", "self", "union"))
             best_other = max(avg["self"], avg["union"])
             self.add(
                 "cas",
-                f"{method.upper()} {mode}, {kind} facts: Avg of CAS vs Self / Union",
+                f"{method.upper()} {mode}, {fact_class} facts: Avg of CAS vs Self / Union",
                 measured,
                 paper,
                 "agrees" if avg["cas"] > best_other else "differs",

@@ -204,7 +204,7 @@ class SharedNeuronFilter:
         self, knowledge: Mapping[str, FactKNSets], sets: Sequence[str] = ("self", "union", "cas")
     ) -> str:
         """What the filter removes from ``knowledge``, in words: whence its shares, the distinct
-        neurons it drops, and per set kind how many KNs it removed and how many sets it emptied."""
+        neurons it drops, and per KN set how many KNs it removed and how many sets it emptied."""
         if self.share is None:
             return "shared-neuron filter off"
         if len(self.pool) < self.min_facts:
@@ -215,7 +215,7 @@ class SharedNeuronFilter:
             )
         removed = self.removed(knowledge)
         distinct = set().union(*removed.values()) if removed else set()
-        kinds = []
+        per_set = []
         for name in sets:
             before = {fact_id: known.kn_set(name) for fact_id, known in knowledge.items()}
             after = {
@@ -223,10 +223,10 @@ class SharedNeuronFilter:
             }
             dropped = sum(len(before[f]) - len(after[f]) for f in before)
             emptied = sum(1 for f in before if before[f] and not after[f])
-            kinds.append(f"{name} {dropped:,} KNs, {emptied:,} of {len(before):,} sets emptied")
+            per_set.append(f"{name} {dropped:,} KNs, {emptied:,} of {len(before):,} sets emptied")
         return (
             f"shared-neuron filter {self.share:g} (shares over {len(self.pool):,} facts of "
-            f"{self.pool_name}): drops {len(distinct):,} distinct neurons ({'; '.join(kinds)})"
+            f"{self.pool_name}): drops {len(distinct):,} distinct neurons ({'; '.join(per_set)})"
         )
 
 

@@ -209,11 +209,11 @@ def mapping_table(mapping: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns=["set_order", "class_order"]).reset_index(drop=True)
 
 
-def _class_label(part: pd.DataFrame, kind: str) -> str:
+def _class_label(part: pd.DataFrame, fact_class: str) -> str:
     """A class's tick label, with how many of its queries had each set empty (left out of the bar)."""
-    empty = part[part["class"] == kind].groupby("kn_set", sort=False)["empty_sets"].sum()
+    empty = part[part["class"] == fact_class].groupby("kn_set", sort=False)["empty_sets"].sum()
     counts = [f"{name.capitalize()} {int(count)}" for name, count in empty.items() if count > 0]
-    return "\n".join([kind, "empty sets:", *counts]) if counts else kind
+    return "\n".join([fact_class, "empty sets:", *counts]) if counts else fact_class
 
 
 def mapping_figure(table: pd.DataFrame) -> Figure:

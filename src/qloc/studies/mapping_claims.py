@@ -56,8 +56,8 @@ class MappingClaims(ClaimRules):
         classes = [c for c in ("KC", "KI") if c in set(table["class"])] or ["Avg"]
         for (method, operation), rows in table.groupby(["method", "operation"], sort=False):
             direction = -1.0 if operation == "suppress" else 1.0
-            for kind in classes:
-                part = rows[rows["class"] == kind]
+            for fact_class in classes:
+                part = rows[rows["class"] == fact_class]
                 # A set empty for every query has no statistic (NaN): there is no order to read.
                 effect = {r.kn_set: float(getattr(r, column)) for r in records(part)}
                 effect = {name: value for name, value in effect.items() if not math.isnan(value)}
@@ -80,7 +80,8 @@ class MappingClaims(ClaimRules):
                 ]
                 self.add(
                     "mapping",
-                    f"{method.upper()} {operation}, {kind}: {statistic} dProb per KN set, strongest first",
+                    f"{method.upper()} {operation}, {fact_class}: {statistic} dProb per KN set, "
+                    "strongest first",
                     measured,
                     paper,
                     "agrees" if not misses else "differs",

@@ -211,7 +211,9 @@ class SynapseWork:
 
     def __call__(self, fact: Fact, writer: UnitWriter) -> None:
         known = self.knowledge[fact.id]
-        kind = self.classes[fact.id] if self.classes else known.knowledge_class(self.config.static_threshold)
+        fact_class = (
+            self.classes[fact.id] if self.classes else known.knowledge_class(self.config.static_threshold)
+        )
         rng = random.Random(f"{self.config.seed}:{fact.id}")
         columns = heatmap_neurons(known)
         shape = (self.lm.num_layers, self.lm.d_ff)
@@ -229,7 +231,7 @@ class SynapseWork:
                     **key,
                     prompt=prompt,
                     answer=fact.object,
-                    class_=kind,
+                    class_=fact_class,
                     n_synapses=len(synapses),
                     synapses=[[*s, v] for s, v in synapses],
                     f_input=float(scores.f_input[0]),
@@ -238,7 +240,7 @@ class SynapseWork:
                 )
             )
             classes = _neuron_classes(known, index, shape, rng)
-            writer.add(self._effect_rows(query, synapses, classes, columns, {**key, "class_": kind}))
+            writer.add(self._effect_rows(query, synapses, classes, columns, {**key, "class_": fact_class}))
 
     def _attribute(self, fact: Fact, prompt: str) -> tuple[EncodedQuery, AttentionAttribution]:
         """The query's tokens and its attention scores; an answer that cannot be tokenized skips
