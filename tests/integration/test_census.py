@@ -72,10 +72,10 @@ def test_cli_census_then_known_localize_then_edit_a_known_query(tmp_path, tiny_m
 
     # The experiments rebuild each fact from the run's queries: the edited query (Self, query 0)
     # is the first known query, and Gen measures the other known queries.
-    from qloc.studies import edit_protocol as edit_study
-    from qloc.studies.edit_protocol import EditConfig
+    from qloc.studies import edit_measures as edit_study
+    from qloc.studies.edit_measures import EditConfig
     from qloc.studies.editing import edit_work
-    from qloc.studies.localized import read_localized_run
+    from qloc.studies.localize_run import read_localized_run
 
     localized = read_localized_run(run, None, "cpu")
     assert {f.id: list(f.queries) for f in localized.facts} == expected

@@ -38,7 +38,7 @@ def test_cli_mapping(tmp_path, tiny_model_dir):
 def test_cli_mapping_on_a_stratified_sample(tmp_path, tiny_model_dir):
     import shutil
 
-    from qloc.studies.localized import read_localized_run
+    from qloc.studies.localize_run import read_localized_run
 
     run, by_otsu = tmp_path / "run", tmp_path / "by-otsu"
     localize_tiny(tiny_model_dir, run, "--relations", "P19,P36", "--facts-per-relation", "2")

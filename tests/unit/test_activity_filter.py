@@ -7,8 +7,8 @@ import torch
 import qloc
 from qloc.engine.editing import most_active, neuron_footprints, value_norms
 from qloc.engine.sites import NEURONS
-from qloc.studies.edit_protocol import EditConfig, activity_excluded, edit_set, filtered_knowledge
-from qloc.studies.knsets import FactKnowledge, SharedNeuronFilter
+from qloc.studies.edit_measures import EditConfig, activity_excluded, edit_set, filtered_kn_sets
+from qloc.studies.knsets import FactKNSets, SharedNeuronFilter
 from tests.helpers import make_tiny_model
 
 PASSAGES = ["Paris is the capital of France", "The official language of Italy is Italian language"]
@@ -47,8 +47,8 @@ def test_an_always_active_neuron_is_excluded_from_kn_sets_and_from_the_control(w
     assert loud in excluded and len(excluded) == 2  # 1 % of 2 x 128 neurons, rounded up
     assert activity_excluded(lm, EditConfig(), ppl_passages=[]) == frozenset()  # off by default
 
-    known = {"P1/0": FactKnowledge([[loud, (0, 1)], [loud, (0, 2)]], [loud], "P1")}
-    filtered = filtered_knowledge(known, SharedNeuronFilter(None, known), excluded)
+    known = {"P1/0": FactKNSets([[loud, (0, 1)], [loud, (0, 2)]], [loud], "P1")}
+    filtered = filtered_kn_sets(known, SharedNeuronFilter(None, known), excluded)
     assert filtered["P1/0"].kn_set("self") == [(0, 1)]
     shape = (lm.num_layers, lm.d_ff)
     for seed in range(20):  # the control draws outside the excluded neurons

@@ -109,7 +109,7 @@ def test_perplexity_matches_a_direct_computation(word_tokenizer):
 
 
 def test_edit_metrics_on_hand_made_predictions():
-    from qloc.studies.edit_protocol import edit_metrics
+    from qloc.studies.edit_measures import edit_metrics
 
     update = edit_metrics("update", 1.0, [0.5, 0.0, 1.0], [[1, 2], [3], [4]], [[1, 2], [9], [4]])
     assert update == {
@@ -125,15 +125,15 @@ def test_edit_metrics_on_hand_made_predictions():
 def test_sequential_editing_restores_the_model(word_tokenizer):
     import pandas as pd
 
-    from qloc.studies.edit_protocol import EditConfig, sequential_edit, sequential_table
-    from qloc.studies.knsets import FactKnowledge, SharedNeuronFilter
+    from qloc.studies.edit_measures import EditConfig, sequential_edit, sequential_table
+    from qloc.studies.knsets import FactKNSets, SharedNeuronFilter
 
     lm = make_tiny_model("llama", word_tokenizer)
     facts = [
         qloc.Fact(f"P1/{i}", "P1", "P1(x)", s, o, (f"{s} is the capital of", f"The capital {s} belongs to"))
         for i, (s, o) in enumerate([("Paris", "France"), ("Rome", "Italy"), ("Berlin", "Germany")])
     ]
-    knowledge = {f.id: FactKnowledge([[(0, i), (1, i + 1)], [(0, i)]], [(0, i)]) for i, f in enumerate(facts)}
+    knowledge = {f.id: FactKNSets([[(0, i), (1, i + 1)], [(0, i)]], [(0, i)]) for i, f in enumerate(facts)}
     before = weights(lm)
 
     def in_sequence(set_name: str, repeat: int) -> dict:
@@ -155,10 +155,10 @@ def test_sequential_editing_restores_the_model(word_tokenizer):
 
 
 def test_the_random_control_set_has_selfs_size_and_no_kn_of_the_fact():
-    from qloc.studies.edit_protocol import EditConfig, edit_set
-    from qloc.studies.knsets import FactKnowledge
+    from qloc.studies.edit_measures import EditConfig, edit_set
+    from qloc.studies.knsets import FactKNSets
 
-    original = FactKnowledge([[(0, 1), (1, 2), (9, 9)], [(0, 1), (2, 3)]], [(3, 4)], "P1")
+    original = FactKNSets([[(0, 1), (1, 2), (9, 9)], [(0, 1), (2, 3)]], [(3, 4)], "P1")
     filtered = original.without({(9, 9)})
     control = edit_set(original, filtered, "random", (4, 6), "0:random:P1/0")
     assert len(control) == len(filtered.kn_set("self")) == 2
@@ -171,7 +171,7 @@ def test_the_random_control_set_has_selfs_size_and_no_kn_of_the_fact():
 
 
 def test_case_study_table_and_restore(word_tokenizer):
-    from qloc.studies.edit_protocol import case_study, greedy_continuation
+    from qloc.studies.edit_measures import case_study, greedy_continuation
 
     lm = make_tiny_model("gpt2", word_tokenizer)
     before = weights(lm)
@@ -232,15 +232,15 @@ def test_signs_follow_the_mean_activation():
 
 
 def test_shared_filter_drops_neurons_many_facts_hold():
-    from qloc.studies.knsets import FactKnowledge, SharedNeuronFilter, shared_neurons
+    from qloc.studies.knsets import FactKNSets, SharedNeuronFilter, shared_neurons
 
     common, relation_only = (9, 9), (8, 8)
     knowledge = {}
     for i in range(12):  # relation P1 has 12 facts: shares are counted within it
         sets = [[(0, i), common], [(1, i)] + ([relation_only] if i < 2 else [])]
-        knowledge[f"P1/{i}"] = FactKnowledge(sets, [(0, i), common], "P1")
+        knowledge[f"P1/{i}"] = FactKNSets(sets, [(0, i), common], "P1")
     for i in range(3):  # P2 has 3 facts (< 10): counted over all 15 facts of the run
-        knowledge[f"P2/{i}"] = FactKnowledge([[(2, i), common], [(2, i)]], [common], "P2")
+        knowledge[f"P2/{i}"] = FactKNSets([[(2, i), common], [(2, i)]], [common], "P2")
     removed = shared_neurons(knowledge, 0.10, min_facts=10)
     # common: 15 facts (> 1.2 of P1's 12, > 1.5 of all 15); relation_only: 2 of P1's 12 facts (> 1.2).
     assert removed["P1/0"] == {common, relation_only} and removed["P1/5"] == {common}
@@ -252,8 +252,8 @@ def test_shared_filter_drops_neurons_many_facts_hold():
     assert SharedNeuronFilter(None, knowledge).apply(knowledge)["P1/0"].kn_set("self") == [(0, 0), common]
     # A neuron of one fact is never shared, however few facts the run has.
     pair = {
-        "P3/0": FactKnowledge([[(0, 0)], [(0, 0)]], [], "P3"),
-        "P4/0": FactKnowledge([[(1, 1)], [(1, 1)]], [], "P4"),
+        "P3/0": FactKNSets([[(0, 0)], [(0, 0)]], [], "P3"),
+        "P4/0": FactKNSets([[(1, 1)], [(1, 1)]], [], "P4"),
     }
     assert shared_neurons(pair, 0.1, min_facts=2) == {"P3/0": frozenset(), "P4/0": frozenset()}
     with pytest.raises(qloc.QlocError, match="share 1.5"):
@@ -264,15 +264,15 @@ def test_shared_filter_counts_small_relation_samples_over_the_run():
     """Three of a sampled relation's 20 facts sharing their answer's neuron is above 10 % of the
     relation but not of the run's 50 facts: by default (relations under 50 facts count over the
     run) it stays; counted within the relation, it would go."""
-    from qloc.studies.knsets import FactKnowledge, shared_neurons
+    from qloc.studies.knsets import FactKNSets, shared_neurons
 
     answer = (5, 5)
     knowledge = {}
     for i in range(20):
         sets = [[(0, i)] + ([answer] if i < 3 else []), [(0, i)]]
-        knowledge[f"P5/{i}"] = FactKnowledge(sets, [], "P5")
+        knowledge[f"P5/{i}"] = FactKNSets(sets, [], "P5")
     for i in range(30):
-        knowledge[f"P6/{i}"] = FactKnowledge([[(1, i)], [(1, i)]], [], "P6")
+        knowledge[f"P6/{i}"] = FactKNSets([[(1, i)], [(1, i)]], [], "P6")
     assert shared_neurons(knowledge, 0.1)["P5/0"] == frozenset()
     assert shared_neurons(knowledge, 0.1, min_facts=10)["P5/0"] == {answer}
 
@@ -284,7 +284,7 @@ def _score(accuracy: float, rank: int, prob: float):
 
 
 def test_erasure_evidence_says_which_queries_the_model_knew():
-    from qloc.studies.edit_protocol import Measurement, edit_evidence
+    from qloc.studies.edit_measures import Measurement, edit_evidence
 
     # The edited query and one neighbour were answered right before; one neighbour never was.
     before = Measurement([_score(1.0, 0, 0.6), _score(1.0, 0, 0.5), _score(0.0, 7, 0.01)], None, [])
@@ -359,11 +359,11 @@ def test_reproduce_edits_the_papers_100_facts_in_a_row_at_full_scale():
 
 
 def test_shared_filter_report_counts_what_the_filter_removes_per_set_kind():
-    from qloc.studies.knsets import FactKnowledge, SharedNeuronFilter
+    from qloc.studies.knsets import FactKNSets, SharedNeuronFilter
 
     common = (9, 9)
     knowledge = {
-        f"P1/{i}": FactKnowledge([[common], [(0, i), common]], [common, (1, i)], "P1") for i in range(4)
+        f"P1/{i}": FactKNSets([[common], [(0, i), common]], [common, (1, i)], "P1") for i in range(4)
     }
     report = SharedNeuronFilter(0.1, knowledge, min_facts=4).report(knowledge)
     # Only the neuron every fact holds goes; it was each Self set's only KN.
@@ -377,11 +377,11 @@ def test_shared_filter_needs_enough_facts_and_takes_them_from_a_reference():
     """On 12 facts of 4 relations (3 each), "held by more than 10 % of the facts" means "held by
     two": such a run is not filtered, and says so; a larger reference run of the model counts the
     shares instead, so a neuron of a few of its facts stays and one of most of them goes."""
-    from qloc.studies.knsets import FactKnowledge, SharedNeuronFilter
+    from qloc.studies.knsets import FactKNSets, SharedNeuronFilter
 
     everywhere, pair = (29, 0), (28, 5)
     small = {
-        f"P{r}/{i}": FactKnowledge([[(r, i), everywhere] + ([pair] if i < 2 else []), [(r, i)]], [], f"P{r}")
+        f"P{r}/{i}": FactKNSets([[(r, i), everywhere] + ([pair] if i < 2 else []), [(r, i)]], [], f"P{r}")
         for r in range(1, 5)
         for i in range(3)
     }
@@ -392,7 +392,7 @@ def test_shared_filter_needs_enough_facts_and_takes_them_from_a_reference():
         "shared-neuron filter 0.1 not applied: this run has 12 facts, fewer than the 50"
     )
     reference = {
-        f"P{r}/{i}": FactKnowledge([[(r, i), everywhere] + ([pair] if i < 2 else []), [(r, i)]], [], f"P{r}")
+        f"P{r}/{i}": FactKNSets([[(r, i), everywhere] + ([pair] if i < 2 else []), [(r, i)]], [], f"P{r}")
         for r in range(1, 6)
         for i in range(20)
     }

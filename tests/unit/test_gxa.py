@@ -17,7 +17,7 @@ from qloc.engine.tokens import encode_query
 from qloc.runs.executors import Execution
 from qloc.runs.store import RunStore
 from qloc.studies import localize
-from qloc.studies.knsets import load_dense_scores
+from qloc.studies.stored_knsets import load_dense_scores
 from qloc.testing import reference_scores
 from tests.helpers import assert_equivalent, make_tiny_model
 

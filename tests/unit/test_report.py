@@ -11,13 +11,14 @@ import pytest
 
 import qloc
 from qloc.errors import QlocError
+from qloc.numbers import format_number, format_share
 from qloc.report import render
-from qloc.report.claims import model_findings
 from qloc.report.explorer import explorer_run
-from qloc.report.findings import Evidence, reference_model
-from qloc.report.format import format_number, format_share, script_json
-from qloc.report.paper import load_paper_reference
+from qloc.report.findings import model_findings, reference_model
+from qloc.report.format import script_json
 from qloc.report.sections import unit_counts
+from qloc.studies.claims import Evidence
+from qloc.studies.paper import load_paper_reference
 from tests.helpers import HOSTILE
 
 

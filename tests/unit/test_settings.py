@@ -21,11 +21,11 @@ from qloc.errors import ConfigError, RunDirectoryError
 from qloc.runs.store import RunStore
 from qloc.studies.census import CensusWorkBuilder
 from qloc.studies.cloze import ClozeWorkBuilder
-from qloc.studies.edit_protocol import EditConfig
+from qloc.studies.edit_measures import EditConfig
 from qloc.studies.editing import EditWorkBuilder, SequentialWorkBuilder
-from qloc.studies.knsets import FactKnowledge, SharedNeuronFilter
+from qloc.studies.knsets import FactKNSets, SharedNeuronFilter
 from qloc.studies.localize import LocalizeConfig, LocalizeRequest, LocalizeWorkBuilder
-from qloc.studies.localized import KN_CUT
+from qloc.studies.localize_run import KN_CUT
 from qloc.studies.mapping import MappingConfig, MappingWorkBuilder
 from qloc.studies.registry import build_request, option_specs
 from qloc.studies.synapses import SynapseConfig, SynapseRequest, SynapseWorkBuilder
@@ -165,7 +165,7 @@ def test_bad_settings_on_the_command_line_name_their_flags(tmp_path, qloc_cli):
 
 
 def _builders() -> list:
-    knowledge = {"P1/0": FactKnowledge([[(0, 1)], [(0, 1), (1, 2)]], [(0, 1)])}
+    knowledge = {"P1/0": FactKNSets([[(0, 1)], [(0, 1), (1, 2)]], [(0, 1)])}
     shared = SharedNeuronFilter(0.1, knowledge)
     return [
         LocalizeWorkBuilder(LocalizeConfig(attribution=AttributionSettings(steps=3)), 64),

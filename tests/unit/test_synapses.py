@@ -203,14 +203,14 @@ def test_effects_and_cost_tables_on_hand_made_rows():
 def test_multi_token_answers_manipulate_only_synapses_of_the_first_tokens_prefix(word_tokenizer):
     from qloc.data.pararel import Fact
     from qloc.runs.rows import UnitWriter
-    from qloc.studies.knsets import FactKnowledge
+    from qloc.studies.knsets import FactKNSets
     from qloc.studies.synapses import SynapseConfig, synapse_work
 
     lm = make_tiny_model("llama", word_tokenizer)
     fact = Fact(
         "P1/0", "P1", "test", "France", "New York", ("The capital of France is", "France has its capital in")
     )
-    knowledge = {fact.id: FactKnowledge([[(0, 1), (1, 2)], [(1, 2), (2, 3)]], [])}
+    knowledge = {fact.id: FactKNSets([[(0, 1), (1, 2)], [(1, 2), (2, 3)]], [])}
     writer = UnitWriter()
     config = SynapseConfig(path=PathSettings(steps=3, answer_tokens="all"), threshold=0.0001)
     synapse_work(lm, config, knowledge)(fact, writer)

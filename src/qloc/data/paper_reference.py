@@ -1,7 +1,7 @@
 """The paper's tables as data (``paper_reference.json`` beside this module): every cell of Chen et
 al.'s Tables 1-4, 6 and 7 as records, with the source lines, the rebuilt labels and the paper's own
 inconsistencies said under each table. The report's quotes are built on it
-(:mod:`qloc.report.paper`); studies read the cells they draw beside their figures."""
+(:mod:`qloc.studies.paper`); studies read the cells they draw beside their figures."""
 
 from __future__ import annotations
 

@@ -2,72 +2,27 @@
 paper's number for the closest model it reports, with a mark where qloc's result goes the paper's
 way and where it does not, and words for numbers that signal a broken setting.
 
-The paper's tables and claims live in ``data/paper_reference.json`` (:mod:`qloc.report.paper`);
-the rules that decide a direction live here and in the claims modules, one function per claim. A
-direction (✓ or ✗) needs two numbers, qloc's and the paper's: where the paper has no cell, the
-finding is "no call" and says why (:meth:`ClaimRules.add` enforces it for every rule). Every rule reads
-the tables the commands write (``tables/*.csv``) and, where it needs per-query or per-edit data,
-the run store; columns that newer qloc versions add (a chance baseline of CS, catastrophic-edit
-shares, medians) are used when present and said to be missing otherwise.
+Each study declares the rules of its claims beside it (``claims`` of its registry entry, a
+:class:`qloc.studies.claims.ClaimRules`); this module gathers one model's evidence from the
+directories given, picks the paper's model to compare with, and runs every study's rules, in the
+order of ``STUDIES``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-import pandas as pd
-
-from .format import format_number
-from .paper import PaperQuote, PaperReference
+from ..numbers import format_number
+from ..studies import STUDIES
+from ..studies.claims import Evidence, Finding
+from ..studies.paper import PaperReference
 from .sections import RunSection
 
-SIGNIFICANCE = 0.05
-KNOWN_RANK = 10
-"""A query "knows" its fact when the answer's first token is among the model's top 10."""
 LARGE_MODEL = 1e9
 LARGE_MLP_WIDTH = 8192
 """Where a model's name gives no size: MLP widths from this up count as large (GPT-2: 3,072;
 LLaMA3-8b: 14,336)."""
-SMALL_SAMPLE = 30
-"""Fewer facts than this make every share anecdotal; the report says so."""
-SET_NAMES = {
-    "self": "Self",
-    "union": "Union",
-    "cas": "CAS",
-    "random": "Random (control)",
-    "intersection": "Intersection",
-    "refine": "Refine",
-    "unrelated": "Unrelated",
-}
-VERDICTS = {"agrees": "✓ agrees", "differs": "✗ differs", "open": "– no call", "broken": "⚠ broken"}
-
-
-@dataclass
-class Evidence:
-    """What the report holds of one model: the result tables of its directories (Table 1 rows of
-    this model only) and the store tables the rules need."""
-
-    model: str
-    sources: list[str] = field(default_factory=list)
-    d_ff: int | None = None
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
-    kn_sets: pd.DataFrame | None = None
-    edits: pd.DataFrame | None = None
-
-
-@dataclass
-class Finding:
-    claim: str
-    """Key of the claim in the paper reference."""
-    measure: str
-    measured: str
-    paper: str
-    verdict: str
-    """One of :data:`VERDICTS`."""
-    note: str = ""
 
 
 @dataclass
@@ -101,47 +56,6 @@ def reference_model(model: str, d_ff: int | None, paper: PaperReference) -> tupl
     else:
         small, reason = True, "size unknown"
     return paper.models["small" if small else "large"], reason
-
-
-def records(frame: pd.DataFrame) -> Iterator[Any]:
-    """A table's rows as records with a field per column (typed loosely: columns hold any value)."""
-    yield from frame.itertuples(index=False)
-
-
-def weighted(rows: pd.DataFrame, column: str) -> float:
-    """A share column of table rows (one per fact class) over all their facts; NaN where absent."""
-    if column not in rows or rows[column].isna().all():
-        return float("nan")
-    return float((rows[column] * rows["facts"]).sum() / rows["facts"].sum())
-
-
-def sign_word(value: float) -> str:
-    return "rises" if value > 0 else "falls" if value < 0 else "stays"
-
-
-class ClaimRules:
-    """What every claim's rule works with: one model's evidence, the paper, and what it found."""
-
-    def __init__(self, evidence: Evidence, paper: PaperReference, reference: str) -> None:
-        self.evidence, self.paper, self.reference = evidence, paper, reference
-        self.findings: list[Finding] = []
-        self.warnings: list[str] = []
-        self.context: list[str] = []
-
-    def add(
-        self, claim: str, measure: str, measured: str, paper: PaperQuote, verdict: str, note: str = ""
-    ) -> None:
-        """Records a finding. A direction without the paper's number is no verdict: it becomes "no
-        call", with why, and the direction qloc measured kept in words."""
-        if verdict in ("agrees", "differs") and not paper.has_number:
-            way = "as the paper describes it" if verdict == "agrees" else "not as the paper describes it"
-            note = f"no call (no paper number); qloc's result goes {way}" + (f": {note}" if note else "")
-            verdict = "open"
-        self.findings.append(Finding(claim, measure, measured, paper.text, verdict, note))
-
-    def table(self, name: str) -> pd.DataFrame | None:
-        frame = self.evidence.tables.get(name)
-        return frame if frame is not None and not frame.empty else None
 
 
 def gather_evidence(sections: list[RunSection]) -> list[Evidence]:
@@ -189,3 +103,20 @@ _CONSISTENCY_TABLES = {
     "cs_by_queries",
     "table1_by_knowledge",
 } | {f"relations_{m}" for m in ("ig", "amig", "sig")}
+
+
+def model_findings(evidence: Evidence, paper: PaperReference) -> ModelFindings:
+    """Every finding of one model, its warnings and context lines: each study's claim rules in turn."""
+    reference, reason = reference_model(evidence.model, evidence.d_ff, paper)
+    context = [f"From {', '.join(evidence.sources)}."] if evidence.sources else []
+    warnings: list[str] = []
+    findings: list[Finding] = []
+    for study in STUDIES:
+        if study.claims is None:
+            continue
+        rules = study.claims(evidence, paper, reference)
+        rules.check()
+        context += rules.context
+        warnings += rules.warnings
+        findings += rules.findings
+    return ModelFindings(evidence.model, reference, reason, context, warnings, findings)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..numbers import format_number
 from ..runs.outputs import markdown_text
+from ..studies.claims import VERDICTS
+from ..studies.paper import PaperReference
 from .captions import caption
-from .findings import VERDICTS, ModelFindings, PaperReference
-from .format import format_number
+from .findings import ModelFindings
 from .sections import ROWS_SHOWN, RunSection, figures_of, panels_for, unit_counts
 
 

@@ -22,14 +22,14 @@ import pandas as pd
 
 from ..errors import ConfigError, QlocError
 from ..runs.outputs import check_output_file, write_text
-from ..studies.edit_protocol import CATASTROPHIC_DPPL
+from ..studies.claims import VERDICTS
+from ..studies.edit_measures import CATASTROPHIC_DPPL
+from ..studies.paper import PaperReference, load_paper_reference
 from ..studies.registry import Panel
 from .captions import caption
-from .claims import model_findings
 from .explorer import explorer_run
-from .findings import VERDICTS, ModelFindings, gather_evidence
+from .findings import ModelFindings, gather_evidence, model_findings
 from .markdown import markdown_report
-from .paper import PaperReference, load_paper_reference
 from .render import asset, embedded_json, render_page
 from .sections import ROWS_SHOWN, RunSection, figures_of, panels_for, read_section, unit_counts
 

@@ -23,8 +23,8 @@ from ..runs.store import STORE_FILE, RunStore
 from ..studies import STUDIES
 from ..studies.consistency import consistency_study, written_by_consistency
 from ..studies.knrows import CasSetRow, KnSetRow
-from ..studies.knsets import LOCALIZE_STAGE, load_kn_sets
 from ..studies.registry import Panel
+from ..studies.stored_knsets import LOCALIZE_STAGE, load_kn_sets
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure as PlotFigure

@@ -45,7 +45,7 @@ class Row:
     @classmethod
     def schema(cls) -> list[tuple[str, str]]:
         """(column, SQL type) of every column, in order."""
-        return [(column_name(path[-1]), sql_type(kind)) for path, kind in cls._columns(cls)]
+        return [(column_name(path[-1]), sql_type(field_type)) for path, field_type in cls._columns(cls)]
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -55,7 +55,7 @@ class Row:
     @classmethod
     def json_columns(cls) -> list[str]:
         """The columns stored as JSON text (list and dict fields)."""
-        return [column_name(path[-1]) for path, kind in cls._columns(cls) if _is_json(kind)]
+        return [column_name(path[-1]) for path, field_type in cls._columns(cls) if _is_json(field_type)]
 
     @classmethod
     def decode(cls: type[_R], record: Mapping[str, Any]) -> _R:
@@ -63,11 +63,11 @@ class Row:
         A nested dataclass's unstored fields read None."""
         defaults = cls.defaults()
         fields: dict[str, Any] = {}
-        for path, kind in cls._columns(cls):
+        for path, field_type in cls._columns(cls):
             column = column_name(path[-1])
             value = record[column] if column in record else defaults[column]
             functools.reduce(lambda d, k: d.setdefault(k, {}), path[:-1], fields)[path[-1]] = decode_value(
-                kind, value
+                field_type, value
             )
         return _build(cls, fields)
 

@@ -31,15 +31,15 @@ from ..runs.store import RunStore
 from ..settings import setting
 from .consistency_tables import classify, fact_consistency
 from .knrows import DenseScoresRow, KnSetRow
-from .knsets import LOCALIZE_STAGE, load_dense_scores
 from .registry import Outcome, Panel, Study
+from .stored_knsets import LOCALIZE_STAGE, load_dense_scores
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 OVERLAP_K = 50
 """The k of the top-k overlap: about the size of a KN set at t = 0.2 on the built-in models."""
-CLASS_KINDS = ("static", "otsu")
+THRESHOLDS = ("static", "otsu")
 
 
 def overlap(found: Sequence[tuple[int, int]], reference: Sequence[tuple[int, int]]) -> tuple[float, float]:
@@ -267,10 +267,10 @@ def fact_classes(kn_frame: pd.DataFrame, method: str, references: Sequence[str])
                 "cs": mine["cs_relaxed"],
                 "reference_cs": theirs["cs_relaxed"],
             }
-            for kind in CLASS_KINDS:
-                row[f"class_{kind}"] = mine[f"class_{kind}"]
-                row[f"reference_class_{kind}"] = theirs[f"class_{kind}"]
-                row[f"agree_{kind}"] = mine[f"class_{kind}"] == theirs[f"class_{kind}"]
+            for threshold in THRESHOLDS:
+                row[f"class_{threshold}"] = mine[f"class_{threshold}"]
+                row[f"reference_class_{threshold}"] = theirs[f"class_{threshold}"]
+                row[f"agree_{threshold}"] = mine[f"class_{threshold}"] == theirs[f"class_{threshold}"]
             rows.append(row)
     return pd.DataFrame(rows)
 

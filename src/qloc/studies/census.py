@@ -365,6 +365,12 @@ STUDY = Study(
     request=CensusRequest,
     run=run,
     panels=(Panel(130, "What the model knows, per relation", ("census_relations",)),),
+    captions={
+        "census_relations": (
+            "Per relation: share of queries and of facts whose answer the model ranks first (top-1) or in "
+            "its top 10: how much of ParaRel the model knows."
+        )
+    },
     examples=(
         "qloc census --model smollm2-135m --run-dir runs/census-smollm2 "
         "# what the model knows: every query's answer rank",

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..runs.outputs import check_writable, save_figure, write_csv, write_table
 from ..settings import setting
+from . import consistency_claims
 from .consistency_figures import sensitivity_figure, threshold_figure, violin_figure
 from .consistency_strata import write_strata_tables
 from .consistency_tables import (
@@ -30,8 +31,8 @@ from .consistency_tables import (
     table1,
     threshold_sensitivity,
 )
-from .knsets import dense_kn_sets, load_kn_sets
 from .registry import Outcome, Panel, Reproduction, Study
+from .stored_knsets import dense_kn_sets, load_kn_sets
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -181,6 +182,8 @@ STUDY = Study(
         ),
         Panel(140, "KN consistency per fact", ("consistency",)),
     ),
+    captions=consistency_claims.CAPTIONS,
+    claims=consistency_claims.ConsistencyClaims,
     examples=(
         "qloc consistency --run-dir runs/smollm2 --run-dir runs/gemma3 --out runs/compare  "
         "# Table 1, Figures 3/7/8/9",

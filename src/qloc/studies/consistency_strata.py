@@ -24,8 +24,9 @@ from ..engine.models import model_label
 from ..runs.outputs import pyplot, save_figure, write_table
 from ..runs.store import RunStore
 from .consistency_tables import classify, fact_consistency
-from .knsets import LOCALIZE_STAGE, STATIC_THRESHOLD, load_kn_sets
+from .knsets import STATIC_THRESHOLD
 from .statistics import welch
+from .stored_knsets import LOCALIZE_STAGE, load_kn_sets
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -54,13 +55,13 @@ def fact_cs(kn_frame: pd.DataFrame, count: str = "relaxed") -> pd.DataFrame:
 def split_summary(classified: pd.DataFrame) -> dict[str, float]:
     """R_KI, CS_KC and CS_KI under the static and the Otsu threshold, and Welch's t (static)."""
     out: dict[str, float] = {"facts": len(classified), "cs_mean": float(classified["cs"].mean())}
-    for kind in ("static", "otsu"):
-        ki = classified[classified[f"class_{kind}"] == "KI"]["cs"]
-        kc = classified[classified[f"class_{kind}"] == "KC"]["cs"]
-        out[f"R_KI_{kind}"] = len(ki) / len(classified) if len(classified) else float("nan")
-        out[f"CS_KC_{kind}"] = float(kc.mean()) if len(kc) else float("nan")
-        out[f"CS_KI_{kind}"] = float(ki.mean()) if len(ki) else float("nan")
-        if kind == "static":
+    for threshold in ("static", "otsu"):
+        ki = classified[classified[f"class_{threshold}"] == "KI"]["cs"]
+        kc = classified[classified[f"class_{threshold}"] == "KC"]["cs"]
+        out[f"R_KI_{threshold}"] = len(ki) / len(classified) if len(classified) else float("nan")
+        out[f"CS_KC_{threshold}"] = float(kc.mean()) if len(kc) else float("nan")
+        out[f"CS_KI_{threshold}"] = float(ki.mean()) if len(ki) else float("nan")
+        if threshold == "static":
             out["t_static"] = welch(kc.tolist(), ki.tolist())[0]
     out["otsu_threshold"] = float(classified["otsu_threshold"].iloc[0]) if len(classified) else float("nan")
     return out
@@ -131,7 +132,7 @@ def cs_ablation(
     """Table 1's split under each setting of the ablation (METHODS.md section 4.1): (a) first vs all
     answer tokens (``all_tokens``: KN sets of a run with ``--answer-tokens all``, compared on its
     facts only), (b) without the last 1 and 3 layers, (c) without shared neurons, (d) other KN rules
-    (``dense``: rows of :func:`qloc.studies.knsets.dense_kn_sets`), (e) known vs unknown facts,
+    (``dense``: rows of :func:`qloc.studies.stored_knsets.dense_kn_sets`), (e) known vs unknown facts,
     (f) 2 queries per fact vs all, (g) the count a KN needs to enter CS."""
     known = known_facts(kn_frame)
     settings = [Setting("-", "as run (relaxed CS)", kn_frame)]

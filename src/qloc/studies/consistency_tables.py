@@ -139,7 +139,7 @@ def classify(
 
 
 def table1(classified: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
-    """Table 1: per (model, method, threshold kind) the KI/KC shares, mean CS per class, Welch's
+    """Table 1: per (model, method, threshold) the KI/KC shares, mean CS per class, Welch's
     t and p, U_KI (share of the model's facts that every non-degenerate method present classes as
     KI; the paper uses all three), how many facts had no KN at all (empty union, CS 0, counted as
     KI), and where the classified frame has them: the chance baseline (mean and 95th percentile of
@@ -149,8 +149,8 @@ def table1(classified: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
     degenerate = (
         classified["degenerate"] if "degenerate" in classified else pd.Series(False, index=classified.index)
     )
-    for kind in ("static", "otsu"):
-        column = f"class_{kind}"
+    for threshold in ("static", "otsu"):
+        column = f"class_{threshold}"
         for model, by_model in classified.groupby("model", sort=False):
             sound = by_model[~degenerate.loc[by_model.index].astype(bool)]
             per_fact = sound.pivot_table(
@@ -167,9 +167,9 @@ def table1(classified: pd.DataFrame, score: str = "cs_relaxed") -> pd.DataFrame:
                 row = {
                     "model": model,
                     "method": method,
-                    "threshold": kind,
+                    "threshold": threshold,
                     "threshold_value": STATIC_THRESHOLD
-                    if kind == "static"
+                    if threshold == "static"
                     else float(group["otsu_threshold"].iloc[0]),
                     "facts": len(group),
                     "R_KI": len(ki) / len(group),

@@ -31,7 +31,8 @@ from ..runs.rows import Row, UnitWriter
 from ..runs.store import STORE_FILE, RunStore
 from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
-from .edit_protocol import (
+from . import editing_claims
+from .edit_measures import (
     CATASTROPHIC_DPPL,
     CONTROL_SET,
     EDIT_SETS,
@@ -49,13 +50,13 @@ from .edit_protocol import (
     dropped_by_filter,
     edit_evidence,
     edit_set,
-    filtered_knowledge,
+    filtered_kn_sets,
     kn_signs,
     sequential_table,
     sequential_work,
 )
-from .knsets import LOCALIZE_STAGE, FactKnowledge, Neuron, SharedNeuronFilter
-from .localized import (
+from .knsets import FactKNSets, Neuron, SharedNeuronFilter
+from .localize_run import (
     FACT_LIMIT_HELP,
     LOCALIZED_RUN_HELP,
     STRATIFY_HELP,
@@ -65,6 +66,7 @@ from .localized import (
     read_localized_run,
 )
 from .registry import Outcome, Panel, Reproduction, Study
+from .stored_knsets import LOCALIZE_STAGE
 
 NOT_MEASURED = float("nan")
 
@@ -121,17 +123,17 @@ class EditWork:
 
     lm: LoadedModel
     config: EditConfig
-    knowledge: dict[str, FactKnowledge]
+    knowledge: dict[str, FactKNSets]
     shared: SharedNeuronFilter
     dataset: list[Fact]
     passages: list[str]
     classes: dict[str, str] | None = None
-    """A stratified sample's classes (:attr:`qloc.studies.localized.FactSample.classes`); None:
+    """A stratified sample's classes (:attr:`qloc.studies.localize_run.FactSample.classes`); None:
     each fact's static class."""
     facts_by_relation: dict[str, list[Fact]] = field(init=False)
     excluded: frozenset[Neuron] = field(init=False)
     """The activity filter's neurons, which no edit touches."""
-    filtered: dict[str, FactKnowledge] = field(init=False)
+    filtered: dict[str, FactKNSets] = field(init=False)
     """The KN sets after the shared-neuron and activity filters."""
     ppl_before: float = field(init=False)
 
@@ -139,7 +141,7 @@ class EditWork:
         # Once per model replica: none of these depends on the fact.
         self.facts_by_relation = by_relation(self.dataset)
         self.excluded = activity_excluded(self.lm, self.config, self.passages)
-        self.filtered = filtered_knowledge(self.knowledge, self.shared, self.excluded)
+        self.filtered = filtered_kn_sets(self.knowledge, self.shared, self.excluded)
         self.ppl_before = perplexity(self.lm, self.passages, self.config.ppl_tokens)
 
     def __call__(self, fact: Fact, writer: UnitWriter) -> None:
@@ -147,7 +149,7 @@ class EditWork:
         case = EditCase.draw(fact, self.config, self.facts_by_relation, self.dataset)
         before = self._measure_unedited(fact, case)
         activations = target_activations(self.lm, fact.queries, fact.object)
-        kind = (
+        fact_class = (
             self.classes[fact.id] if self.classes else original.knowledge_class(self.config.static_threshold)
         )
         shape = (self.lm.num_layers, self.lm.d_ff)
@@ -162,7 +164,7 @@ class EditWork:
                 method=self.config.method,
                 mode=self.config.mode,
                 kn_set=set_name,
-                class_=kind,
+                class_=fact_class,
                 cs=original.consistency,
                 kn_size=len(neurons),
                 kn_dropped=dropped_by_filter(original, known, set_name),
@@ -215,7 +217,7 @@ class EditWork:
 def edit_work(
     lm: LoadedModel,
     config: EditConfig,
-    knowledge: dict[str, FactKnowledge],
+    knowledge: dict[str, FactKNSets],
     shared: SharedNeuronFilter,
     dataset: list[Fact],
     passages: list[str],
@@ -231,7 +233,7 @@ class EditWorkBuilder:
     builds its :class:`EditWork` from it (a dataclass, so that Ray pickles it)."""
 
     config: EditConfig
-    knowledge: dict[str, FactKnowledge]
+    knowledge: dict[str, FactKNSets]
     shared: SharedNeuronFilter
     dataset: list[Fact]
     passages: list[str]
@@ -246,11 +248,11 @@ class EditWorkBuilder:
 @dataclass(frozen=True)
 class SequentialWorkBuilder:
     """The sequential edit sweep's :data:`~qloc.runs.executors.WorkBuilder` (Table 7): each model
-    replica builds :func:`~qloc.studies.edit_protocol.sequential_work` from it, ``count`` facts
+    replica builds :func:`~qloc.studies.edit_measures.sequential_work` from it, ``count`` facts
     edited one after another per unit (a dataclass, so that Ray pickles it)."""
 
     config: EditConfig
-    knowledge: dict[str, FactKnowledge]
+    knowledge: dict[str, FactKNSets]
     shared: SharedNeuronFilter
     dataset: list[Fact]
     facts: list[Fact]
@@ -536,6 +538,8 @@ STUDY = Study(
         Panel(110, "Table 7: sequential editing", ("table7",)),
         Panel(120, "Table 8: case study", ("table8",)),
     ),
+    captions=editing_claims.CAPTIONS,
+    claims=editing_claims.EditingClaims,
     examples=(
         "qloc edit --run-dir runs/smollm2 --mode erase            "
         "# Tables 2 and 3: Self, Union, CAS; KC vs KI",

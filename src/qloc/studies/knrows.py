@@ -46,7 +46,7 @@ class DenseScoresRow(Row):
     method: str
     query_index: int
     scores_npz: bytes
-    """[L, d_ff] fp16 scores (:func:`qloc.studies.knsets.load_dense_scores`)."""
+    """[L, d_ff] fp16 scores (:func:`qloc.studies.stored_knsets.load_dense_scores`)."""
 
 
 @dataclass

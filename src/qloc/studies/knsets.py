@@ -1,8 +1,9 @@
-"""KN sets: per fact and method (:class:`FactKnowledge`; a localize run read back for the experiments
-on it is :mod:`qloc.studies.localized`), every run's KN sets as one frame (:func:`load_kn_sets`),
-the consistency score of a fact's sets, the shared-neuron filter applied before editing and
-mapping, KN-set rules, and Consistency-Aware KN selection (METHODS.md section 8, the paper's eq. 5),
-the fact-level KN set that localize stores beside the per-query ones.
+"""KN-set math: a fact's KN sets per method (:class:`FactKNSets`), the consistency score of a
+fact's sets, the shared-neuron filter applied before editing and mapping, random neurons to compare
+a set with, KN-set rules, and Consistency-Aware KN selection (METHODS.md section 8, the paper's
+eq. 5), the fact-level KN set that localize stores beside the per-query ones. Reading KN sets back
+from run stores is :mod:`qloc.studies.stored_knsets`; a localize run read back for the experiments
+on it is :mod:`qloc.studies.localize_run`.
 
 CAS: for a fact with per-query score tensors, s_j(u) = score_j(u) / max score_j; CAS(u) = beta1 *
 mean_j s_j(u) - beta2 * var_j s_j(u); K_CAS = {u : CAS(u) >= t * max CAS}. Neurons that score
@@ -11,7 +12,6 @@ high for every paraphrase are kept, those that matter for one phrasing only are 
 
 from __future__ import annotations
 
-import io
 import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,22 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-import pandas as pd
 import torch
 
-from ..engine.architectures import architecture_for
-from ..engine.attribution import METHODS, kn_set
+from ..engine.attribution import kn_set
 from ..engine.editing import Neuron
-from ..engine.models import model_label
-from ..errors import ConfigError, QlocError, UnsupportedArchitectureError
-from ..runs.store import RunStore
+from ..errors import ConfigError, QlocError
 from ..settings import setting
-from .knrows import DenseScoresRow, KnSetRow
-from .knrows import QueryRow as QueryRow  # its home before the KN-set rows moved beside it
 
-LOCALIZE_STAGE = "localize"
-"""The stage whose KN sets every other study reads (:mod:`qloc.studies.localize`)."""
 STATIC_THRESHOLD = 0.1
 """KC/KI split of a fact by its relaxed CS (METHODS.md section 4)."""
 SHARED_FILTER = 0.10
@@ -63,7 +54,7 @@ def reference_param(reference: Path | None) -> str | None:
 
 
 @dataclass
-class FactKnowledge:
+class FactKNSets:
     """What the localize run knows of one fact for one method."""
 
     query_sets: list[list[Neuron]]  # per query index
@@ -92,9 +83,9 @@ class FactKnowledge:
         """Every neuron in any of the fact's query KN sets."""
         return set().union(*map(set, self.query_sets))
 
-    def without(self, neurons: set[Neuron] | frozenset[Neuron]) -> FactKnowledge:
+    def without(self, neurons: set[Neuron] | frozenset[Neuron]) -> FactKNSets:
         """The same KN sets with ``neurons`` removed (the fact's class stays that of the original)."""
-        return FactKnowledge(
+        return FactKNSets(
             [[u for u in s if u not in neurons] for s in self.query_sets],
             [u for u in self.cas if u not in neurons],
             self.relation,
@@ -144,10 +135,10 @@ def check_share(share: float | None, setting: str = "shared_filter") -> None:
 
 
 def shared_neurons(
-    knowledge: Mapping[str, FactKnowledge],
+    knowledge: Mapping[str, FactKNSets],
     share: float = SHARED_FILTER,
     min_facts: int = SHARED_FILTER_MIN_FACTS,
-    pool: Mapping[str, FactKnowledge] | None = None,
+    pool: Mapping[str, FactKNSets] | None = None,
 ) -> dict[str, frozenset[Neuron]]:
     """Per fact id of ``knowledge``, the neurons the shared-neuron filter removes: those held (in any
     query's KN set) by more than ``share`` of the ``pool``'s facts (default: ``knowledge`` itself) of
@@ -194,26 +185,26 @@ class SharedNeuronFilter:
     """
 
     share: float | None
-    pool: Mapping[str, FactKnowledge]
+    pool: Mapping[str, FactKNSets]
     pool_name: str = "this run"
     min_facts: int = SHARED_FILTER_MIN_FACTS
 
-    def removed(self, knowledge: Mapping[str, FactKnowledge]) -> dict[str, frozenset[Neuron]]:
+    def removed(self, knowledge: Mapping[str, FactKNSets]) -> dict[str, frozenset[Neuron]]:
         """Per fact id, the neurons the filter takes out of its KN sets."""
         if self.share is None:
             return {fact_id: frozenset() for fact_id in knowledge}
         return shared_neurons(knowledge, self.share, self.min_facts, self.pool)
 
-    def apply(self, knowledge: Mapping[str, FactKnowledge]) -> dict[str, FactKnowledge]:
+    def apply(self, knowledge: Mapping[str, FactKNSets]) -> dict[str, FactKNSets]:
         """The KN sets after the filter (each fact keeps the class of its unfiltered sets)."""
         removed = self.removed(knowledge)
         return {fact_id: known.without(removed[fact_id]) for fact_id, known in knowledge.items()}
 
     def report(
-        self, knowledge: Mapping[str, FactKnowledge], sets: Sequence[str] = ("self", "union", "cas")
+        self, knowledge: Mapping[str, FactKNSets], sets: Sequence[str] = ("self", "union", "cas")
     ) -> str:
         """What the filter removes from ``knowledge``, in words: whence its shares, the distinct
-        neurons it drops, and per set kind how many KNs it removed and how many sets it emptied."""
+        neurons it drops, and per KN set how many KNs it removed and how many sets it emptied."""
         if self.share is None:
             return "shared-neuron filter off"
         if len(self.pool) < self.min_facts:
@@ -224,7 +215,7 @@ class SharedNeuronFilter:
             )
         removed = self.removed(knowledge)
         distinct = set().union(*removed.values()) if removed else set()
-        kinds = []
+        per_set = []
         for name in sets:
             before = {fact_id: known.kn_set(name) for fact_id, known in knowledge.items()}
             after = {
@@ -232,10 +223,10 @@ class SharedNeuronFilter:
             }
             dropped = sum(len(before[f]) - len(after[f]) for f in before)
             emptied = sum(1 for f in before if before[f] and not after[f])
-            kinds.append(f"{name} {dropped:,} KNs, {emptied:,} of {len(before):,} sets emptied")
+            per_set.append(f"{name} {dropped:,} KNs, {emptied:,} of {len(before):,} sets emptied")
         return (
             f"shared-neuron filter {self.share:g} (shares over {len(self.pool):,} facts of "
-            f"{self.pool_name}): drops {len(distinct):,} distinct neurons ({'; '.join(kinds)})"
+            f"{self.pool_name}): drops {len(distinct):,} distinct neurons ({'; '.join(per_set)})"
         )
 
 
@@ -285,89 +276,6 @@ KN_RULES = ("t=0.1", "t=0.2", "t=0.3", "t=0.5", "top10", "top50")
 
 def kn_set_by_rule(scores: torch.Tensor, rule: str) -> list[tuple[int, int]]:
     """The KN set of ``scores`` under a rule of :data:`KN_RULES`."""
-    from ..engine.attribution import kn_set
-
     if rule.startswith("top"):
         return kn_set(scores, top_k_neurons=int(rule.removeprefix("top")))
     return kn_set(scores, float(rule.removeprefix("t=")))
-
-
-def compress_scores(scores: np.ndarray) -> bytes:
-    """Dense scores as ``localize --save-scores`` stores them: fp16, compressed."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, scores=scores.astype(np.float16))
-    return buffer.getvalue()
-
-
-def load_dense_scores(blob: bytes) -> np.ndarray:
-    """The [L, d_ff] fp16 scores stored by ``--save-scores``."""
-    return np.load(io.BytesIO(blob))["scores"]
-
-
-def degenerate_methods(store: RunStore) -> set[str]:
-    """Methods degenerate on the architecture of the run's model (from its stored environment)."""
-    localize = next((stage for stage in store.stages() if stage["stage"] == LOCALIZE_STAGE), None)
-    model_type = ((localize or {}).get("environment") or {}).get("model", {}).get("model_type")
-    if model_type is None:
-        return set()
-    try:
-        arch = architecture_for(model_type)
-    except UnsupportedArchitectureError:
-        return set()
-    return {name for name, method in METHODS.items() if method.degenerate_on(arch)}
-
-
-def load_kn_sets(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """The ``kn_sets`` tables of several runs, with a ``model`` column from each run's parameters
-    and ``degenerate`` marking methods that are degenerate on that model's architecture."""
-    frames = []
-    for run_dir in run_dirs:
-        with RunStore.open_existing(run_dir) as store:
-            model = model_label(store.params(LOCALIZE_STAGE)["model"])
-            degenerate = degenerate_methods(store)
-            frame = store.frame(KnSetRow)
-            frames.append(
-                frame.assign(model=model, run_dir=str(run_dir), degenerate=frame["method"].isin(degenerate))
-            )
-    combined = pd.concat(frames, ignore_index=True)
-    duplicated = combined.duplicated(["model", "method", "fact_id", "query_index"])
-    if duplicated.any():
-        row = combined[duplicated].iloc[0]
-        raise QlocError(
-            f"runs {sorted(set(combined.run_dir))} both hold {row.method} KN sets of {row.model} fact "
-            f"{row.fact_id}; give each (model, method) once"
-        )
-    return combined
-
-
-def dense_kn_sets(run_dirs: Sequence[str | Path], rules: Sequence[str] = KN_RULES) -> pd.DataFrame:
-    """KN sets recomputed under each rule from the dense scores that ``localize --save-scores``
-    stored (fp16: a neuron within fp16 rounding of the cut can fall on the other side than in the
-    fp32 sets of ``kn_sets``). Columns as :func:`load_kn_sets`, plus ``kn_rule``; empty where no run
-    kept dense scores."""
-    rows = []
-    for run_dir in run_dirs:
-        with RunStore.open_existing(run_dir) as store:
-            if "dense_scores" not in store.tables():
-                continue
-            model = model_label(store.params(LOCALIZE_STAGE)["model"])
-            degenerate = degenerate_methods(store)
-            relation = store.frame(KnSetRow).drop_duplicates("fact_id").set_index("fact_id")["relation"]
-            for row in store.frame(DenseScoresRow).itertuples():
-                scores = torch.from_numpy(load_dense_scores(row.scores_npz).astype(np.float32))
-                for rule in rules:
-                    kn = kn_set_by_rule(scores, rule)
-                    rows.append(
-                        {
-                            "model": model,
-                            "fact_id": row.fact_id,
-                            "relation": relation[row.fact_id],
-                            "method": row.method,
-                            "query_index": row.query_index,
-                            "kn": kn,
-                            "kn_size": len(kn),
-                            "kn_rule": rule,
-                            "degenerate": row.method in degenerate,
-                        }
-                    )
-    return pd.DataFrame(rows)

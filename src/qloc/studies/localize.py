@@ -36,8 +36,9 @@ from ..runs.sweep import SkipFact, WorkFn
 from ..settings import flat_params, setting
 from .known import CENSUS_DIR_HELP, KNOWN_POOL_HELP, known_facts
 from .knrows import CasSetRow, DenseScoresRow, KnSetRow
-from .knsets import CAS_THRESHOLD, LOCALIZE_STAGE, cas_set, compress_scores
+from .knsets import CAS_THRESHOLD, cas_set
 from .registry import Outcome, Reproduction, Study
+from .stored_knsets import LOCALIZE_STAGE, compress_scores
 
 STAGE = LOCALIZE_STAGE
 T = TypeVar("T")

@@ -6,7 +6,7 @@ Self = K_q; Union, Intersection and Refine (in >= 2 sets) of the other queries' 
 Unrelated = |K_q| random neurons in none of the fact's KN sets (seeded). Under Query Localization
 Self moves the answer most, and for KI facts the other queries' Intersection least.
 
-The KN sets go through the shared-neuron filter first (:func:`qloc.knsets.shared_neurons`), as
+The KN sets go through the shared-neuron filter first (:func:`qloc.studies.knsets.shared_neurons`), as
 for editing. A set that is empty changes nothing (dProb 0 exactly): its row is stored, but tables
 leave it out of the statistics and count such sets instead. A handful of near-zero probabilities
 can decide a mean of relative changes, so tables give the median and a bootstrap interval of the
@@ -38,19 +38,20 @@ from ..runs.rows import Row, UnitWriter
 from ..runs.store import RunStore
 from ..runs.sweep import SkipFact, WorkFn
 from ..settings import setting
+from . import mapping_claims
 from .knsets import (
     SHARED_FILTER,
     SHARED_FILTER_MIN_FACTS,
     SHARED_MIN_FACTS_HELP,
     SHARED_REFERENCE_HELP,
-    FactKnowledge,
+    FactKNSets,
     ManipulationConfig,
     SharedNeuronFilter,
     check_share,
     random_neurons,
     reference_param,
 )
-from .localized import LocalizedRequest
+from .localize_run import LocalizedRequest
 from .registry import Outcome, Panel, Reproduction, Study
 from .statistics import bootstrap_mean_ci
 
@@ -123,12 +124,12 @@ class MappingRow(Row):
 def mapping_work(
     lm: LoadedModel,
     config: MappingConfig,
-    knowledge: dict[str, FactKnowledge],
+    knowledge: dict[str, FactKNSets],
     shared: SharedNeuronFilter,
     classes: Mapping[str, str] | None = None,
 ) -> WorkFn:
     """Per-fact work function for :func:`qloc.sweep.run_sweep`; ``classes``: a stratified sample's
-    (:attr:`qloc.studies.localized.FactSample.classes`), else each fact's static class."""
+    (:attr:`qloc.studies.localize_run.FactSample.classes`), else each fact's static class."""
     shape = (lm.num_layers, lm.d_ff)
     filtered = shared.apply(knowledge)
 
@@ -178,7 +179,7 @@ class MappingWorkBuilder:
     :func:`mapping_work` from it (a dataclass, so that Ray pickles it)."""
 
     config: MappingConfig
-    knowledge: dict[str, FactKnowledge]
+    knowledge: dict[str, FactKNSets]
     shared: SharedNeuronFilter
     classes: Mapping[str, str] | None = None
 
@@ -221,11 +222,11 @@ def mapping_table(mapping: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns=["set_order", "class_order"]).reset_index(drop=True)
 
 
-def _class_label(part: pd.DataFrame, kind: str) -> str:
+def _class_label(part: pd.DataFrame, fact_class: str) -> str:
     """A class's tick label, with how many of its queries had each set empty (left out of the bar)."""
-    empty = part[part["class"] == kind].groupby("kn_set", sort=False)["empty_sets"].sum()
+    empty = part[part["class"] == fact_class].groupby("kn_set", sort=False)["empty_sets"].sum()
     counts = [f"{name.capitalize()} {int(count)}" for name, count in empty.items() if count > 0]
-    return "\n".join([kind, "empty sets:", *counts]) if counts else kind
+    return "\n".join([fact_class, "empty sets:", *counts]) if counts else fact_class
 
 
 def mapping_figure(table: pd.DataFrame) -> Figure:
@@ -307,6 +308,8 @@ STUDY = Study(
     request=MappingRequest,
     run=run,
     panels=(Panel(70, "Figure 4: query-KN mapping", ("fig4_mapping",), ("fig4_mapping",)),),
+    captions=mapping_claims.CAPTIONS,
+    claims=mapping_claims.MappingClaims,
     examples=(
         "qloc mapping --run-dir runs/smollm2                      "
         "# Figure 4: the query-KN mapping experiment",

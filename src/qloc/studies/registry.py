@@ -9,7 +9,8 @@ A study is one module of this package and one :class:`Study` entry. The entry na
   flattens them and :func:`build_request` builds a request back from flat values;
 - its ``run`` function: the sweep (stage name, units, work function) and the tables and figures
   it writes, returning an :class:`Outcome` to show;
-- its report panels (tables and figures with their titles, in the paper's order), the command
+- its report panels (tables and figures with their titles, in the paper's order), their captions
+  and the rules that check its claims against the paper (its ``*_claims`` module), the command
   lines the README lists, and the steps it adds to ``qloc reproduce``.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from ..engine.models import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL
 from ..errors import ConfigError
 from ..runs.executors import Execution
 from ..settings import flag_of, help_of, setting
+from .claims import ClaimRules
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,23 @@ class Panel:
 
         title = self.title.replace("{METHOD}", method.upper())
         return Panel(self.order, title, fill(self.tables), fill(self.figures))
+
+
+Frames = dict[str, pd.DataFrame]
+"""The tables a caption reads, by name."""
+Caption = str | Callable[[Frames, Panel], str]
+"""A panel's caption: a template, where ``{facts}``, ``{queries}``, ``{seeds}`` and ``{passes}`` are
+the values of those count columns in the panel's first table (:func:`count_text`) and ``{rows}``
+its number of rows; or, where it needs more, a function of the tables and the panel."""
+COUNT_COLUMNS = ("facts", "queries", "seeds", "passes")
+
+
+def count_text(frame: pd.DataFrame, column: str) -> str:
+    """The values of a count column as text: ``31``, or ``20-200`` where rows differ."""
+    if column not in frame or frame[column].dropna().empty:
+        return "?"
+    low, high = int(frame[column].min()), int(frame[column].max())
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
 
 
 @dataclass
@@ -102,14 +121,18 @@ class Reproduction:
 class Study:
     """A study's registry entry: ``name``, its command; ``summary``, the command's help (what the
     study computes and writes); the ``request`` dataclass of its settings and the function that
-    ``run`` s one; its report ``panels``; ``examples``, the README's lines for it (a command and
-    what it does); and ``reproduce``, the (title, request) steps it adds to ``qloc reproduce``."""
+    ``run`` s one; its report ``panels``, their ``captions`` by panel key (:attr:`Panel.key`) and
+    the ``claims`` rules that check what it found against the paper; ``examples``, the README's
+    lines for it (a command and what it does); and ``reproduce``, the (title, request) steps it
+    adds to ``qloc reproduce``."""
 
     name: str
     summary: str
     request: type[Any]
     run: Callable[[Any], Outcome]
     panels: tuple[Panel, ...] = ()
+    captions: Mapping[str, Caption] = field(default_factory=dict)
+    claims: type[ClaimRules] | None = None
     examples: tuple[str, ...] = ()
     reproduce: Callable[[Reproduction], list[tuple[str, Any]]] | None = None
 

@@ -38,14 +38,15 @@ from ..runs.rows import Row, UnitWriter
 from ..runs.store import RunStore
 from ..runs.sweep import SkipFact, WorkFn
 from ..settings import flat_params, setting
+from . import synapse_claims
+from .knrows import QueryRow
 from .knsets import (
-    FactKnowledge,
+    FactKNSets,
     ManipulationConfig,
     Neuron,
-    QueryRow,
     random_neurons,
 )
-from .localized import LocalizedRequest
+from .localize_run import LocalizedRequest
 from .registry import Outcome, Panel, Reproduction, Study
 from .synapse_tables import MEASURES, cost_table, effects_table, write_synapse_report
 
@@ -73,7 +74,7 @@ def _relative_change(before: float, after: float) -> float:
 
 
 def _neuron_classes(
-    known: FactKnowledge, query: int, shape: tuple[int, int], rng: random.Random
+    known: FactKNSets, query: int, shape: tuple[int, int], rng: random.Random
 ) -> dict[str, list[Neuron]]:
     own = sorted(set(known.query_sets[query]))
     everything = known.neurons
@@ -81,7 +82,7 @@ def _neuron_classes(
     return {"kn": own, "neighbour": sorted(everything - set(own)), "random": chosen}
 
 
-def heatmap_neurons(known: FactKnowledge, limit: int = 64) -> list[Neuron]:
+def heatmap_neurons(known: FactKNSets, limit: int = 64) -> list[Neuron]:
     """Columns of a fact's heatmap (Figures 5, 10): the KNs of its queries, those in the most
     queries' sets first, at most ``limit``, then ordered by (layer, neuron)."""
     counts = Counter(u for s in known.query_sets for u in set(s))
@@ -193,10 +194,10 @@ class SynapseWork:
 
     lm: LoadedModel
     config: SynapseConfig
-    knowledge: dict[str, FactKnowledge]
+    knowledge: dict[str, FactKNSets]
     max_batch_rows: int | None = None
     classes: dict[str, str] | None = None
-    """A stratified sample's classes (:attr:`qloc.studies.localized.FactSample.classes`); None:
+    """A stratified sample's classes (:attr:`qloc.studies.localize_run.FactSample.classes`); None:
     each fact's static class."""
 
     @property
@@ -207,7 +208,9 @@ class SynapseWork:
 
     def __call__(self, fact: Fact, writer: UnitWriter) -> None:
         known = self.knowledge[fact.id]
-        kind = self.classes[fact.id] if self.classes else known.knowledge_class(self.config.static_threshold)
+        fact_class = (
+            self.classes[fact.id] if self.classes else known.knowledge_class(self.config.static_threshold)
+        )
         rng = random.Random(f"{self.config.seed}:{fact.id}")
         columns = heatmap_neurons(known)
         shape = (self.lm.num_layers, self.lm.d_ff)
@@ -225,7 +228,7 @@ class SynapseWork:
                     **key,
                     prompt=prompt,
                     answer=fact.object,
-                    class_=kind,
+                    class_=fact_class,
                     n_synapses=len(synapses),
                     synapses=[[*s, v] for s, v in synapses],
                     f_input=float(scores.f_input[0]),
@@ -234,7 +237,7 @@ class SynapseWork:
                 )
             )
             classes = _neuron_classes(known, index, shape, rng)
-            writer.add(self._effect_rows(query, synapses, classes, columns, {**key, "class_": kind}))
+            writer.add(self._effect_rows(query, synapses, classes, columns, {**key, "class_": fact_class}))
 
     def _attribute(self, fact: Fact, prompt: str) -> tuple[EncodedQuery, AttentionAttribution]:
         """The query's tokens and its attention scores; an answer that cannot be tokenized skips
@@ -292,7 +295,7 @@ class SynapseWork:
 def synapse_work(
     lm: LoadedModel,
     config: SynapseConfig,
-    knowledge: dict[str, FactKnowledge],
+    knowledge: dict[str, FactKNSets],
     max_batch_rows: int | None = None,
     classes: dict[str, str] | None = None,
 ) -> WorkFn:
@@ -306,7 +309,7 @@ class SynapseWorkBuilder:
     :class:`SynapseWork` from it (a dataclass, so that Ray pickles it)."""
 
     config: SynapseConfig
-    knowledge: dict[str, FactKnowledge]
+    knowledge: dict[str, FactKNSets]
     max_batch_rows: int | None = None
     classes: dict[str, str] | None = None
 
@@ -389,6 +392,8 @@ STUDY = Study(
         ),
         Panel(100, "Table 6: cost of suppressing and enhancing synapses", ("table6_cost",)),
     ),
+    captions=synapse_claims.CAPTIONS,
+    claims=synapse_claims.SynapseClaims,
     examples=(
         "qloc synapses --run-dir runs/smollm2 --limit 8           "
         "# Figures 5, 6, 10, 11 and Table 6: knowledge synapses",

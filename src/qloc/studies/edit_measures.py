@@ -44,7 +44,7 @@ from .knsets import (
     SHARED_MIN_FACTS_HELP,
     SHARED_REFERENCE_HELP,
     STATIC_THRESHOLD,
-    FactKnowledge,
+    FactKNSets,
     Neuron,
     SharedNeuronFilter,
     cas_set,
@@ -239,8 +239,8 @@ def kn_signs(activations: torch.Tensor, set_name: str, neurons: list[tuple[int, 
 
 
 def edit_set(
-    original: FactKnowledge,
-    filtered: FactKnowledge,
+    original: FactKNSets,
+    filtered: FactKNSets,
     set_name: str,
     shape: tuple[int, int],
     seed: str,
@@ -265,14 +265,14 @@ def activity_excluded(lm: LoadedModel, config: EditConfig, ppl_passages: Sequenc
     return most_active(neuron_footprints(lm, passages, config.ppl_tokens), config.activity_filter)
 
 
-def filtered_knowledge(
-    knowledge: Mapping[str, FactKnowledge], shared: SharedNeuronFilter, excluded: frozenset[Neuron]
-) -> dict[str, FactKnowledge]:
+def filtered_kn_sets(
+    knowledge: Mapping[str, FactKNSets], shared: SharedNeuronFilter, excluded: frozenset[Neuron]
+) -> dict[str, FactKNSets]:
     """The KN sets an experiment edits: after the shared-neuron filter and without ``excluded``."""
     return {fact_id: known.without(excluded) for fact_id, known in shared.apply(knowledge).items()}
 
 
-def dropped_by_filter(original: FactKnowledge, filtered: FactKnowledge, set_name: str) -> int:
+def dropped_by_filter(original: FactKNSets, filtered: FactKNSets, set_name: str) -> int:
     """KNs the shared-neuron filter removed from the fact's ``set_name`` set (0 for the control,
     drawn after it)."""
     if set_name not in KN_SETS:
@@ -288,7 +288,7 @@ def control_seed(config: EditConfig, fact: Fact) -> str:
 def sequential_edit(
     lm: LoadedModel,
     config: EditConfig,
-    knowledge: dict[str, FactKnowledge],
+    knowledge: dict[str, FactKNSets],
     shared: SharedNeuronFilter,
     dataset: list[Fact],
     facts: list[Fact],
@@ -304,7 +304,7 @@ def sequential_edit(
     model is restored bit-exactly afterwards."""
     facts_by_relation = by_relation(dataset)
     excluded = activity_excluded(lm, config, passages)
-    filtered = filtered_knowledge(knowledge, shared, excluded)
+    filtered = filtered_kn_sets(knowledge, shared, excluded)
     chosen = random.Random(f"{config.seed}:sequential:{repeat}").sample(facts, min(count, len(facts)))
     cases = []
     for fact in chosen:
@@ -380,7 +380,7 @@ class SequentialRow(Row):
 def sequential_work(
     lm: LoadedModel,
     config: EditConfig,
-    knowledge: dict[str, FactKnowledge],
+    knowledge: dict[str, FactKNSets],
     shared: SharedNeuronFilter,
     dataset: list[Fact],
     facts: list[Fact],
@@ -441,7 +441,7 @@ def case_study(
         raise ConfigError.invalid("edit_sign", edit_sign, f"choose {' or '.join(EDIT_SIGNS)}")
     scores = [attribute(lm, q, answer, method, steps=steps).scores for q in queries]
     query_sets = [kn_set(s) for s in scores]
-    neurons = FactKnowledge(query_sets, cas_set(scores)).kn_set(set_name)
+    neurons = FactKNSets(query_sets, cas_set(scores)).kn_set(set_name)
     signs = (
         kn_signs(target_activations(lm, queries, answer), set_name, neurons)
         if edit_sign == "activation"

@@ -4,7 +4,7 @@ records, and the quotes the report sets beside qloc's measurements.
 A quote is the cell of the paper's model closest in size to the measured model, with the range of
 the same cell over the paper's three models beside it. Where the paper has no cell (a figure with no
 numbers, a p-value it never printed) the quote says why, and carries no number: the report then
-makes no call (:meth:`qloc.report.findings.ClaimRules.add`).
+makes no call (:meth:`qloc.studies.claims.ClaimRules.add`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from ..data.paper_reference import paper_reference_data
-from .format import format_number, format_share
+from ..numbers import format_number, format_share
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from qloc.data.pararel import Fact
 from qloc.errors import ConfigError
 from qloc.runs.store import RunStore
 from qloc.runs.sweep import run_sweep
-from qloc.studies.localized import LocalizedRun, check_stratification, stratified_prefix
+from qloc.studies.localize_run import LocalizedRun, check_stratification, stratified_prefix
 from tests.helpers import assert_refused
 
 FACTS = [Fact(f"P1/{i}", "P1", "P1(x)", f"s{i}", f"o{i}", ("a", "b")) for i in range(10)]

@@ -23,12 +23,11 @@ from ..runs.store import RunStore
 from ..settings import setting
 from .consistency_tables import classify, fact_consistency
 from .knrows import CasSetRow, KnSetRow
-from .knsets import LOCALIZE_STAGE, SHARED_FILTER_MIN_FACTS, FactKnowledge, SharedNeuronFilter
+from .knsets import SHARED_FILTER_MIN_FACTS, FactKNSets, SharedNeuronFilter
+from .stored_knsets import LOCALIZE_STAGE
 
 
-def knowledge_from_store(
-    kn_frame: pd.DataFrame, cas_frame: pd.DataFrame, method: str
-) -> dict[str, FactKnowledge]:
+def kn_sets_from_store(kn_frame: pd.DataFrame, cas_frame: pd.DataFrame, method: str) -> dict[str, FactKNSets]:
     """Per fact id, the KN sets the localize run stored for ``method``."""
     kn_frame = kn_frame[kn_frame["method"] == method]
     if kn_frame.empty:
@@ -40,7 +39,7 @@ def knowledge_from_store(
     result = {}
     for fact_id, group in kn_frame.groupby("fact_id", sort=False):
         sets = [[tuple(u) for u in k] for k in group.sort_values("query_index")["kn"]]
-        result[fact_id] = FactKnowledge(sets, cas.get(fact_id, []), str(group["relation"].iloc[0]))
+        result[fact_id] = FactKNSets(sets, cas.get(fact_id, []), str(group["relation"].iloc[0]))
     return result
 
 
@@ -90,7 +89,7 @@ class LocalizedRun:
     run_dir: Path
     params: dict[str, Any]
     method: str
-    knowledge: dict[str, FactKnowledge]
+    knowledge: dict[str, FactKNSets]
     dataset: list[Fact]
     facts: list[Fact]
     device: str
@@ -131,10 +130,10 @@ class LocalizedRun:
     ) -> SharedNeuronFilter:
         """The shared-neuron filter over this run's KN sets, its shares counted over this run's
         facts or, with ``reference``, over those of another localize run of the same model whose
-        KN sets were cut the same way (:func:`reference_knowledge`)."""
+        KN sets were cut the same way (:func:`reference_kn_sets`)."""
         if reference is None:
             return SharedNeuronFilter(share, self.knowledge, "this run", min_facts)
-        pool = reference_knowledge(reference, self.params, self.method)
+        pool = reference_kn_sets(reference, self.params, self.method)
         return SharedNeuronFilter(share, pool, f"reference run {str(reference)!r}", min_facts)
 
     def knowledge_classes(self, stratify: str, method: str) -> dict[str, str]:
@@ -215,7 +214,7 @@ def read_localized_run(
         localized = store.params(LOCALIZE_STAGE)
         kn_frame, cas_frame = store.frame(KnSetRow), store.frame(CasSetRow)
         method = method or localized["methods"][0]
-        knowledge = knowledge_from_store(kn_frame, cas_frame, method)
+        knowledge = kn_sets_from_store(kn_frame, cas_frame, method)
         data = Selection(data=None if localized["data"] == "bundled" else Path(localized["data"]))
         dataset = load_pararel(data.data, query_filter=localized["query_filter"]).facts
         kn_frame = kn_frame[kn_frame["method"] == method]
@@ -234,7 +233,7 @@ KN_CUT = ("model", "dtype", "answer_tokens", "threshold", "top_k", "steps", "rul
 shared-neuron filter must agree with the edited run on all of them."""
 
 
-def reference_knowledge(reference: Path, params: Mapping[str, Any], method: str) -> dict[str, FactKnowledge]:
+def reference_kn_sets(reference: Path, params: Mapping[str, Any], method: str) -> dict[str, FactKNSets]:
     """The ``method`` KN sets of the localize run ``reference``, refused where its model or the way
     its KN sets were cut differs from ``params`` (another run's localize parameters)."""
     with RunStore.open_existing(reference) as store:
@@ -255,7 +254,7 @@ def reference_knowledge(reference: Path, params: Mapping[str, Any], method: str)
                     f"(it localized with {', '.join(theirs['methods'])})"
                 )
             )
-        return knowledge_from_store(store.frame(KnSetRow), store.frame(CasSetRow), method)
+        return kn_sets_from_store(store.frame(KnSetRow), store.frame(CasSetRow), method)
 
 
 def _refuse_changed_data(run_dir: Path, kn_frame: pd.DataFrame, facts: list[Fact], source: str) -> None:

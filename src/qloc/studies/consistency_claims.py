@@ -1,5 +1,6 @@
-"""The report's claims about KN consistency (Table 1: KI shares, the chance baseline, Welch's t,
-U_KI) and about what the model knows."""
+"""What the consistency study shows: the captions of its panels (Table 1, Figures 3/7/8/9, the
+KN-rule sensitivity, the per-fact scores) and its claim rules (Table 1: KI shares, the chance
+baseline, Welch's t, U_KI; what the model knows)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,75 @@ from typing import Any
 
 import pandas as pd
 
-from .findings import (
+from ..numbers import format_number, format_share
+from .claims import (
     KNOWN_RANK,
     SIGNIFICANCE,
     SMALL_SAMPLE,
     ClaimRules,
     records,
 )
-from .format import format_number, format_share
+from .knsets import STATIC_THRESHOLD
 from .paper import PaperQuote, no_paper_number
+from .registry import Caption, Frames, Panel, count_text
+
+
+def _table1(t: Frames, panel: Panel) -> str:
+    frame = t["table1"]
+    chance = (
+        " cs_null_mean / cs_null_p95: mean and 95th percentile of CS for groups of queries drawn from "
+        "different facts (chance); R_above_null: share of facts above it."
+        if "cs_null_p95" in frame
+        else ""
+    )
+    return (
+        f"KN consistency over {count_text(frame, 'facts')} facts per model and method. R_KI / R_KC: share "
+        "of facts (0-1) that are inconsistent / consistent; CS_KI / CS_KC: their mean consistency score "
+        "(share of a fact's KN union held by two or more of its queries, 0-1); t, p: Welch's t-test of KC "
+        "against KI; U_KI: share of facts every method classes KI; empty_union: facts without any KN. KC "
+        f"means CS >= the threshold: static {STATIC_THRESHOLD:g}, or Otsu's per run." + chance
+    )
+
+
+def _relations(t: Frames, panel: Panel) -> str:
+    method = panel.tables[0].removeprefix("relations_")
+    frame = t.get(f"relations_{method}")
+    size = f" {int(frame['facts'].sum()):,} facts in {len(frame):,} relations." if frame is not None else ""
+    return (
+        f"CS of every fact per relation, {method.upper()} KN sets (dots: facts; red line: the static "
+        f"threshold {STATIC_THRESHOLD:g}). Relations whose facts sit low are KI.{size} Columns: facts, "
+        "mean and median CS, share of KI facts."
+    )
+
+
+CAPTIONS: dict[str, Caption] = {
+    "table1": _table1,
+    "relations_{method}": _relations,
+    "fig9_ki_share": (
+        "Share of KI facts (0-1) as the static threshold runs from 0.04 to 0.80, one curve per model and "
+        "method. A curve that rises early means most facts have a low CS."
+    ),
+    "threshold_sensitivity": (
+        "KI shares and CS_KC per KN rule (t = KNs score at least t x the top score; topN = the N best "
+        "neurons) with the chance baseline: whether the KI share depends on how KN sets are cut."
+    ),
+    "consistency": (
+        "Per fact and method: CS (relaxed and strict), size of the KN union and the KC/KI classes; {rows} "
+        "rows. The fact explorer shows each fact's KN sets."
+    ),
+}
+"""The consistency study's captions, by panel key (:data:`qloc.studies.registry.Caption`)."""
 
 NO_CHANCE_BASELINE = no_paper_number("the paper has no chance baseline")
 
 
 class ConsistencyClaims(ClaimRules):
+    """The consistency study's claims: what the model knows, then Table 1's."""
+
+    def check(self) -> None:
+        self.knowledge()
+        self.consistency()
+
     # -- Table 1 ---------------------------------------------------------------------------
     def consistency(self) -> None:
         table1 = self.table("table1")
@@ -194,10 +250,10 @@ class ConsistencyClaims(ClaimRules):
 
     def _u_ki(self, table1: pd.DataFrame) -> None:
         methods = table1["method"].nunique()
-        for kind, rows in table1.groupby("threshold", sort=False):
+        for threshold, rows in table1.groupby("threshold", sort=False):
             row = rows.iloc[0]
-            quote = self.paper.quote("table1_u_ki", "U_KI", self.reference, share=True, threshold=kind)
-            measure = f"U_KI: KI under every method, {kind} threshold"
+            quote = self.paper.quote("table1_u_ki", "U_KI", self.reference, share=True, threshold=threshold)
+            measure = f"U_KI: KI under every method, {threshold} threshold"
             if math.isnan(row.U_KI):
                 self.add("u_ki", measure, "–", quote, "open", "needs two or more methods")
                 continue
