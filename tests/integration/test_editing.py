@@ -72,6 +72,12 @@ def test_cli_edit_study_tables(tmp_path, tiny_model_dir):
     )
     assert {"rel_known", "known_queries", "gen_known", "known_neighbours", "prob_drop"} <= set(table3)
     assert table3["known_queries"].sum() == edited["query_known"].sum()
+    # Every edit keeps the footprint of what it touched (the activity filter's measure), the
+    # largest of its neurons' at most their sum.
+    assert (edited["footprint_max"] > 0).all() and (
+        edited["footprint_max"] <= edited["footprint_sum"] + 1e-9
+    ).all()
+    assert edits[edits["kn_size"] == 0]["footprint_max"].isna().all()
 
 
 def test_edit_counts_shared_neurons_over_a_reference_run(tmp_path, tiny_model_dir, qloc_cli):

@@ -7,7 +7,13 @@ import torch
 import qloc
 from qloc.engine.editing import most_active, neuron_footprints, value_norms
 from qloc.engine.sites import NEURONS
-from qloc.studies.edit_measures import EditConfig, activity_excluded, edit_set, filtered_kn_sets
+from qloc.studies.edit_measures import (
+    EditConfig,
+    activity_excluded,
+    activity_footprints,
+    edit_set,
+    filtered_kn_sets,
+)
 from qloc.studies.knsets import FactKNSets, SharedNeuronFilter
 from tests.helpers import make_tiny_model
 
@@ -43,9 +49,11 @@ def test_an_always_active_neuron_is_excluded_from_kn_sets_and_from_the_control(w
     with torch.no_grad():
         lm.value_vectors(loud[0])[loud[1]] *= 1000.0  # writes 1000 times as much on every token
     config = EditConfig(activity_filter=0.01)
-    excluded = activity_excluded(lm, config, ppl_passages=[])
+    excluded = activity_excluded(config, activity_footprints(lm, config, ppl_passages=[]))
     assert loud in excluded and len(excluded) == 2  # 1 % of 2 x 128 neurons, rounded up
-    assert activity_excluded(lm, EditConfig(), ppl_passages=[]) == frozenset()  # off by default
+    assert (
+        activity_excluded(EditConfig(), activity_footprints(lm, config, [])) == frozenset()
+    )  # off by default
 
     known = {"P1/0": FactKNSets([[loud, (0, 1)], [loud, (0, 2)]], [loud], "P1")}
     filtered = filtered_kn_sets(known, SharedNeuronFilter(None, known), excluded)

@@ -256,13 +256,19 @@ def edit_set(
     return random_neurons(len(filtered.kn_set("self")), shape, avoid, random.Random(seed))
 
 
-def activity_excluded(lm: LoadedModel, config: EditConfig, ppl_passages: Sequence[str]) -> frozenset[Neuron]:
-    """The neurons the activity filter keeps out of every edit (none when it is off), measured on
-    WikiText passages other than those of the perplexity check."""
+def activity_footprints(lm: LoadedModel, config: EditConfig, ppl_passages: Sequence[str]) -> torch.Tensor:
+    """[L, d_ff] neuron footprints (:func:`~qloc.engine.editing.neuron_footprints`) on WikiText
+    passages other than those of the perplexity check: what the activity filter cuts by, and the
+    evidence every edit row keeps."""
+    passages = wikitext_passages(ACTIVITY_PASSAGES, seed=f"activity:{config.seed}", exclude=ppl_passages)
+    return neuron_footprints(lm, passages, config.ppl_tokens)
+
+
+def activity_excluded(config: EditConfig, footprints: torch.Tensor) -> frozenset[Neuron]:
+    """The neurons the activity filter keeps out of every edit (none when it is off)."""
     if config.activity_filter is None:
         return frozenset()
-    passages = wikitext_passages(ACTIVITY_PASSAGES, seed=f"activity:{config.seed}", exclude=ppl_passages)
-    return most_active(neuron_footprints(lm, passages, config.ppl_tokens), config.activity_filter)
+    return most_active(footprints, config.activity_filter)
 
 
 def filtered_kn_sets(
@@ -303,7 +309,7 @@ def sequential_edit(
     signs are those of the activations of the model it edits (after the edits before it). The
     model is restored bit-exactly afterwards."""
     facts_by_relation = by_relation(dataset)
-    excluded = activity_excluded(lm, config, passages)
+    excluded = activity_excluded(config, activity_footprints(lm, config, passages))
     filtered = filtered_kn_sets(knowledge, shared, excluded)
     chosen = random.Random(f"{config.seed}:sequential:{repeat}").sample(facts, min(count, len(facts)))
     cases = []

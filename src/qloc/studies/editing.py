@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from ..data.pararel import Fact, causal_prompt, load_pararel
 from ..data.wikitext import wikitext_passages
@@ -44,6 +45,7 @@ from .edit_measures import (
     SequentialRow,
     SequentialUnit,
     activity_excluded,
+    activity_footprints,
     by_relation,
     case_study,
     control_seed,
@@ -112,6 +114,10 @@ class EditRow(Row):
     """Neighbour queries the model answered right before the edit."""
     gen_known: float = NOT_MEASURED
     """Gen over those neighbours alone."""
+    footprint_max: float = NOT_MEASURED
+    """The largest footprint (||v|| x mean |activation| on WikiText) among the edited neurons."""
+    footprint_sum: float = NOT_MEASURED
+    """Their footprints summed: how much the edit reaches every token."""
 
 
 @dataclass
@@ -131,6 +137,8 @@ class EditWork:
     """A stratified sample's classes (:attr:`qloc.studies.localize_run.FactSample.classes`); None:
     each fact's static class."""
     facts_by_relation: dict[str, list[Fact]] = field(init=False)
+    footprints: torch.Tensor = field(init=False)
+    """[L, d_ff] neuron footprints on WikiText (the activity filter's measure)."""
     excluded: frozenset[Neuron] = field(init=False)
     """The activity filter's neurons, which no edit touches."""
     filtered: dict[str, FactKNSets] = field(init=False)
@@ -140,7 +148,8 @@ class EditWork:
     def __post_init__(self) -> None:
         # Once per model replica: none of these depends on the fact.
         self.facts_by_relation = by_relation(self.dataset)
-        self.excluded = activity_excluded(self.lm, self.config, self.passages)
+        self.footprints = activity_footprints(self.lm, self.config, self.passages)
+        self.excluded = activity_excluded(self.config, self.footprints)
         self.filtered = filtered_kn_sets(self.knowledge, self.shared, self.excluded)
         self.ppl_before = perplexity(self.lm, self.passages, self.config.ppl_tokens)
 
@@ -158,6 +167,7 @@ class EditWork:
                 original, known, set_name, shape, control_seed(self.config, fact), self.excluded
             )
             signs = kn_signs(activations, set_name, neurons)  # recorded with the literal equation too
+            footprints = [float(self.footprints[layer, index]) for layer, index in neurons]
             row = EditRow(
                 fact_id=fact.id,
                 relation=fact.relation,
@@ -174,6 +184,8 @@ class EditWork:
                 query=fact.queries[0],
                 ppl_before=self.ppl_before,
                 neighbours=len(fact.queries) - 1,
+                footprint_max=max(footprints, default=NOT_MEASURED),
+                footprint_sum=sum(footprints) if footprints else NOT_MEASURED,
             )
             if not neurons:  # nothing to edit through: no measurement, counted as an empty set
                 writer.add(row)
