@@ -74,7 +74,7 @@ def test_cli_census_then_known_localize_then_edit_a_known_query(tmp_path, tiny_m
     # is the first known query, and Gen measures the other known queries.
     from qloc.studies import edit_measures as edit_study
     from qloc.studies.edit_measures import EditConfig
-    from qloc.studies.editing import edit_work
+    from qloc.studies.editing import EditWorkBuilder
     from qloc.studies.localize_run import read_localized_run
 
     localized = read_localized_run(run, None, "cpu")
@@ -88,14 +88,13 @@ def test_cli_census_then_known_localize_then_edit_a_known_query(tmp_path, tiny_m
 
     monkeypatch.setattr(edit_study, "score_cloze", recording)
     lm = localized.model.load()
-    work = edit_work(
-        lm,
+    work = EditWorkBuilder(
         EditConfig(sets=("self",), unrelated_queries=2, ppl_passages=1, ppl_tokens=16),
         localized.knowledge,
         localized.shared_filter(0.1),
         localized.dataset,
         passages=["Paris is the capital of France ."],
-    )
+    )(lm)
     from qloc.runs.rows import UnitWriter
 
     fact = localized.facts[0]

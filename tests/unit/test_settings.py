@@ -21,8 +21,8 @@ from qloc.errors import ConfigError, RunDirectoryError
 from qloc.runs.store import RunStore
 from qloc.studies.census import CensusWorkBuilder
 from qloc.studies.cloze import ClozeWorkBuilder
-from qloc.studies.edit_measures import EditConfig
-from qloc.studies.editing import EditWorkBuilder, SequentialWorkBuilder
+from qloc.studies.edit_measures import EditConfig, SequentialWorkBuilder
+from qloc.studies.editing import EditWorkBuilder
 from qloc.studies.knsets import FactKNSets, SharedNeuronFilter
 from qloc.studies.localize import LocalizeConfig, LocalizeRequest, LocalizeWorkBuilder
 from qloc.studies.localize_run import KN_CUT

@@ -383,25 +383,40 @@ class SequentialRow(Row):
     dppl: float
 
 
-def sequential_work(
-    lm: LoadedModel,
-    config: EditConfig,
-    knowledge: dict[str, FactKNSets],
-    shared: SharedNeuronFilter,
-    dataset: list[Fact],
-    facts: list[Fact],
-    count: int,
-    passages: list[str],
-) -> WorkFn:
-    """Work function for :func:`qloc.runs.sweep.run_sweep` over :class:`SequentialUnit` s."""
+@dataclass(frozen=True)
+class SequentialWorkBuilder:
+    """The sequential edit sweep's :data:`~qloc.runs.executors.WorkBuilder` (Table 7): each model
+    replica builds from it the work over :class:`SequentialUnit` s, ``count`` facts edited one after
+    another per unit (a dataclass, so that Ray pickles it)."""
 
-    def work(unit: SequentialUnit, writer: UnitWriter) -> None:
-        result = sequential_edit(
-            lm, config, knowledge, shared, dataset, facts, unit.set_name, count, unit.repeat, passages
-        )
-        writer.add(SequentialRow(config.method, config.mode, unit.set_name, unit.repeat, count, **result))
+    config: EditConfig
+    knowledge: dict[str, FactKNSets]
+    shared: SharedNeuronFilter
+    dataset: list[Fact]
+    facts: list[Fact]
+    count: int
+    passages: list[str]
 
-    return work
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        def work(unit: SequentialUnit, writer: UnitWriter) -> None:
+            result = sequential_edit(
+                lm,
+                self.config,
+                self.knowledge,
+                self.shared,
+                self.dataset,
+                self.facts,
+                unit.set_name,
+                self.count,
+                unit.repeat,
+                self.passages,
+            )
+            row = SequentialRow(
+                self.config.method, self.config.mode, unit.set_name, unit.repeat, self.count, **result
+            )
+            writer.add(row)
+
+        return work
 
 
 def sequential_table(sequential: pd.DataFrame) -> pd.DataFrame:

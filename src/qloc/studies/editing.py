@@ -44,6 +44,7 @@ from .edit_measures import (
     Measurement,
     SequentialRow,
     SequentialUnit,
+    SequentialWorkBuilder,
     activity_excluded,
     activity_footprints,
     by_relation,
@@ -55,7 +56,6 @@ from .edit_measures import (
     filtered_kn_sets,
     kn_signs,
     sequential_table,
-    sequential_work,
 )
 from .knsets import FactKNSets, Neuron, SharedNeuronFilter
 from .localize_run import (
@@ -120,14 +120,12 @@ class EditRow(Row):
     """Their footprints summed: how much the edit reaches every token."""
 
 
-@dataclass
-class EditWork:
-    """Per-fact work function for :func:`qloc.runs.sweep.run_sweep`: the fact edited through each
-    KN set in turn, from the unedited model each time.
+@dataclass(frozen=True)
+class EditWorkBuilder:
+    """The fact-by-fact edit sweep's :data:`~qloc.runs.executors.WorkBuilder` (Tables 2 and 3):
+    what every edit of the sweep takes; each model replica builds its :class:`EditWork` from it (a
+    dataclass, so that Ray pickles it and its parameters can be read)."""
 
-    A class rather than a closure so that Ray can pickle it and its parameters can be read."""
-
-    lm: LoadedModel
     config: EditConfig
     knowledge: dict[str, FactKNSets]
     shared: SharedNeuronFilter
@@ -136,6 +134,18 @@ class EditWork:
     classes: dict[str, str] | None = None
     """A stratified sample's classes (:attr:`qloc.studies.localize_run.FactSample.classes`); None:
     each fact's static class."""
+
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        return EditWork(lm, self)
+
+
+@dataclass
+class EditWork:
+    """Per-fact work function for :func:`qloc.runs.sweep.run_sweep` on one model replica: the fact
+    edited through each KN set in turn, from the unedited model each time."""
+
+    lm: LoadedModel
+    plan: EditWorkBuilder
     facts_by_relation: dict[str, list[Fact]] = field(init=False)
     footprints: torch.Tensor = field(init=False)
     """[L, d_ff] neuron footprints on WikiText (the activity filter's measure)."""
@@ -147,32 +157,34 @@ class EditWork:
 
     def __post_init__(self) -> None:
         # Once per model replica: none of these depends on the fact.
-        self.facts_by_relation = by_relation(self.dataset)
-        self.footprints = activity_footprints(self.lm, self.config, self.passages)
-        self.excluded = activity_excluded(self.config, self.footprints)
-        self.filtered = filtered_kn_sets(self.knowledge, self.shared, self.excluded)
-        self.ppl_before = perplexity(self.lm, self.passages, self.config.ppl_tokens)
+        self.facts_by_relation = by_relation(self.plan.dataset)
+        self.footprints = activity_footprints(self.lm, self.plan.config, self.plan.passages)
+        self.excluded = activity_excluded(self.plan.config, self.footprints)
+        self.filtered = filtered_kn_sets(self.plan.knowledge, self.plan.shared, self.excluded)
+        self.ppl_before = perplexity(self.lm, self.plan.passages, self.plan.config.ppl_tokens)
 
     def __call__(self, fact: Fact, writer: UnitWriter) -> None:
-        original, known = self.knowledge[fact.id], self.filtered[fact.id]
-        case = EditCase.draw(fact, self.config, self.facts_by_relation, self.dataset)
+        original, known = self.plan.knowledge[fact.id], self.filtered[fact.id]
+        case = EditCase.draw(fact, self.plan.config, self.facts_by_relation, self.plan.dataset)
         before = self._measure_unedited(fact, case)
         activations = target_activations(self.lm, fact.queries, fact.object)
         fact_class = (
-            self.classes[fact.id] if self.classes else original.knowledge_class(self.config.static_threshold)
+            self.plan.classes[fact.id]
+            if self.plan.classes
+            else original.knowledge_class(self.plan.config.static_threshold)
         )
         shape = (self.lm.num_layers, self.lm.d_ff)
-        for set_name in self.config.sets:
+        for set_name in self.plan.config.sets:
             neurons = edit_set(
-                original, known, set_name, shape, control_seed(self.config, fact), self.excluded
+                original, known, set_name, shape, control_seed(self.plan.config, fact), self.excluded
             )
             signs = kn_signs(activations, set_name, neurons)  # recorded with the literal equation too
             footprints = [float(self.footprints[layer, index]) for layer, index in neurons]
             row = EditRow(
                 fact_id=fact.id,
                 relation=fact.relation,
-                method=self.config.method,
-                mode=self.config.mode,
+                method=self.plan.config.method,
+                mode=self.plan.config.mode,
                 kn_set=set_name,
                 class_=fact_class,
                 cs=original.consistency,
@@ -210,7 +222,7 @@ class EditWork:
         signs: list[int],
     ) -> EditRow:
         """``row`` with what editing through ``neurons`` did; the model is restored on return."""
-        config = self.config
+        config = self.plan.config
         with edit_knowledge(
             self.lm,
             neurons,
@@ -221,60 +233,9 @@ class EditWork:
             signs if config.edit_sign == "activation" else None,
         ):
             after = case.measure(self.lm)
-            ppl = perplexity(self.lm, self.passages, config.ppl_tokens)
+            ppl = perplexity(self.lm, self.plan.passages, config.ppl_tokens)
         evidence = edit_evidence(config.mode, before, after)
         return replace(row, **evidence, ppl_after=ppl, dppl=(ppl - self.ppl_before) / self.ppl_before)
-
-
-def edit_work(
-    lm: LoadedModel,
-    config: EditConfig,
-    knowledge: dict[str, FactKNSets],
-    shared: SharedNeuronFilter,
-    dataset: list[Fact],
-    passages: list[str],
-    classes: dict[str, str] | None = None,
-) -> WorkFn:
-    """An :class:`EditWork` on ``lm``."""
-    return EditWork(lm, config, knowledge, shared, dataset, passages, classes)
-
-
-@dataclass(frozen=True)
-class EditWorkBuilder:
-    """The fact-by-fact edit sweep's :data:`~qloc.runs.executors.WorkBuilder`: each model replica
-    builds its :class:`EditWork` from it (a dataclass, so that Ray pickles it)."""
-
-    config: EditConfig
-    knowledge: dict[str, FactKNSets]
-    shared: SharedNeuronFilter
-    dataset: list[Fact]
-    passages: list[str]
-    classes: dict[str, str] | None = None
-
-    def __call__(self, lm: LoadedModel) -> WorkFn:
-        return EditWork(
-            lm, self.config, self.knowledge, self.shared, self.dataset, self.passages, self.classes
-        )
-
-
-@dataclass(frozen=True)
-class SequentialWorkBuilder:
-    """The sequential edit sweep's :data:`~qloc.runs.executors.WorkBuilder` (Table 7): each model
-    replica builds :func:`~qloc.studies.edit_measures.sequential_work` from it, ``count`` facts
-    edited one after another per unit (a dataclass, so that Ray pickles it)."""
-
-    config: EditConfig
-    knowledge: dict[str, FactKNSets]
-    shared: SharedNeuronFilter
-    dataset: list[Fact]
-    facts: list[Fact]
-    count: int
-    passages: list[str]
-
-    def __call__(self, lm: LoadedModel) -> WorkFn:
-        return sequential_work(
-            lm, self.config, self.knowledge, self.shared, self.dataset, self.facts, self.count, self.passages
-        )
 
 
 def edit_table(edits: pd.DataFrame, sets: tuple[str, ...]) -> pd.DataFrame:
