@@ -80,3 +80,12 @@ def test_the_command_line_takes_a_share_or_off_and_names_the_flag_of_a_bad_value
         WORD_PARSERS["activity_filter"]("most")
     with pytest.raises(qloc.QlocError, match="--shared-filter 'x'"):
         WORD_PARSERS["shared_filter"]("x")
+
+
+def test_the_output_says_whether_the_activity_filter_acted():
+    from qloc.studies.edit_measures import activity_report
+
+    assert activity_report(EditConfig()) == "activity filter off"
+    assert activity_report(EditConfig(activity_filter=0.01)).startswith(
+        "activity filter 0.01: the 1.00% of the model's neurons with the largest footprint"
+    )

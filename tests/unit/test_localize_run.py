@@ -81,7 +81,9 @@ def test_a_stratified_sample_of_a_run_and_the_parameters_it_records(tmp_path):
     assert len(stratified.facts) == 4 and len(kc) == 2
     # The study's method classes the facts unless another is named; the resolved one is recorded.
     assert stratified.params == {"stratify": "static", "stratify_method": "amig"}
-    assert "2 KC and 2 KI facts (static threshold, amig KN sets)" in stratified.note
+    assert stratified.note.startswith(
+        "; 2 KC and 2 KI facts (static threshold, amig KN sets)"
+    )  # appended to a summary
     # The studies' rows carry the stratum's class; an unstratified sample leaves each study its own.
     assert stratified.classes == {f.id: "KC" if f in kc else "KI" for f in stratified.facts}
     assert plain.classes is None

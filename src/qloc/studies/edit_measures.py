@@ -271,6 +271,17 @@ def activity_excluded(config: EditConfig, footprints: torch.Tensor) -> frozenset
     return most_active(footprints, config.activity_filter)
 
 
+def activity_report(config: EditConfig) -> str:
+    """What the activity filter did, in words, for a study's output."""
+    if config.activity_filter is None:
+        return "activity filter off"
+    return (
+        f"activity filter {config.activity_filter:g}: the {config.activity_filter:.2%} of the model's "
+        "neurons with the largest footprint on WikiText were in no edit (kn_dropped counts them with "
+        "the shared filter's; every edit row keeps footprint_max and footprint_sum)"
+    )
+
+
 def filtered_kn_sets(
     knowledge: Mapping[str, FactKNSets], shared: SharedNeuronFilter, excluded: frozenset[Neuron]
 ) -> dict[str, FactKNSets]:

@@ -47,6 +47,7 @@ from .edit_measures import (
     SequentialWorkBuilder,
     activity_excluded,
     activity_footprints,
+    activity_report,
     by_relation,
     case_study,
     control_seed,
@@ -406,7 +407,7 @@ def _run_sequential(
     with RunStore.open_existing(localized.run_dir) as store:
         table = sequential_table(store.frame(SequentialRow))
     write_table(table, localized.run_dir / "tables", "table7")
-    return Outcome([table])
+    return Outcome([table, activity_report(config)])
 
 
 def _run_fact_by_fact(
@@ -434,6 +435,7 @@ def _run_fact_by_fact(
         [
             edit_table(edits, config.sets),
             filtered,
+            activity_report(config),
             f"facts: {summary.describe()}{sample.note}; tables in {tables}",
         ]
     )

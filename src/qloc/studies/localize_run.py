@@ -162,7 +162,7 @@ class LocalizedRun:
         facts = stratified_prefix(ordered, classes, limit) if limit is not None else ordered
         counts = Counter(classes[f.id] for f in facts)
         description = (
-            f"{counts['KC']} KC and {counts['KI']} KI facts ({stratify} threshold, {method} KN sets)"
+            f"; {counts['KC']} KC and {counts['KI']} KI facts ({stratify} threshold, {method} KN sets)"
         )
         chosen = {f.id: classes[f.id] for f in facts}
         return FactSample(facts, {"stratify": stratify, "stratify_method": method}, description, chosen)
@@ -172,7 +172,8 @@ class LocalizedRun:
 class FactSample:
     """The facts a study on a localize run takes, the stage parameters that say how they were drawn
     (a prefix of one seeded order extends a stage; another way of drawing is another stage's
-    parameters), and, for a stratified sample, its classes in words (to append to a summary)."""
+    parameters), and, for a stratified sample, its classes in words (appended to a summary, so it
+    starts with its separator)."""
 
     facts: list[Fact]
     params: dict[str, Any]
