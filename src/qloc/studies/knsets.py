@@ -129,7 +129,7 @@ class ManipulationConfig:
 
 
 def check_share(share: float | None, setting: str = "shared_filter") -> None:
-    """The shared-neuron filter's share: in (0, 1], or None (off)."""
+    """A filter's share (shared-neuron, activity): in (0, 1], or None (off)."""
     if share is not None and not 0 < share <= 1:
         raise ConfigError.invalid(setting, share, "a share in (0, 1], or off")
 
