@@ -204,7 +204,7 @@ def test_multi_token_answers_manipulate_only_synapses_of_the_first_tokens_prefix
     from qloc.data.pararel import Fact
     from qloc.runs.rows import UnitWriter
     from qloc.studies.knsets import FactKNSets
-    from qloc.studies.synapses import SynapseConfig, synapse_work
+    from qloc.studies.synapses import SynapseConfig, SynapseWorkBuilder
 
     lm = make_tiny_model("llama", word_tokenizer)
     fact = Fact(
@@ -213,7 +213,7 @@ def test_multi_token_answers_manipulate_only_synapses_of_the_first_tokens_prefix
     knowledge = {fact.id: FactKNSets([[(0, 1), (1, 2)], [(1, 2), (2, 3)]], [])}
     writer = UnitWriter()
     config = SynapseConfig(path=PathSettings(steps=3, answer_tokens="all"), threshold=0.0001)
-    synapse_work(lm, config, knowledge)(fact, writer)
+    SynapseWorkBuilder(config, knowledge)(lm)(fact, writer)
     found, effects = pd.DataFrame(writer.rows["synapses"]), pd.DataFrame(writer.rows["synapse_effects"])
     prompt_length = encode_query(lm, fact.queries[0], fact.object).target_positions[0] + 1
     stored = found.synapses[0]

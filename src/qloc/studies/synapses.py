@@ -185,14 +185,11 @@ def _class_changes(
     return changes
 
 
-@dataclass
-class SynapseWork:
-    """Per-fact work function for :func:`qloc.sweep.run_sweep`: KS of every query, then for each
-    operation (none / suppress / enhance) the KN activation changes, dProb, time and memory.
+@dataclass(frozen=True)
+class SynapseWorkBuilder:
+    """The synapse sweep's :data:`~qloc.runs.executors.WorkBuilder`: each model replica builds its
+    :class:`SynapseWork` from it (a dataclass, so that Ray pickles it)."""
 
-    A class rather than a closure so that Ray can pickle it and its parameters can be read."""
-
-    lm: LoadedModel
     config: SynapseConfig
     knowledge: dict[str, FactKNSets]
     max_batch_rows: int | None = None
@@ -200,27 +197,42 @@ class SynapseWork:
     """A stratified sample's classes (:attr:`qloc.studies.localize_run.FactSample.classes`); None:
     each fact's static class."""
 
+    def __call__(self, lm: LoadedModel) -> WorkFn:
+        return SynapseWork(lm, self)
+
+
+@dataclass
+class SynapseWork:
+    """Per-fact work function for :func:`qloc.runs.sweep.run_sweep` on one model replica: KS of every
+    query, then for each operation (none / suppress / enhance) the KN activation changes, dProb,
+    time and memory."""
+
+    lm: LoadedModel
+    plan: SynapseWorkBuilder
+
     @property
     def factors(self) -> dict[str, float]:
         """Operation -> factor on the synapses; "none" comes first, as the baseline the others
         are measured against."""
-        return {"none": 1.0, "suppress": self.config.suppress, "enhance": self.config.enhance}
+        return {"none": 1.0, "suppress": self.plan.config.suppress, "enhance": self.plan.config.enhance}
 
     def __call__(self, fact: Fact, writer: UnitWriter) -> None:
-        known = self.knowledge[fact.id]
+        known = self.plan.knowledge[fact.id]
         fact_class = (
-            self.classes[fact.id] if self.classes else known.knowledge_class(self.config.static_threshold)
+            self.plan.classes[fact.id]
+            if self.plan.classes
+            else known.knowledge_class(self.plan.config.static_threshold)
         )
-        rng = random.Random(f"{self.config.seed}:{fact.id}")
+        rng = random.Random(f"{self.plan.config.seed}:{fact.id}")
         columns = heatmap_neurons(known)
         shape = (self.lm.num_layers, self.lm.d_ff)
         for index, prompt in enumerate(fact.queries):
             query, scores = self._attribute(fact, prompt)
-            synapses = scores.synapses(self.config.threshold)
+            synapses = scores.synapses(self.plan.config.threshold)
             key: dict[str, Any] = {
                 "fact_id": fact.id,
                 "relation": fact.relation,
-                "method": self.config.method,
+                "method": self.plan.config.method,
                 "query_index": index,
             }
             writer.add(
@@ -248,9 +260,9 @@ class SynapseWork:
                 self.lm,
                 prompt,
                 fact.object,
-                max_batch_rows=self.max_batch_rows,
+                max_batch_rows=self.plan.max_batch_rows,
                 warn=False,  # the residual is stored with every query
-                settings=self.config.path,
+                settings=self.plan.config.path,
             )
         except DataError as exc:
             raise SkipFact("answer not tokenizable", f"fact {fact.id}: {exc}") from None
@@ -290,31 +302,6 @@ class SynapseWork:
                 )
             )
         return rows
-
-
-def synapse_work(
-    lm: LoadedModel,
-    config: SynapseConfig,
-    knowledge: dict[str, FactKNSets],
-    max_batch_rows: int | None = None,
-    classes: dict[str, str] | None = None,
-) -> WorkFn:
-    """A :class:`SynapseWork` on ``lm``."""
-    return SynapseWork(lm, config, knowledge, max_batch_rows, classes)
-
-
-@dataclass(frozen=True)
-class SynapseWorkBuilder:
-    """The synapse sweep's :data:`~qloc.runs.executors.WorkBuilder`: each model replica builds its
-    :class:`SynapseWork` from it (a dataclass, so that Ray pickles it)."""
-
-    config: SynapseConfig
-    knowledge: dict[str, FactKNSets]
-    max_batch_rows: int | None = None
-    classes: dict[str, str] | None = None
-
-    def __call__(self, lm: LoadedModel) -> WorkFn:
-        return SynapseWork(lm, self.config, self.knowledge, self.max_batch_rows, self.classes)
 
 
 @dataclass(frozen=True)
