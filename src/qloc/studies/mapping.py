@@ -128,14 +128,14 @@ def mapping_work(
     shared: SharedNeuronFilter,
     classes: Mapping[str, str] | None = None,
 ) -> WorkFn:
-    """Per-fact work function for :func:`qloc.sweep.run_sweep`; ``classes``: a stratified sample's
+    """Per-fact work function for :func:`qloc.runs.sweep.run_sweep`; ``classes``: a stratified sample's
     (:attr:`qloc.studies.localize_run.FactSample.classes`), else each fact's static class."""
     shape = (lm.num_layers, lm.d_ff)
     filtered = shared.apply(knowledge)
 
     def work(fact: Fact, writer: UnitWriter) -> None:
         original, known = knowledge[fact.id], filtered[fact.id]
-        kind = classes[fact.id] if classes else original.knowledge_class(config.static_threshold)
+        fact_class = classes[fact.id] if classes else original.knowledge_class(config.static_threshold)
         rng = random.Random(f"{config.seed}:{fact.id}")
         for index, prompt in enumerate(fact.queries):
             try:
@@ -158,7 +158,7 @@ def mapping_work(
                             fact.id,
                             fact.relation,
                             config.method,
-                            kind,
+                            fact_class,
                             index,
                             set_name,
                             operation,
