@@ -127,7 +127,7 @@ def fact_chunks(facts: Sequence[Fact], facts_per_unit: int) -> list[FactChunk]:
 
 
 def localize_work(lm: LoadedModel, config: LocalizeConfig, max_batch_rows: int | None = None) -> WorkFn:
-    """The work function for :func:`qloc.sweep.run_sweep` over facts or :class:`FactChunk` s."""
+    """The work function for :func:`qloc.runs.sweep.run_sweep` over facts or :class:`FactChunk` s."""
 
     def work(unit: Fact | FactChunk, writer: UnitWriter) -> None:
         facts = unit.facts if isinstance(unit, FactChunk) else (unit,)
