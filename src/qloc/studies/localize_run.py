@@ -8,7 +8,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..data.pararel import Fact, load_pararel
 from ..data.selection import Selection
+from ..engine.attribution import AttributionSettings
 from ..engine.models import DEFAULT_DEVICE
 from ..errors import ConfigError, DataError, QlocError
 from ..runs.executors import Execution, ModelSpec, SweepPlan, WorkBuilder
@@ -229,9 +230,10 @@ def read_localized_run(
     return LocalizedRun(Path(run_dir), localized, method, knowledge, dataset, facts, device, data.source)
 
 
-KN_CUT = ("model", "dtype", "answer_tokens", "threshold", "top_k", "steps", "rule", "query_filter")
-"""The localize parameters that decide which neurons enter a KN set: a reference run for the
-shared-neuron filter must agree with the edited run on all of them."""
+KN_CUT = ("model", "dtype", "query_filter", *(f.name for f in fields(AttributionSettings)))
+"""The localize parameters that decide which neurons enter a KN set (the model, the queries and
+every attribution setting): a reference run for the shared-neuron filter must agree with the
+edited run on all of them."""
 
 
 def reference_kn_sets(reference: Path, params: Mapping[str, Any], method: str) -> dict[str, FactKNSets]:
